@@ -1,0 +1,41 @@
+"""The public entry point: ``nce_loss``."""
+from __future__ import annotations
+
+import torch
+
+from . import backends
+from .validation import validate
+
+
+def nce_loss(
+    src: torch.Tensor,
+    trg: torch.Tensor,
+    pos_idx: torch.Tensor | None = None,
+    *,
+    tclip: float | None = 20.0,
+    reg_weight: float = 0.05,
+    scale: float | None = None,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """AMDIM's NCE loss of sources against targets, and its score regulariser.
+
+    Args:
+        src: (N, D) antecedent features, one row per source.
+        trg: (M, L, D) consequent features, M images x L locations, any strides.
+        pos_idx: (N,) integers in [0, M): the image whose L locations are the positives of
+            each source. Defaults to ``arange(N)``, which requires N == M.
+        tclip: soft clipping ``tclip * tanh(a / tclip)`` of the scores; None disables it.
+        reg_weight: weight of the regulariser ``reg_weight * mean(a**2)``.
+        scale: multiplies every dot product; None means ``1 / sqrt(D)``.
+        reduction: "mean" returns the mean over the N*L positives; "none" returns the
+            (N, L) per-positive losses.
+        backend: "auto", "reference", "triton", "cuda" or "cpp" (see ``available_backends``).
+
+    Returns:
+        ``(loss, reg)``: float32 tensors; the trainer adds them. ``loss`` is a scalar, or
+        (N, L) with ``reduction="none"``; ``reg`` is always a scalar.
+    """
+    problem = validate(src, trg, pos_idx, tclip, reg_weight, scale, reduction)
+    name = backends.resolve(backend, src.device)
+    return backends.implementation(name)(problem)

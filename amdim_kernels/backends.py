@@ -1,0 +1,95 @@
+"""Which implementations of the loss exist on this machine, and which one `auto` picks."""
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Callable
+
+import torch
+
+from .validation import Problem
+
+BACKENDS = ("reference", "triton", "cuda", "cpp")
+
+# Fastest first, per device type; measured in benchmarks/RESULTS.md.
+AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpp", "reference")}
+
+
+def triton_interpreting() -> bool:
+    """True when Triton kernels run on the CPU through its interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _extension_reason() -> str | None:
+    if importlib.util.find_spec("amdim_kernels._C") is None:
+        return "the compiled extension amdim_kernels._C is not built in this install"
+    return None
+
+
+def unavailable_reason(name: str, device: torch.device) -> str | None:
+    """Why backend `name` cannot run on tensors on `device`, or None if it can."""
+    if name == "reference":
+        return None
+    if name == "triton":
+        if importlib.util.find_spec("triton") is None:
+            return "Triton is not installed (pip install triton)"
+        if device.type == "cuda":
+            return None
+        if device.type == "cpu" and triton_interpreting():
+            return None
+        return (
+            f"the Triton kernels need CUDA tensors, got tensors on {device} "
+            "(set TRITON_INTERPRET=1 before importing to run them on the CPU, slowly)"
+        )
+    if name == "cuda":
+        if device.type != "cuda":
+            return f"the 'cuda' backend needs CUDA tensors, got tensors on {device} (use 'cpp' on the CPU)"
+        return _extension_reason() or _extension_lacks("cuda")
+    if name == "cpp":
+        if device.type != "cpu":
+            return f"the 'cpp' backend needs CPU tensors, got tensors on {device} (use 'cuda' or 'triton')"
+        return _extension_reason() or _extension_lacks("cpu")
+    raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {name!r}")
+
+
+def _extension_lacks(kind: str) -> str | None:
+    from . import _C  # type: ignore[attr-defined]
+
+    if kind in _C.built_for():
+        return None
+    return f"the compiled extension was built without {kind} kernels"
+
+
+def available_backends(device: torch.device | str | None = None) -> list[str]:
+    """Backends that can run here: for tensors on `device`, or on any device of this machine."""
+    if device is None:
+        devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    else:
+        devices = [torch.device(device)]
+    return [b for b in BACKENDS if any(unavailable_reason(b, dev) is None for dev in devices)]
+
+
+def resolve(name: str, device: torch.device) -> str:
+    """The backend that runs for `name` ('auto' or a backend) on `device`; raises if unavailable."""
+    if name == "auto":
+        for candidate in AUTO_ORDER.get(device.type, ("reference",)):
+            if unavailable_reason(candidate, device) is None:
+                return candidate
+        return "reference"
+    reason = unavailable_reason(name, device)
+    if reason is not None:
+        raise RuntimeError(f"backend {name!r} is not available: {reason}")
+    return name
+
+
+def implementation(name: str) -> Callable[[Problem], tuple[torch.Tensor, torch.Tensor]]:
+    """The function computing (loss, reg) for a validated problem with backend `name`."""
+    if name == "reference":
+        from .reference import nce_loss_reference
+
+        return lambda p: nce_loss_reference(p.src, p.trg, p.pos_idx, p.tclip, p.reg_weight, p.scale, p.reduction)
+    if name == "triton":
+        from .triton_nce.function import nce_loss_triton
+
+        return nce_loss_triton
+    raise RuntimeError(f"backend {name!r} has no implementation in this build")

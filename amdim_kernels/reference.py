@@ -1,0 +1,56 @@
+"""The AMDIM NCE loss in plain PyTorch, exactly as SPEC.md section 1 writes it.
+
+This is the ground truth every fused backend is tested against. It materialises the
+(N, M*L) score matrix and about a dozen temporaries of that size, which is precisely
+what the fused kernels avoid.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def nce_loss_reference(
+    src: torch.Tensor,
+    trg: torch.Tensor,
+    pos_idx: torch.Tensor,
+    tclip: float | None,
+    reg_weight: float,
+    scale: float,
+    reduction: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference loss on validated inputs (see ``amdim_kernels.nce_loss`` for the API).
+
+    Computes in float32 (or float64 when given float64, which gradcheck uses) after the
+    dot product, whatever the input dtype.
+    """
+    n, _ = src.shape
+    m, l, _ = trg.shape
+    compute = torch.promote_types(src.dtype, torch.float32)
+    rows = torch.arange(n, device=src.device)
+
+    # a[i, m, l] = scale * <src[i], trg[m, l]>   (N, M, L)
+    a = scale * torch.einsum("nd,mld->nml", src.to(compute), trg.to(compute))
+
+    # reg = reg_weight * mean(a^2) over all N*M*L entries, before clipping
+    reg = reg_weight * a.square().mean()
+
+    # s = tclip * tanh(a / tclip)
+    s = a if tclip is None else tclip * torch.tanh(a / tclip)
+
+    # positives of row i: the L columns of image pos_idx[i]; negatives: every other image
+    pos = s[rows, pos_idx]  # (N, L)
+    is_pos_image = torch.zeros(n, m, dtype=torch.bool, device=src.device)
+    is_pos_image[rows, pos_idx] = True
+    neg = s.masked_fill(is_pos_image[:, :, None], float("-inf")).flatten(1)
+    neg_lse = torch.logsumexp(neg, dim=1, keepdim=True)  # (N, 1); -inf when M == 1
+
+    # nce[i, l] = s_pos - log(exp(s_pos) + sum_neg exp(s))
+    nce = pos - torch.logaddexp(pos, neg_lse)
+
+    # SPEC: a non-finite score must give NaN, but tanh maps +-inf to a finite +-tclip.
+    # A row's sum of a^2 is finite exactly when all its scores are, so adding 0 * it
+    # poisons the rows that saw a non-finite score (0 * inf = NaN) and changes nothing else.
+    per_positive = -nce + 0.0 * a.square().flatten(1).sum(1, keepdim=True)
+
+    loss = per_positive.mean() if reduction == "mean" else per_positive
+    return loss, reg

@@ -1,0 +1,114 @@
+"""Checks on the arguments of ``nce_loss``, run before any kernel.
+
+Each failure raises ``ValueError`` (bad value or shape) or ``TypeError`` (bad dtype) with a
+message naming the argument and what was expected.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+REDUCTIONS = ("mean", "none")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Validated arguments of one loss call."""
+
+    src: torch.Tensor  # (N, D)
+    trg: torch.Tensor  # (M, L, D)
+    pos_idx: torch.Tensor  # (N,) int64 in [0, M)
+    tclip: float | None
+    reg_weight: float
+    scale: float
+    reduction: str
+
+    @property
+    def n(self) -> int:
+        return self.src.shape[0]
+
+    @property
+    def m(self) -> int:
+        return self.trg.shape[0]
+
+    @property
+    def l(self) -> int:  # noqa: E743 (the SPEC's name)
+        return self.trg.shape[1]
+
+    @property
+    def d(self) -> int:
+        return self.src.shape[1]
+
+
+def _check_float_tensor(name: str, x: object, ndim: int, layout: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {layout}, got {type(x).__name__}")
+    if x.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions {layout}, got shape {tuple(x.shape)}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"{name} must be float32, float16 or bfloat16, got {x.dtype}"
+        )
+    for dim_name, size in zip(layout.strip("()").split(", "), x.shape):
+        if size == 0:
+            raise ValueError(f"{name} has {dim_name} = 0 (shape {tuple(x.shape)}); every dimension must be positive")
+    return x
+
+
+def validate(
+    src: torch.Tensor,
+    trg: torch.Tensor,
+    pos_idx: torch.Tensor | None,
+    tclip: float | None,
+    reg_weight: float,
+    scale: float | None,
+    reduction: str,
+) -> Problem:
+    """Check every argument; return them normalised (pos_idx int64, scale a float)."""
+    src = _check_float_tensor("src", src, 2, "(N, D)")
+    trg = _check_float_tensor("trg", trg, 3, "(M, L, D)")
+    n, d = src.shape
+    m, _, d_trg = trg.shape
+    if d_trg != d:
+        raise ValueError(f"trg's last dimension must equal src's D = {d}, got trg of shape {tuple(trg.shape)}")
+    if trg.dtype != src.dtype:
+        raise TypeError(f"src and trg must have the same dtype, got src {src.dtype} and trg {trg.dtype}")
+    if trg.device != src.device:
+        raise ValueError(f"src and trg must be on the same device, got src on {src.device} and trg on {trg.device}")
+
+    if pos_idx is None:
+        if n != m:
+            raise ValueError(
+                f"pos_idx is required when N != M (src has N = {n} rows, trg has M = {m} images)"
+            )
+        pos_idx = torch.arange(n, device=src.device)
+    else:
+        if not isinstance(pos_idx, torch.Tensor):
+            raise TypeError(f"pos_idx must be a torch.Tensor of shape (N,), got {type(pos_idx).__name__}")
+        if pos_idx.dim() != 1 or pos_idx.shape[0] != n:
+            raise ValueError(f"pos_idx must have shape (N,) = ({n},), got {tuple(pos_idx.shape)}")
+        if pos_idx.dtype.is_floating_point or pos_idx.dtype.is_complex or pos_idx.dtype == torch.bool:
+            raise TypeError(f"pos_idx must have an integer dtype, got {pos_idx.dtype}")
+        if pos_idx.device != src.device:
+            raise ValueError(f"pos_idx must be on src's device {src.device}, got {pos_idx.device}")
+        lo, hi = int(pos_idx.min()), int(pos_idx.max())
+        if lo < 0 or hi >= m:
+            raise ValueError(f"pos_idx values must lie in [0, M) = [0, {m}), got values in [{lo}, {hi}]")
+        pos_idx = pos_idx.to(torch.int64)
+
+    if tclip is not None:
+        tclip = float(tclip)
+        if not (tclip > 0 and math.isfinite(tclip)):
+            raise ValueError(f"tclip must be a positive finite number or None, got {tclip}")
+    reg_weight = float(reg_weight)
+    if not (reg_weight >= 0 and math.isfinite(reg_weight)):
+        raise ValueError(f"reg_weight must be a finite number >= 0, got {reg_weight}")
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number or None, got {scale}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    return Problem(src, trg, pos_idx, tclip, reg_weight, scale, reduction)

@@ -1,0 +1,85 @@
+"""Every bad input is refused before any kernel runs, with a message naming the argument."""
+import pytest
+import torch
+
+from amdim_kernels import available_backends, nce_loss
+
+
+def good():
+    return dict(src=torch.randn(4, 8), trg=torch.randn(4, 3, 8), pos_idx=torch.tensor([0, 1, 2, 3]))
+
+
+def call(**changes):
+    kwargs = good()
+    kwargs.update(changes)
+    return nce_loss(kwargs.pop("src"), kwargs.pop("trg"), kwargs.pop("pos_idx"), **kwargs)
+
+
+BAD = [  # (argument changes, exception, regex the message must match)
+    (dict(src=torch.randn(4, 8, 1)), ValueError, r"src must have 2 dimensions \(N, D\)"),
+    (dict(src=torch.randn(8)), ValueError, r"src must have 2 dimensions"),
+    (dict(trg=torch.randn(4, 8)), ValueError, r"trg must have 3 dimensions \(M, L, D\)"),
+    (dict(src=[[1.0]]), TypeError, r"src must be a torch.Tensor"),
+    (dict(trg=torch.randn(4, 3, 9)), ValueError, r"trg's last dimension must equal src's D = 8"),
+    (dict(src=torch.randn(0, 8), pos_idx=torch.zeros(0, dtype=torch.long)), ValueError, r"src has N = 0"),
+    (dict(trg=torch.randn(0, 3, 8)), ValueError, r"trg has M = 0"),
+    (dict(trg=torch.randn(4, 0, 8)), ValueError, r"trg has L = 0"),
+    (dict(src=torch.randn(4, 0), trg=torch.randn(4, 3, 0)), ValueError, r"src has D = 0"),
+    (dict(pos_idx=torch.tensor([0, 1, 2])), ValueError, r"pos_idx must have shape \(N,\) = \(4,\)"),
+    (dict(pos_idx=torch.zeros(4, 1, dtype=torch.long)), ValueError, r"pos_idx must have shape"),
+    (dict(pos_idx=torch.tensor([0.0, 1.0, 2.0, 3.0])), TypeError, r"pos_idx must have an integer dtype"),
+    (dict(pos_idx=torch.tensor([True, False, True, False])), TypeError, r"pos_idx must have an integer dtype"),
+    (dict(pos_idx=torch.tensor([0, 1, 2, 4])), ValueError, r"pos_idx values must lie in \[0, M\) = \[0, 4\), got values in \[0, 4\]"),
+    (dict(pos_idx=torch.tensor([-1, 1, 2, 3])), ValueError, r"pos_idx values must lie in \[0, M\)"),
+    (dict(pos_idx=[0, 1, 2, 3]), TypeError, r"pos_idx must be a torch.Tensor"),
+    (dict(src=torch.randn(4, 8, dtype=torch.float64), trg=torch.randn(4, 3, 8, dtype=torch.float64)),
+     TypeError, r"src must be float32, float16 or bfloat16, got torch.float64"),
+    (dict(src=torch.randint(0, 3, (4, 8))), TypeError, r"src must be float32, float16 or bfloat16"),
+    (dict(trg=torch.randn(4, 3, 8, dtype=torch.float16)), TypeError, r"src and trg must have the same dtype"),
+    (dict(tclip=0.0), ValueError, r"tclip must be a positive finite number or None, got 0.0"),
+    (dict(tclip=-1.0), ValueError, r"tclip must be a positive"),
+    (dict(tclip=float("inf")), ValueError, r"tclip must be a positive finite"),
+    (dict(reg_weight=-0.1), ValueError, r"reg_weight must be a finite number >= 0, got -0.1"),
+    (dict(scale=float("nan")), ValueError, r"scale must be a finite number"),
+    (dict(reduction="sum"), ValueError, r"reduction must be one of \('mean', 'none'\), got 'sum'"),
+    (dict(backend="fastest"), ValueError, r"backend must be one of .*'auto'.*got 'fastest'"),
+    (dict(src=torch.randn(3, 8), pos_idx=None), ValueError, r"pos_idx is required when N != M"),
+]
+
+
+@pytest.mark.parametrize("changes, exc, match", BAD, ids=[m for _, _, m in BAD])
+def test_bad_input_is_refused(changes, exc, match):
+    with pytest.raises(exc, match=match):
+        call(**changes)
+
+
+def test_meta_tensors_on_other_device_are_refused():
+    with pytest.raises(ValueError, match=r"src and trg must be on the same device, got src on cpu and trg on meta"):
+        call(trg=torch.randn(4, 3, 8, device="meta"))
+    with pytest.raises(ValueError, match=r"pos_idx must be on src's device cpu, got meta"):
+        call(pos_idx=torch.zeros(4, dtype=torch.long, device="meta"))
+
+
+def test_unavailable_backend_says_why():
+    if "cpp" not in available_backends("cpu"):
+        with pytest.raises(RuntimeError, match=r"backend 'cpp' is not available: .*not built"):
+            call(backend="cpp")
+    with pytest.raises(RuntimeError, match=r"backend 'cuda' is not available: .*needs CUDA tensors"):
+        call(backend="cuda")
+
+
+def test_available_backends_and_auto():
+    names = available_backends("cpu")
+    assert names[0] == "reference"
+    assert set(available_backends()) >= set(names)
+    kw = good()
+    loss_auto, _ = nce_loss(kw["src"], kw["trg"], kw["pos_idx"], backend="auto")
+    loss_ref, _ = nce_loss(kw["src"], kw["trg"], kw["pos_idx"], backend="reference")
+    torch.testing.assert_close(loss_auto, loss_ref)
+
+
+def test_int32_pos_idx_is_accepted():
+    kw = good()
+    loss32, _ = nce_loss(kw["src"], kw["trg"], kw["pos_idx"].int(), backend="reference")
+    loss64, _ = nce_loss(kw["src"], kw["trg"], kw["pos_idx"], backend="reference")
+    torch.testing.assert_close(loss32, loss64)

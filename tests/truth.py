@@ -1,0 +1,93 @@
+"""An independent float64 statement of SPEC.md section 1, and helpers to compare with it.
+
+Written differently from amdim_kernels/reference.py on purpose: one row at a time, the
+denominator built by concatenating the positive with the row's negatives.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+def spec_loss_f64(src, trg, pos_idx, tclip, reg_weight, scale, reduction):
+    src, trg = src.double(), trg.double()
+    n, d = src.shape
+    m, l, _ = trg.shape
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    rows, sq_total = [], 0.0
+    for i in range(n):
+        a = scale * (trg @ src[i])  # (M, L)
+        sq_total = sq_total + (a * a).sum()
+        s = a if tclip is None else tclip * torch.tanh(a / tclip)
+        p = int(pos_idx[i])
+        negatives = torch.cat([s[:p], s[p + 1:]]).reshape(-1)
+        row = []
+        for loc in range(l):
+            logits = torch.cat([s[p, loc].reshape(1), negatives])
+            row.append(torch.logsumexp(logits, 0) - logits[0])  # -nce[i, loc]
+        rows.append(torch.stack(row))
+    per_positive = torch.stack(rows)
+    reg = reg_weight * sq_total / (n * m * l)
+    loss = per_positive.mean() if reduction == "mean" else per_positive
+    return loss, reg
+
+
+@dataclass
+class Case:
+    src: torch.Tensor
+    trg: torch.Tensor
+    pos_idx: torch.Tensor | None
+    tclip: float | None = 20.0
+    reg_weight: float = 0.05
+    scale: float | None = None
+    reduction: str = "mean"
+
+    def kwargs(self):
+        return dict(tclip=self.tclip, reg_weight=self.reg_weight, scale=self.scale, reduction=self.reduction)
+
+
+def make_case(n, m, l, d, *, dtype=torch.float32, device="cpu", pos="arange", spread=4.0,
+              trg_layout="contiguous", **options) -> Case:
+    """Fresh random inputs; `spread` scales src so that scores reach the tanh's bend."""
+    src = (spread * torch.randn(n, d, device=device)).to(dtype)
+    if trg_layout == "contiguous":
+        trg = torch.randn(m, l, d, device=device).to(dtype)
+    else:  # what the trainer passes: a (M, D, H*W) feature map seen as (M, L, D)
+        trg = torch.randn(m, d, l, device=device).to(dtype).transpose(1, 2)
+    if pos == "arange":
+        assert n == m
+        pos_idx = None
+    elif pos == "random":  # repeats allowed
+        pos_idx = torch.randint(0, m, (n,), device=device)
+    else:
+        pos_idx = pos.to(device)
+    return Case(src, trg, pos_idx, **options)
+
+
+def outputs_and_grads(fn, case: Case, backend=None, grad_of=("src", "trg")):
+    """(loss, reg, d src, d trg) of fn on the case; the gradient of loss.sum() + reg,
+    with a random weight per positive for reduction='none'."""
+    src = case.src.detach().clone().requires_grad_("src" in grad_of)
+    trg = case.trg.detach().clone().requires_grad_("trg" in grad_of)
+    kwargs = case.kwargs() if backend is None else dict(case.kwargs(), backend=backend)
+    loss, reg = fn(src, trg, case.pos_idx, **kwargs)
+    gen = torch.Generator().manual_seed(1234)
+    weight = (torch.rand(loss.shape, generator=gen) + 0.5).to(loss.device, loss.dtype)
+    total = (loss * weight).sum() + 3.0 * reg
+    total.backward()
+    return loss.detach(), reg.detach(), src.grad, trg.grad
+
+
+def rel_err(x, truth):
+    x, truth = x.double().cpu(), truth.double().cpu()
+    return ((x - truth).norm() / truth.norm().clamp_min(1e-30)).item()
+
+
+def truth_of(case: Case):
+    """spec_loss_f64's outputs and float64 gradients on the case's (already rounded) inputs."""
+    pos_idx = case.pos_idx if case.pos_idx is not None else torch.arange(case.src.shape[0])
+    case64 = Case(case.src.double().cpu(), case.trg.double().cpu(), pos_idx.cpu(), **case.kwargs())
+    return outputs_and_grads(spec_loss_f64, case64)
