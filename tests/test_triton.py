@@ -1,0 +1,164 @@
+"""backend="triton" against the float64 truth, on the CPU interpreter (CI) and on a GPU.
+
+Criterion (as Cut Cross-Entropy's tests): the kernel's error against the float64 truth is
+no larger than the reference's error in the same dtype plus a tolerance for what the kernel
+rounds differently: float32 sums in another order (loss, reg; 1e-5), and for the gradients
+the G tiles, which are bfloat16 for bfloat16 inputs (2^-8 relative) and float32 otherwise.
+"""
+import pytest
+import torch
+
+from amdim_kernels import available_backends, nce_loss, nce_loss_reference
+from truth import make_case, outputs_and_grads, rel_err, truth_of
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+EXTRA_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+LOSS_EXTRA_TOL = 1e-5
+
+pytestmark = pytest.mark.skipif(
+    "triton" not in available_backends(DEVICE), reason="Triton is not available here"
+)
+
+
+def check_against(truth, ref, got, dtype, names=("loss", "reg", "d src", "d trg")):
+    for k, name in enumerate(names):
+        t, r, g = truth[k], ref[k], got[k]
+        if t is None:
+            assert g is None, f"{name}: gradient computed for an input that needs none"
+            continue
+        assert g.shape == t.shape and g.dtype == r.dtype, name
+        assert not torch.isnan(g).any(), name
+        if t.abs().max() == 0:
+            assert g.abs().max() == 0, name
+            continue
+        tol = LOSS_EXTRA_TOL if k < 2 else EXTRA_TOL[dtype]
+        e_got, e_ref = rel_err(g, t), rel_err(r, t)
+        assert e_got <= e_ref + tol, f"{name}: kernel error {e_got:.3g} vs reference {e_ref:.3g}"
+
+
+def run_case(case, dtype, grad_of=("src", "trg"), truth=None):
+    truth = truth or truth_of(case)
+    if grad_of != ("src", "trg"):
+        truth = tuple(t if k < 2 or ("src", "trg")[k - 2] in grad_of else None for k, t in enumerate(truth))
+    ref = outputs_and_grads(nce_loss, case, backend="reference", grad_of=grad_of)
+    got = outputs_and_grads(nce_loss, case, backend="triton", grad_of=grad_of)
+    check_against(truth, ref, got, dtype)
+
+
+SHAPES = [  # (N, M, L, D, pos): odd D, L in 1/25/49, M*L off the block size, N = 1, M = 1
+    (1, 5, 3, 33, "random"),
+    (7, 7, 49, 33, "arange"),
+    (5, 9, 25, 40, "random"),
+    (37, 37, 1, 70, "arange"),
+    (4, 1, 5, 16, "random"),
+    (13, 6, 25, 20, "random"),
+    (40, 40, 25, 24, "arange"),  # several splits in the forward and several chunks in the backward
+]
+OPTIONS = [dict(), dict(tclip=None), dict(reg_weight=0.0), dict(reduction="none"),
+           dict(tclip=3.0, reg_weight=0.2, scale=0.5, reduction="none")]
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_triton_float32(shape, options):
+    n, m, l, d, pos = shape
+    run_case(make_case(n, m, l, d, pos=pos, device=DEVICE, **options), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(7, 7, 49, 33, "arange"), (9, 5, 25, 20, "random")], ids=str)
+def test_triton_half_precision(shape, dtype):
+    n, m, l, d, pos = shape
+    run_case(make_case(n, m, l, d, pos=pos, dtype=dtype, device=DEVICE), dtype)
+
+
+def test_triton_strided_target():
+    # the trainer's layout: (M, D, H*W) feature maps viewed as (M, L, D)
+    case = make_case(6, 6, 25, 19, trg_layout="feature_map", device=DEVICE, reduction="none")
+    assert not case.trg.is_contiguous()
+    run_case(case, torch.float32)
+
+
+@pytest.mark.parametrize("grad_of", [("src",), ("trg",), ()], ids=str)
+def test_triton_partial_requires_grad(grad_of):
+    case = make_case(5, 5, 3, 17, device=DEVICE)
+    if grad_of:
+        run_case(case, torch.float32, grad_of=grad_of)
+    else:
+        loss, reg = nce_loss(case.src, case.trg, backend="triton")
+        assert not loss.requires_grad and not reg.requires_grad
+
+
+def test_triton_is_deterministic():
+    case = make_case(40, 40, 25, 24, device=DEVICE, reduction="none")
+    first = outputs_and_grads(nce_loss, case, backend="triton")
+    second = outputs_and_grads(nce_loss, case, backend="triton")
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("where", ["src", "trg"])
+@pytest.mark.parametrize("tclip", [20.0, None])
+def test_triton_non_finite_input_gives_nan(bad, where, tclip):
+    case = make_case(4, 4, 3, 6, device=DEVICE)
+    (case.src if where == "src" else case.trg).view(-1)[5] = bad
+    loss, _ = nce_loss(case.src, case.trg, tclip=tclip, backend="triton")
+    assert torch.isnan(loss)
+
+
+def test_triton_grad_of_loss_only_and_reg_only():
+    case = make_case(6, 6, 4, 10, device=DEVICE)
+    for pick in (0, 1):
+        outs = []
+        for backend in ("reference", "triton"):
+            src = case.src.clone().requires_grad_()
+            out = nce_loss(src, case.trg, backend=backend)[pick]
+            out.backward()
+            outs.append(src.grad)
+        torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-7)
+
+
+# ---- GPU: realistic sizes and the tensor-core paths (skipped without a GPU) ----
+
+GPU_SHAPES = [  # (N, M, L, D)
+    (128, 256, 49, 256),
+    (200, 200, 25, 1024),
+    (129, 67, 49, 520),
+    (1024, 1024, 49, 2048),
+]
+
+
+def float64_truth(case):
+    """The reference in float64 on the GPU: it matches spec_loss_f64 (test_reference.py)."""
+    c64 = type(case)(case.src.double(), case.trg.double(), case.pos_idx, **case.kwargs())
+    return outputs_and_grads(lambda s, t, p, **kw: nce_loss_reference(
+        s, t, p if p is not None else torch.arange(s.shape[0], device=s.device),
+        kw["tclip"], kw["reg_weight"], kw["scale"] or s.shape[1] ** -0.5, kw["reduction"]), c64)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("options", [dict(), dict(tclip=None, reduction="none")], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=str)
+def test_triton_gpu_large(shape, dtype, options):
+    n, m, l, d = shape
+    pos = "arange" if n == m else "random"
+    case = make_case(n, m, l, d, pos=pos, dtype=dtype, device="cuda", spread=3.0, **options)
+    run_case(case, dtype, truth=float64_truth(case))
+
+
+@pytest.mark.gpu
+def test_triton_gpu_tf32_follows_torch_switch():
+    case = make_case(256, 256, 25, 512, device="cuda")
+    truth = float64_truth(case)
+    old = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        got = outputs_and_grads(nce_loss, case, backend="triton")
+        assert rel_err(got[0], truth[0]) < 1e-3
+        torch.backends.cuda.matmul.allow_tf32 = False
+        got = outputs_and_grads(nce_loss, case, backend="triton")
+        assert rel_err(got[0], truth[0]) < 1e-5
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
