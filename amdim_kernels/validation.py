@@ -94,7 +94,7 @@ def validate(
             raise TypeError(f"pos_idx must have an integer dtype, got {pos_idx.dtype}")
         if pos_idx.device != src.device:
             raise ValueError(f"pos_idx must be on src's device {src.device}, got {pos_idx.device}")
-        lo, hi = int(pos_idx.min()), int(pos_idx.max())
+        lo, hi = torch.stack(torch.aminmax(pos_idx)).tolist()  # one device sync for both bounds
         if lo < 0 or hi >= m:
             raise ValueError(f"pos_idx values must lie in [0, M) = [0, {m}), got values in [{lo}, {hi}]")
         pos_idx = pos_idx.to(torch.int64)

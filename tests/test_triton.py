@@ -162,3 +162,20 @@ def test_triton_gpu_tf32_follows_torch_switch():
         assert rel_err(got[0], truth[0]) < 1e-5
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@pytest.fixture(params=["fused", "gemm"])
+def strategy(request):
+    from amdim_kernels.triton_nce import launch
+
+    old = launch.strategy
+    launch.strategy = request.param
+    yield request.param
+    launch.strategy = old
+
+
+@pytest.mark.parametrize("options", [dict(), dict(tclip=None, reduction="none")], ids=str)
+@pytest.mark.parametrize("shape", [(40, 40, 25, 24, "arange"), (13, 6, 25, 20, "random"), (1, 5, 3, 33, "random")], ids=str)
+def test_triton_both_score_strategies(shape, options, strategy):
+    n, m, l, d, pos = shape
+    run_case(make_case(n, m, l, d, pos=pos, device=DEVICE, trg_layout="feature_map", **options), torch.float32)

@@ -19,15 +19,6 @@ def _grad_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
 
 
-def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b accumulated and returned in float32."""
-    if a.dtype == b.dtype == torch.float32:
-        return a @ b
-    if a.is_cuda and a.dtype == b.dtype:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    return a.float() @ b.float()
-
-
 class _NCELossTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, src, trg, pos_idx, tclip, reg_weight, scale, reduction):
@@ -72,7 +63,7 @@ class _NCELossTriton(torch.autograd.Function):
             src, trg, pos_idx, neg_lse, r, gpos, reg_coef, tclip, scale, g_dtype
         ):
             if need_src:
-                dsrc += _mm_f32(g, trg[m0:m1].reshape(-1, d).to(g_dtype))
+                dsrc += launch.mm_f32(g, trg[m0:m1].reshape(-1, d).to(g_dtype))
             if need_trg:
                 chunk = dtrg[m0:m1].view(-1, d)
                 if g_dtype == trg.dtype:

@@ -45,33 +45,46 @@ def _tanh(x):
 
 @triton.jit
 def _score_tile(
-    src_ptr, trg_ptr, rows, cols, N, J, L, D,
+    src_ptr, trg_ptr, scores_ptr, stride_scores, chunk_begin, chunk_end,
+    rows, cols, N, L, D,
     stride_sn, stride_sd, stride_tm, stride_tl, stride_td,
     scale,
     BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    FROM_SCORES: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     """a = scale * src[rows] @ trg_flat[cols]^T as a (BLOCK_N, BLOCK_J) float32 tile.
 
-    Rows >= N and columns >= J read zeros, so they score exactly 0.
+    FROM_SCORES: the unscaled dot products of this chunk's columns were already computed
+    (by cuBLAS) into scores[:, j - chunk_begin]; just read the tile. Otherwise compute it
+    with a K-loop of tl.dot. Rows >= N and columns >= chunk_end score exactly 0 either way.
     """
-    # int64 offsets: m * stride_tm passes 2^31 once M*L*D does.
-    img = cols // L
-    loc = cols - img * L
-    src_rows = src_ptr + rows.to(tl.int64)[:, None] * stride_sn
-    trg_cols = trg_ptr + (img.to(tl.int64) * stride_tm + loc.to(tl.int64) * stride_tl)[:, None]
     row_ok = (rows < N)[:, None]
-    col_ok = (cols < J)[:, None]
-    acc = tl.zeros((BLOCK_N, BLOCK_J), dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = (k < D)[None, :]
-        a = tl.load(src_rows + k.to(tl.int64)[None, :] * stride_sd, mask=row_ok & k_ok, other=0.0)
-        b = tl.load(trg_cols + k.to(tl.int64)[None, :] * stride_td, mask=col_ok & k_ok, other=0.0)
-        if UPCAST:  # the CPU interpreter's dot is wrong on 16-bit tiles
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, tl.trans(b), acc, input_precision=DOT_PRECISION)
+    col_ok = (cols < chunk_end)[:, None]
+    if FROM_SCORES:
+        off = rows.to(tl.int64)[:, None] * stride_scores + (cols - chunk_begin)[None, :]
+        acc = tl.load(scores_ptr + off, mask=row_ok & (cols < chunk_end)[None, :], other=0.0)
+    else:
+        # int64 offsets: m * stride_tm passes 2^31 once M*L*D does.
+        img = cols // L
+        loc = cols - img * L
+        src_rows = src_ptr + rows.to(tl.int64)[:, None] * stride_sn
+        trg_cols = trg_ptr + (img.to(tl.int64) * stride_tm + loc.to(tl.int64) * stride_tl)[:, None]
+        acc = tl.zeros((BLOCK_N, BLOCK_J), dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            if EVEN_K:  # D % BLOCK_K == 0: only the row/column masks
+                a_mask = row_ok
+                b_mask = col_ok
+            else:
+                a_mask = row_ok & (k < D)[None, :]
+                b_mask = col_ok & (k < D)[None, :]
+            a = tl.load(src_rows + k.to(tl.int64)[None, :] * stride_sd, mask=a_mask, other=0.0)
+            b = tl.load(trg_cols + k.to(tl.int64)[None, :] * stride_td, mask=b_mask, other=0.0)
+            if UPCAST:  # the CPU interpreter's dot is wrong on 16-bit tiles
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, tl.trans(b), acc, input_precision=DOT_PRECISION)
     return acc * scale
 
 
@@ -80,13 +93,16 @@ def nce_fwd_kernel(
     src_ptr, trg_ptr, pos_idx_ptr,
     pos_ptr,  # (N, L) float32 out: clipped positive scores
     part_sum_ptr, part_max_ptr, part_sq_ptr,  # (SPLITS, N) float32 out: per-split row partials
-    N, J, L, D,
+    scores_ptr, stride_scores,  # FROM_SCORES: (N, chunk) float32 unscaled dot products
+    chunk_begin, chunk_end, split_base,  # this launch's columns, and its first split's index
+    N, L, D,
     stride_sn, stride_sd, stride_tm, stride_tl, stride_td,
     cols_per_split,  # a multiple of BLOCK_J, so no tile straddles two splits
     scale, tclip,
     CLIP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    FROM_SCORES: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -101,14 +117,15 @@ def nce_fwd_kernel(
     else:
         shift = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
 
-    col_begin = split * cols_per_split
-    col_end = tl.minimum(col_begin + cols_per_split, J)
+    col_begin = chunk_begin + split * cols_per_split
+    col_end = tl.minimum(col_begin + cols_per_split, chunk_end)
     for j0 in range(col_begin, col_end, BLOCK_J):
         cols = j0 + tl.arange(0, BLOCK_J)
         a = _score_tile(
-            src_ptr, trg_ptr, rows, cols, N, J, L, D,
+            src_ptr, trg_ptr, scores_ptr, stride_scores, chunk_begin, chunk_end,
+            rows, cols, N, L, D,
             stride_sn, stride_sd, stride_tm, stride_tl, stride_td, scale,
-            BLOCK_N, BLOCK_J, BLOCK_K, DOT_PRECISION, UPCAST,
+            BLOCK_N, BLOCK_J, BLOCK_K, DOT_PRECISION, UPCAST, FROM_SCORES, EVEN_K,
         )
         sq += tl.sum(a * a, axis=1)  # padded rows/columns score 0 and add nothing
         if CLIP:
@@ -117,8 +134,8 @@ def nce_fwd_kernel(
             s = a
 
         img = cols // L
-        is_pos = (img[None, :] == p[:, None]) & row_ok[:, None]
-        is_neg = (cols < J)[None, :] & (img[None, :] != p[:, None])
+        is_pos = (img[None, :] == p[:, None]) & row_ok[:, None] & (cols < chunk_end)[None, :]
+        is_neg = (cols < chunk_end)[None, :] & (img[None, :] != p[:, None])
 
         if CLIP:
             neg_sum += tl.sum(tl.where(is_neg, tl.exp(s - tclip), 0.0), axis=1)
@@ -137,7 +154,7 @@ def nce_fwd_kernel(
         pos_off = rows.to(tl.int64)[:, None] * L + (cols - img * L)[None, :]
         tl.store(pos_ptr + pos_off, s, mask=is_pos)
 
-    out = split.to(tl.int64) * N + rows
+    out = (split_base + split).to(tl.int64) * N + rows
     tl.store(part_sum_ptr + out, neg_sum, mask=row_ok)
     tl.store(part_max_ptr + out, shift, mask=row_ok)
     tl.store(part_sq_ptr + out, sq, mask=row_ok)
@@ -190,24 +207,27 @@ def nce_grad_tile_kernel(
     gpos_ptr,  # (N, L) float32: dL/ds at the positives, -w * sig
     reg_coef_ptr,  # scalar float32: d(reg)/da = reg_coef * a
     g_ptr, stride_gn,  # (N, C) out, G's dtype: scale * d(loss + reg)/da for this chunk
-    N, J, L, D,
+    scores_ptr, stride_scores,  # FROM_SCORES: (N, C) float32 unscaled dot products
+    N, L, D,
     stride_sn, stride_sd, stride_tm, stride_tl, stride_td,
     col_begin, C,  # this chunk's columns: [col_begin, col_begin + C)
     scale, tclip,
     CLIP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    FROM_SCORES: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     local = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)  # column inside the chunk
     cols = col_begin + local
     row_ok = rows < N
-    col_ok = (local < C) & (cols < J)
+    col_ok = local < C
 
     a = _score_tile(
-        src_ptr, trg_ptr, rows, cols, N, J, L, D,
+        src_ptr, trg_ptr, scores_ptr, stride_scores, col_begin, col_begin + C,
+        rows, cols, N, L, D,
         stride_sn, stride_sd, stride_tm, stride_tl, stride_td, scale,
-        BLOCK_N, BLOCK_J, BLOCK_K, DOT_PRECISION, UPCAST,
+        BLOCK_N, BLOCK_J, BLOCK_K, DOT_PRECISION, UPCAST, FROM_SCORES, EVEN_K,
     )
     if CLIP:
         s = tclip * _tanh(a / tclip)

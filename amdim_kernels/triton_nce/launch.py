@@ -1,6 +1,15 @@
-"""Block sizes, grids and chunking for the Triton kernels, and the calls that launch them."""
+"""Block sizes, grids, chunks and score strategies for the Triton kernels, and their launches.
+
+Two ways to get a tile of raw scores, chosen per call (`score_strategy`):
+- "fused": the kernels compute it with a K-loop of tl.dot; nothing of the score matrix
+  ever reaches memory.
+- "gemm": cuBLAS computes the unscaled scores of one chunk of whole images, (N x C) in
+  float32, and the same kernels read their tiles from it. A chunk is about 1/8 of the
+  columns, so memory stays O(N * M*L / 8); the products run at cuBLAS speed.
+"""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -8,6 +17,11 @@ import triton
 
 from ..backends import triton_interpreting
 from .kernels import nce_fwd_kernel, nce_grad_tile_kernel, nce_merge_kernel
+
+STRATEGIES = ("fused", "gemm")
+# None: the measured default per dtype (`score_strategy`); benchmarks and tests may pin one.
+strategy: str | None = None
+CHUNK_PARTS = 8  # a backward chunk (and a "gemm" forward chunk) is about 1/CHUNK_PARTS of the columns
 
 
 @dataclass(frozen=True)
@@ -28,6 +42,10 @@ def tile_config(dtype: torch.dtype, d: int) -> TileConfig:
     return TileConfig(128, 128, 64, 8, 3)
 
 
+def score_strategy(dtype: torch.dtype) -> str:
+    return strategy or "fused"
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -41,18 +59,49 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-def _common(src: torch.Tensor, trg: torch.Tensor, cfg: TileConfig) -> dict:
+def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b accumulated and returned in float32 (cuBLAS's float32 output for 16-bit inputs)."""
+    if a.dtype == b.dtype == torch.float32:
+        return a @ b
+    if a.is_cuda and a.dtype == b.dtype:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
+
+
+def _common(src: torch.Tensor, trg: torch.Tensor, cfg: TileConfig, from_scores: bool) -> dict:
     n, d = src.shape
-    m, l, _ = trg.shape
+    _, l, _ = trg.shape
     return dict(
-        N=n, J=m * l, L=l, D=d,
+        N=n, L=l, D=d,
         stride_sn=src.stride(0), stride_sd=src.stride(1),
         stride_tm=trg.stride(0), stride_tl=trg.stride(1), stride_td=trg.stride(2),
         BLOCK_N=cfg.block_n, BLOCK_J=cfg.block_j, BLOCK_K=cfg.block_k,
         DOT_PRECISION=dot_precision(src.dtype),
         UPCAST=triton_interpreting() and src.dtype != torch.float32,
+        FROM_SCORES=from_scores, EVEN_K=d % cfg.block_k == 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+
+
+def chunk_columns(n: int, m: int, l: int, cfg: TileConfig, sms: int) -> int:
+    """Columns per chunk: whole images, about 1/CHUNK_PARTS of all columns, but enough that
+    one chunk's grid of (row block x column tile) programs keeps every SM busy."""
+    fill = triton.cdiv(2 * sms, triton.cdiv(n, cfg.block_n)) * cfg.block_j
+    images = max(triton.cdiv(m, CHUNK_PARTS), triton.cdiv(fill, l))
+    return min(m, images) * l
+
+
+def _chunks(m: int, l: int, c_max: int) -> Iterator[tuple[int, int]]:
+    """(first column, number of columns) of consecutive chunks of whole images."""
+    for c0 in range(0, m * l, c_max):
+        yield c0, min(c_max, m * l - c0)
+
+
+def _chunk_scores(src, trg, c0: int, c: int) -> torch.Tensor:
+    """Unscaled float32 dot products of every source with the chunk's columns, (N, c)."""
+    l, d = trg.shape[1], trg.shape[2]
+    trg_chunk = trg[c0 // l:(c0 + c) // l].reshape(c, d)  # a view unless trg's strides forbid it
+    return mm_f32(src, trg_chunk.t())
 
 
 @dataclass
@@ -63,66 +112,74 @@ class ForwardStats:
     sq: torch.Tensor  # (N,) sum over the row of a^2
 
 
+def _split(cols: int, row_blocks: int, cfg: TileConfig, sms: int) -> tuple[int, int]:
+    """(splits, columns per split) of a column range: about 4 programs per SM even when N is
+    one row block; columns per split a multiple of BLOCK_J so that no tile straddles two."""
+    tiles = triton.cdiv(cols, cfg.block_j)
+    splits = min(tiles, max(1, triton.cdiv(4 * sms, row_blocks)))
+    per_split = triton.cdiv(tiles, splits) * cfg.block_j
+    return triton.cdiv(cols, per_split), per_split
+
+
 def forward(src, trg, pos_idx, tclip: float | None, scale: float) -> ForwardStats:
-    n, _ = src.shape
+    n, d = src.shape
     m, l, _ = trg.shape
-    j = m * l
-    cfg = tile_config(src.dtype, src.shape[1])
+    cfg = tile_config(src.dtype, d)
+    sms = _num_sms(src.device)
     f32 = dict(device=src.device, dtype=torch.float32)
-
-    # Split the columns so that about 4 programs per SM run even when N is one row block.
+    from_scores = score_strategy(src.dtype) == "gemm"
+    chunks = list(_chunks(m, l, chunk_columns(n, m, l, cfg, sms) if from_scores else m * l))
     row_blocks = triton.cdiv(n, cfg.block_n)
-    col_tiles = triton.cdiv(j, cfg.block_j)
-    splits = min(col_tiles, max(1, triton.cdiv(4 * _num_sms(src.device), row_blocks)))
-    cols_per_split = triton.cdiv(col_tiles, splits) * cfg.block_j
-    splits = triton.cdiv(j, cols_per_split)  # no empty split after rounding
+    splits = [_split(c, row_blocks, cfg, sms) for _, c in chunks]
 
+    total = sum(s for s, _ in splits)
     pos = torch.empty(n, l, **f32)
-    part_sum = torch.empty(splits, n, **f32)
-    part_max = torch.empty(splits, n, **f32)
-    part_sq = torch.empty(splits, n, **f32)
-    nce_fwd_kernel[(row_blocks, splits)](
-        src, trg, pos_idx, pos, part_sum, part_max, part_sq,
-        cols_per_split=cols_per_split, scale=scale,
-        tclip=0.0 if tclip is None else tclip, CLIP=tclip is not None,
-        **_common(src, trg, cfg),
-    )
+    part_sum = torch.empty(total, n, **f32)
+    part_max = torch.empty(total, n, **f32)
+    part_sq = torch.empty(total, n, **f32)
+    common = _common(src, trg, cfg, from_scores)
+    split_base = 0
+    for (c0, c), (n_splits, per_split) in zip(chunks, splits):
+        scores = _chunk_scores(src, trg, c0, c) if from_scores else pos  # pos: unused placeholder
+        nce_fwd_kernel[(row_blocks, n_splits)](
+            src, trg, pos_idx, pos, part_sum, part_max, part_sq,
+            scores, scores.stride(0), c0, c0 + c, split_base,
+            cols_per_split=per_split, scale=scale,
+            tclip=0.0 if tclip is None else tclip, CLIP=tclip is not None,
+            **common,
+        )
+        split_base += n_splits
 
     loss = torch.empty(n, l, **f32)
     neg_lse = torch.empty(n, **f32)
     sq = torch.empty(n, **f32)
     merge_rows = max(1, min(64, 4096 // triton.next_power_of_2(l)))
     nce_merge_kernel[(triton.cdiv(n, merge_rows),)](
-        pos, part_sum, part_max, part_sq, loss, neg_lse, sq, n, l, splits,
+        pos, part_sum, part_max, part_sq, loss, neg_lse, sq, n, l, total,
         BLOCK_N=merge_rows, BLOCK_L=triton.next_power_of_2(l),
     )
     return ForwardStats(loss, pos, neg_lse, sq)
 
 
-def chunk_columns(n: int, m: int, l: int, cfg: TileConfig, sms: int) -> int:
-    """Columns per backward chunk: whole images, about an eighth of all columns, but enough
-    that one chunk's gradient-tile grid keeps every SM busy when N is small."""
-    fill = triton.cdiv(2 * sms, triton.cdiv(n, cfg.block_n)) * cfg.block_j
-    images = max(triton.cdiv(m, 8), triton.cdiv(fill, l))
-    return min(m, images) * l
-
-
 def gradient_chunks(src, trg, pos_idx, neg_lse, r, gpos, reg_coef, tclip, scale, g_dtype):
     """Yield (first image, last image + 1, G) for consecutive chunks of whole images, where
     G (N, C) = scale * d(loss + reg)/da on the chunk's C columns. G's buffer is reused."""
-    n, _ = src.shape
+    n, d = src.shape
     m, l, _ = trg.shape
-    cfg = tile_config(src.dtype, src.shape[1])
+    cfg = tile_config(src.dtype, d)
+    from_scores = score_strategy(src.dtype) == "gemm"
     c_max = chunk_columns(n, m, l, cfg, _num_sms(src.device))
     g_buf = torch.empty(n, c_max, device=src.device, dtype=g_dtype)
-    common = _common(src, trg, cfg)
-    for c0 in range(0, m * l, c_max):
-        c = min(c_max, m * l - c0)
+    common = _common(src, trg, cfg, from_scores)
+    for c0, c in _chunks(m, l, c_max):
         g = g_buf[:, :c]
+        scores = _chunk_scores(src, trg, c0, c) if from_scores else g  # g: unused placeholder
         nce_grad_tile_kernel[(triton.cdiv(n, cfg.block_n), triton.cdiv(c, cfg.block_j))](
             src, trg, pos_idx, neg_lse, r, gpos, reg_coef, g, g.stride(0),
+            scores, scores.stride(0),
             col_begin=c0, C=c, scale=scale,
             tclip=0.0 if tclip is None else tclip, CLIP=tclip is not None,
             **common,
         )
+        del scores
         yield c0 // l, (c0 + c) // l, g

@@ -1,0 +1,212 @@
+"""Benchmark sweep: every backend of nce_loss, torch.compile of the reference, and the
+cuBLAS matmul of the same shape (the physical floor), over AMDIM's problem sizes.
+
+    python -m benchmarks.run                          # preset for this device
+    python -m benchmarks.run --preset targets --dtypes bfloat16 --compile
+    python -m benchmarks.run --preset sweep --out benchmarks/results
+
+Each row: median times (triton.testing.do_bench on a GPU, warm-up excluded; wall clock on
+the CPU) of the forward and of forward+backward, achieved TFLOP/s with the FLOP model
+2*N*M*L*D forward and 3x that for the backward (recompute + two gradient products), the
+ratio to one matmul of the forward's shape, and the peak memory beyond the inputs
+(workspace = peak - the gradients the call returns). Out of memory is a row saying OOM.
+Writes a markdown table to stdout and CSV/JSON (device, versions, date per row) to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import math
+import os
+import platform
+from dataclasses import asdict, dataclass
+
+import torch
+
+from amdim_kernels import available_backends, nce_loss, nce_loss_reference
+
+from . import problems
+from .measure import median_ms, peak_extra_bytes
+
+PRESETS = {
+    "cpu": [problems.Problem("CIFAR-like, D=256", 256, 256, 49, 256), problems.CIFAR],
+    "targets": [problems.CIFAR, problems.IMAGENET_4GPU, problems.ONE_GPU_SHARE, problems.SINGLE_GPU],
+    "sweep": [problems.Problem(f"N=M={b}, L=49, D=2048", b, b, 49, 2048) for b in (32, 128, 512, 1024, 2048, 4096)]
+    + [problems.Problem(f"N=128, M={b}, L=49, D=2048", 128, b, 49, 2048) for b in (1024, 4096, 8192, 16384)],
+}
+
+
+@dataclass
+class Row:
+    problem: str
+    n: int
+    m: int
+    l: int  # noqa: E741
+    d: int
+    dtype: str
+    impl: str
+    fwd_ms: float | None
+    fwd_bwd_ms: float | None
+    fwd_tflops: float | None
+    fwd_bwd_tflops: float | None
+    fwd_over_matmul: float | None
+    peak_extra_mib: float | None
+    workspace_mib: float | None
+    status: str
+    device: str
+    torch: str
+    triton: str
+    date: str
+
+
+def _versions():
+    try:
+        import triton
+
+        tv = triton.__version__
+    except ImportError:
+        tv = "-"
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "CPU"
+    return dev, torch.__version__, tv
+
+
+def _timer(device):
+    if device == "cuda":
+        try:
+            from triton.testing import do_bench
+
+            return lambda fn: do_bench(fn, warmup=50, rep=200, return_mode="median")
+        except ImportError:
+            pass
+    return lambda fn: median_ms(fn, device, reps=5 if device == "cpu" else 50)
+
+
+def loss_fn(impl: str):
+    """(src, trg, pos_idx) -> (loss, reg) for a backend name, 'compiled' or 'matmul'."""
+    if impl == "compiled":
+        compiled = torch.compile(nce_loss_reference, dynamic=False)
+        return lambda s, t, p: compiled(s, t, p, 20.0, 0.05, s.shape[1] ** -0.5, "mean")
+    return lambda s, t, p: nce_loss(s, t, p, backend=impl)
+
+
+def bench_one(p: problems.Problem, dtype: torch.dtype, impl: str, device: str, timer) -> dict:
+    src0, trg0, pos_idx = p.inputs(dtype, device)
+    grads_bytes = (src0.numel() + trg0.numel()) * src0.element_size()
+    if impl == "matmul":
+        trg_flat = trg0.reshape(-1, p.d)
+        fwd = lambda: src0 @ trg_flat.t()  # noqa: E731
+        fwd_ms = timer(fwd)
+        return dict(fwd_ms=fwd_ms, fwd_bwd_ms=None, peak=None, workspace=None)
+    f = loss_fn(impl)
+    src = src0.detach().requires_grad_()
+    trg = trg0.detach().requires_grad_()
+
+    def forward():
+        with torch.no_grad():
+            return f(src0, trg0, pos_idx)
+
+    def forward_backward():
+        loss, reg = f(src, trg, pos_idx)
+        return torch.autograd.grad(loss + reg, (src, trg))
+
+    forward_backward()  # compile / warm up before measuring memory
+    peak = peak_extra_bytes(forward_backward, device)
+    return dict(fwd_ms=timer(forward), fwd_bwd_ms=timer(forward_backward), peak=peak, workspace=peak - grads_bytes)
+
+
+def run(problem_list, dtypes, impls, device, out_dir=None) -> list[Row]:
+    dev_name, torch_v, triton_v = _versions()
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    timer = _timer(device)
+    rows: list[Row] = []
+    for p in problem_list:
+        for dtype in dtypes:
+            matmul_ms = None
+            for impl in ["matmul"] + impls:
+                status, res = "ok", dict(fwd_ms=None, fwd_bwd_ms=None, peak=None, workspace=None)
+                try:
+                    res = bench_one(p, dtype, impl, device, timer)
+                except torch.OutOfMemoryError:
+                    status = "OOM"
+                except Exception as e:  # a failing impl is a row, not a crash of the sweep
+                    status = f"error: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+                finally:
+                    if device == "cuda":
+                        torch.cuda.empty_cache()
+                if impl == "matmul":
+                    matmul_ms = res["fwd_ms"]
+
+                def tflops(ms, backward):
+                    return None if ms is None else p.flops(backward) / ms / 1e9
+
+                fwd, fb = res["fwd_ms"], res["fwd_bwd_ms"]
+                rows.append(Row(
+                    p.name, p.n, p.m, p.l, p.d, str(dtype).replace("torch.", ""), impl, fwd, fb,
+                    tflops(fwd, False), None if fb is None else (p.flops(False) + p.flops(True)) / fb / 1e9,
+                    None if fwd is None or not matmul_ms else fwd / matmul_ms,
+                    None if res["peak"] is None else res["peak"] / 2**20,
+                    None if res["workspace"] is None else res["workspace"] / 2**20,
+                    status, dev_name, torch_v, triton_v, date,
+                ))
+                print(format_row(rows[-1]), flush=True)
+    if out_dir:
+        write(rows, out_dir)
+    return rows
+
+
+COLUMNS = [("problem", 46), ("dtype", 8), ("impl", 9), ("fwd_ms", 8), ("fwd_bwd_ms", 10), ("fwd_tflops", 10),
+           ("fwd_bwd_tflops", 14), ("fwd_over_matmul", 15), ("peak_extra_mib", 14), ("workspace_mib", 13), ("status", 6)]
+
+
+def _fmt(v, width):
+    if v is None:
+        return "-".rjust(width)
+    if isinstance(v, float):
+        return (f"{v:.3f}" if abs(v) < 100 else f"{v:.1f}").rjust(width)
+    return str(v).ljust(width)
+
+
+def format_header() -> str:
+    head = "| " + " | ".join(name.ljust(w) for name, w in COLUMNS) + " |"
+    return head + "\n|" + "|".join("-" * (w + 2) for _, w in COLUMNS) + "|"
+
+
+def format_row(r: Row) -> str:
+    return "| " + " | ".join(_fmt(getattr(r, name), w) for name, w in COLUMNS) + " |"
+
+
+def write(rows: list[Row], out_dir: str) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    tag = rows[0].device.replace(" ", "_") if rows else "none"
+    with open(os.path.join(out_dir, f"results_{tag}.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(asdict(rows[0]).keys()))
+        w.writeheader()
+        for r in rows:
+            w.writerow(asdict(r))
+    with open(os.path.join(out_dir, f"results_{tag}.json"), "w") as f:
+        json.dump([asdict(r) for r in rows], f, indent=1)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default=None)
+    ap.add_argument("--dtypes", nargs="+", default=None, choices=["float32", "float16", "bfloat16"])
+    ap.add_argument("--impls", nargs="+", default=None, help="backends to time (default: all available)")
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile of the reference")
+    ap.add_argument("--out", default=None, help="folder for the CSV and JSON files")
+    args = ap.parse_args(argv)
+    device = args.device
+    preset = args.preset or ("targets" if device == "cuda" else "cpu")
+    dtypes = [getattr(torch, d) for d in (args.dtypes or (["bfloat16"] if device == "cuda" else ["float32"]))]
+    impls = args.impls or available_backends(device)
+    if args.compile:
+        impls = impls + ["compiled"]
+    print(format_header())
+    run(PRESETS[preset], dtypes, impls, device, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Try Triton tile configurations on the GPU target shapes; print times per config and a
+per-kernel profile of the default one.
+
+    python -m benchmarks.tune_triton [--dtypes bfloat16 float32] [--profile]
+
+Each candidate is checked against the default config's loss before it is timed.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+from triton.testing import do_bench
+
+from amdim_kernels import nce_loss
+from amdim_kernels.triton_nce import launch
+
+from . import problems
+
+# (strategy, chunk parts, (block_n, block_j, block_k, num_warps, num_stages))
+CANDIDATES = [
+    ("fused", 8, (128, 128, 64, 8, 3)),
+    ("fused", 8, (128, 128, 64, 8, 4)),
+    ("fused", 8, (128, 64, 64, 4, 4)),
+    ("fused", 8, (64, 256, 64, 8, 3)),
+    ("gemm", 8, (64, 128, 64, 4, 1)),
+    ("gemm", 4, (64, 128, 64, 4, 1)),
+    ("gemm", 16, (64, 128, 64, 4, 1)),
+    ("gemm", 8, (32, 256, 64, 4, 1)),
+]
+FP32_CANDIDATES = [
+    ("fused", 8, (64, 128, 32, 8, 3)),
+    ("fused", 8, (128, 64, 32, 4, 3)),
+    ("gemm", 8, (64, 128, 64, 4, 1)),
+]
+
+
+def fwd_bwd(src, trg, pos_idx):
+    loss, reg = nce_loss(src, trg, pos_idx, backend="triton")
+    return torch.autograd.grad(loss + reg, (src, trg))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dtypes", nargs="+", default=["bfloat16"])
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--profile-strategy", default=None, choices=launch.STRATEGIES)
+    args = ap.parse_args(argv)
+    default_config = launch.tile_config
+    shapes = [problems.SINGLE_GPU, problems.ONE_GPU_SHARE, problems.IMAGENET_4GPU, problems.CIFAR]
+    print("| problem | dtype | strategy/chunk parts (BN, BJ, BK, warps, stages) | fwd ms | fwd+bwd ms | fwd TFLOP/s | fwd+bwd TFLOP/s |")
+    print("|---|---|---|---|---|---|---|")
+    for dname in args.dtypes:
+        dtype = getattr(torch, dname)
+        for p in shapes:
+            src0, trg0, pos_idx = p.inputs(dtype, "cuda")
+            src, trg = src0.clone().requires_grad_(), trg0.clone().requires_grad_()
+            launch.tile_config = default_config
+            with torch.no_grad():
+                want = nce_loss(src0, trg0, pos_idx, backend="triton")[0]
+            for strategy, parts, cand in (CANDIDATES if dtype != torch.float32 else FP32_CANDIDATES):
+                launch.tile_config = lambda dt, d, c=cand: launch.TileConfig(*c)
+                launch.strategy, launch.CHUNK_PARTS = strategy, parts
+                try:
+                    with torch.no_grad():
+                        got = nce_loss(src0, trg0, pos_idx, backend="triton")[0]
+                    assert torch.allclose(got, want, rtol=1e-4), (got.item(), want.item())
+                    with torch.no_grad():
+                        f_ms = do_bench(lambda: nce_loss(src0, trg0, pos_idx, backend="triton"), return_mode="median")
+                    fb_ms = do_bench(lambda: fwd_bwd(src, trg, pos_idx), return_mode="median")
+                    print(f"| {p.name} | {dname} | {strategy}/{parts} {cand} | {f_ms:.3f} | {fb_ms:.3f} | "
+                          f"{p.flops(False) / f_ms / 1e9:.0f} | {(p.flops(False) + p.flops(True)) / fb_ms / 1e9:.0f} |", flush=True)
+                except Exception as e:  # a config that does not compile (shared memory) is a row
+                    print(f"| {p.name} | {dname} | {strategy}/{parts} {cand} | {type(e).__name__}: {str(e)[:80]} | | | |", flush=True)
+            launch.tile_config = default_config
+            launch.strategy, launch.CHUNK_PARTS = args.profile_strategy, 8
+            if args.profile and p in (problems.SINGLE_GPU, problems.ONE_GPU_SHARE):
+                from torch.profiler import ProfilerActivity, profile
+
+                fwd_bwd(src, trg, pos_idx)
+                torch.cuda.synchronize()
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(5):
+                        fwd_bwd(src, trg, pos_idx)
+                    torch.cuda.synchronize()
+                print(f"\nprofile, 5 x fwd+bwd, {p.name}, {dname}, {args.profile_strategy}, default config")
+                print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14))
+
+
+if __name__ == "__main__":
+    main()
