@@ -84,7 +84,19 @@ def _timer(device):
 
 
 def loss_fn(impl: str):
-    """(src, trg, pos_idx) -> (loss, reg) for a backend name, 'compiled' or 'matmul'."""
+    """(src, trg, pos_idx) -> (loss, reg) for a backend name, 'compiled', or
+    'triton:fused' / 'triton:gemm' (the Triton backend with its score strategy pinned)."""
+    if impl.startswith("triton:"):
+        from amdim_kernels.triton_nce import launch
+
+        def pinned(s, t, p, strategy=impl.split(":")[1]):
+            old, launch.strategy = launch.strategy, strategy
+            try:  # the backward uses the strategy recorded by the forward
+                return nce_loss(s, t, p, backend="triton")
+            finally:
+                launch.strategy = old
+
+        return pinned
     if impl == "compiled":
         compiled = torch.compile(nce_loss_reference, dynamic=False)
         return lambda s, t, p: compiled(s, t, p, 20.0, 0.05, s.shape[1] ** -0.5, "mean")
@@ -116,7 +128,7 @@ def bench_one(p: problems.Problem, dtype: torch.dtype, impl: str, device: str, t
     return dict(fwd_ms=timer(forward), fwd_bwd_ms=timer(forward_backward), peak=peak, workspace=peak - grads_bytes)
 
 
-def run(problem_list, dtypes, impls, device, out_dir=None) -> list[Row]:
+def run(problem_list, dtypes, impls, device, out_dir=None, suffix="") -> list[Row]:
     dev_name, torch_v, triton_v = _versions()
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     timer = _timer(device)
@@ -152,7 +164,7 @@ def run(problem_list, dtypes, impls, device, out_dir=None) -> list[Row]:
                 ))
                 print(format_row(rows[-1]), flush=True)
     if out_dir:
-        write(rows, out_dir)
+        write(rows, out_dir, suffix)
     return rows
 
 
@@ -177,9 +189,9 @@ def format_row(r: Row) -> str:
     return "| " + " | ".join(_fmt(getattr(r, name), w) for name, w in COLUMNS) + " |"
 
 
-def write(rows: list[Row], out_dir: str) -> None:
+def write(rows: list[Row], out_dir: str, suffix: str = "") -> None:
     os.makedirs(out_dir, exist_ok=True)
-    tag = rows[0].device.replace(" ", "_") if rows else "none"
+    tag = (rows[0].device.replace(" ", "_") if rows else "none") + (f"_{suffix}" if suffix else "")
     with open(os.path.join(out_dir, f"results_{tag}.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(asdict(rows[0]).keys()))
         w.writeheader()
@@ -197,6 +209,7 @@ def main(argv=None):
     ap.add_argument("--impls", nargs="+", default=None, help="backends to time (default: all available)")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile of the reference")
     ap.add_argument("--out", default=None, help="folder for the CSV and JSON files")
+    ap.add_argument("--suffix", default="", help="added to the output files' names")
     args = ap.parse_args(argv)
     device = args.device
     preset = args.preset or ("targets" if device == "cuda" else "cpu")
@@ -205,7 +218,7 @@ def main(argv=None):
     if args.compile:
         impls = impls + ["compiled"]
     print(format_header())
-    run(PRESETS[preset], dtypes, impls, device, args.out)
+    run(PRESETS[preset], dtypes, impls, device, args.out, args.suffix)
 
 
 if __name__ == "__main__":

@@ -22,19 +22,20 @@ def _grad_dtype(dtype: torch.dtype) -> torch.dtype:
 class _NCELossTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, src, trg, pos_idx, tclip, reg_weight, scale, reduction):
-        stats = launch.forward(src, trg, pos_idx, tclip, scale)
+        strategy = launch.score_strategy(src.dtype)
+        stats = launch.forward(src, trg, pos_idx, tclip, scale, strategy)
         n, l = stats.loss.shape
         j = trg.shape[0] * trg.shape[1]
         loss = stats.loss.mean() if reduction == "mean" else stats.loss
         reg = stats.sq.sum() * (reg_weight / (n * j))
         ctx.save_for_backward(src, trg, pos_idx, stats.pos, stats.neg_lse)
-        ctx.args = (tclip, reg_weight, scale, reduction)
+        ctx.args = (tclip, reg_weight, scale, reduction, strategy)
         return loss, reg
 
     @staticmethod
     def backward(ctx, grad_loss, grad_reg):
         src, trg, pos_idx, pos, neg_lse = ctx.saved_tensors
-        tclip, reg_weight, scale, reduction = ctx.args
+        tclip, reg_weight, scale, reduction, strategy = ctx.args
         need_src, need_trg = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_src or need_trg):
             return (None,) * 7
@@ -60,10 +61,10 @@ class _NCELossTriton(torch.autograd.Function):
         g_dtype = _grad_dtype(src.dtype)
         src_g = src.to(g_dtype)
         for m0, m1, g in launch.gradient_chunks(
-            src, trg, pos_idx, neg_lse, r, gpos, reg_coef, tclip, scale, g_dtype
+            src, trg, pos_idx, neg_lse, r, gpos, reg_coef, tclip, scale, g_dtype, strategy
         ):
             if need_src:
-                dsrc += launch.mm_f32(g, trg[m0:m1].reshape(-1, d).to(g_dtype))
+                launch.addmm_f32_(dsrc, g, trg[m0:m1].reshape(-1, d).to(g_dtype))
             if need_trg:
                 chunk = dtrg[m0:m1].view(-1, d)
                 if g_dtype == trg.dtype:

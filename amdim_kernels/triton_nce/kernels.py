@@ -166,21 +166,25 @@ def nce_merge_kernel(
     loss_ptr,  # (N, L) float32 out: per-positive loss softplus(neg_lse - pos)
     neg_lse_ptr, sq_ptr,  # (N,) float32 out
     N, L, SPLITS,
-    BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     shift = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     neg_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
     sq = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for split in range(0, SPLITS):  # fixed order: the result does not depend on scheduling
-        off = split * N + rows
-        part_sum = tl.load(part_sum_ptr + off, mask=row_ok, other=0.0)
-        part_max = tl.load(part_max_ptr + off, mask=row_ok, other=float("-inf"))
-        sq += tl.load(part_sq_ptr + off, mask=row_ok, other=0.0)
-        new_shift = tl.maximum(shift, part_max)
-        safe = tl.where(new_shift == float("-inf"), 0.0, new_shift)
-        neg_sum = neg_sum * tl.exp(shift - safe) + part_sum * tl.exp(part_max - safe)
+    # BLOCK_S splits at a time, always in the same order and the same reduction tree:
+    # the result does not depend on how the forward's programs were scheduled.
+    for s0 in range(0, SPLITS, BLOCK_S):
+        splits = s0 + tl.arange(0, BLOCK_S)
+        ok = (splits < SPLITS)[:, None] & row_ok[None, :]
+        off = splits.to(tl.int64)[:, None] * N + rows[None, :]
+        part_sum = tl.load(part_sum_ptr + off, mask=ok, other=0.0)
+        part_max = tl.load(part_max_ptr + off, mask=ok, other=float("-inf"))
+        sq += tl.sum(tl.load(part_sq_ptr + off, mask=ok, other=0.0), axis=0)
+        new_shift = tl.maximum(shift, tl.max(part_max, axis=0))
+        safe = tl.where(new_shift == float("-inf"), 0.0, new_shift)  # no exp(-inf - -inf)
+        neg_sum = neg_sum * tl.exp(shift - safe) + tl.sum(part_sum * tl.exp(part_max - safe[None, :]), axis=0)
         shift = new_shift
     # log(0) = -inf when the row has no negatives (M == 1): its loss is then exactly 0
     neg_lse = shift + tl.log(neg_sum)

@@ -21,7 +21,10 @@ from .kernels import nce_fwd_kernel, nce_grad_tile_kernel, nce_merge_kernel
 STRATEGIES = ("fused", "gemm")
 # None: the measured default per dtype (`score_strategy`); benchmarks and tests may pin one.
 strategy: str | None = None
-CHUNK_PARTS = 8  # a backward chunk (and a "gemm" forward chunk) is about 1/CHUNK_PARTS of the columns
+# A backward chunk (and a "gemm" forward chunk) is about 1/CHUNK_PARTS of the columns: its
+# (N x C) G then costs 1/16 of one bf16 score matrix, which keeps the backward's workspace
+# (G + the float32 d src accumulator) under 1% of the eager reference's.
+CHUNK_PARTS = 16
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,7 @@ def tile_config(dtype: torch.dtype, d: int) -> TileConfig:
 
 
 def score_strategy(dtype: torch.dtype) -> str:
+    """The strategy a call uses: the pinned one, else the faster one measured for the dtype."""
     return strategy or "fused"
 
 
@@ -68,6 +72,20 @@ def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.float() @ b.float()
 
 
+_ADDMM_TO_F32 = "dtype_out" in torch.ops.aten.addmm.overloads()
+
+
+def addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b for a float32 acc, accumulated in float32, with no temporary where
+    cuBLAS can write float32 from 16-bit inputs (aten::addmm.dtype_out)."""
+    if a.dtype == b.dtype == torch.float32:
+        acc.addmm_(a, b)
+    elif a.is_cuda and a.dtype == b.dtype and _ADDMM_TO_F32:
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc += mm_f32(a, b)
+
+
 def _common(src: torch.Tensor, trg: torch.Tensor, cfg: TileConfig, from_scores: bool) -> dict:
     n, d = src.shape
     _, l, _ = trg.shape
@@ -85,8 +103,8 @@ def _common(src: torch.Tensor, trg: torch.Tensor, cfg: TileConfig, from_scores: 
 
 def chunk_columns(n: int, m: int, l: int, cfg: TileConfig, sms: int) -> int:
     """Columns per chunk: whole images, about 1/CHUNK_PARTS of all columns, but enough that
-    one chunk's grid of (row block x column tile) programs keeps every SM busy."""
-    fill = triton.cdiv(2 * sms, triton.cdiv(n, cfg.block_n)) * cfg.block_j
+    one chunk's grid of (row block x column tile) programs gives every SM a program."""
+    fill = triton.cdiv(sms, triton.cdiv(n, cfg.block_n)) * cfg.block_j
     images = max(triton.cdiv(m, CHUNK_PARTS), triton.cdiv(fill, l))
     return min(m, images) * l
 
@@ -121,13 +139,13 @@ def _split(cols: int, row_blocks: int, cfg: TileConfig, sms: int) -> tuple[int, 
     return triton.cdiv(cols, per_split), per_split
 
 
-def forward(src, trg, pos_idx, tclip: float | None, scale: float) -> ForwardStats:
+def forward(src, trg, pos_idx, tclip: float | None, scale: float, strategy: str) -> ForwardStats:
     n, d = src.shape
     m, l, _ = trg.shape
     cfg = tile_config(src.dtype, d)
     sms = _num_sms(src.device)
     f32 = dict(device=src.device, dtype=torch.float32)
-    from_scores = score_strategy(src.dtype) == "gemm"
+    from_scores = strategy == "gemm"
     chunks = list(_chunks(m, l, chunk_columns(n, m, l, cfg, sms) if from_scores else m * l))
     row_blocks = triton.cdiv(n, cfg.block_n)
     splits = [_split(c, row_blocks, cfg, sms) for _, c in chunks]
@@ -153,21 +171,22 @@ def forward(src, trg, pos_idx, tclip: float | None, scale: float) -> ForwardStat
     loss = torch.empty(n, l, **f32)
     neg_lse = torch.empty(n, **f32)
     sq = torch.empty(n, **f32)
-    merge_rows = max(1, min(64, 4096 // triton.next_power_of_2(l)))
+    # 16 rows a program: N = 128 still gives 8 programs; 32 splits per step of the loop
+    merge_rows = max(1, min(16, 4096 // triton.next_power_of_2(l)))
     nce_merge_kernel[(triton.cdiv(n, merge_rows),)](
         pos, part_sum, part_max, part_sq, loss, neg_lse, sq, n, l, total,
-        BLOCK_N=merge_rows, BLOCK_L=triton.next_power_of_2(l),
+        BLOCK_N=merge_rows, BLOCK_S=32, BLOCK_L=triton.next_power_of_2(l),
     )
     return ForwardStats(loss, pos, neg_lse, sq)
 
 
-def gradient_chunks(src, trg, pos_idx, neg_lse, r, gpos, reg_coef, tclip, scale, g_dtype):
+def gradient_chunks(src, trg, pos_idx, neg_lse, r, gpos, reg_coef, tclip, scale, g_dtype, strategy):
     """Yield (first image, last image + 1, G) for consecutive chunks of whole images, where
     G (N, C) = scale * d(loss + reg)/da on the chunk's C columns. G's buffer is reused."""
     n, d = src.shape
     m, l, _ = trg.shape
     cfg = tile_config(src.dtype, d)
-    from_scores = score_strategy(src.dtype) == "gemm"
+    from_scores = strategy == "gemm"
     c_max = chunk_columns(n, m, l, cfg, _num_sms(src.device))
     g_buf = torch.empty(n, c_max, device=src.device, dtype=g_dtype)
     common = _common(src, trg, cfg, from_scores)
