@@ -45,6 +45,16 @@ def run_case(case, dtype, grad_of=("src", "trg"), truth=None):
     check_against(truth, ref, got, dtype)
 
 
+@pytest.fixture(params=["fused", "gemm"])
+def strategy(request):
+    from amdim_kernels.triton_nce import launch
+
+    old = launch.strategy
+    launch.strategy = request.param
+    yield request.param
+    launch.strategy = old
+
+
 SHAPES = [  # (N, M, L, D, pos): odd D, L in 1/25/49, M*L off the block size, N = 1, M = 1
     (1, 5, 3, 33, "random"),
     (7, 7, 49, 33, "arange"),
@@ -60,7 +70,7 @@ OPTIONS = [dict(), dict(tclip=None), dict(reg_weight=0.0), dict(reduction="none"
 
 @pytest.mark.parametrize("options", OPTIONS, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_triton_float32(shape, options):
+def test_triton_float32(shape, options, strategy):
     n, m, l, d, pos = shape
     run_case(make_case(n, m, l, d, pos=pos, device=DEVICE, **options), torch.float32)
 
@@ -162,16 +172,6 @@ def test_triton_gpu_tf32_follows_torch_switch():
         assert rel_err(got[0], truth[0]) < 1e-5
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
-
-
-@pytest.fixture(params=["fused", "gemm"])
-def strategy(request):
-    from amdim_kernels.triton_nce import launch
-
-    old = launch.strategy
-    launch.strategy = request.param
-    yield request.param
-    launch.strategy = old
 
 
 @pytest.mark.parametrize("options", [dict(), dict(tclip=None, reduction="none")], ids=str)

@@ -21,10 +21,11 @@ from .kernels import nce_fwd_kernel, nce_grad_tile_kernel, nce_merge_kernel
 STRATEGIES = ("fused", "gemm")
 # None: the measured default per dtype (`score_strategy`); benchmarks and tests may pin one.
 strategy: str | None = None
-# A backward chunk (and a "gemm" forward chunk) is about 1/CHUNK_PARTS of the columns: its
-# (N x C) G then costs 1/16 of one bf16 score matrix, which keeps the backward's workspace
-# (G + the float32 d src accumulator) under 1% of the eager reference's.
-CHUNK_PARTS = 16
+# A backward chunk (and a "gemm" forward chunk) is about 1/CHUNK_PARTS of the columns. More
+# chunks mean less memory and more launches: on an H100 (bf16, N=M=1024, L=49, D=2048)
+# 8 chunks ran fwd+bwd in 2.9 ms with a 23 MiB workspace (1.5% of eager), 16 chunks in
+# 3.6 ms with 14.7 MiB (0.93%); see benchmarks/RESULTS.md.
+CHUNK_PARTS = 8
 
 
 @dataclass(frozen=True)
@@ -46,8 +47,15 @@ def tile_config(dtype: torch.dtype, d: int) -> TileConfig:
 
 
 def score_strategy(dtype: torch.dtype) -> str:
-    """The strategy a call uses: the pinned one, else the faster one measured for the dtype."""
-    return strategy or "fused"
+    """The strategy a call uses: the pinned one, else the faster one measured for the dtype.
+
+    On an H100, 16-bit inputs: "fused" (tl.dot on the tensor cores, 2.4-2.9 ms fwd+bwd vs
+    3.6-5.6 for "gemm" at N=M=1024, L=49, D=2048). float32: "gemm" (cuBLAS SGEMM/TF32;
+    Triton's IEEE float32 dot is 2-3x slower there). See benchmarks/RESULTS.md.
+    """
+    if strategy is not None:
+        return strategy
+    return "gemm" if dtype == torch.float32 else "fused"
 
 
 def _num_sms(device: torch.device) -> int:
