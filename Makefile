@@ -13,7 +13,7 @@ export MAX_JOBS ?= 2
 
 .PHONY: demo test bench clean
 
-$(STAMP): setup.py pyproject.toml requirements-dev.txt
+$(STAMP): setup.py pyproject.toml requirements-dev.txt $(wildcard csrc/*)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install torch==2.14.1 torchvision==0.29.1

@@ -30,6 +30,10 @@ def unavailable_reason(name: str, device: torch.device) -> str | None:
     """Why backend `name` cannot run on tensors on `device`, or None if it can."""
     if name == "reference":
         return None
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return "no CUDA GPU is available (torch.cuda.is_available() is False)"
     if name == "triton":
         if importlib.util.find_spec("triton") is None:
             return "Triton is not installed (pip install triton)"
@@ -49,15 +53,40 @@ def unavailable_reason(name: str, device: torch.device) -> str | None:
         if device.type != "cpu":
             return f"the 'cpp' backend needs CPU tensors, got tensors on {device} (use 'cuda' or 'triton')"
         return _extension_reason() or _extension_lacks("cpu")
-    raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {name!r}")
+    raise AssertionError(name)
 
 
 def _extension_lacks(kind: str) -> str | None:
     from . import _C  # type: ignore[attr-defined]
 
-    if kind in _C.built_for():
+    if kind in _C.BUILT_FOR:
         return None
     return f"the compiled extension was built without {kind} kernels"
+
+
+def build_info() -> dict:
+    """What this install has: the compiled extension and its kernels, versions, and the
+    backends that can run on each device of this machine."""
+    built_for: tuple[str, ...] = ()
+    if _extension_reason() is None:
+        from . import _C  # type: ignore[attr-defined]
+
+        built_for = tuple(_C.BUILT_FOR)
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    return {
+        "extension_built_for": built_for,
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": triton_version,
+        "available_backends": {dev: available_backends(dev) for dev in devices},
+        "auto": {dev: resolve("auto", torch.device(dev)) for dev in devices},
+    }
 
 
 def available_backends(device: torch.device | str | None = None) -> list[str]:
@@ -92,4 +121,8 @@ def implementation(name: str) -> Callable[[Problem], tuple[torch.Tensor, torch.T
         from .triton_nce.function import nce_loss_triton
 
         return nce_loss_triton
+    if name in ("cuda", "cpp"):
+        from .compiled import nce_loss_compiled
+
+        return nce_loss_compiled
     raise RuntimeError(f"backend {name!r} has no implementation in this build")

@@ -6,9 +6,11 @@ OUT=${OUT:-/tmp/amdim_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
 python3 -c "import torch, triton, numpy; print('torch', torch.__version__, 'triton', triton.__version__, 'numpy', numpy.__version__)"
-python3 -m pip install -q -e . --no-build-isolation --no-deps 2>&1 | tail -2
+export MAX_JOBS=${MAX_JOBS:-16}
+time python3 -m pip install -e . --no-build-isolation --no-deps -v 2>&1 | grep -E "amdim-kernels:|error|Successfully" | head -20
+python3 -c "import amdim_kernels; print(amdim_kernels.build_info())"
 STEPS=${STEPS:-"tests run demo run32 tune"}
-IMPLS="reference triton:fused triton:gemm"
+IMPLS=${IMPLS:-"reference triton:fused triton:gemm cuda"}
 for step in $STEPS; do
   case $step in
     tests) timeout 150 python3 -m pytest -q -rfE tests 2>&1 | tee "$OUT/pytest.log" | tail -25 ;;
@@ -17,6 +19,11 @@ for step in $STEPS; do
     demo) timeout 60 python3 -m benchmarks.demo 2>&1 | tee "$OUT/demo.log" ;;
     run32) timeout 100 python3 -m benchmarks.run --preset targets --dtypes float32 --impls $IMPLS \
            --out "$OUT" --suffix fp32 2>&1 | tee "$OUT/run_fp32.log" ;;
+    compiled) timeout 120 python3 -m pytest -q -rfE tests/test_compiled.py 2>&1 | tee "$OUT/pytest_compiled.log" | tail -8 ;;
+    sanitize) for tool in memcheck racecheck; do
+                timeout 120 compute-sanitizer --tool $tool --print-limit 20 python3 -m benchmarks.sanitize_case 2>&1 \
+                  | tee "$OUT/sanitize_$tool.log" | grep -E "ERROR SUMMARY|loss|Error" | head -8
+              done ;;
     tune) timeout 100 python3 -m benchmarks.tune_triton ${TUNE_ARGS:-} 2>&1 | tee "$OUT/tune.log" ;;
   esac
 done

@@ -1,48 +1,20 @@
 """backend="triton" against the float64 truth, on the CPU interpreter (CI) and on a GPU.
-
-Criterion (as Cut Cross-Entropy's tests): the kernel's error against the float64 truth is
-no larger than the reference's error in the same dtype plus a tolerance for what the kernel
-rounds differently: float32 sums in another order (loss, reg; 1e-5), and for the gradients
-the G tiles, which are bfloat16 for bfloat16 inputs (2^-8 relative) and float32 otherwise.
-"""
+The criterion is tests/truth.py's assert_matches_truth."""
 import pytest
 import torch
 
-from amdim_kernels import available_backends, nce_loss, nce_loss_reference
-from truth import make_case, outputs_and_grads, rel_err, truth_of
+from amdim_kernels import available_backends, nce_loss
+from truth import assert_matches_truth, float64_truth, make_case, outputs_and_grads, rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-EXTRA_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
-LOSS_EXTRA_TOL = 1e-5
 
 pytestmark = pytest.mark.skipif(
     "triton" not in available_backends(DEVICE), reason="Triton is not available here"
 )
 
 
-def check_against(truth, ref, got, dtype, names=("loss", "reg", "d src", "d trg")):
-    for k, name in enumerate(names):
-        t, r, g = truth[k], ref[k], got[k]
-        if t is None:
-            assert g is None, f"{name}: gradient computed for an input that needs none"
-            continue
-        assert g.shape == t.shape and g.dtype == r.dtype, name
-        assert not torch.isnan(g).any(), name
-        if t.abs().max() == 0:
-            assert g.abs().max() == 0, name
-            continue
-        tol = LOSS_EXTRA_TOL if k < 2 else EXTRA_TOL[dtype]
-        e_got, e_ref = rel_err(g, t), rel_err(r, t)
-        assert e_got <= e_ref + tol, f"{name}: kernel error {e_got:.3g} vs reference {e_ref:.3g}"
-
-
 def run_case(case, dtype, grad_of=("src", "trg"), truth=None):
-    truth = truth or truth_of(case)
-    if grad_of != ("src", "trg"):
-        truth = tuple(t if k < 2 or ("src", "trg")[k - 2] in grad_of else None for k, t in enumerate(truth))
-    ref = outputs_and_grads(nce_loss, case, backend="reference", grad_of=grad_of)
-    got = outputs_and_grads(nce_loss, case, backend="triton", grad_of=grad_of)
-    check_against(truth, ref, got, dtype)
+    assert_matches_truth(case, dtype, "triton", grad_of=grad_of, truth=truth)
 
 
 @pytest.fixture(params=["fused", "gemm"])
@@ -137,14 +109,6 @@ GPU_SHAPES = [  # (N, M, L, D)
     (129, 67, 49, 520),
     (1024, 1024, 49, 2048),
 ]
-
-
-def float64_truth(case):
-    """The reference in float64 on the GPU: it matches spec_loss_f64 (test_reference.py)."""
-    c64 = type(case)(case.src.double(), case.trg.double(), case.pos_idx, **case.kwargs())
-    return outputs_and_grads(lambda s, t, p, **kw: nce_loss_reference(
-        s, t, p if p is not None else torch.arange(s.shape[0], device=s.device),
-        kw["tclip"], kw["reg_weight"], kw["scale"] or s.shape[1] ** -0.5, kw["reduction"]), c64)
 
 
 @pytest.mark.gpu

@@ -83,3 +83,14 @@ def test_int32_pos_idx_is_accepted():
     loss32, _ = nce_loss(kw["src"], kw["trg"], kw["pos_idx"].int(), backend="reference")
     loss64, _ = nce_loss(kw["src"], kw["trg"], kw["pos_idx"], backend="reference")
     torch.testing.assert_close(loss32, loss64)
+
+
+def test_build_info_reports_what_can_run():
+    from amdim_kernels import build_info
+
+    info = build_info()
+    assert info["torch"] == torch.__version__
+    assert info["available_backends"]["cpu"] == available_backends("cpu")
+    assert info["auto"]["cpu"] in info["available_backends"]["cpu"]
+    if "cpp" in available_backends("cpu"):
+        assert "cpu" in info["extension_built_for"]

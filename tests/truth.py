@@ -91,3 +91,48 @@ def truth_of(case: Case):
     pos_idx = case.pos_idx if case.pos_idx is not None else torch.arange(case.src.shape[0])
     case64 = Case(case.src.double().cpu(), case.trg.double().cpu(), pos_idx.cpu(), **case.kwargs())
     return outputs_and_grads(spec_loss_f64, case64)
+
+
+# Criterion (as Cut Cross-Entropy's tests): a backend's error against the float64 truth is no
+# larger than the reference's error in the same dtype plus a tolerance for what the backend
+# rounds differently: float32 sums in another order (loss, reg), and for the gradients the
+# G tiles, which are bfloat16 for bfloat16 inputs (2^-8 relative) and float32 otherwise.
+EXTRA_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+LOSS_EXTRA_TOL = 1e-5
+NAMES = ("loss", "reg", "d src", "d trg")
+
+
+def assert_matches_truth(case: Case, dtype, backend: str, grad_of=("src", "trg"), truth=None):
+    from amdim_kernels import nce_loss
+
+    truth = truth or truth_of(case)
+    truth = tuple(t if k < 2 or NAMES[k][2:] in grad_of else None for k, t in enumerate(truth))
+    ref = outputs_and_grads(nce_loss, case, backend="reference", grad_of=grad_of)
+    got = outputs_and_grads(nce_loss, case, backend=backend, grad_of=grad_of)
+    for k, name in enumerate(NAMES):
+        t, r, g = truth[k], ref[k], got[k]
+        if t is None:
+            assert g is None, f"{name}: gradient computed for an input that needs none"
+            continue
+        assert g.shape == t.shape and g.dtype == r.dtype, name
+        assert not torch.isnan(g).any(), name
+        if t.abs().max() == 0:
+            assert g.abs().max() == 0, name
+            continue
+        tol = LOSS_EXTRA_TOL if k < 2 else EXTRA_TOL[dtype]
+        e_got, e_ref = rel_err(g, t), rel_err(r, t)
+        assert e_got <= e_ref + tol, f"{name}: {backend} error {e_got:.3g} vs reference {e_ref:.3g}"
+
+
+def float64_truth(case: Case):
+    """The reference in float64 on the case's device, for sizes where spec_loss_f64's per-row
+    loop is too slow; test_reference.py checks the reference against spec_loss_f64."""
+    from amdim_kernels import nce_loss_reference
+
+    src = case.src.double()
+    pos_idx = case.pos_idx if case.pos_idx is not None else torch.arange(src.shape[0], device=src.device)
+    c64 = Case(src, case.trg.double(), pos_idx, **case.kwargs())
+    scale = case.scale or src.shape[1] ** -0.5
+    return outputs_and_grads(
+        lambda s, t, p, **kw: nce_loss_reference(s, t, p, kw["tclip"], kw["reg_weight"], scale, kw["reduction"]), c64
+    )

@@ -1,0 +1,153 @@
+// CPU implementation of amdim_kernels::nce_fwd / nce_bwd: the streaming algorithm of the GPU
+// kernels, blocked for caches. One tile = every source row against a few whole target images
+// (about kTileElems scores). Per tile, BLAS computes the float32 scores and ATen's vectorised
+// ops (parallel over the cores through at::parallel_for) reduce or transform them while they
+// are cache-resident; nothing of size N x M*L is allocated.
+//
+// Forward: per-row sum of a^2 and the negatives' sum of exp(s - shift) (shift = tclip with
+// clipping; else an online maximum), the positives copied out. Backward: per tile, G =
+// scale * dL/da, then d trg_tile = G^T @ src (the tile owns those rows) and d src += G @
+// trg_tile in float32, tiles in order: three products like eager autograd, deterministic.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "nce_math.h"
+#include "nce_op.h"
+
+namespace amdim_kernels {
+namespace {
+
+using at::Tensor;
+
+constexpr int64_t kTileElems = 1 << 17;  // scores per tile: 512 KiB of float32, cache-resident
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+// Whole images per tile (so that a column's image is known from its segment), about
+// kTileElems scores for N rows.
+int64_t images_per_tile(int64_t N, int64_t L) { return std::max<int64_t>(1, kTileElems / (N * L)); }
+
+// trg[m0:m1] as a float32 (C x D) matrix, C = (m1 - m0) * L.
+Tensor target_tile(const Tensor& trg, int64_t m0, int64_t m1) {
+  return trg.narrow(0, m0, m1 - m0).reshape({-1, trg.size(2)}).to(at::kFloat);
+}
+
+// a = scale * src_rows @ tile^T, float32 (R x C), contiguous and ours to overwrite.
+Tensor score_tile(const Tensor& src_rows32, const Tensor& tile32, double scale) {
+  return at::mm(src_rows32, tile32.t()).mul_(scale);
+}
+
+// Calls f(i, seg) for each row i whose positive image p lies in [m0, m1); seg points at
+// that image's L columns of row i in the (N x C) tile.
+template <typename F>
+void for_positive_segments(float* tile, int64_t N, int64_t m0, int64_t m1, int64_t L, const int64_t* pos_idx, F f) {
+  const int64_t C = (m1 - m0) * L;
+  for (int64_t i = 0; i < N; ++i) {
+    const int64_t p = pos_idx[i];
+    if (p >= m0 && p < m1) f(i, tile + i * C + (p - m0) * L);
+  }
+}
+
+// Overwrites the (N x C) score tile `a` of images [m0, m1) with G = scale * d(loss + reg)/da.
+void gradient_tile(Tensor& a, int64_t m0, int64_t m1, int64_t L, const int64_t* pos_idx, const BackwardRows& rows,
+                   float tclip, float scale) {
+  const Tensor s = tclip > 0.f ? (a / tclip).tanh_().mul_(tclip) : a.clone();
+  // negatives: dL/ds = r * exp(s - neg_lse), <= r since neg_lse bounds every negative
+  Tensor dl_ds = (s - rows.neg_lse.unsqueeze(1)).exp_().mul_(rows.r.unsqueeze(1));
+  const float* gpos = rows.gpos.data_ptr<float>();
+  for_positive_segments(dl_ds.data_ptr<float>(), a.size(0), m0, m1, L, pos_idx, [&](int64_t i, float* seg) {
+    std::copy(gpos + i * L, gpos + (i + 1) * L, seg);  // positives: dL/ds = gpos
+  });
+  if (tclip > 0.f) dl_ds.mul_(1 - (s / tclip).square_());  // through the clip: 1 - (s/tclip)^2
+  // G = scale * (dL/ds * clip' + reg_coef * a)
+  a.mul_(rows.reg_coef.unsqueeze(1)).add_(dl_ds).mul_(scale);
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> nce_fwd_cpu(const Tensor& src, const Tensor& trg,
+                                                       const Tensor& pos_idx, std::optional<double> tclip_opt,
+                                                       double scale) {
+  check_inputs(src, trg, pos_idx, at::kCPU);
+  const NoAutocast no_autocast;  // the op computes in float32 itself; its inner matmuls must not be autocast
+  const int64_t N = src.size(0), M = trg.size(0), L = trg.size(1);
+  const float tclip = tclip_opt.has_value() ? static_cast<float>(*tclip_opt) : 0.f;
+  const auto f32 = src.options().dtype(at::kFloat);
+  Tensor loss = at::empty({N, L}, f32), pos = at::empty({N, L}, f32);
+  Tensor neg_lse = at::empty({N}, f32), sq = at::empty({N}, f32);
+  const Tensor src32 = src.to(at::kFloat).contiguous();
+  const Tensor idx = pos_idx.contiguous();
+  const int64_t* p_idx = idx.data_ptr<int64_t>();
+  float* pos_p = pos.data_ptr<float>();
+  const int64_t ipt = images_per_tile(N, L);
+  const auto d64 = src.options().dtype(at::kDouble);
+  // per-row state, float64 on the CPU: shift (tclip with clipping, as s < tclip; else a
+  // running maximum), the negatives' sum of exp(s - shift), and the sum of a^2
+  Tensor shift = at::full({N, 1}, tclip > 0.f ? static_cast<double>(tclip) : -kInf, d64);
+  Tensor sum = at::zeros({N, 1}, d64), sqsum = at::zeros({N}, d64);
+  for (int64_t m0 = 0; m0 < M; m0 += ipt) {
+    const int64_t m1 = std::min(M, m0 + ipt);
+    Tensor a = score_tile(src32, target_tile(trg, m0, m1), scale);
+    sqsum.add_(a.square().sum(1, false, at::kDouble));
+    if (tclip > 0.f) a.div_(tclip).tanh_().mul_(tclip);
+    // positives: store them, then set them to -inf so that exp() drops them from the sums
+    for_positive_segments(a.data_ptr<float>(), N, m0, m1, L, p_idx, [&](int64_t i, float* seg) {
+      std::copy(seg, seg + L, pos_p + i * L);
+      std::fill(seg, seg + L, -kInf);
+    });
+    if (tclip <= 0.f) {  // online log-sum-exp: rescale the running sums to the new maximum
+      const Tensor new_shift = at::maximum(shift, a.amax(1, true).to(at::kDouble));
+      const Tensor safe = new_shift.masked_fill(new_shift == -kInf, 0.0);  // no exp(-inf - -inf)
+      sum.mul_((shift - safe).exp_()).add_((a - safe).exp_().sum(1, true, at::kDouble));
+      shift = new_shift;
+    } else {
+      sum.add_((a - tclip).exp_().sum(1, true, at::kDouble));
+    }
+  }
+  // log(0) = -inf when the row has no negatives (M == 1): its loss is then 0
+  neg_lse.copy_((shift + sum.log()).squeeze(1));
+  sq.copy_(sqsum);
+  const float* lse_p = neg_lse.data_ptr<float>();
+  const float* sq_p = sq.data_ptr<float>();
+  float* loss_p = loss.data_ptr<float>();
+  for (int64_t i = 0; i < N; ++i)
+    for (int64_t l = 0; l < L; ++l) loss_p[i * L + l] = positive_loss(pos_p[i * L + l], lse_p[i], sq_p[i]);
+  return {loss, pos, neg_lse, sq};
+}
+
+std::tuple<Tensor, Tensor> nce_bwd_cpu(const Tensor& src, const Tensor& trg, const Tensor& pos_idx,
+                                       const Tensor& pos, const Tensor& neg_lse, const Tensor& grad_loss,
+                                       const Tensor& grad_sq, std::optional<double> tclip_opt, double scale,
+                                       bool need_src, bool need_trg) {
+  check_inputs(src, trg, pos_idx, at::kCPU);
+  const NoAutocast no_autocast;  // the op computes in float32 itself; its inner matmuls must not be autocast
+  const int64_t N = src.size(0), M = trg.size(0), L = trg.size(1), D = src.size(1);
+  const float tclip = tclip_opt.has_value() ? static_cast<float>(*tclip_opt) : 0.f;
+  const BackwardRows rows = backward_rows(pos, neg_lse, grad_loss, grad_sq);
+  const Tensor src32 = src.to(at::kFloat).contiguous();
+  const Tensor idx = pos_idx.contiguous();
+  const int64_t* p_idx = idx.data_ptr<int64_t>();
+  const int64_t ipt = images_per_tile(N, L);
+  Tensor dtrg = at::empty({need_trg ? M : 0, L, D}, trg.options());
+  Tensor dsrc_acc = at::zeros({need_src ? N : 0, D}, src32.options());
+  for (int64_t m0 = 0; m0 < M; m0 += ipt) {
+    const int64_t m1 = std::min(M, m0 + ipt);
+    const Tensor tile = target_tile(trg, m0, m1);
+    Tensor g = score_tile(src32, tile, scale);
+    gradient_tile(g, m0, m1, L, p_idx, rows, tclip, static_cast<float>(scale));
+    if (need_trg) dtrg.narrow(0, m0, m1 - m0).view({-1, D}).copy_(at::mm(g.t(), src32));  // owned rows
+    if (need_src) dsrc_acc.addmm_(g, tile);  // float32, tiles in order
+  }
+  Tensor dsrc = dsrc_acc.to(src.scalar_type());
+  return {dsrc, dtrg};
+}
+
+TORCH_LIBRARY_IMPL(amdim_kernels, CPU, m) {
+  m.impl("nce_fwd", &nce_fwd_cpu);
+  m.impl("nce_bwd", &nce_bwd_cpu);
+}
+
+}  // namespace amdim_kernels

@@ -1,0 +1,141 @@
+// CUDA implementation of amdim_kernels::nce_fwd / nce_bwd. The score products run on cuBLAS
+// (tensor cores; float32 output for 16-bit inputs, TF32 for float32 where torch allows it),
+// one chunk of whole images at a time (about 1/8 of the columns), and the fused epilogues of
+// nce_cuda_kernels.cu reduce each chunk in one pass. Memory: one (N x C) float32 score chunk
+// (+ one G chunk in the backward), never N x M*L. Deterministic: no atomics, fixed merge order.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "nce_cuda_kernels.h"
+#include "nce_op.h"
+
+namespace amdim_kernels {
+namespace {
+
+using at::Tensor;
+
+constexpr int64_t kChunkParts = 8;
+
+void check_cuda(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "amdim_kernels: ", what, " failed: ", cudaGetErrorString(err));
+}
+
+// Images per chunk: about 1/kChunkParts of them, but at least ~16 blocks of columns per SM
+// row-sweep so that small problems still fill the GPU.
+int64_t images_per_chunk(int64_t N, int64_t M, int64_t L) {
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t fill_cols = std::max<int64_t>(1, 4 * sms / std::max<int64_t>(N, 1)) * kCudaColsPerBlock;
+  const int64_t images = std::max((M + kChunkParts - 1) / kChunkParts, (fill_cols + L - 1) / L);
+  return std::min(M, images);
+}
+
+// Unscaled scores of every source with images [m0, m1): (N, C) float32 from cuBLAS.
+Tensor chunk_scores(const Tensor& src, const Tensor& trg, int64_t m0, int64_t m1) {
+  const Tensor tile = trg.narrow(0, m0, m1 - m0).reshape({-1, trg.size(2)});
+  return src.scalar_type() == at::kFloat ? at::mm(src, tile.t()) : at::mm(src, tile.t(), at::kFloat);
+}
+
+int64_t col_blocks(int64_t C) { return (C + kCudaColsPerBlock - 1) / kCudaColsPerBlock; }
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> nce_fwd_cuda(const Tensor& src, const Tensor& trg,
+                                                        const Tensor& pos_idx, std::optional<double> tclip_opt,
+                                                        double scale) {
+  check_inputs(src, trg, pos_idx, at::kCUDA);
+  const NoAutocast no_autocast;  // the op computes in float32 itself; its inner matmuls must not be autocast
+  const c10::cuda::CUDAGuard guard(src.device());
+  const int64_t N = src.size(0), M = trg.size(0), L = trg.size(1);
+  const float tclip = tclip_opt.has_value() ? static_cast<float>(*tclip_opt) : 0.f;
+  const auto f32 = src.options().dtype(at::kFloat);
+  const Tensor idx = pos_idx.contiguous();
+  const int64_t ipc = images_per_chunk(N, M, L);
+
+  int64_t splits = 0;
+  for (int64_t m0 = 0; m0 < M; m0 += ipc) splits += col_blocks((std::min(M, m0 + ipc) - m0) * L);
+  Tensor part_sum = at::empty({splits, N}, f32), part_max = at::empty({splits, N}, f32);
+  Tensor part_sq = at::empty({splits, N}, f32);
+  Tensor pos = at::empty({N, L}, f32);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  int64_t split_base = 0;
+  for (int64_t m0 = 0; m0 < M; m0 += ipc) {
+    const int64_t m1 = std::min(M, m0 + ipc), C = (m1 - m0) * L;
+    const Tensor s = chunk_scores(src, trg, m0, m1);
+    check_cuda(launch_nce_fwd_epilogue(s.data_ptr<float>(), s.stride(0), N, C, L, m0, idx.data_ptr<int64_t>(),
+                                       static_cast<float>(scale), tclip, pos.data_ptr<float>(),
+                                       part_sum.data_ptr<float>(), part_max.data_ptr<float>(),
+                                       part_sq.data_ptr<float>(), split_base, stream),
+               "nce_fwd_epilogue");
+    split_base += col_blocks(C);
+  }
+  Tensor loss = at::empty({N, L}, f32), neg_lse = at::empty({N}, f32), sq = at::empty({N}, f32);
+  check_cuda(launch_nce_merge(part_sum.data_ptr<float>(), part_max.data_ptr<float>(), part_sq.data_ptr<float>(),
+                              splits, pos.data_ptr<float>(), N, L, loss.data_ptr<float>(), neg_lse.data_ptr<float>(),
+                              sq.data_ptr<float>(), stream),
+             "nce_merge");
+  return {loss, pos, neg_lse, sq};
+}
+
+std::tuple<Tensor, Tensor> nce_bwd_cuda(const Tensor& src, const Tensor& trg, const Tensor& pos_idx,
+                                        const Tensor& pos, const Tensor& neg_lse, const Tensor& grad_loss,
+                                        const Tensor& grad_sq, std::optional<double> tclip_opt, double scale,
+                                        bool need_src, bool need_trg) {
+  check_inputs(src, trg, pos_idx, at::kCUDA);
+  const NoAutocast no_autocast;  // the op computes in float32 itself; its inner matmuls must not be autocast
+  const c10::cuda::CUDAGuard guard(src.device());
+  const int64_t N = src.size(0), M = trg.size(0), L = trg.size(1), D = src.size(1);
+  const float tclip = tclip_opt.has_value() ? static_cast<float>(*tclip_opt) : 0.f;
+  const BackwardRows rows = backward_rows(pos, neg_lse, grad_loss, grad_sq);
+  const Tensor idx = pos_idx.contiguous();
+  const int64_t ipc = images_per_chunk(N, M, L);
+  // G in bf16 for bf16 inputs (float32's range); float32 otherwise: fp16 would flush the
+  // smallest gradients, about 1/(N*L*M*L), to zero.
+  const bool g_bf16 = src.scalar_type() == at::kBFloat16;
+  const auto g_type = g_bf16 ? at::kBFloat16 : at::kFloat;
+  const Tensor src_g = src.to(g_type);
+  Tensor g_buf = at::empty({N, ipc * L}, src.options().dtype(g_type));
+  Tensor dsrc_acc = need_src ? at::zeros({N, D}, src.options().dtype(at::kFloat)) : Tensor();
+  Tensor dtrg = at::empty({need_trg ? M : 0, L, D}, trg.options());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  for (int64_t m0 = 0; m0 < M; m0 += ipc) {
+    const int64_t m1 = std::min(M, m0 + ipc), C = (m1 - m0) * L;
+    Tensor g = g_buf.narrow(1, 0, C);
+    {
+      const Tensor s = chunk_scores(src, trg, m0, m1);
+      check_cuda(launch_nce_grad_epilogue(s.data_ptr<float>(), s.stride(0), N, C, L, m0, idx.data_ptr<int64_t>(),
+                                          rows.gpos.data_ptr<float>(), rows.r.data_ptr<float>(),
+                                          rows.neg_lse.data_ptr<float>(), rows.reg_coef.data_ptr<float>(),
+                                          static_cast<float>(scale), tclip, g.data_ptr(), g.stride(0), g_bf16, stream),
+                 "nce_grad_epilogue");
+    }  // the score chunk is freed before the two products
+    const Tensor tile = trg.narrow(0, m0, m1 - m0).reshape({C, D}).to(g_type);
+    if (need_src) {  // d src += G @ trg_chunk, float32 accumulation
+      if (g_bf16) {
+        dsrc_acc.add_(at::mm(g, tile, at::kFloat));
+      } else {
+        dsrc_acc.addmm_(g, tile);
+      }
+    }
+    if (need_trg) {  // d trg_chunk = G^T @ src
+      Tensor out = dtrg.narrow(0, m0, m1 - m0).view({C, D});
+      if (g_bf16) {
+        at::mm_out(out, g.t(), src_g);  // cuBLAS accumulates in float32, rounds once
+      } else {
+        out.copy_(at::mm(g.t(), src_g));
+      }
+    }
+  }
+  Tensor dsrc = need_src ? dsrc_acc.to(src.scalar_type()) : at::empty({0, D}, src.options());
+  return {dsrc, dtrg};
+}
+
+TORCH_LIBRARY_IMPL(amdim_kernels, CUDA, m) {
+  m.impl("nce_fwd", &nce_fwd_cuda);
+  m.impl("nce_bwd", &nce_bwd_cuda);
+}
+
+}  // namespace amdim_kernels

@@ -1,0 +1,176 @@
+// CUDA epilogue kernels of the NCE loss: cuBLAS computes a chunk of raw scores in float32
+// (nce_cuda.cpp); these kernels reduce or transform it in one pass, so each chunk's scores
+// are read once. Memory-bound by design: 256 threads per block, 8 columns per thread with
+// consecutive threads on consecutive columns (coalesced), per-row block reductions.
+#include <cuda_bf16.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "nce_cuda_kernels.h"
+#include "nce_math.h"
+
+namespace amdim_kernels {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kPerThread = static_cast<int>(kCudaColsPerBlock / kThreads);  // 8
+
+__device__ float block_sum(float v, float* shared) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();  // `shared` may still be read by a previous reduction
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  v = lane < kThreads / 32 ? shared[lane] : 0.f;
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;  // every thread holds the block's sum
+}
+
+__device__ float block_max(float v, float* shared) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  v = lane < kThreads / 32 ? shared[lane] : -INFINITY;
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// grid (N, ceil(C / 2048)): block (row, y) reduces columns [y*2048, (y+1)*2048) of the chunk.
+__global__ void __launch_bounds__(kThreads) nce_fwd_epilogue_kernel(
+    const float* __restrict__ scores, int64_t ld, int64_t C, int64_t L, int64_t m0,
+    const int64_t* __restrict__ pos_idx, float scale, float tclip, float* __restrict__ pos,
+    float* __restrict__ part_sum, float* __restrict__ part_max, float* __restrict__ part_sq,
+    int64_t split_base, int64_t N) {
+  __shared__ float shared[kThreads / 32];
+  const int64_t row = blockIdx.x;
+  const int64_t p = pos_idx[row];
+  const float* srow = scores + row * ld;  // int64: row * ld passes 2^31 for large chunks
+  const int64_t col0 = static_cast<int64_t>(blockIdx.y) * kCudaColsPerBlock;
+
+  float s[kPerThread];
+  bool neg[kPerThread];
+  float sq = 0.f, local_max = -INFINITY;
+#pragma unroll
+  for (int k = 0; k < kPerThread; ++k) {
+    const int64_t j = col0 + k * kThreads + threadIdx.x;  // consecutive threads, consecutive columns
+    const bool in = j < C;
+    const float a = in ? scale * srow[j] : 0.f;
+    sq += a * a;
+    s[k] = soft_clip(a, tclip);
+    const int64_t img = m0 + j / L;
+    neg[k] = in && img != p;
+    if (in && img == p) pos[row * L + (j - (img - m0) * L)] = s[k];
+    if (neg[k]) local_max = fmaxf(local_max, s[k]);
+  }
+  // the shift: tclip when clipping (s < tclip, so exp never overflows), else the block's max
+  const float shift = tclip > 0.f ? tclip : block_max(local_max, shared);
+  float sum = 0.f;
+#pragma unroll
+  for (int k = 0; k < kPerThread; ++k)
+    if (neg[k]) sum += expf(s[k] - shift);
+  sum = block_sum(sum, shared);
+  sq = block_sum(sq, shared);
+  if (threadIdx.x == 0) {
+    const int64_t out = (split_base + blockIdx.y) * N + row;
+    part_sum[out] = sum;
+    part_max[out] = shift;
+    part_sq[out] = sq;
+  }
+}
+
+// one thread per row: fold the row's partials in split order (deterministic), then its L losses
+__global__ void nce_merge_kernel(const float* __restrict__ part_sum, const float* __restrict__ part_max,
+                                 const float* __restrict__ part_sq, int64_t splits, const float* __restrict__ pos,
+                                 int64_t N, int64_t L, float* __restrict__ loss, float* __restrict__ neg_lse,
+                                 float* __restrict__ sq_out) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (row >= N) return;
+  float shift = -INFINITY, sum = 0.f, sq = 0.f;
+  for (int64_t k = 0; k < splits; ++k) {
+    const float m = part_max[k * N + row], ps = part_sum[k * N + row];
+    sq += part_sq[k * N + row];
+    const float new_shift = fmaxf(shift, m);
+    const float safe = new_shift == -INFINITY ? 0.f : new_shift;  // no exp(-inf - -inf)
+    sum = sum * expf(shift - safe) + ps * expf(m - safe);
+    shift = new_shift;
+  }
+  const float lse = shift + logf(sum);  // -inf when the row has no negatives (M == 1)
+  neg_lse[row] = lse;
+  sq_out[row] = sq;
+  for (int64_t l = 0; l < L; ++l) loss[row * L + l] = positive_loss(pos[row * L + l], lse, sq);
+}
+
+template <typename G>
+__device__ __forceinline__ void store(G* g, float v);
+template <>
+__device__ __forceinline__ void store<float>(float* g, float v) { *g = v; }
+template <>
+__device__ __forceinline__ void store<__nv_bfloat16>(__nv_bfloat16* g, float v) { *g = __float2bfloat16(v); }
+
+template <typename G>
+__global__ void __launch_bounds__(kThreads) nce_grad_epilogue_kernel(
+    const float* __restrict__ scores, int64_t ld, int64_t C, int64_t L, int64_t m0,
+    const int64_t* __restrict__ pos_idx, const float* __restrict__ gpos, const float* __restrict__ r,
+    const float* __restrict__ neg_lse, const float* __restrict__ reg_coef, float scale, float tclip,
+    G* __restrict__ g, int64_t ldg) {
+  const int64_t row = blockIdx.x;
+  const int64_t p = pos_idx[row];
+  const float lse = neg_lse[row], ri = r[row], ci = reg_coef[row];
+  const float* srow = scores + row * ld;
+  G* grow = g + row * ldg;
+  const int64_t col0 = static_cast<int64_t>(blockIdx.y) * kCudaColsPerBlock;
+#pragma unroll
+  for (int k = 0; k < kPerThread; ++k) {
+    const int64_t j = col0 + k * kThreads + threadIdx.x;
+    if (j >= C) break;
+    const float a = scale * srow[j];
+    const float s = soft_clip(a, tclip);
+    const int64_t img = m0 + j / L;
+    // exp(s - neg_lse) <= 1 at every negative: the row's log-sum-exp bounds each term
+    const float dl_ds = img == p ? gpos[row * L + (j - (img - m0) * L)] : ri * expf(s - lse);
+    store(grow + j, score_grad(a, s, dl_ds, ci, tclip, scale));
+  }
+}
+
+dim3 chunk_grid(int64_t N, int64_t C) {
+  return dim3(static_cast<unsigned>(N), static_cast<unsigned>((C + kCudaColsPerBlock - 1) / kCudaColsPerBlock));
+}
+
+}  // namespace
+
+cudaError_t launch_nce_fwd_epilogue(const float* scores, int64_t ld, int64_t N, int64_t C, int64_t L, int64_t m0,
+                                    const int64_t* pos_idx, float scale, float tclip, float* pos, float* part_sum,
+                                    float* part_max, float* part_sq, int64_t split_base, cudaStream_t stream) {
+  nce_fwd_epilogue_kernel<<<chunk_grid(N, C), kThreads, 0, stream>>>(
+      scores, ld, C, L, m0, pos_idx, scale, tclip, pos, part_sum, part_max, part_sq, split_base, N);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_nce_merge(const float* part_sum, const float* part_max, const float* part_sq, int64_t splits,
+                             const float* pos, int64_t N, int64_t L, float* loss, float* neg_lse, float* sq,
+                             cudaStream_t stream) {
+  const int threads = 128;
+  nce_merge_kernel<<<static_cast<unsigned>((N + threads - 1) / threads), threads, 0, stream>>>(
+      part_sum, part_max, part_sq, splits, pos, N, L, loss, neg_lse, sq);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_nce_grad_epilogue(const float* scores, int64_t ld, int64_t N, int64_t C, int64_t L, int64_t m0,
+                                     const int64_t* pos_idx, const float* gpos, const float* r, const float* neg_lse,
+                                     const float* reg_coef, float scale, float tclip, void* g, int64_t ldg,
+                                     bool g_is_bf16, cudaStream_t stream) {
+  if (g_is_bf16) {
+    nce_grad_epilogue_kernel<__nv_bfloat16><<<chunk_grid(N, C), kThreads, 0, stream>>>(
+        scores, ld, C, L, m0, pos_idx, gpos, r, neg_lse, reg_coef, scale, tclip,
+        static_cast<__nv_bfloat16*>(g), ldg);
+  } else {
+    nce_grad_epilogue_kernel<float><<<chunk_grid(N, C), kThreads, 0, stream>>>(
+        scores, ld, C, L, m0, pos_idx, gpos, r, neg_lse, reg_coef, scale, tclip, static_cast<float*>(g), ldg);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace amdim_kernels

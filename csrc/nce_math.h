@@ -1,0 +1,46 @@
+// Scalar math of the AMDIM NCE loss (SPEC.md section 1), shared by the CPU and CUDA kernels.
+// No torch headers: this file is included by .cu files compiled with nvcc alone.
+#pragma once
+
+#include <cmath>
+
+#if defined(__CUDACC__)
+#define NCE_HD __host__ __device__ __forceinline__
+#else
+#define NCE_HD inline
+#endif
+
+namespace amdim_kernels {
+
+// tclip <= 0 encodes "no clipping" inside the kernels (Python validates tclip > 0 or None).
+NCE_HD float soft_clip(float a, float tclip) {
+  return tclip > 0.f ? tclip * tanhf(a / tclip) : a;
+}
+
+// d soft_clip / d a, written with the clipped score s: 1 - (s / tclip)^2.
+NCE_HD float soft_clip_grad(float s, float tclip) {
+  if (tclip <= 0.f) return 1.f;
+  const float t = s / tclip;
+  return 1.f - t * t;
+}
+
+// log(1 + exp(x)) without overflow; softplus(-inf) = 0.
+NCE_HD float softplus(float x) {
+  return fmaxf(x, 0.f) + log1pf(expf(-fabsf(x)));
+}
+
+// Per-positive loss -nce = log(exp(pos) + exp(neg_lse)) - pos = softplus(neg_lse - pos),
+// plus 0 * (the row's sum of a^2): a non-finite score must give NaN even though tanh maps
+// +-inf to a finite +-tclip, and that sum is finite exactly when all the row's scores are.
+NCE_HD float positive_loss(float pos, float neg_lse, float row_sq) {
+  return softplus(neg_lse - pos) + 0.f * row_sq;
+}
+
+// G = scale * d(loss + reg)/da at one score. dl_ds is the loss gradient at the clipped score
+// s (gpos at a positive, R * exp(s - neg_lse) at a negative); reg_coef * a is the
+// regulariser's part.
+NCE_HD float score_grad(float a, float s, float dl_ds, float reg_coef, float tclip, float scale) {
+  return scale * (dl_ds * soft_clip_grad(s, tclip) + reg_coef * a);
+}
+
+}  // namespace amdim_kernels

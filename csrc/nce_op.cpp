@@ -1,0 +1,58 @@
+// The op library amdim_kernels: one definition of the fused NCE loss's forward and backward,
+// implemented for CPU (nce_cpu.cpp) and CUDA (nce_cuda.cpp). Autograd and fake-tensor
+// (torch.compile) registrations are in amdim_kernels/compiled.py.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "nce_op.h"
+
+namespace amdim_kernels {
+
+void check_inputs(const at::Tensor& src, const at::Tensor& trg, const at::Tensor& pos_idx, c10::DeviceType device) {
+  TORCH_CHECK(src.dim() == 2 && trg.dim() == 3 && trg.size(2) == src.size(1),
+              "amdim_kernels: expected src (N, D) and trg (M, L, D), got ", src.sizes(), " and ", trg.sizes());
+  TORCH_CHECK(pos_idx.dim() == 1 && pos_idx.size(0) == src.size(0) && pos_idx.scalar_type() == at::kLong,
+              "amdim_kernels: expected pos_idx int64 (N,), got ", pos_idx.scalar_type(), " ", pos_idx.sizes());
+  TORCH_CHECK(src.scalar_type() == trg.scalar_type(), "amdim_kernels: src and trg dtypes differ");
+  TORCH_CHECK(src.device().type() == device && trg.device() == src.device() && pos_idx.device() == src.device(),
+              "amdim_kernels: src, trg and pos_idx must be on one ", c10::DeviceTypeName(device), " device");
+}
+
+BackwardRows backward_rows(const at::Tensor& pos, const at::Tensor& neg_lse, const at::Tensor& grad_loss,
+                           const at::Tensor& grad_sq) {
+  const at::Tensor sig = at::sigmoid(neg_lse.unsqueeze(1) - pos);
+  const at::Tensor wsig = grad_loss * sig;
+  return {wsig.neg().contiguous(), wsig.sum(1).contiguous(), (2 * grad_sq).contiguous(), neg_lse.contiguous()};
+}
+
+TORCH_LIBRARY(amdim_kernels, m) {
+  // Returns the per-positive loss (N, L), the clipped positive scores (N, L), the negatives'
+  // log-sum-exp (N,) and each row's sum of raw scores squared (N,), all float32.
+  m.def("nce_fwd(Tensor src, Tensor trg, Tensor pos_idx, float? tclip, float scale) "
+        "-> (Tensor loss, Tensor pos, Tensor neg_lse, Tensor sq)");
+  // Gradients of sum(grad_loss * loss) + sum(grad_sq * sq) with respect to src and trg;
+  // an input whose need_* flag is false gets an empty tensor.
+  m.def("nce_bwd(Tensor src, Tensor trg, Tensor pos_idx, Tensor pos, Tensor neg_lse, Tensor grad_loss, "
+        "Tensor grad_sq, float? tclip, float scale, bool need_src, bool need_trg) -> (Tensor dsrc, Tensor dtrg)");
+}
+
+}  // namespace amdim_kernels
+
+// A plain Python module (no pybind11): importing amdim_kernels._C loads the library above.
+// BUILT_FOR names the devices this build has kernels for.
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  PyObject* module = PyModule_Create(&module_def);
+  if (module == nullptr) return nullptr;
+#ifdef AMDIM_WITH_CUDA
+  PyObject* built_for = Py_BuildValue("(ss)", "cpu", "cuda");
+#else
+  PyObject* built_for = Py_BuildValue("(s)", "cpu");
+#endif
+  if (PyModule_AddObject(module, "BUILT_FOR", built_for) < 0) {
+    Py_XDECREF(built_for);
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
+}

@@ -1,0 +1,34 @@
+// The amdim_kernels op library: schemas in nce_op.cpp, CPU kernels in nce_cpu.cpp, CUDA
+// kernels in nce_cuda.cpp (+ nce_cuda_kernels.cu). Python validates arguments first
+// (amdim_kernels/validation.py); check_inputs only guards the C++ entry points.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+
+#include <optional>
+#include <tuple>
+
+namespace amdim_kernels {
+
+// Inside the op, autocast must not reach the inner at::mm calls: the features come as they
+// are and the scores are float32 (under autocast the op itself is a fallthrough).
+struct NoAutocast {
+  c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
+};
+
+// TORCH_CHECKs on shapes, dtypes and devices (cheap: no data is read).
+void check_inputs(const at::Tensor& src, const at::Tensor& trg, const at::Tensor& pos_idx, c10::DeviceType device);
+
+// Per-row quantities of the backward (SPEC section 1), with sig = sigmoid(neg_lse - pos) = 1 - exp(pos)/Z
+// and w the upstream gradient of each positive's loss:
+//   gpos     (N, L): dL/ds at the positives, -w * sig
+//   r        (N,)  : a negative's dL/ds is r * exp(s - neg_lse), r = sum_l w * sig
+//   reg_coef (N,)  : d(reg)/da = reg_coef * a, from the upstream gradient of the row's sum of a^2
+struct BackwardRows {
+  at::Tensor gpos, r, reg_coef, neg_lse;
+};
+BackwardRows backward_rows(const at::Tensor& pos, const at::Tensor& neg_lse, const at::Tensor& grad_loss,
+                           const at::Tensor& grad_sq);
+
+}  // namespace amdim_kernels

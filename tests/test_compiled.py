@@ -1,0 +1,122 @@
+"""backend="cpp" (CPU) and backend="cuda" (GPU) — the op library built from csrc/ — against
+the float64 truth, plus the op's registrations: fake tensors, autograd, torch.compile."""
+import pytest
+import torch
+
+from amdim_kernels import available_backends, nce_loss
+from truth import assert_matches_truth, float64_truth, make_case, outputs_and_grads
+
+BACKENDS = [b for b, dev in (("cpp", "cpu"), ("cuda", "cuda")) if b in available_backends(dev)]
+DEVICE = {"cpp": "cpu", "cuda": "cuda"}
+
+pytestmark = pytest.mark.skipif(not BACKENDS, reason="the compiled extension is not built")
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    return request.param
+
+
+SHAPES = [  # (N, M, L, D, pos)
+    (1, 5, 3, 33, "random"),
+    (7, 7, 49, 33, "arange"),
+    (5, 9, 25, 40, "random"),
+    (37, 37, 1, 70, "arange"),
+    (4, 1, 5, 16, "random"),
+    (130, 70, 25, 20, "random"),  # several row blocks and image tiles
+]
+OPTIONS = [dict(), dict(tclip=None), dict(reg_weight=0.0), dict(reduction="none"),
+           dict(tclip=3.0, reg_weight=0.2, scale=0.5, reduction="none")]
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_compiled_float32(backend, shape, options):
+    n, m, l, d, pos = shape
+    assert_matches_truth(make_case(n, m, l, d, pos=pos, device=DEVICE[backend], **options), torch.float32, backend)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("options", [dict(), dict(tclip=None, reduction="none")], ids=str)
+def test_compiled_half_precision(backend, dtype, options):
+    case = make_case(9, 5, 25, 20, pos="random", dtype=dtype, device=DEVICE[backend], **options)
+    assert_matches_truth(case, dtype, backend)
+
+
+def test_compiled_strided_target(backend):
+    case = make_case(6, 6, 25, 19, trg_layout="feature_map", device=DEVICE[backend], reduction="none")
+    assert not case.trg.is_contiguous()
+    assert_matches_truth(case, torch.float32, backend)
+
+
+@pytest.mark.parametrize("grad_of", [("src",), ("trg",)], ids=str)
+def test_compiled_partial_requires_grad(backend, grad_of):
+    assert_matches_truth(make_case(5, 5, 3, 17, device=DEVICE[backend]), torch.float32, backend, grad_of=grad_of)
+
+
+def test_compiled_is_deterministic(backend):
+    case = make_case(70, 70, 25, 24, device=DEVICE[backend], reduction="none")
+    first = outputs_and_grads(nce_loss, case, backend=backend)
+    second = outputs_and_grads(nce_loss, case, backend=backend)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("tclip", [20.0, None])
+def test_compiled_non_finite_input_gives_nan(backend, bad, tclip):
+    case = make_case(4, 4, 3, 6, device=DEVICE[backend])
+    case.trg.view(-1)[5] = bad
+    loss, _ = nce_loss(case.src, case.trg, tclip=tclip, backend=backend)
+    assert torch.isnan(loss)
+
+
+@pytest.mark.parametrize("tclip", [20.0, None])
+def test_op_registrations(backend, tclip):
+    """Schema, fake (meta) implementation, autograd registration, AOT dispatch."""
+    case = make_case(6, 4, 3, 8, pos="random", device=DEVICE[backend])
+    src = case.src.requires_grad_()
+    trg = case.trg.requires_grad_()
+    torch.library.opcheck(torch.ops.amdim_kernels.nce_fwd.default, (src, trg, case.pos_idx, tclip, 0.3))
+
+
+def test_torch_compile_has_no_graph_break(backend):
+    case = make_case(8, 8, 5, 16, device=DEVICE[backend])
+
+    def step(src, trg):
+        loss, reg = nce_loss(src, trg, backend=backend)
+        return loss + reg
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    src = case.src.clone().requires_grad_()
+    trg = case.trg.clone().requires_grad_()
+    out = compiled(src, trg)
+    out.backward()
+    src_ref = case.src.clone().requires_grad_()
+    trg_ref = case.trg.clone().requires_grad_()
+    step(src_ref, trg_ref).backward()
+    torch.testing.assert_close(out, step(case.src, case.trg))
+    torch.testing.assert_close(src.grad, src_ref.grad)
+    torch.testing.assert_close(trg.grad, trg_ref.grad)
+
+
+def test_autocast_passes_features_through(backend):
+    device = DEVICE[backend]
+    case = make_case(6, 6, 4, 16, device=device)
+    want = nce_loss(case.src, case.trg, backend=backend)
+    with torch.autocast(device_type=device, dtype=torch.bfloat16):
+        got = nce_loss(case.src, case.trg, backend=backend)
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, w)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(128, 256, 49, 256), (200, 200, 25, 1024), (129, 67, 49, 520)], ids=str)
+def test_cuda_large(shape, dtype):
+    if "cuda" not in BACKENDS:
+        pytest.skip("the extension was built without CUDA kernels")
+    n, m, l, d = shape
+    case = make_case(n, m, l, d, pos="arange" if n == m else "random", dtype=dtype, device="cuda", spread=3.0)
+    assert_matches_truth(case, dtype, "cuda", truth=float64_truth(case))
