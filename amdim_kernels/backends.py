@@ -15,13 +15,32 @@ BACKENDS = ("reference", "triton", "cuda", "cpp")
 AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpp", "reference")}
 
 
+# What this install has, read once at import: nce_loss's path must not look up modules on
+# each call (torch.compile cannot trace importlib on every torch version).
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+_TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _load_extension():
+    """The module that registers the compiled ops, or None when amdim_kernels._C is not built."""
+    if importlib.util.find_spec("amdim_kernels._C") is None:
+        return None
+    from . import compiled  # loads _C and registers its fake and autograd implementations
+
+    return compiled
+
+
+_EXTENSION = _load_extension()
+
+
 def triton_interpreting() -> bool:
-    """True when Triton kernels run on the CPU through its interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when Triton kernels run on the CPU through its interpreter: TRITON_INTERPRET=1 set
+    before amdim_kernels (and Triton) were imported."""
+    return _TRITON_INTERPRET
 
 
 def _extension_reason() -> str | None:
-    if importlib.util.find_spec("amdim_kernels._C") is None:
+    if _EXTENSION is None:
         return "the compiled extension amdim_kernels._C is not built in this install"
     return None
 
@@ -35,7 +54,7 @@ def unavailable_reason(name: str, device: torch.device) -> str | None:
     if device.type == "cuda" and not torch.cuda.is_available():
         return "no CUDA GPU is available (torch.cuda.is_available() is False)"
     if name == "triton":
-        if importlib.util.find_spec("triton") is None:
+        if not _TRITON_INSTALLED:
             return "Triton is not installed (pip install triton)"
         if device.type == "cuda":
             return None
@@ -57,9 +76,7 @@ def unavailable_reason(name: str, device: torch.device) -> str | None:
 
 
 def _extension_lacks(kind: str) -> str | None:
-    from . import _C  # type: ignore[attr-defined]
-
-    if kind in _C.BUILT_FOR:
+    if kind in _EXTENSION.BUILT_FOR:
         return None
     return f"the compiled extension was built without {kind} kernels"
 
@@ -67,11 +84,7 @@ def _extension_lacks(kind: str) -> str | None:
 def build_info() -> dict:
     """What this install has: the compiled extension and its kernels, versions, and the
     backends that can run on each device of this machine."""
-    built_for: tuple[str, ...] = ()
-    if _extension_reason() is None:
-        from . import _C  # type: ignore[attr-defined]
-
-        built_for = tuple(_C.BUILT_FOR)
+    built_for = () if _EXTENSION is None else _EXTENSION.BUILT_FOR
     try:
         import triton
 
@@ -121,8 +134,6 @@ def implementation(name: str) -> Callable[[Problem], tuple[torch.Tensor, torch.T
         from .triton_nce.function import nce_loss_triton
 
         return nce_loss_triton
-    if name in ("cuda", "cpp"):
-        from .compiled import nce_loss_compiled
-
-        return nce_loss_compiled
+    if name in ("cuda", "cpp") and _EXTENSION is not None:
+        return _EXTENSION.nce_loss_compiled
     raise RuntimeError(f"backend {name!r} has no implementation in this build")

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import torch
 
-from . import _C  # noqa: F401  (loading it registers the C++ ops)
+from . import _C  # loading it registers the C++ ops
 from .validation import Problem
 
 _ops = torch.ops.amdim_kernels
+BUILT_FOR: tuple[str, ...] = tuple(_C.BUILT_FOR)  # the devices the extension has kernels for
 
 
 @torch.library.register_fake("amdim_kernels::nce_fwd")

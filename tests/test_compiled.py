@@ -100,6 +100,20 @@ def test_torch_compile_has_no_graph_break(backend):
     torch.testing.assert_close(trg.grad, trg_ref.grad)
 
 
+def test_no_module_lookup_per_call(backend, monkeypatch):
+    """torch.compile cannot trace importlib.util.find_spec on every torch version (2.11 breaks
+    the graph there): nce_loss's path must not look modules up."""
+    import importlib.util
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("find_spec called in nce_loss's path")
+
+    case = make_case(4, 4, 3, 8, device=DEVICE[backend])
+    monkeypatch.setattr(importlib.util, "find_spec", refuse)
+    nce_loss(case.src, case.trg, backend=backend)
+    nce_loss(case.src, case.trg, backend="auto")
+
+
 def test_autocast_passes_features_through(backend):
     device = DEVICE[backend]
     case = make_case(6, 6, 4, 16, device=device)
