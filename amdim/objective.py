@@ -1,0 +1,99 @@
+"""AMDIM's multiscale NCE objective through amdim_kernels.nce_loss (SPEC.md section 2).
+
+Six calls per step: 1->5, 1->7 and 5->5, each in both directions (view 1's sources against
+view 2's targets and the reverse). A 5->5 source is one uniformly random location of r5 per
+image, drawn independently per view. With several processes the targets are all-gathered
+with their gradient, so every rank scores its own sources against the whole batch (the
+official DataParallel semantics), and pos_idx is offset by the rank.
+
+    total = loss_1t5 + loss_1t7 + loss_5t5 + 0.5 * (sum of the six regularisers)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from amdim_kernels import nce_loss
+
+
+def as_targets(fmap: torch.Tensor) -> torch.Tensor:
+    """(B, D, H, W) feature map -> (B, H*W, D) targets, location l = h*W + w (a strided view)."""
+    return fmap.flatten(2).transpose(1, 2)
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """Concatenate every rank's tensor along dim 0; the backward gives each rank the sum over
+    ranks of the gradient of its own slice. (torch.distributed.nn.functional.all_gather,
+    deprecated, sent wrong gradients over gloo when they were not contiguous.)"""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x)
+        ctx.rows = x.shape[0]
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        rank, rows = dist.get_rank(), ctx.rows
+        if dist.get_backend() == dist.Backend.NCCL:
+            mine = torch.empty_like(grad[:rows])
+            dist.reduce_scatter_tensor(mine, grad)
+            return mine
+        dist.all_reduce(grad)  # gloo has no reduce-scatter
+        return grad[rank * rows:(rank + 1) * rows]
+
+
+def gather_targets(trg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Targets of the whole batch and this rank's pos_idx. All-gathered with gradient (each
+    rank's targets get the gradient of every rank's loss) when a process group is running."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return trg, None
+    n = trg.shape[0]
+    pos_idx = dist.get_rank() * n + torch.arange(n, device=trg.device)
+    return _AllGatherWithGrad.apply(trg), pos_idx
+
+
+@dataclass
+class Losses:
+    total: torch.Tensor
+    loss_1t5: torch.Tensor
+    loss_1t7: torch.Tensor
+    loss_5t5: torch.Tensor
+    reg: torch.Tensor  # sum of the six regularisers
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: float(getattr(self, k).detach()) for k in ("total", "loss_1t5", "loss_1t7", "loss_5t5", "reg")}
+
+
+def multiscale_nce(view1, view2, *, tclip: float | None = 20.0, backend: str = "auto",
+                   locations: tuple[torch.Tensor, torch.Tensor] | None = None) -> Losses:
+    """view1, view2: (r1 (B, D), r5 (B, D, 5, 5), r7 (B, D, 7, 7)) of the two views.
+    locations: the 5->5 source location per image of each view (default: uniform draws from
+    the CPU RNG, as the official code)."""
+    (r1_a, r5_a, r7_a), (r1_b, r5_b, r7_b) = view1, view2
+    t5_a, t5_b, t7_a, t7_b = as_targets(r5_a), as_targets(r5_b), as_targets(r7_a), as_targets(r7_b)
+    b = r1_a.shape[0]
+    if locations is None:
+        locations = (torch.randint(0, t5_a.shape[1], (b,)), torch.randint(0, t5_b.shape[1], (b,)))
+    rows = torch.arange(b, device=r1_a.device)
+    s5_a = t5_a[rows, locations[0].to(r1_a.device)]
+    s5_b = t5_b[rows, locations[1].to(r1_a.device)]
+
+    def nce(src, trg):
+        trg_all, pos_idx = gather_targets(trg)
+        return nce_loss(src, trg_all, pos_idx, tclip=tclip, backend=backend)
+
+    pairs = {
+        "1t5": (nce(r1_a, t5_b), nce(r1_b, t5_a)),
+        "1t7": (nce(r1_a, t7_b), nce(r1_b, t7_a)),
+        "5t5": (nce(s5_a, t5_b), nce(s5_b, t5_a)),
+    }
+    means = {k: (ab[0] + ba[0]) / 2 for k, (ab, ba) in pairs.items()}
+    reg = sum(ab[1] + ba[1] for ab, ba in pairs.values())
+    total = means["1t5"] + means["1t7"] + means["5t5"] + 0.5 * reg
+    return Losses(total, means["1t5"], means["1t7"], means["5t5"], reg)

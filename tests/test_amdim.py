@@ -1,0 +1,172 @@
+"""The AMDIM trainer: model shapes, augmentation, objective, training steps, exact resume,
+multi-process semantics, errors."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from amdim import train as amdim_train
+from amdim.data import SPECS, TwoViews, build_datasets
+from amdim.model import AMDIM, ConvResNxN
+from amdim.objective import as_targets, multiscale_nce
+from amdim_kernels import nce_loss
+
+TINY = ["--dataset", "synthetic", "--ndf", "8", "--n-rkhs", "32", "--n-depth", "1", "--batch-size", "16",
+        "--workers", "0", "--eval-batches", "1"]
+
+
+@pytest.mark.parametrize("size, width_mult", [(32, 4), (64, 8), (128, 8)])
+def test_encoder_feature_shapes(size, width_mult):
+    model = AMDIM(size, ndf=8, n_rkhs=96, n_depth=2)
+    x = torch.randn(3, 3, size, size)
+    f1, f5, f7 = model.encoder(x)
+    assert f1.shape == (3, 96, 1, 1)
+    assert f5.shape == (3, 8 * width_mult, 5, 5) and f7.shape == (3, 8 * width_mult, 7, 7)
+    r1, r5, r7 = model(x)
+    assert r1.shape == (3, 96) and r5.shape == (3, 96, 5, 5) and r7.shape == (3, 96, 7, 7)
+
+
+def test_official_cifar_model_size():
+    # AMDIM_NOTES: 32 px, ndf 128, n_rkhs 1024, depth 3: 20M parameters
+    n = sum(p.numel() for p in AMDIM(32, 128, 1024, 3).parameters())
+    assert 19.5e6 < n < 20.5e6
+
+
+def test_residual_block_starts_as_its_shortcut():
+    block = ConvResNxN(4, 8, 2, 2, use_bn=False)
+    x = torch.randn(2, 4, 6, 6)
+    short = torch.nn.functional.avg_pool2d(x, 2, 2)
+    torch.testing.assert_close(block(x), torch.cat([short, torch.zeros_like(short)], 1))
+
+
+def test_two_views_share_the_flip():
+    spec = SPECS["synthetic"]
+    img = torch.zeros(3, 32, 32, dtype=torch.uint8)
+    img[:, :, 16:] = 255  # dark left, bright right
+    two = TwoViews(spec)
+    signs = set()
+    for _ in range(40):
+        v1, v2 = two(img)
+        assert v1.shape == v2.shape == (3, 32, 32) and v1.dtype == torch.float32
+        s1 = bool(v1[:, :, :16].mean() < v1[:, :, 16:].mean())
+        s2 = bool(v2[:, :, :16].mean() < v2[:, :, 16:].mean())
+        assert s1 == s2  # one flip for both views
+        signs.add(s1)
+    assert signs == {True, False}  # and the flip does happen
+
+
+def test_grey_dataset_views_have_three_channels():
+    spec = SPECS["fashion-mnist"]
+    v1, v2 = TwoViews(spec)(torch.randint(0, 255, (1, 28, 28), dtype=torch.uint8))
+    assert v1.shape == v2.shape == (3, 32, 32)
+
+
+def test_multiscale_objective_formula():
+    torch.manual_seed(0)
+    b, d = 6, 16
+    view = lambda: (torch.randn(b, d), torch.randn(b, d, 5, 5), torch.randn(b, d, 7, 7))  # noqa: E731
+    v1, v2 = view(), view()
+    locs = (torch.randint(0, 25, (b,)), torch.randint(0, 25, (b,)))
+    got = multiscale_nce(v1, v2, backend="reference", locations=locs)
+    rows = torch.arange(b)
+    s5 = (as_targets(v1[1])[rows, locs[0]], as_targets(v2[1])[rows, locs[1]])
+    calls = [(v1[0], v2[1]), (v2[0], v1[1]), (v1[0], v2[2]), (v2[0], v1[2]), (s5[0], v2[1]), (s5[1], v1[1])]
+    out = [nce_loss(s, as_targets(t), backend="reference") for s, t in calls]
+    means = [(out[k][0] + out[k + 1][0]) / 2 for k in (0, 2, 4)]
+    reg = sum(o[1] for o in out)
+    torch.testing.assert_close(got.total, sum(means) + 0.5 * reg)
+    torch.testing.assert_close(got.loss_1t7, means[1])
+
+
+def test_training_steps_reduce_the_loss(tmp_path):
+    args = amdim_train.parse_args(TINY + ["--lr", "2e-3", "--warmup-steps", "1", "--out", str(tmp_path)])
+    run = amdim_train.Run(args)
+    (v1, v2), labels = next(iter(run.train_loader(0)))
+    losses = [run.train_step((v1, v2), labels)["total"] for _ in range(25)]
+    # the loss is bounded below by ~0 but starts near log(#negatives) ~ 20: a clear fall is 5%
+    assert sum(losses[-5:]) / 5 < 0.95 * sum(losses[:5]) / 5
+
+
+def _last_loss(out_dir) -> float:
+    import csv
+
+    with open(os.path.join(out_dir, "metrics.csv")) as f:
+        return float(list(csv.DictReader(f))[-1]["total"])
+
+
+def test_resume_reproduces_the_next_step(tmp_path):
+    common = TINY + ["--warmup-steps", "5"]
+    amdim_train.main(common + ["--max-steps", "4", "--out", str(tmp_path / "straight")])
+    amdim_train.main(common + ["--max-steps", "3", "--out", str(tmp_path / "split")])
+    amdim_train.main(common + ["--max-steps", "4", "--out", str(tmp_path / "split"),
+                               "--resume", str(tmp_path / "split" / "last.pt")])
+    assert _last_loss(tmp_path / "straight") == _last_loss(tmp_path / "split")  # bitwise: the same step 4
+    state = torch.load(tmp_path / "split" / "last.pt", weights_only=False)
+    assert state["step"] == 4 and state["epoch"] == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _features(seed: int, b: int, d: int):
+    gen = torch.Generator().manual_seed(seed)
+    view = lambda: (torch.randn(b, d, generator=gen), torch.randn(b, d, 5, 5, generator=gen),  # noqa: E731
+                    torch.randn(b, d, 7, 7, generator=gen))
+    return view(), view(), (torch.randint(0, 25, (b,), generator=gen), torch.randint(0, 25, (b,), generator=gen))
+
+
+def _rank_loss_and_grads(rank: int, world: int, port: int, b: int, d: int, out: dict):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    v1, v2, locs = _features(0, world * b, d)
+    part = slice(rank * b, (rank + 1) * b)
+    leaves = [t[part].clone().requires_grad_() for t in (*v1, *v2)]
+    local_locs = (locs[0][part], locs[1][part])
+    losses = multiscale_nce(tuple(leaves[:3]), tuple(leaves[3:]), backend="reference", locations=local_locs)
+    losses.total.backward()
+    out[rank] = (losses.total.detach(), [t.grad for t in leaves])
+    dist.destroy_process_group()
+
+
+def test_two_processes_match_one_on_the_concatenated_batch():
+    """Targets all-gathered with gradient: the mean of the ranks' losses is the one-process
+    loss, and each rank's feature gradients, divided by the world size (DDP's averaging), are
+    the one-process gradients of its slice."""
+    world, b, d = 2, 4, 8
+    out = mp.Manager().dict()
+    mp.spawn(_rank_loss_and_grads, args=(world, _free_port(), b, d, out), nprocs=world, join=True)
+    v1, v2, locs = _features(0, world * b, d)
+    leaves = [t.clone().requires_grad_() for t in (*v1, *v2)]
+    one = multiscale_nce(tuple(leaves[:3]), tuple(leaves[3:]), backend="reference", locations=locs)
+    one.total.backward()
+    torch.testing.assert_close(sum(out[r][0] for r in range(world)) / world, one.total.detach())
+    for rank in range(world):
+        for g_rank, leaf in zip(out[rank][1], leaves):
+            torch.testing.assert_close(g_rank / world, leaf.grad[rank * b:(rank + 1) * b])
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match=r"MNIST not found under .*: get the raw IDX files"):
+        amdim_train.main(["--dataset", "mnist", "--data-root", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"cifar10.*not found.*--data-root"):
+        amdim_train.main(["--dataset", "cifar10", "--data-root", str(tmp_path)])
+
+
+@pytest.mark.parametrize("flags", [["--batch-size", "0"], ["--tclip", "-1"], ["--backend", "fast"], ["--dataset", "svhn"]])
+def test_bad_flags_are_refused(flags, capsys):
+    with pytest.raises(SystemExit) as e:
+        amdim_train.parse_args(flags)
+    assert e.value.code == 2
+
+
+def test_synthetic_dataset_splits_share_classes():
+    train, test, spec = build_datasets("synthetic", "/nonexistent")
+    assert spec.n_classes == 10 and len(train) > len(test) > 0
+    (v1, v2), y = train[0]
+    assert v1.shape == (3, 32, 32) and 0 <= y < 10
