@@ -1,6 +1,7 @@
 # Two commands set everything up on a fresh machine:
-#   make demo   the main job (creates .venv on first use)
-#   make test   the tests    (creates .venv on first use)
+#   make demo   the main job: AMDIM pretraining on Fashion-MNIST, then a linear probe
+#   make test   the tests
+# Both create .venv (and build the C++/CUDA extension) on first use.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -11,7 +12,9 @@ export CUDA_HOME ?= /usr/local/cuda
 export TORCH_CUDA_ARCH_LIST ?= 9.0
 export MAX_JOBS ?= 2
 
-.PHONY: demo test bench clean
+.PHONY: demo data loss-demo test bench clean
+
+RUN ?= runs/demo
 
 $(STAMP): setup.py pyproject.toml requirements-dev.txt $(wildcard csrc/*)
 	$(PYTHON) -m venv $(VENV)
@@ -21,14 +24,26 @@ $(STAMP): setup.py pyproject.toml requirements-dev.txt $(wildcard csrc/*)
 	$(PY) -m pip install -e . --no-build-isolation
 	touch $(STAMP)
 
-demo: $(STAMP)
+# Fashion-MNIST from Debian's package where this machine can install it (shared/ENV.md)
+data:
+	@if [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get install -y dataset-fashion-mnist || (apt-get update && apt-get install -y dataset-fashion-mnist); \
+	else echo "Fashion-MNIST: run 'sudo apt-get install dataset-fashion-mnist' (or train with --download)"; fi
+
+demo: $(STAMP) data
+	$(PY) -m amdim.train --out $(RUN)
+	$(PY) -m amdim.evaluate $(RUN)/last.pt
+	$(PY) -m amdim.evaluate $(RUN)/last.pt --random-init
+
+loss-demo: $(STAMP)
 	$(PY) -m benchmarks.demo
 
 test: $(STAMP)
 	$(PY) -m pytest
 
 bench: $(STAMP)
-	$(PY) -m pytest benchmarks
+	$(PY) -m pytest benchmarks --benchmark-columns=median,iqr,rounds
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -170,3 +170,11 @@ def test_synthetic_dataset_splits_share_classes():
     assert spec.n_classes == 10 and len(train) > len(test) > 0
     (v1, v2), y = train[0]
     assert v1.shape == (3, 32, 32) and 0 <= y < 10
+
+
+def test_amp_step_runs_in_bf16_autocast(tmp_path):
+    args = amdim_train.parse_args(TINY + ["--amp", "--out", str(tmp_path)])
+    run = amdim_train.Run(args)
+    (v1, v2), labels = next(iter(run.train_loader(0)))
+    metrics = run.train_step((v1, v2), labels)
+    assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
