@@ -86,10 +86,10 @@ setup(
     description="Fused GPU kernels for the contrastive NCE loss of AMDIM",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["amdim_kernels", "amdim_kernels.*"]),
+    packages=find_packages(include=["amdim_kernels", "amdim_kernels.*", "amdim"]),
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy"],
-    extras_require={"triton": ["triton>=3.2"]},
+    extras_require={"triton": ["triton>=3.2"], "train": ["torchvision", "tqdm", "tensorboard"]},
 )
