@@ -46,12 +46,12 @@ def main():
         src.requires_grad_()
         trg.requires_grad_()
         for parts in (8, 12, 16):
-            launch.CHUNK_PARTS = parts
             for given in (False, True):
                 if not given and p.n != p.m:
                     continue
                 idx = pos_idx if given else None
-                ms = do_bench(lambda: fwd_bwd(src, trg, idx), warmup=50, rep=300, return_mode="median")
+                with launch.pinned(chunks=parts):
+                    ms = do_bench(lambda: fwd_bwd(src, trg, idx), warmup=50, rep=300, return_mode="median")
                 print(f"| {p.name} | {parts} | {'given (1 sync)' if given else 'None'} | {ms:.3f} |", flush=True)
 
 

@@ -90,11 +90,8 @@ def loss_fn(impl: str):
         from amdim_kernels.triton_nce import launch
 
         def pinned(s, t, p, strategy=impl.split(":")[1]):
-            old, launch.strategy = launch.strategy, strategy
-            try:  # the backward uses the strategy recorded by the forward
+            with launch.pinned(score=strategy):  # the backward uses the strategy the forward recorded
                 return nce_loss(s, t, p, backend="triton")
-            finally:
-                launch.strategy = old
 
         return pinned
     if impl == "compiled":

@@ -58,30 +58,29 @@ def main(argv=None):
                 want = nce_loss(src0, trg0, pos_idx, backend="triton")[0]
             for strategy, parts, cand in (CANDIDATES if dtype != torch.float32 else FP32_CANDIDATES):
                 launch.tile_config = lambda dt, d, c=cand: launch.TileConfig(*c)
-                launch.strategy, launch.CHUNK_PARTS = strategy, parts
                 try:
-                    with torch.no_grad():
-                        got = nce_loss(src0, trg0, pos_idx, backend="triton")[0]
-                    assert torch.allclose(got, want, rtol=1e-4), (got.item(), want.item())
-                    with torch.no_grad():
-                        f_ms = do_bench(lambda: nce_loss(src0, trg0, pos_idx, backend="triton"), return_mode="median")
-                    fb_ms = do_bench(lambda: fwd_bwd(src, trg, pos_idx), return_mode="median")
+                    with launch.pinned(score=strategy, chunks=parts):
+                        with torch.no_grad():
+                            got = nce_loss(src0, trg0, pos_idx, backend="triton")[0]
+                            assert torch.allclose(got, want, rtol=1e-4), (got.item(), want.item())
+                            f_ms = do_bench(lambda: nce_loss(src0, trg0, pos_idx, backend="triton"), return_mode="median")
+                        fb_ms = do_bench(lambda: fwd_bwd(src, trg, pos_idx), return_mode="median")
                     print(f"| {p.name} | {dname} | {strategy}/{parts} {cand} | {f_ms:.3f} | {fb_ms:.3f} | "
                           f"{p.flops(False) / f_ms / 1e9:.0f} | {(p.flops(False) + p.flops(True)) / fb_ms / 1e9:.0f} |", flush=True)
                 except Exception as e:  # a config that does not compile (shared memory) is a row
                     print(f"| {p.name} | {dname} | {strategy}/{parts} {cand} | {type(e).__name__}: {str(e)[:80]} | | | |", flush=True)
             launch.tile_config = default_config
-            launch.strategy, launch.CHUNK_PARTS = args.profile_strategy, 16
             if args.profile and p in (problems.SINGLE_GPU, problems.ONE_GPU_SHARE):
                 from torch.profiler import ProfilerActivity, profile
 
-                fwd_bwd(src, trg, pos_idx)
-                torch.cuda.synchronize()
-                with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                    for _ in range(5):
-                        fwd_bwd(src, trg, pos_idx)
+                with launch.pinned(score=args.profile_strategy):
+                    fwd_bwd(src, trg, pos_idx)
                     torch.cuda.synchronize()
-                print(f"\nprofile, 5 x fwd+bwd, {p.name}, {dname}, {args.profile_strategy}, default config")
+                    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                        for _ in range(5):
+                            fwd_bwd(src, trg, pos_idx)
+                        torch.cuda.synchronize()
+                print(f"\nprofile, 5 x fwd+bwd, {p.name}, {dname}, {args.profile_strategy or 'default'} strategy, default config")
                 print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14))
 
 

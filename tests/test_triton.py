@@ -21,10 +21,8 @@ def run_case(case, dtype, grad_of=("src", "trg"), truth=None):
 def strategy(request):
     from amdim_kernels.triton_nce import launch
 
-    old = launch.strategy
-    launch.strategy = request.param
-    yield request.param
-    launch.strategy = old
+    with launch.pinned(score=request.param):
+        yield request.param
 
 
 SHAPES = [  # (N, M, L, D, pos): odd D, L in 1/25/49, M*L off the block size, N = 1, M = 1

@@ -9,6 +9,7 @@ Two ways to get a tile of raw scores, chosen per call (`score_strategy`):
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -44,6 +45,21 @@ def tile_config(dtype: torch.dtype, d: int) -> TileConfig:
     if dtype == torch.float32:
         return TileConfig(64, 128, 32, 8, 3)
     return TileConfig(128, 128, 64, 8, 3)
+
+
+@contextlib.contextmanager
+def pinned(score: str | None = None, chunks: int | None = None):
+    """Pin the score strategy and/or the chunk count for the calls made inside (benchmarks,
+    tests); the previous settings come back on exit. The strategy is recorded by each
+    forward for its backward, so only the forward needs to run inside."""
+    global strategy, CHUNK_PARTS
+    old = strategy, CHUNK_PARTS
+    strategy = score if score is not None else strategy
+    CHUNK_PARTS = chunks if chunks is not None else CHUNK_PARTS
+    try:
+        yield
+    finally:
+        strategy, CHUNK_PARTS = old
 
 
 def score_strategy(dtype: torch.dtype) -> str:
