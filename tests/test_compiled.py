@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from amdim_kernels import available_backends, nce_loss
-from truth import assert_matches_truth, float64_truth, make_case, outputs_and_grads
+from truth import KERNEL_OPTIONS, assert_matches_truth, float64_truth, make_case, outputs_and_grads
 
 BACKENDS = [b for b, dev in (("cpp", "cpu"), ("cuda", "cuda")) if b in available_backends(dev)]
 DEVICE = {"cpp": "cpu", "cuda": "cuda"}
@@ -25,11 +25,7 @@ SHAPES = [  # (N, M, L, D, pos)
     (4, 1, 5, 16, "random"),
     (130, 70, 25, 20, "random"),  # several row blocks and image tiles
 ]
-OPTIONS = [dict(), dict(tclip=None), dict(reg_weight=0.0), dict(reduction="none"),
-           dict(tclip=3.0, reg_weight=0.2, scale=0.5, reduction="none")]
-
-
-@pytest.mark.parametrize("options", OPTIONS, ids=str)
+@pytest.mark.parametrize("options", KERNEL_OPTIONS, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_compiled_float32(backend, shape, options):
     n, m, l, d, pos = shape

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from amdim_kernels import available_backends, nce_loss
-from truth import assert_matches_truth, float64_truth, make_case, outputs_and_grads, rel_err
+from truth import KERNEL_OPTIONS, assert_matches_truth, float64_truth, make_case, outputs_and_grads, rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -34,11 +34,7 @@ SHAPES = [  # (N, M, L, D, pos): odd D, L in 1/25/49, M*L off the block size, N 
     (13, 6, 25, 20, "random"),
     (40, 40, 25, 24, "arange"),  # several splits in the forward and several chunks in the backward
 ]
-OPTIONS = [dict(), dict(tclip=None), dict(reg_weight=0.0), dict(reduction="none"),
-           dict(tclip=3.0, reg_weight=0.2, scale=0.5, reduction="none")]
-
-
-@pytest.mark.parametrize("options", OPTIONS, ids=str)
+@pytest.mark.parametrize("options", KERNEL_OPTIONS, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_triton_float32(shape, options, strategy):
     n, m, l, d, pos = shape

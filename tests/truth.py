@@ -93,6 +93,11 @@ def truth_of(case: Case):
     return outputs_and_grads(spec_loss_f64, case64)
 
 
+# Options every fused backend is tested under (beside the defaults): no clipping, no
+# regulariser, per-positive losses, and everything off its default at once.
+KERNEL_OPTIONS = [dict(), dict(tclip=None), dict(reg_weight=0.0), dict(reduction="none"),
+                  dict(tclip=3.0, reg_weight=0.2, scale=0.5, reduction="none")]
+
 # Criterion (as Cut Cross-Entropy's tests): a backend's error against the float64 truth is no
 # larger than the reference's error in the same dtype plus a tolerance for what the backend
 # rounds differently: float32 sums in another order (loss, reg), and for the gradients the

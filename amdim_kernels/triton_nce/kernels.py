@@ -44,6 +44,15 @@ def _tanh(x):
 
 
 @triton.jit
+def _soft_clip(a, tclip, CLIP: tl.constexpr):
+    """s = tclip * tanh(a / tclip), or s = a without clipping (csrc/nce_math.h's soft_clip)."""
+    if CLIP:
+        return tclip * _tanh(a / tclip)
+    else:
+        return a
+
+
+@triton.jit
 def _score_tile(
     src_ptr, trg_ptr, scores_ptr, stride_scores, chunk_begin, chunk_end,
     rows, cols, N, L, D,
@@ -128,10 +137,7 @@ def nce_fwd_kernel(
             BLOCK_N, BLOCK_J, BLOCK_K, DOT_PRECISION, UPCAST, FROM_SCORES, EVEN_K,
         )
         sq += tl.sum(a * a, axis=1)  # padded rows/columns score 0 and add nothing
-        if CLIP:
-            s = tclip * _tanh(a / tclip)
-        else:
-            s = a
+        s = _soft_clip(a, tclip, CLIP)
 
         img = cols // L
         is_pos = (img[None, :] == p[:, None]) & row_ok[:, None] & (cols < chunk_end)[None, :]
@@ -233,10 +239,7 @@ def nce_grad_tile_kernel(
         stride_sn, stride_sd, stride_tm, stride_tl, stride_td, scale,
         BLOCK_N, BLOCK_J, BLOCK_K, DOT_PRECISION, UPCAST, FROM_SCORES, EVEN_K,
     )
-    if CLIP:
-        s = tclip * _tanh(a / tclip)
-    else:
-        s = a
+    s = _soft_clip(a, tclip, CLIP)
 
     p = tl.load(pos_idx_ptr + rows, mask=row_ok, other=-1)
     neg_lse = tl.load(neg_lse_ptr + rows, mask=row_ok, other=0.0)
