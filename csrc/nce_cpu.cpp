@@ -74,7 +74,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> nce_fwd_cpu(const Tensor& src, const 
   check_inputs(src, trg, pos_idx, at::kCPU);
   const NoAutocast no_autocast;  // the op computes in float32 itself; its inner matmuls must not be autocast
   const int64_t N = src.size(0), M = trg.size(0), L = trg.size(1);
-  const float tclip = tclip_opt.has_value() ? static_cast<float>(*tclip_opt) : 0.f;
+  const float tclip = kernel_tclip(tclip_opt);
   const auto f32 = src.options().dtype(at::kFloat);
   Tensor loss = at::empty({N, L}, f32), pos = at::empty({N, L}, f32);
   Tensor neg_lse = at::empty({N}, f32), sq = at::empty({N}, f32);
@@ -125,7 +125,7 @@ std::tuple<Tensor, Tensor> nce_bwd_cpu(const Tensor& src, const Tensor& trg, con
   check_inputs(src, trg, pos_idx, at::kCPU);
   const NoAutocast no_autocast;  // the op computes in float32 itself; its inner matmuls must not be autocast
   const int64_t N = src.size(0), M = trg.size(0), L = trg.size(1), D = src.size(1);
-  const float tclip = tclip_opt.has_value() ? static_cast<float>(*tclip_opt) : 0.f;
+  const float tclip = kernel_tclip(tclip_opt);
   const BackwardRows rows = backward_rows(pos, neg_lse, grad_loss, grad_sq);
   const Tensor src32 = src.to(at::kFloat).contiguous();
   const Tensor idx = pos_idx.contiguous();

@@ -50,7 +50,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> nce_fwd_cuda(const Tensor& src, const
   const NoAutocast no_autocast;  // the op computes in float32 itself; its inner matmuls must not be autocast
   const c10::cuda::CUDAGuard guard(src.device());
   const int64_t N = src.size(0), M = trg.size(0), L = trg.size(1);
-  const float tclip = tclip_opt.has_value() ? static_cast<float>(*tclip_opt) : 0.f;
+  const float tclip = kernel_tclip(tclip_opt);
   const auto f32 = src.options().dtype(at::kFloat);
   const Tensor idx = pos_idx.contiguous();
   const int64_t ipc = images_per_chunk(N, M, L);
@@ -88,7 +88,7 @@ std::tuple<Tensor, Tensor> nce_bwd_cuda(const Tensor& src, const Tensor& trg, co
   const NoAutocast no_autocast;  // the op computes in float32 itself; its inner matmuls must not be autocast
   const c10::cuda::CUDAGuard guard(src.device());
   const int64_t N = src.size(0), M = trg.size(0), L = trg.size(1), D = src.size(1);
-  const float tclip = tclip_opt.has_value() ? static_cast<float>(*tclip_opt) : 0.f;
+  const float tclip = kernel_tclip(tclip_opt);
   const BackwardRows rows = backward_rows(pos, neg_lse, grad_loss, grad_sq);
   const Tensor idx = pos_idx.contiguous();
   const int64_t ipc = images_per_chunk(N, M, L);

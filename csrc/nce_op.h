@@ -17,6 +17,11 @@ struct NoAutocast {
   c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
 };
 
+// The op's optional tclip as the kernels take it: tclip <= 0 means no clipping (nce_math.h).
+inline float kernel_tclip(const std::optional<double>& tclip) {
+  return tclip.has_value() ? static_cast<float>(*tclip) : 0.f;
+}
+
 // TORCH_CHECKs on shapes, dtypes and devices (cheap: no data is read).
 void check_inputs(const at::Tensor& src, const at::Tensor& trg, const at::Tensor& pos_idx, c10::DeviceType device);
 
