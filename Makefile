@@ -12,11 +12,11 @@ export CUDA_HOME ?= /usr/local/cuda
 export TORCH_CUDA_ARCH_LIST ?= 9.0
 export MAX_JOBS ?= 2
 
-.PHONY: demo data loss-demo test bench clean
+.PHONY: demo data loss-demo test bench peer-wheels clean
 
 RUN ?= runs/demo
 
-$(STAMP): setup.py pyproject.toml requirements-dev.txt $(wildcard csrc/*)
+$(STAMP): setup.py pyproject.toml requirements-dev.txt requirements-peers.txt $(wildcard csrc/*)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install torch==2.14.1 torchvision==0.29.1
@@ -44,6 +44,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m pytest benchmarks --benchmark-columns=median,iqr,rounds
+
+# The peer libraries as wheels in wheels/, for a GPU machine without network (gpu_check.sh
+# installs them from there)
+peer-wheels: $(STAMP)
+	$(PY) -m pip download --no-deps -r requirements-peers.txt -d wheels
 
 clean:
 	rm -rf $(VENV) build *.egg-info

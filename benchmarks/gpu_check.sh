@@ -9,6 +9,8 @@ python3 -c "import torch, triton, numpy; print('torch', torch.__version__, 'trit
 export MAX_JOBS=${MAX_JOBS:-16}
 time python3 -m pip install -e . --no-build-isolation --no-deps -v 2>&1 | grep -E "amdim-kernels:|error|Successfully" | head -20
 python3 -c "import amdim_kernels; print(amdim_kernels.build_info())"
+# the peer libraries (make peer-wheels here, then carry wheels/ to the machine)
+if ls wheels/*.whl >/dev/null 2>&1; then python3 -m pip install --no-deps --no-index -q wheels/*.whl; fi
 STEPS=${STEPS:-"tests run demo run32 tune"}
 IMPLS=${IMPLS:-"reference triton:fused triton:gemm cuda"}
 for step in $STEPS; do
@@ -16,6 +18,10 @@ for step in $STEPS; do
     tests) timeout 150 python3 -m pytest -q -rfE tests 2>&1 | tee "$OUT/pytest.log" | tail -25 ;;
     run) timeout 170 python3 -m benchmarks.run --preset targets --dtypes bfloat16 --impls $IMPLS --compile \
            --out "$OUT" --suffix bf16 2>&1 | tee "$OUT/run_bf16.log" ;;
+    infonce) timeout 400 python3 -m benchmarks.run --preset infonce --dtypes bfloat16 --compile \
+           --out "$OUT" --suffix infonce_bf16 2>&1 | tee "$OUT/run_infonce.log" ;;
+    sweep) timeout 400 python3 -m benchmarks.run --preset sweep --dtypes bfloat16 --impls $IMPLS --compile \
+           --out "$OUT" --suffix sweep_bf16 2>&1 | tee "$OUT/run_sweep.log" ;;
     demo) timeout 60 python3 -m benchmarks.demo 2>&1 | tee "$OUT/demo.log" ;;
     run32) timeout 100 python3 -m benchmarks.run --preset targets --dtypes float32 --impls $IMPLS \
            --out "$OUT" --suffix fp32 2>&1 | tee "$OUT/run_fp32.log" ;;

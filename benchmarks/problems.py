@@ -13,6 +13,13 @@ class Problem:
     m: int  # target images (the whole batch)
     l: int  # locations per image  # noqa: E741
     d: int  # feature size (n_rkhs)
+    tclip: float | None = 20.0  # AMDIM's options; InfoNCE: tclip None, reg_weight 0, L = 1
+    reg_weight: float = 0.05
+
+    @property
+    def options(self) -> dict:
+        """nce_loss's keyword options for this problem (scale: the default 1/sqrt(D))."""
+        return dict(tclip=self.tclip, reg_weight=self.reg_weight)
 
     @property
     def columns(self) -> int:
@@ -40,3 +47,9 @@ IMAGENET_4GPU = Problem("ImageNet 4 GPUs, 1->7 (120 of B=480, D=1536)", 120, 480
 SINGLE_GPU = Problem("single GPU, 1->7 (B=1024, D=2048)", 1024, 1024, 49, 2048)
 ONE_GPU_SHARE = Problem("one GPU's share, 1->7 (128 of B=1024, D=2048)", 128, 1024, 49, 2048)
 LARGE = Problem("large negatives (B=4096, D=2048)", 4096, 4096, 49, 2048)
+
+
+def infonce(n: int, m: int, d: int) -> Problem:
+    """The InfoNCE special case (one location, no clipping, no regulariser) that the peer
+    libraries of benchmarks/peers.py also compute."""
+    return Problem(f"InfoNCE N={n}, M={m}, D={d}", n, m, 1, d, tclip=None, reg_weight=0.0)

@@ -1,9 +1,11 @@
 """Benchmark sweep: every backend of nce_loss, torch.compile of the reference, and the
-cuBLAS matmul of the same shape (the physical floor), over AMDIM's problem sizes.
+cuBLAS matmul of the same shape (the physical floor), over AMDIM's problem sizes; on the
+InfoNCE presets also the peer libraries of benchmarks/peers.py that are installed.
 
     python -m benchmarks.run                          # preset for this device
     python -m benchmarks.run --preset targets --dtypes bfloat16 --compile
     python -m benchmarks.run --preset sweep --out benchmarks/results
+    python -m benchmarks.run --preset infonce --compile   # + cce, liger, torch_lce, infcl
 
 Each row: median times (triton.testing.do_bench on a GPU, warm-up excluded; wall clock on
 the CPU) of the forward and of forward+backward, achieved TFLOP/s with the FLOP model
@@ -27,7 +29,7 @@ import torch
 
 from amdim_kernels import available_backends, nce_loss, nce_loss_reference
 
-from . import problems
+from . import peers, problems
 from .measure import median_ms, peak_extra_bytes
 
 PRESETS = {
@@ -35,6 +37,9 @@ PRESETS = {
     "targets": [problems.CIFAR, problems.IMAGENET_4GPU, problems.ONE_GPU_SHARE, problems.SINGLE_GPU],
     "sweep": [problems.Problem(f"N=M={b}, L=49, D=2048", b, b, 49, 2048) for b in (32, 128, 512, 1024, 2048, 4096)]
     + [problems.Problem(f"N=128, M={b}, L=49, D=2048", 128, b, 49, 2048) for b in (1024, 4096, 8192, 16384)],
+    # 10^3 to 10^6 negatives, 4096 sources (a large contrastive batch), D = 256
+    "infonce": [problems.infonce(4096, m, 256) for m in (1024, 4096, 16384, 65536, 262144, 1048576)],
+    "infonce-cpu": [problems.infonce(256, m, 256) for m in (1024, 4096, 16384)],
 }
 
 
@@ -83,21 +88,23 @@ def _timer(device):
     return lambda fn: median_ms(fn, device, reps=5 if device == "cpu" else 50)
 
 
-def loss_fn(impl: str):
-    """(src, trg, pos_idx) -> (loss, reg) for a backend name, 'compiled', or
+def loss_fn(impl: str, options: dict):
+    """(src, trg, pos_idx) -> (loss, reg) for a backend name, 'compiled', a peer library, or
     'triton:fused' / 'triton:gemm' (the Triton backend with its score strategy pinned)."""
     if impl.startswith("triton:"):
         from amdim_kernels.triton_nce import launch
 
         def pinned(s, t, p, strategy=impl.split(":")[1]):
             with launch.pinned(score=strategy):  # the backward uses the strategy the forward recorded
-                return nce_loss(s, t, p, backend="triton")
+                return nce_loss(s, t, p, backend="triton", **options)
 
         return pinned
     if impl == "compiled":
         compiled = torch.compile(nce_loss_reference, dynamic=False)
-        return lambda s, t, p: compiled(s, t, p, 20.0, 0.05, s.shape[1] ** -0.5, "mean")
-    return lambda s, t, p: nce_loss(s, t, p, backend=impl)
+        return lambda s, t, p: compiled(s, t, p, options["tclip"], options["reg_weight"], s.shape[1] ** -0.5, "mean")
+    if impl in peers.PEERS:
+        return lambda s, t, p, f=peers.peer_loss(impl): f(s, t, p, **options)
+    return lambda s, t, p: nce_loss(s, t, p, backend=impl, **options)
 
 
 def bench_one(p: problems.Problem, dtype: torch.dtype, impl: str, device: str, timer) -> dict:
@@ -108,7 +115,7 @@ def bench_one(p: problems.Problem, dtype: torch.dtype, impl: str, device: str, t
         fwd = lambda: src0 @ trg_flat.t()  # noqa: E731
         fwd_ms = timer(fwd)
         return dict(fwd_ms=fwd_ms, fwd_bwd_ms=None, peak=None, workspace=None)
-    f = loss_fn(impl)
+    f = loss_fn(impl, p.options)
     src = src0.detach().requires_grad_()
     trg = trg0.detach().requires_grad_()
 
@@ -134,6 +141,8 @@ def run(problem_list, dtypes, impls, device, out_dir=None, suffix="") -> list[Ro
         for dtype in dtypes:
             matmul_ms = None
             for impl in ["matmul"] + impls:
+                if impl in peers.PEERS and not peers.covers(p.l, p.tclip, p.reg_weight):
+                    continue  # the peers compute InfoNCE only
                 status, res = "ok", dict(fwd_ms=None, fwd_bwd_ms=None, peak=None, workspace=None)
                 try:
                     res = bench_one(p, dtype, impl, device, timer)
@@ -165,7 +174,7 @@ def run(problem_list, dtypes, impls, device, out_dir=None, suffix="") -> list[Ro
     return rows
 
 
-COLUMNS = [("problem", 46), ("dtype", 8), ("impl", 9), ("fwd_ms", 8), ("fwd_bwd_ms", 10), ("fwd_tflops", 10),
+COLUMNS = [("problem", 46), ("dtype", 8), ("impl", 12), ("fwd_ms", 8), ("fwd_bwd_ms", 10), ("fwd_tflops", 10),
            ("fwd_bwd_tflops", 14), ("fwd_over_matmul", 15), ("peak_extra_mib", 14), ("workspace_mib", 13), ("status", 6)]
 
 
@@ -212,6 +221,8 @@ def main(argv=None):
     preset = args.preset or ("targets" if device == "cuda" else "cpu")
     dtypes = [getattr(torch, d) for d in (args.dtypes or (["bfloat16"] if device == "cuda" else ["float32"]))]
     impls = args.impls or available_backends(device)
+    if args.impls is None and preset.startswith("infonce"):
+        impls = impls + peers.available_peers(device)
     if args.compile:
         impls = impls + ["compiled"]
     print(format_header())
