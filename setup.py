@@ -53,7 +53,7 @@ def _extension():
     kwargs = dict(include_dirs=[os.path.abspath("csrc")])
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")  # without a visible GPU torch needs a list
-        sources += ["csrc/nce_cuda.cpp", "csrc/nce_cuda_kernels.cu"]
+        sources += ["csrc/nce_cuda.cpp", "csrc/nce_cuda_kernels.cu", "csrc/nce_cuda_mma.cu"]
         try:  # CUDAContext.h needs the cuBLAS/cuSPARSE headers of torch's own nvidia wheels
             import nvidia
 

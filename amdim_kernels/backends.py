@@ -1,9 +1,10 @@
 """Which implementations of the loss exist on this machine, and which one `auto` picks."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -138,3 +139,26 @@ def implementation(name: str) -> Callable[[Problem], tuple[torch.Tensor, torch.T
     if name in ("cuda", "cpp") and _EXTENSION is not None:
         return _EXTENSION.nce_loss_compiled
     raise RuntimeError(f"backend {name!r} has no implementation in this build")
+
+
+CUDA_SCORES_ENV = "AMDIM_KERNELS_CUDA_SCORES"
+CUDA_SCORES = ("cublas", "mma")
+
+
+@contextlib.contextmanager
+def cuda_scores(strategy: str) -> Iterator[None]:
+    """Pin how backend="cuda" makes the scores of float16/bfloat16 inputs while the block runs
+    (forward and backward calls alike): "cublas" (the default: cuBLAS score chunks and fused
+    epilogue kernels) or "mma" (the fused WMMA kernels, scores in shared memory only). The
+    C++ op reads the environment variable AMDIM_KERNELS_CUDA_SCORES, which this sets."""
+    if strategy not in CUDA_SCORES:
+        raise ValueError(f"strategy must be one of {CUDA_SCORES}, got {strategy!r}")
+    before = os.environ.get(CUDA_SCORES_ENV)
+    os.environ[CUDA_SCORES_ENV] = strategy
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[CUDA_SCORES_ENV]
+        else:
+            os.environ[CUDA_SCORES_ENV] = before

@@ -12,7 +12,7 @@ python3 -c "import amdim_kernels; print(amdim_kernels.build_info())"
 # the peer libraries (make peer-wheels here, then carry wheels/ to the machine)
 if ls wheels/*.whl >/dev/null 2>&1; then python3 -m pip install --no-deps --no-index -q wheels/*.whl; fi
 STEPS=${STEPS:-"tests run demo run32 tune"}
-IMPLS=${IMPLS:-"reference triton:fused triton:gemm cuda"}
+IMPLS=${IMPLS:-"reference triton:fused triton:gemm cuda:cublas cuda:mma"}
 for step in $STEPS; do
   case $step in
     tests) timeout 150 python3 -m pytest -q -rfE tests 2>&1 | tee "$OUT/pytest.log" | tail -25 ;;

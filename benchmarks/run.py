@@ -17,6 +17,7 @@ Writes a markdown table to stdout and CSV/JSON (device, versions, date per row) 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime
 import json
@@ -28,6 +29,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from amdim_kernels import available_backends, nce_loss, nce_loss_reference
+from amdim_kernels.backends import cuda_scores
 
 from . import peers, problems
 from .measure import median_ms, peak_extra_bytes
@@ -104,7 +106,13 @@ def loss_fn(impl: str, options: dict):
         return lambda s, t, p: compiled(s, t, p, options["tclip"], options["reg_weight"], s.shape[1] ** -0.5, "mean")
     if impl in peers.PEERS:
         return lambda s, t, p, f=peers.peer_loss(impl): f(s, t, p, **options)
-    return lambda s, t, p: nce_loss(s, t, p, backend=impl, **options)
+    return lambda s, t, p: nce_loss(s, t, p, backend=impl.split(":")[0], **options)
+
+
+def impl_context(impl: str):
+    """'cuda:mma' / 'cuda:cublas': the CUDA backend's score kernels, pinned for forward and
+    backward (both read it when they run)."""
+    return cuda_scores(impl.split(":")[1]) if impl.startswith("cuda:") else contextlib.nullcontext()
 
 
 def bench_one(p: problems.Problem, dtype: torch.dtype, impl: str, device: str, timer) -> dict:
@@ -145,7 +153,8 @@ def run(problem_list, dtypes, impls, device, out_dir=None, suffix="") -> list[Ro
                     continue  # the peers compute InfoNCE only
                 status, res = "ok", dict(fwd_ms=None, fwd_bwd_ms=None, peak=None, workspace=None)
                 try:
-                    res = bench_one(p, dtype, impl, device, timer)
+                    with impl_context(impl):
+                        res = bench_one(p, dtype, impl, device, timer)
                 except torch.OutOfMemoryError:
                     status = "OOM"
                 except Exception as e:  # a failing impl is a row, not a crash of the sweep
@@ -212,7 +221,9 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--preset", choices=sorted(PRESETS), default=None)
     ap.add_argument("--dtypes", nargs="+", default=None, choices=["float32", "float16", "bfloat16"])
-    ap.add_argument("--impls", nargs="+", default=None, help="backends to time (default: all available)")
+    ap.add_argument("--impls", nargs="+", default=None,
+                    help="backends to time (default: all available); also compiled, triton:fused, triton:gemm, "
+                         "cuda:cublas, cuda:mma and the peers " + ", ".join(peers.PEERS))
     ap.add_argument("--compile", action="store_true", help="also time torch.compile of the reference")
     ap.add_argument("--out", default=None, help="folder for the CSV and JSON files")
     ap.add_argument("--suffix", default="", help="added to the output files' names")

@@ -1,14 +1,21 @@
-// CUDA implementation of amdim_kernels::nce_fwd / nce_bwd. The score products run on cuBLAS
-// (tensor cores; float32 output for 16-bit inputs, TF32 for float32 where torch allows it),
-// one chunk of whole images at a time (about 1/8 of the columns), and the fused epilogues of
-// nce_cuda_kernels.cu reduce each chunk in one pass. Memory: one (N x C) float32 score chunk
-// (+ one G chunk in the backward), never N x M*L. Deterministic: no atomics, fixed merge order.
+// CUDA implementation of amdim_kernels::nce_fwd / nce_bwd, with two ways to make the scores:
+// - "cublas" (default): cuBLAS products (tensor cores; float32 output for 16-bit inputs, TF32
+//   for float32 where torch allows it), one chunk of whole images at a time (about 1/8 of the
+//   columns), each reduced in one pass by the epilogue kernels of nce_cuda_kernels.cu. Memory:
+//   one (N x C) float32 score chunk (+ one G chunk in the backward), never N x M*L.
+// - "mma" (AMDIM_KERNELS_CUDA_SCORES=mma; float16 and bfloat16 inputs): the fused WMMA kernels
+//   of nce_cuda_mma.cu, whose score tiles live in shared memory only. The forward needs no
+//   chunk at all; the backward writes G chunks, as the default path, but no score chunk.
+// Both: G chunks then go through two cuBLAS products; deterministic (no atomics, fixed merge
+// order).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 
 #include "nce_cuda_kernels.h"
 #include "nce_op.h"
@@ -41,6 +48,29 @@ Tensor chunk_scores(const Tensor& src, const Tensor& trg, int64_t m0, int64_t m1
 
 int64_t col_blocks(int64_t C) { return (C + kCudaColsPerBlock - 1) / kCudaColsPerBlock; }
 
+// The fused WMMA kernels for this call? AMDIM_KERNELS_CUDA_SCORES is "cublas" (or unset) or
+// "mma"; float32 always takes cuBLAS, which honours torch's allow_tf32 setting.
+bool use_mma(const Tensor& src) {
+  const char* env = std::getenv("AMDIM_KERNELS_CUDA_SCORES");
+  const std::string choice = env ? env : "";
+  TORCH_CHECK(choice.empty() || choice == "cublas" || choice == "mma",
+              "amdim_kernels: AMDIM_KERNELS_CUDA_SCORES must be 'cublas' or 'mma', got '", choice, "'");
+  return choice == "mma" && src.scalar_type() != at::kFloat;
+}
+
+// Images [m0, m1) of trg with unit stride along D, as the WMMA kernels read them: a view when
+// trg has it, else a copy of just those images.
+Tensor feature_contiguous(const Tensor& trg, int64_t m0, int64_t m1) {
+  const Tensor images = trg.narrow(0, m0, m1 - m0);
+  return images.stride(2) == 1 ? images : images.contiguous();
+}
+
+TargetView view_of(const Tensor& images, int64_t m0) {
+  return {images.data_ptr(), images.stride(0), images.stride(1), images.size(0) * images.size(1), images.size(1), m0};
+}
+
+int64_t sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+
 }  // namespace
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> nce_fwd_cuda(const Tensor& src, const Tensor& trg,
@@ -53,10 +83,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> nce_fwd_cuda(const Tensor& src, const
   const float tclip = kernel_tclip(tclip_opt);
   const auto f32 = src.options().dtype(at::kFloat);
   const Tensor idx = pos_idx.contiguous();
-  const int64_t ipc = images_per_chunk(N, M, L);
+  const bool mma = use_mma(src);
+  const Tensor src_c = mma ? src.contiguous() : src;
+  // the fused kernels take the whole target at once when its features are contiguous
+  const int64_t ipc = mma && trg.stride(2) == 1 ? M : images_per_chunk(N, M, L);
+  const int64_t sms = sm_count();
+  auto splits_of = [&](int64_t C) { return mma ? mma_split(N, C, sms).splits : col_blocks(C); };
 
   int64_t splits = 0;
-  for (int64_t m0 = 0; m0 < M; m0 += ipc) splits += col_blocks((std::min(M, m0 + ipc) - m0) * L);
+  for (int64_t m0 = 0; m0 < M; m0 += ipc) splits += splits_of((std::min(M, m0 + ipc) - m0) * L);
   Tensor part_sum = at::empty({splits, N}, f32), part_max = at::empty({splits, N}, f32);
   Tensor part_sq = at::empty({splits, N}, f32);
   Tensor pos = at::empty({N, L}, f32);
@@ -64,13 +99,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> nce_fwd_cuda(const Tensor& src, const
   int64_t split_base = 0;
   for (int64_t m0 = 0; m0 < M; m0 += ipc) {
     const int64_t m1 = std::min(M, m0 + ipc), C = (m1 - m0) * L;
-    const Tensor s = chunk_scores(src, trg, m0, m1);
-    check_cuda(launch_nce_fwd_epilogue(s.data_ptr<float>(), s.stride(0), N, C, L, m0, idx.data_ptr<int64_t>(),
-                                       static_cast<float>(scale), tclip, pos.data_ptr<float>(),
-                                       part_sum.data_ptr<float>(), part_max.data_ptr<float>(),
-                                       part_sq.data_ptr<float>(), split_base, stream),
-               "nce_fwd_epilogue");
-    split_base += col_blocks(C);
+    if (mma) {
+      const Tensor images = feature_contiguous(trg, m0, m1);
+      check_cuda(launch_nce_fwd_mma(src_c.data_ptr(), N, src.size(1), view_of(images, m0),
+                                    src.scalar_type() == at::kBFloat16, idx.data_ptr<int64_t>(),
+                                    static_cast<float>(scale), tclip, mma_split(N, C, sms), pos.data_ptr<float>(),
+                                    part_sum.data_ptr<float>(), part_max.data_ptr<float>(),
+                                    part_sq.data_ptr<float>(), split_base, stream),
+                 "nce_fwd_mma");
+    } else {
+      const Tensor s = chunk_scores(src, trg, m0, m1);
+      check_cuda(launch_nce_fwd_epilogue(s.data_ptr<float>(), s.stride(0), N, C, L, m0, idx.data_ptr<int64_t>(),
+                                         static_cast<float>(scale), tclip, pos.data_ptr<float>(),
+                                         part_sum.data_ptr<float>(), part_max.data_ptr<float>(),
+                                         part_sq.data_ptr<float>(), split_base, stream),
+                 "nce_fwd_epilogue");
+    }
+    split_base += splits_of(C);
   }
   Tensor loss = at::empty({N, L}, f32), neg_lse = at::empty({N}, f32), sq = at::empty({N}, f32);
   check_cuda(launch_nce_merge(part_sum.data_ptr<float>(), part_max.data_ptr<float>(), part_sq.data_ptr<float>(),
@@ -92,6 +137,8 @@ std::tuple<Tensor, Tensor> nce_bwd_cuda(const Tensor& src, const Tensor& trg, co
   const BackwardRows rows = backward_rows(pos, neg_lse, grad_loss, grad_sq);
   const Tensor idx = pos_idx.contiguous();
   const int64_t ipc = images_per_chunk(N, M, L);
+  const bool mma = use_mma(src);
+  const Tensor src_c = mma ? src.contiguous() : src;
   // G in bf16 for bf16 inputs (float32's range); float32 otherwise: fp16 would flush the
   // smallest gradients, about 1/(N*L*M*L), to zero.
   const bool g_bf16 = src.scalar_type() == at::kBFloat16;
@@ -104,7 +151,14 @@ std::tuple<Tensor, Tensor> nce_bwd_cuda(const Tensor& src, const Tensor& trg, co
   for (int64_t m0 = 0; m0 < M; m0 += ipc) {
     const int64_t m1 = std::min(M, m0 + ipc), C = (m1 - m0) * L;
     Tensor g = g_buf.narrow(1, 0, C);
-    {
+    const Tensor images = mma ? feature_contiguous(trg, m0, m1) : trg.narrow(0, m0, m1 - m0);
+    if (mma) {
+      check_cuda(launch_nce_grad_mma(src_c.data_ptr(), N, D, view_of(images, m0), g_bf16, idx.data_ptr<int64_t>(),
+                                     rows.gpos.data_ptr<float>(), rows.r.data_ptr<float>(),
+                                     rows.neg_lse.data_ptr<float>(), rows.reg_coef.data_ptr<float>(),
+                                     static_cast<float>(scale), tclip, g.data_ptr(), g.stride(0), stream),
+                 "nce_grad_mma");
+    } else {
       const Tensor s = chunk_scores(src, trg, m0, m1);
       check_cuda(launch_nce_grad_epilogue(s.data_ptr<float>(), s.stride(0), N, C, L, m0, idx.data_ptr<int64_t>(),
                                           rows.gpos.data_ptr<float>(), rows.r.data_ptr<float>(),
@@ -112,7 +166,7 @@ std::tuple<Tensor, Tensor> nce_bwd_cuda(const Tensor& src, const Tensor& trg, co
                                           static_cast<float>(scale), tclip, g.data_ptr(), g.stride(0), g_bf16, stream),
                  "nce_grad_epilogue");
     }  // the score chunk is freed before the two products
-    const Tensor tile = trg.narrow(0, m0, m1 - m0).reshape({C, D}).to(g_type);
+    const Tensor tile = images.reshape({C, D}).to(g_type);
     if (need_src) {  // d src += G @ trg_chunk, float32 accumulation
       if (g_bf16) {
         dsrc_acc.add_(at::mm(g, tile, at::kFloat));

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "nce_cuda_device.cuh"
 #include "nce_cuda_kernels.h"
 #include "nce_math.h"
 
@@ -17,25 +18,21 @@ constexpr int kThreads = 256;
 constexpr int kPerThread = static_cast<int>(kCudaColsPerBlock / kThreads);  // 8
 
 __device__ float block_sum(float v, float* shared) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  v = warp_sum(v);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   __syncthreads();  // `shared` may still be read by a previous reduction
   if (lane == 0) shared[warp] = v;
   __syncthreads();
-  v = lane < kThreads / 32 ? shared[lane] : 0.f;
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;  // every thread holds the block's sum
+  return warp_sum(lane < kThreads / 32 ? shared[lane] : 0.f);  // every thread holds the block's sum
 }
 
 __device__ float block_max(float v, float* shared) {
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  v = warp_max(v);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   __syncthreads();
   if (lane == 0) shared[warp] = v;
   __syncthreads();
-  v = lane < kThreads / 32 ? shared[lane] : -INFINITY;
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
+  return warp_max(lane < kThreads / 32 ? shared[lane] : -INFINITY);
 }
 
 // grid (N, ceil(C / 2048)): block (row, y) reduces columns [y*2048, (y+1)*2048) of the chunk.
@@ -104,13 +101,6 @@ __global__ void nce_merge_kernel(const float* __restrict__ part_sum, const float
 }
 
 template <typename G>
-__device__ __forceinline__ void store(G* g, float v);
-template <>
-__device__ __forceinline__ void store<float>(float* g, float v) { *g = v; }
-template <>
-__device__ __forceinline__ void store<__nv_bfloat16>(__nv_bfloat16* g, float v) { *g = __float2bfloat16(v); }
-
-template <typename G>
 __global__ void __launch_bounds__(kThreads) nce_grad_epilogue_kernel(
     const float* __restrict__ scores, int64_t ld, int64_t C, int64_t L, int64_t m0,
     const int64_t* __restrict__ pos_idx, const float* __restrict__ gpos, const float* __restrict__ r,
@@ -131,7 +121,7 @@ __global__ void __launch_bounds__(kThreads) nce_grad_epilogue_kernel(
     const int64_t img = m0 + j / L;
     // exp(s - neg_lse) <= 1 at every negative: the row's log-sum-exp bounds each term
     const float dl_ds = img == p ? gpos[row * L + (j - (img - m0) * L)] : ri * expf(s - lse);
-    store(grow + j, score_grad(a, s, dl_ds, ci, tclip, scale));
+    store_as(grow + j, score_grad(a, s, dl_ds, ci, tclip, scale));
   }
 }
 

@@ -4,6 +4,7 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 
 namespace amdim_kernels {
@@ -30,5 +31,44 @@ cudaError_t launch_nce_grad_epilogue(const float* scores, int64_t ld, int64_t N,
                                      const int64_t* pos_idx, const float* gpos, const float* r, const float* neg_lse,
                                      const float* reg_coef, float scale, float tclip, void* g, int64_t ldg,
                                      bool g_is_bf16, cudaStream_t stream);
+
+// ---- Fused tensor-core kernels for 16-bit inputs (nce_cuda_mma.cu) ----
+// A target view: columns [0, C) of images m0, m0 + 1, ... (column j is location j % L of image
+// m0 + j / L) at trg + (j / L) * stride_img + (j % L) * stride_loc, D features with unit stride.
+// src is (N, D) contiguous. Both are __half (is_bf16 false) or __nv_bfloat16.
+struct TargetView {
+  const void* trg;
+  int64_t stride_img, stride_loc, C, L, m0;
+};
+
+// Score tiles of (kMmaRows sources x kMmaCols target columns).
+constexpr int64_t kMmaRows = 64;
+constexpr int64_t kMmaCols = 128;
+
+// How the forward splits the column tiles of one launch: `splits` blocks per row block, each
+// taking `tiles_per_split` consecutive tiles, so that about 4 blocks per SM are in flight.
+struct MmaSplit {
+  int64_t splits, tiles_per_split;
+};
+inline MmaSplit mma_split(int64_t N, int64_t C, int64_t sms) {
+  const int64_t tiles = (C + kMmaCols - 1) / kMmaCols, row_blocks = (N + kMmaRows - 1) / kMmaRows;
+  const int64_t want = std::min(tiles, std::max<int64_t>(1, (4 * sms + row_blocks - 1) / row_blocks));
+  const int64_t per = (tiles + want - 1) / want;
+  return {(tiles + per - 1) / per, per};
+}
+
+// Forward, fused: scores, sum a^2, soft clip, the negatives' sum of exp and the positives,
+// with the partials of split k at index split_base + k, as launch_nce_fwd_epilogue's.
+cudaError_t launch_nce_fwd_mma(const void* src, int64_t N, int64_t D, const TargetView& view, bool is_bf16,
+                               const int64_t* pos_idx, float scale, float tclip, MmaSplit split, float* pos,
+                               float* part_sum, float* part_max, float* part_sq, int64_t split_base,
+                               cudaStream_t stream);
+
+// Backward, fused: recomputes the scores of the view's columns and writes G to g (N x C, row
+// stride ldg) as bfloat16 for bfloat16 inputs, float32 for float16 inputs.
+cudaError_t launch_nce_grad_mma(const void* src, int64_t N, int64_t D, const TargetView& view, bool is_bf16,
+                                const int64_t* pos_idx, const float* gpos, const float* r, const float* neg_lse,
+                                const float* reg_coef, float scale, float tclip, void* g, int64_t ldg,
+                                cudaStream_t stream);
 
 }  // namespace amdim_kernels
