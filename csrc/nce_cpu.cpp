@@ -54,14 +54,15 @@ void for_positive_segments(float* tile, int64_t N, int64_t m0, int64_t m1, int64
 // Overwrites the (N x C) score tile `a` of images [m0, m1) with G = scale * d(loss + reg)/da.
 void gradient_tile(Tensor& a, int64_t m0, int64_t m1, int64_t L, const int64_t* pos_idx, const BackwardRows& rows,
                    float tclip, float scale) {
-  const Tensor s = tclip > 0.f ? (a / tclip).tanh_().mul_(tclip) : a.clone();
+  Tensor s = tclip > 0.f ? (a / tclip).tanh_().mul_(tclip) : a;
   // negatives: dL/ds = r * exp(s - neg_lse), <= r since neg_lse bounds every negative
   Tensor dl_ds = (s - rows.neg_lse.unsqueeze(1)).exp_().mul_(rows.r.unsqueeze(1));
   const float* gpos = rows.gpos.data_ptr<float>();
   for_positive_segments(dl_ds.data_ptr<float>(), a.size(0), m0, m1, L, pos_idx, [&](int64_t i, float* seg) {
     std::copy(gpos + i * L, gpos + (i + 1) * L, seg);  // positives: dL/ds = gpos
   });
-  if (tclip > 0.f) dl_ds.mul_(1 - (s / tclip).square_());  // through the clip: 1 - (s/tclip)^2
+  // through the clip: 1 - (s/tclip)^2, made in s's own buffer (s is not needed after this)
+  if (tclip > 0.f) dl_ds.mul_(s.div_(tclip).square_().neg_().add_(1.0));
   // G = scale * (dL/ds * clip' + reg_coef * a)
   a.mul_(rows.reg_coef.unsqueeze(1)).add_(dl_ds).mul_(scale);
 }
@@ -83,15 +84,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> nce_fwd_cpu(const Tensor& src, const 
   const int64_t* p_idx = idx.data_ptr<int64_t>();
   float* pos_p = pos.data_ptr<float>();
   const int64_t ipt = images_per_tile(N, L);
+  // Per-row state. Tiles are reduced in float32 (ATen's vectorised kernels, pairwise sums);
+  // their partials accumulate across tiles in float64: the shift (tclip with clipping, as s <
+  // tclip; else a running maximum), the negatives' sum of exp(s - shift), and the sum of a^2.
   const auto d64 = src.options().dtype(at::kDouble);
-  // per-row state, float64 on the CPU: shift (tclip with clipping, as s < tclip; else a
-  // running maximum), the negatives' sum of exp(s - shift), and the sum of a^2
-  Tensor shift = at::full({N, 1}, tclip > 0.f ? static_cast<double>(tclip) : -kInf, d64);
+  Tensor shift = at::full({N, 1}, tclip > 0.f ? tclip : -kInf, f32);
   Tensor sum = at::zeros({N, 1}, d64), sqsum = at::zeros({N}, d64);
   for (int64_t m0 = 0; m0 < M; m0 += ipt) {
     const int64_t m1 = std::min(M, m0 + ipt);
     Tensor a = score_tile(src32, target_tile(trg, m0, m1), scale);
-    sqsum.add_(a.square().sum(1, false, at::kDouble));
+    sqsum.add_(a.square().sum(1));
     if (tclip > 0.f) a.div_(tclip).tanh_().mul_(tclip);
     // positives: store them, then set them to -inf so that exp() drops them from the sums
     for_positive_segments(a.data_ptr<float>(), N, m0, m1, L, p_idx, [&](int64_t i, float* seg) {
@@ -99,12 +101,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> nce_fwd_cpu(const Tensor& src, const 
       std::fill(seg, seg + L, -kInf);
     });
     if (tclip <= 0.f) {  // online log-sum-exp: rescale the running sums to the new maximum
-      const Tensor new_shift = at::maximum(shift, a.amax(1, true).to(at::kDouble));
-      const Tensor safe = new_shift.masked_fill(new_shift == -kInf, 0.0);  // no exp(-inf - -inf)
-      sum.mul_((shift - safe).exp_()).add_((a - safe).exp_().sum(1, true, at::kDouble));
+      const Tensor new_shift = at::maximum(shift, a.amax(1, true));
+      const Tensor safe = new_shift.masked_fill(new_shift == -kInf, 0.f);  // no exp(-inf - -inf)
+      sum.mul_((shift - safe).exp_()).add_(a.sub_(safe).exp_().sum(1, true));
       shift = new_shift;
     } else {
-      sum.add_((a - tclip).exp_().sum(1, true, at::kDouble));
+      sum.add_(a.sub_(tclip).exp_().sum(1, true));
     }
   }
   // log(0) = -inf when the row has no negatives (M == 1): its loss is then 0
@@ -138,7 +140,14 @@ std::tuple<Tensor, Tensor> nce_bwd_cpu(const Tensor& src, const Tensor& trg, con
     const Tensor tile = target_tile(trg, m0, m1);
     Tensor g = score_tile(src32, tile, scale);
     gradient_tile(g, m0, m1, L, p_idx, rows, tclip, static_cast<float>(scale));
-    if (need_trg) dtrg.narrow(0, m0, m1 - m0).view({-1, D}).copy_(at::mm(g.t(), src32));  // owned rows
+    if (need_trg) {  // owned rows, written in place when dtrg is float32, else rounded once
+      Tensor rows_out = dtrg.narrow(0, m0, m1 - m0).view({-1, D});
+      if (dtrg.scalar_type() == at::kFloat) {
+        at::mm_out(rows_out, g.t(), src32);
+      } else {
+        rows_out.copy_(at::mm(g.t(), src32));
+      }
+    }
     if (need_src) dsrc_acc.addmm_(g, tile);  // float32, tiles in order
   }
   Tensor dsrc = dsrc_acc.to(src.scalar_type());
