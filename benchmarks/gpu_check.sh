@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine: install, run every test (GPU ones included), tune and
-# profile the Triton kernels, run the benchmark sweep. Logs and CSV/JSON go to $OUT.
+# profile the Triton kernels, run the benchmark sweeps. Logs and CSV/JSON go to $OUT.
+# STEPS picks among: tests compiled sanitize run run32 sweep infonce train bench demo tune.
+# Peer libraries: run `make peer-wheels` here first and carry wheels/ along.
 set -u
 OUT=${OUT:-/tmp/amdim_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -22,6 +24,9 @@ for step in $STEPS; do
            --out "$OUT" --suffix infonce_bf16 2>&1 | tee "$OUT/run_infonce.log" ;;
     sweep) timeout 400 python3 -m benchmarks.run --preset sweep --dtypes bfloat16 --impls $IMPLS --compile \
            --out "$OUT" --suffix sweep_bf16 2>&1 | tee "$OUT/run_sweep.log" ;;
+    train) timeout 300 python3 -m benchmarks.train_throughput --amp --backends reference triton cuda cuda:mma \
+           --out "$OUT/train_throughput.csv" 2>&1 | tee "$OUT/train_throughput.log" ;;
+    bench) timeout 300 python3 -m pytest benchmarks --benchmark-columns=median,iqr,rounds 2>&1 | tee "$OUT/bench.log" | tail -40 ;;
     demo) timeout 60 python3 -m benchmarks.demo 2>&1 | tee "$OUT/demo.log" ;;
     run32) timeout 100 python3 -m benchmarks.run --preset targets --dtypes float32 --impls $IMPLS \
            --out "$OUT" --suffix fp32 2>&1 | tee "$OUT/run_fp32.log" ;;

@@ -1,7 +1,7 @@
 """AMDIM training throughput with each nce_loss backend: issue 6's end-to-end figure.
 
     python -m benchmarks.train_throughput                  # the trainer's default model for this device
-    python -m benchmarks.train_throughput --preset official --amp --backends reference triton cuda
+    python -m benchmarks.train_throughput --preset official --amp --backends reference triton cuda cuda:mma
 
 Times amdim.train.Run.train_step itself (both views through the encoder, the six NCE calls,
 the online probes, Adam; it reads the losses back, as the trainer does) on one fixed batch
@@ -26,6 +26,7 @@ from amdim.objective import multiscale_nce
 from amdim_kernels import available_backends
 
 from .measure import median_ms, peak_extra_bytes
+from .run import impl_context
 
 
 def make_run(backend: str, args: argparse.Namespace) -> train.Run:
@@ -57,7 +58,13 @@ def loss_only(run: train.Run, views) -> callable:
     return step
 
 
-def measure(backend: str, args: argparse.Namespace) -> dict:
+def measure(impl: str, args: argparse.Namespace) -> dict:
+    """One row; impl is a backend name, or cuda:cublas / cuda:mma (the CUDA backend's score kernels)."""
+    with impl_context(impl):
+        return dict(_measure(impl.split(":")[0], args), backend=impl)
+
+
+def _measure(backend: str, args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     run = make_run(backend, args)
     (v1, v2), labels = next(iter(run.train_loader(0)))
