@@ -17,7 +17,7 @@ STEPS=${STEPS:-"tests run demo run32 tune"}
 IMPLS=${IMPLS:-"reference triton:fused triton:gemm cuda:cublas cuda:mma"}
 for step in $STEPS; do
   case $step in
-    tests) timeout 150 python3 -m pytest -q -rfE tests 2>&1 | tee "$OUT/pytest.log" | tail -25 ;;
+    tests) timeout 300 python3 -m pytest -q -rfE tests 2>&1 | tee "$OUT/pytest.log" | tail -25 ;;
     run) timeout 170 python3 -m benchmarks.run --preset targets --dtypes bfloat16 --impls $IMPLS --compile \
            --out "$OUT" --suffix bf16 2>&1 | tee "$OUT/run_bf16.log" ;;
     infonce) timeout 400 python3 -m benchmarks.run --preset infonce --dtypes bfloat16 --compile \

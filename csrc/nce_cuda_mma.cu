@@ -146,7 +146,7 @@ __device__ void score_tile(const T* __restrict__ src, int64_t N, int64_t D, cons
 #pragma unroll
         for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
     }
-    __syncthreads();  // this buffer is refilled two steps on, or becomes the score tile
+    __syncthreads();  // all warps are done with this buffer: the next step refills it, or it becomes the score tile
   }
   float* cs = reinterpret_cast<float*>(smem);
 #pragma unroll
