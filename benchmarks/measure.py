@@ -11,6 +11,8 @@ import torch
 
 def median_ms(fn: Callable[[], object], device: str, reps: int = 20, warmup: int = 3) -> float:
     """Median wall time of fn() in milliseconds, warm-up excluded; CUDA events on a GPU."""
+    if device == "cpu":
+        _malloc_mode(precise_rss=False)
     for _ in range(warmup):
         fn()
     times = []
@@ -31,16 +33,34 @@ def median_ms(fn: Callable[[], object], device: str, reps: int = 20, warmup: int
     return statistics.median(times)
 
 
-def _fix_malloc_threshold() -> None:
-    # glibc raises its mmap threshold after large frees and then keeps freed blocks resident,
-    # which would hide a later allocation from the peak-RSS reading. Fix it at 64 KiB.
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
-    except OSError:
-        pass
+# glibc's malloc decides whether a freed CPU tensor goes back to the OS, which matters both
+# ways on the CPU: timings must see the allocator as a long-running process does, and the
+# peak-RSS reading must see every large allocation of the call.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+try:
+    _libc = ctypes.CDLL("libc.so.6")
+except OSError:
+    _libc = None
 
 
-_fix_malloc_threshold()  # before any large CPU tensor of the benchmarks exists
+def _malloc_mode(precise_rss: bool) -> None:
+    """precise_rss: blocks over 64 KiB are mapped and unmapped one by one, so each one
+    raises the resident set (and its peak) when allocated and lowers it when freed; the free
+    memory the heap holds is handed back first (malloc_trim), so that a block reused from it
+    faults its pages in again and counts too. Else
+    glibc's steady state in a loop: its dynamic threshold settles at the largest freed block,
+    at most 32 MiB, and freed heap memory stays for reuse (a fixed small threshold would make
+    every large temporary fault its pages in again, slowing eager PyTorch the most)."""
+    if _libc is None:
+        return
+    mmap_threshold = 64 * 1024 if precise_rss else 32 * 2**20
+    _libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)
+    _libc.mallopt(_M_TRIM_THRESHOLD, 2 * mmap_threshold)
+    if precise_rss:
+        _libc.malloc_trim(0)
+
+
+_malloc_mode(precise_rss=False)
 
 
 def _rss_kib(field: str) -> int:
@@ -64,8 +84,12 @@ def peak_extra_bytes(fn: Callable[[], object], device: str) -> int:
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the high-water mark to the current resident set
-    base = _rss_kib("VmRSS")
-    fn()
-    return 1024 * max(0, _rss_kib("VmHWM") - base)
+    _malloc_mode(precise_rss=True)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the high-water mark to the current resident set
+        base = _rss_kib("VmRSS")
+        fn()
+        return 1024 * max(0, _rss_kib("VmHWM") - base)
+    finally:
+        _malloc_mode(precise_rss=False)
