@@ -20,7 +20,7 @@ for step in $STEPS; do
     tests) timeout 300 python3 -m pytest -q -rfE tests 2>&1 | tee "$OUT/pytest.log" | tail -25 ;;
     run) timeout 170 python3 -m benchmarks.run --preset targets --dtypes bfloat16 --impls $IMPLS --compile \
            --out "$OUT" --suffix bf16 2>&1 | tee "$OUT/run_bf16.log" ;;
-    infonce) timeout 400 python3 -m benchmarks.run --preset infonce --dtypes bfloat16 --compile \
+    infonce) timeout 540 python3 -m benchmarks.run --preset infonce --dtypes bfloat16 --compile \
            --out "$OUT" --suffix infonce_bf16 2>&1 | tee "$OUT/run_infonce.log" ;;
     sweep) timeout 400 python3 -m benchmarks.run --preset sweep --dtypes bfloat16 --impls $IMPLS --compile \
            --out "$OUT" --suffix sweep_bf16 2>&1 | tee "$OUT/run_sweep.log" ;;
