@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine: install, run every test (GPU ones included), tune and
 # profile the Triton kernels, run the benchmark sweeps. Logs and CSV/JSON go to $OUT.
-# STEPS picks among: tests compiled sanitize run run32 sweep infonce train bench demo tune.
+# STEPS picks among: tests compiled sanitize run run32 sweep infonce train bench overhead demo tune.
 # Peer libraries: run `make peer-wheels` here first and carry wheels/ along.
 set -u
 OUT=${OUT:-/tmp/amdim_out}; mkdir -p "$OUT"
@@ -35,6 +35,7 @@ for step in $STEPS; do
                 timeout 120 compute-sanitizer --tool $tool --print-limit 20 python3 -m benchmarks.sanitize_case 2>&1 \
                   | tee "$OUT/sanitize_$tool.log" | grep -E "ERROR SUMMARY|loss|Error" | head -8
               done ;;
+    overhead) timeout 300 python3 -m benchmarks.host_overhead 2>&1 | tee "$OUT/host_overhead.log" | tail -30 ;;
     tune) timeout 100 python3 -m benchmarks.tune_triton ${TUNE_ARGS:-} 2>&1 | tee "$OUT/tune.log" ;;
   esac
 done

@@ -1,5 +1,6 @@
-"""Where the host time of one Triton fwd+bwd goes, and what the backward's chunk count and
-the pos_idx range check (one device sync) cost on the GPU.
+"""Where the host time of one Triton fwd+bwd goes, what the backward's chunk count and
+the pos_idx range check (one device sync) cost on the GPU, and how much CUDA graphs
+(torch.compile(mode="reduce-overhead") around the cuda backend's fwd+bwd) take back.
 
     python -m benchmarks.host_overhead
 """
@@ -11,7 +12,8 @@ import pstats
 import torch
 from triton.testing import do_bench
 
-from amdim_kernels import nce_loss
+from amdim_kernels import available_backends, nce_loss
+from amdim_kernels.backends import cuda_scores
 from amdim_kernels.triton_nce import launch
 
 from . import problems
@@ -20,6 +22,34 @@ from . import problems
 def fwd_bwd(src, trg, pos_idx):
     loss, reg = nce_loss(src, trg, pos_idx, backend="triton")
     return torch.autograd.grad(loss + reg, (src, trg))
+
+
+def cuda_graphs() -> None:
+    """fwd+bwd of backend="cuda", eager vs replayed as CUDA graphs, on the small problems
+    where launches dominate."""
+    if "cuda" not in available_backends("cuda"):
+        return
+
+    def step(src, trg):
+        loss, reg = nce_loss(src, trg, backend="cuda")
+        return torch.autograd.grad(loss + reg, (src, trg))
+
+    print("| problem | cuda scores | eager fwd+bwd ms | reduce-overhead fwd+bwd ms |")
+    print("|---|---|---|---|")
+    for p in (problems.CIFAR, problems.ONE_GPU_SHARE):
+        if p.n != p.m:  # pos_idx=None keeps the call free of host syncs
+            p = problems.Problem(p.name + ", N = M", p.n, p.n, p.l, p.d)
+        src, trg, _ = p.inputs(torch.bfloat16, "cuda")
+        src.requires_grad_()
+        trg.requires_grad_()
+        for scores in ("cublas", "mma"):
+            with cuda_scores(scores):
+                eager = do_bench(lambda: step(src, trg), warmup=50, rep=300, return_mode="median")
+                graphed = torch.compile(step, mode="reduce-overhead")
+                for _ in range(3):  # compile, capture: before timing
+                    graphed(src, trg)
+                replay = do_bench(lambda: graphed(src, trg), warmup=50, rep=300, return_mode="median")
+            print(f"| {p.name} | {scores} | {eager:.3f} | {replay:.3f} |", flush=True)
 
 
 def main():
@@ -57,3 +87,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    cuda_graphs()

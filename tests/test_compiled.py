@@ -130,3 +130,28 @@ def test_cuda_large(shape, dtype):
     n, m, l, d = shape
     case = make_case(n, m, l, d, pos="arange" if n == m else "random", dtype=dtype, device="cuda", spread=3.0)
     assert_matches_truth(case, dtype, "cuda", truth=float64_truth(case))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scores", ["cublas", "mma"])
+def test_cuda_graph_capture_through_reduce_overhead(scores):
+    """torch.compile(mode="reduce-overhead") replays the whole fwd+bwd as CUDA graphs: the op
+    must not sync with the host or allocate outside the graph's pool."""
+    if "cuda" not in BACKENDS:
+        pytest.skip("backend 'cuda' is not built")
+    from amdim_kernels.backends import cuda_scores
+
+    case = make_case(64, 64, 25, 64, dtype=torch.bfloat16, device="cuda")
+
+    def step(src, trg):
+        loss, reg = nce_loss(src, trg, backend="cuda")
+        return torch.autograd.grad(loss + reg, (src, trg))
+
+    with cuda_scores(scores):
+        want = step(case.src.clone().requires_grad_(), case.trg.clone().requires_grad_())
+        compiled = torch.compile(step, mode="reduce-overhead")
+        for _ in range(3):  # warm-up, capture, replay
+            got = compiled(case.src.clone().requires_grad_(), case.trg.clone().requires_grad_())
+            got = [g.clone() for g in got]  # graph outputs are overwritten by the next replay
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
