@@ -30,14 +30,25 @@ constexpr float kInf = std::numeric_limits<float>::infinity();
 // kTileElems scores for N rows.
 int64_t images_per_tile(int64_t N, int64_t L) { return std::max<int64_t>(1, kTileElems / (N * L)); }
 
-// trg[m0:m1] as a float32 (C x D) matrix, C = (m1 - m0) * L.
-Tensor target_tile(const Tensor& trg, int64_t m0, int64_t m1) {
-  return trg.narrow(0, m0, m1 - m0).reshape({-1, trg.size(2)}).to(at::kFloat);
+// trg[m0:m1] as a float32 (D x C) matrix, C = (m1 - m0) * L, column (j - m0) * L + l being
+// location l of image j. When trg's features are contiguous this is a transposed view (a
+// copy only for another dtype); for the trainer's layout, feature maps (M, D, H*W) seen as
+// (M, L, D), it is a copy made of whole runs of L locations, twice as fast as gathering each
+// location's D features one stride apart.
+Tensor target_cols(const Tensor& trg, int64_t m0, int64_t m1) {
+  const Tensor images = trg.narrow(0, m0, m1 - m0);
+  const int64_t D = trg.size(2);
+  if (images.stride(2) != 1 && images.stride(1) == 1) {
+    Tensor cols = at::empty({D, m1 - m0, trg.size(1)}, images.options().dtype(at::kFloat));
+    cols.copy_(images.permute({2, 0, 1}));
+    return cols.view({D, -1});
+  }
+  return images.reshape({-1, D}).to(at::kFloat).t();
 }
 
-// a = scale * src_rows @ tile^T, float32 (R x C), contiguous and ours to overwrite.
-Tensor score_tile(const Tensor& src_rows32, const Tensor& tile32, double scale) {
-  return at::mm(src_rows32, tile32.t()).mul_(scale);
+// a = scale * src_rows @ cols, float32 (R x C), contiguous and ours to overwrite.
+Tensor score_tile(const Tensor& src_rows32, const Tensor& cols32, double scale) {
+  return at::mm(src_rows32, cols32).mul_(scale);
 }
 
 // Calls f(i, seg) for each row i whose positive image p lies in [m0, m1); seg points at
@@ -92,7 +103,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> nce_fwd_cpu(const Tensor& src, const 
   Tensor sum = at::zeros({N, 1}, d64), sqsum = at::zeros({N}, d64);
   for (int64_t m0 = 0; m0 < M; m0 += ipt) {
     const int64_t m1 = std::min(M, m0 + ipt);
-    Tensor a = score_tile(src32, target_tile(trg, m0, m1), scale);
+    Tensor a = score_tile(src32, target_cols(trg, m0, m1), scale);
     sqsum.add_(a.square().sum(1));
     if (tclip > 0.f) a.div_(tclip).tanh_().mul_(tclip);
     // positives: store them, then set them to -inf so that exp() drops them from the sums
@@ -137,8 +148,8 @@ std::tuple<Tensor, Tensor> nce_bwd_cpu(const Tensor& src, const Tensor& trg, con
   Tensor dsrc_acc = at::zeros({need_src ? N : 0, D}, src32.options());
   for (int64_t m0 = 0; m0 < M; m0 += ipt) {
     const int64_t m1 = std::min(M, m0 + ipt);
-    const Tensor tile = target_tile(trg, m0, m1);
-    Tensor g = score_tile(src32, tile, scale);
+    const Tensor cols = target_cols(trg, m0, m1);
+    Tensor g = score_tile(src32, cols, scale);
     gradient_tile(g, m0, m1, L, p_idx, rows, tclip, static_cast<float>(scale));
     if (need_trg) {  // owned rows, written in place when dtrg is float32, else rounded once
       Tensor rows_out = dtrg.narrow(0, m0, m1 - m0).view({-1, D});
@@ -148,7 +159,7 @@ std::tuple<Tensor, Tensor> nce_bwd_cpu(const Tensor& src, const Tensor& trg, con
         rows_out.copy_(at::mm(g.t(), src32));
       }
     }
-    if (need_src) dsrc_acc.addmm_(g, tile);  // float32, tiles in order
+    if (need_src) dsrc_acc.addmm_(g, cols.t());  // float32, tiles in order
   }
   Tensor dsrc = dsrc_acc.to(src.scalar_type());
   return {dsrc, dtrg};
