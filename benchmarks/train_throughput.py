@@ -9,7 +9,9 @@ of generated 32 px images, so data loading is left out. Every backend starts fro
 weights. Per backend: the median step time and images/s (2 views x batch, as the trainer
 counts them); the loss's own time, from multiscale_nce forward+backward alone on the
 encoder's detached features; the first step's loss, which must agree across backends; and
-the step's peak extra memory (CUDA allocator on a GPU, resident set on the CPU).
+the step's peak extra memory (CUDA allocator on a GPU, resident set on the CPU). The
+backends' runs live side by side and are timed in interleaved rounds, in alternating order,
+so that warm-up and order effects (10% on a shared CPU) fall on all of them alike.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import csv
 import datetime
 import os
 import platform
+import statistics
 
 import torch
 
@@ -58,28 +61,41 @@ def loss_only(run: train.Run, views) -> callable:
     return step
 
 
-def measure(impl: str, args: argparse.Namespace) -> dict:
-    """One row; impl is a backend name, or cuda:cublas / cuda:mma (the CUDA backend's score kernels)."""
-    with impl_context(impl):
-        return dict(_measure(impl.split(":")[0], args), backend=impl)
+class Contender:
+    """One backend's training run on its fixed batch, and its timings so far."""
 
+    def __init__(self, impl: str, args: argparse.Namespace):
+        self.impl, self.args = impl, args
+        with impl_context(impl):
+            torch.manual_seed(0)  # the same weights and batch for every backend
+            self.run = make_run(impl.split(":")[0], args)
+            (v1, v2), self.labels = next(iter(self.run.train_loader(0)))
+            self.views = (v1, v2)
+            self.first_loss = self.run.train_step(self.views, self.labels)["total"]  # also warms every kernel
+            self.loss_step = loss_only(self.run, self.views)
+        self.step_ms: list[float] = []
+        self.loss_ms: list[float] = []
 
-def _measure(backend: str, args: argparse.Namespace) -> dict:
-    torch.manual_seed(0)
-    run = make_run(backend, args)
-    (v1, v2), labels = next(iter(run.train_loader(0)))
-    first_loss = run.train_step((v1, v2), labels)["total"]  # also the warm-up of every kernel
-    step = lambda: run.train_step((v1, v2), labels)  # noqa: E731
-    step_ms = median_ms(step, args.device, reps=args.reps, warmup=2)
-    loss_ms = median_ms(loss_only(run, (v1, v2)), args.device, reps=args.reps, warmup=2)
-    peak = peak_extra_bytes(step, args.device)
-    images = 2 * labels.shape[0]
-    return dict(backend=backend, batch=labels.shape[0], step_ms=step_ms, images_per_s=1e3 * images / step_ms,
-                loss_ms=loss_ms, loss_share=loss_ms / step_ms, first_loss=first_loss, peak_mib=peak / 2**20,
-                model=f"ndf {run.args.ndf}, n_rkhs {run.args.n_rkhs}, depth {run.args.n_depth}",
-                amp=args.amp, device=torch.cuda.get_device_name() if args.device == "cuda" else platform.processor()
-                or "CPU", torch=torch.__version__,
-                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    def step(self):
+        return self.run.train_step(self.views, self.labels)
+
+    def time_round(self) -> None:
+        with impl_context(self.impl):
+            self.step_ms.append(median_ms(self.step, self.args.device, reps=self.args.reps, warmup=1))
+            self.loss_ms.append(median_ms(self.loss_step, self.args.device, reps=self.args.reps, warmup=1))
+
+    def row(self) -> dict:
+        with impl_context(self.impl):
+            peak = peak_extra_bytes(self.step, self.args.device)
+        step_ms, loss_ms = statistics.median(self.step_ms), statistics.median(self.loss_ms)
+        a = self.run.args
+        return dict(backend=self.impl, batch=self.labels.shape[0], step_ms=step_ms,
+                    images_per_s=1e3 * 2 * self.labels.shape[0] / step_ms, loss_ms=loss_ms,
+                    loss_share=loss_ms / step_ms, first_loss=self.first_loss, peak_mib=peak / 2**20,
+                    rounds=len(self.step_ms), model=f"ndf {a.ndf}, n_rkhs {a.n_rkhs}, depth {a.n_depth}",
+                    amp=self.args.amp, device=torch.cuda.get_device_name() if self.args.device == "cuda"
+                    else platform.processor() or "CPU", torch=torch.__version__,
+                    date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
 
 
 def main(argv=None):
@@ -90,22 +106,28 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=None, help="images per step (default: the preset's)")
     ap.add_argument("--amp", action="store_true", help="bf16 autocast, as the trainer's --amp")
     ap.add_argument("--backends", nargs="+", default=None, help="default: reference and every fused backend here")
-    ap.add_argument("--reps", type=int, default=None, help="timed steps per backend (default 20 GPU, 5 CPU)")
+    ap.add_argument("--reps", type=int, default=None, help="timed steps per backend and round (default 20 GPU, 5 CPU)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="rounds of timing, the backends interleaved in each (order effects cancel); medians over rounds")
     ap.add_argument("--out", default=None, help="CSV file to write")
     args = ap.parse_args(argv)
     args.reps = args.reps or (20 if args.device == "cuda" else 5)
     # Triton on the CPU runs in its interpreter: correct, far too slow to time a model with
     backends = args.backends or [b for b in available_backends(args.device)
                                  if not (b == "triton" and args.device == "cpu")]
+    contenders = [Contender(b, args) for b in backends]
+    for k in range(args.rounds):  # alternate the order: each backend runs first in some round
+        for c in contenders[::-1] if k % 2 else contenders:
+            c.time_round()
     rows = []
     print("| backend | batch | step ms | images/s | loss fwd+bwd ms | loss share | speed-up | first loss | peak MiB |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for b in backends:
-        r = measure(b, args)
+    for c in contenders:
+        r = c.row()
         rows.append(r)
         base = rows[0]["step_ms"] if rows[0]["backend"] == "reference" else None
         speedup = f"{base / r['step_ms']:.2f}x" if base else "-"
-        print(f"| {b} | {r['batch']} | {r['step_ms']:.1f} | {r['images_per_s']:.0f} | {r['loss_ms']:.1f} | "
+        print(f"| {r['backend']} | {r['batch']} | {r['step_ms']:.1f} | {r['images_per_s']:.0f} | {r['loss_ms']:.1f} | "
               f"{100 * r['loss_share']:.0f}% | {speedup} | {r['first_loss']:.4f} | {r['peak_mib']:.0f} |", flush=True)
     print(f"model: {rows[0]['model']}, amp {args.amp}, device {rows[0]['device']}, torch {torch.__version__}")
     if args.out:
