@@ -12,9 +12,12 @@ import torch
 from amdim_kernels import available_backends, nce_loss
 
 from . import problems
+from .run import impl_context
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = [b for b in available_backends(DEVICE) if not (b == "triton" and DEVICE == "cpu")]
+if "cuda" in BACKENDS:  # the CUDA backend's fused WMMA path too (AMDIM_KERNELS_CUDA_SCORES=mma)
+    BACKENDS.append("cuda:mma")
 SIZES = [problems.CIFAR, problems.ONE_GPU_SHARE, problems.SINGLE_GPU] if DEVICE == "cuda" else [
     problems.Problem("N=M=64, L=49, D=256", 64, 64, 49, 256), problems.Problem("N=M=256, L=49, D=256", 256, 256, 49, 256)]
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
@@ -23,6 +26,14 @@ DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
 def _sync():
     if DEVICE == "cuda":
         torch.cuda.synchronize()
+
+
+@pytest.fixture(autouse=True)
+def _pinned(request):
+    """backend "cuda:mma": the cuda backend with its WMMA score path, forward and backward."""
+    backend = request.node.callspec.params.get("backend", "")
+    with impl_context(backend):
+        yield
 
 
 @pytest.fixture(params=SIZES, ids=lambda p: p.name)
@@ -37,7 +48,7 @@ def test_forward(benchmark, inputs, backend):
 
     def run():
         with torch.no_grad():
-            out = nce_loss(src, trg, pos_idx, backend=backend)
+            out = nce_loss(src, trg, pos_idx, backend=backend.split(":")[0])
         _sync()
         return out
 
@@ -50,7 +61,7 @@ def test_forward_backward(benchmark, inputs, backend):
     src, trg, pos_idx = inputs
 
     def run():
-        loss, reg = nce_loss(src, trg, pos_idx, backend=backend)
+        loss, reg = nce_loss(src, trg, pos_idx, backend=backend.split(":")[0])
         grads = torch.autograd.grad(loss + reg, (src, trg))
         _sync()
         return grads
@@ -64,7 +75,7 @@ def test_backward(benchmark, inputs, backend):
     src, trg, pos_idx = inputs
 
     def setup():  # a fresh graph per round; only the backward is timed
-        loss, reg = nce_loss(src, trg, pos_idx, backend=backend)
+        loss, reg = nce_loss(src, trg, pos_idx, backend=backend.split(":")[0])
         _sync()
         return (loss + reg,), {}
 
