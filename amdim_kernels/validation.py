@@ -58,6 +58,12 @@ def _check_float_tensor(name: str, x: object, ndim: int, layout: str) -> torch.T
     return x
 
 
+def _finite(x: float) -> bool:
+    # not math.isfinite: under torch.compile a float argument can be symbolic, and a
+    # comparison is what the compiler can guard on (NaN fails it too)
+    return abs(x) < math.inf
+
+
 def validate(
     src: torch.Tensor,
     trg: torch.Tensor,
@@ -101,13 +107,13 @@ def validate(
 
     if tclip is not None:
         tclip = float(tclip)
-        if not (tclip > 0 and math.isfinite(tclip)):
+        if not (tclip > 0 and _finite(tclip)):
             raise ValueError(f"tclip must be a positive finite number or None, got {tclip}")
     reg_weight = float(reg_weight)
-    if not (reg_weight >= 0 and math.isfinite(reg_weight)):
+    if not (reg_weight >= 0 and _finite(reg_weight)):
         raise ValueError(f"reg_weight must be a finite number >= 0, got {reg_weight}")
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    if not math.isfinite(scale):
+    if not _finite(scale):
         raise ValueError(f"scale must be a finite number or None, got {scale}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")

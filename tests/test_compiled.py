@@ -98,6 +98,21 @@ def test_torch_compile_has_no_graph_break(backend):
     torch.testing.assert_close(trg.grad, trg_ref.grad)
 
 
+def test_torch_compile_with_changing_float_options(backend):
+    """A second call with other tclip / reg_weight / scale values makes torch.compile treat
+    them as symbolic floats; validation must still trace without a graph break."""
+    case = make_case(8, 8, 5, 16, device=DEVICE[backend])
+
+    def step(src, trg, tclip, reg_weight, scale):
+        loss, reg = nce_loss(src, trg, tclip=tclip, reg_weight=reg_weight, scale=scale, backend=backend)
+        return loss + reg
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    for options in ((20.0, 0.05, 0.25), (5.0, 0.1, 0.5), (7.0, 0.0, 0.3)):
+        torch.testing.assert_close(compiled(case.src, case.trg, *options), step(case.src, case.trg, *options))
+
+
 def test_no_module_lookup_per_call(backend, monkeypatch):
     """torch.compile cannot trace importlib.util.find_spec on every torch version (2.11 breaks
     the graph there): nce_loss's path must not look modules up."""

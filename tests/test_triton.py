@@ -95,6 +95,45 @@ def test_triton_grad_of_loss_only_and_reg_only():
         torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("options", [dict(), dict(tclip=None, reg_weight=0.0, reduction="none")], ids=str)
+@pytest.mark.parametrize("grad_of", [("src", "trg"), ("trg",)], ids=str)
+def test_triton_under_torch_compile(options, grad_of):
+    """torch.compile(fullgraph=True) traces the Triton backend as its registered ops (no graph
+    break), and the compiled step gives the eager step's values and gradients."""
+    case = make_case(7, 7, 5, 20, device=DEVICE, **options)
+
+    def step(src, trg):
+        loss, reg = nce_loss(src, trg, **case.kwargs(), backend="triton")
+        return loss.sum() + 3.0 * reg
+
+    def grads(fn):
+        src = case.src.clone().requires_grad_("src" in grad_of)
+        trg = case.trg.clone().requires_grad_("trg" in grad_of)
+        out = fn(src, trg)
+        out.backward()
+        return out.detach(), src.grad, trg.grad
+
+    want = grads(step)
+    got = grads(torch.compile(step, fullgraph=True, backend="aot_eager"))
+    for g, w in zip(got, want):
+        if w is None:
+            assert g is None
+        else:
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("tclip", [20.0, None])
+def test_triton_op_registrations(tclip):
+    """Schema, fake implementation and autograd formula of amdim_kernels::triton_nce_fwd agree
+    with the kernels (torch.library.opcheck)."""
+    import amdim_kernels.triton_nce.function  # noqa: F401 (registers the ops)
+
+    case = make_case(6, 4, 3, 8, pos="random", device=DEVICE)
+    src, trg = case.src.requires_grad_(), case.trg.requires_grad_()
+    torch.library.opcheck(torch.ops.amdim_kernels.triton_nce_fwd.default,
+                          (src, trg, case.pos_idx, tclip, 0.3, "fused"))
+
+
 # ---- GPU: realistic sizes and the tensor-core paths (skipped without a GPU) ----
 
 GPU_SHAPES = [  # (N, M, L, D)
