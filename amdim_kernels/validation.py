@@ -100,9 +100,14 @@ def validate(
             raise TypeError(f"pos_idx must have an integer dtype, got {pos_idx.dtype}")
         if pos_idx.device != src.device:
             raise ValueError(f"pos_idx must be on src's device {src.device}, got {pos_idx.device}")
-        lo, hi = torch.stack(torch.aminmax(pos_idx)).tolist()  # one device sync for both bounds
-        if lo < 0 or hi >= m:
-            raise ValueError(f"pos_idx values must lie in [0, M) = [0, {m}), got values in [{lo}, {hi}]")
+        if torch.compiler.is_compiling():
+            # a compiled graph cannot read values back to the host: the check runs on the
+            # device instead, and fails when the graph runs (RuntimeError, same message)
+            torch._assert_async(((pos_idx >= 0) & (pos_idx < m)).all(), f"pos_idx values must lie in [0, M) = [0, {m})")
+        else:
+            lo, hi = torch.stack(torch.aminmax(pos_idx)).tolist()  # one device sync for both bounds
+            if lo < 0 or hi >= m:
+                raise ValueError(f"pos_idx values must lie in [0, M) = [0, {m}), got values in [{lo}, {hi}]")
         pos_idx = pos_idx.to(torch.int64)
 
     if tclip is not None:

@@ -7,6 +7,7 @@ the pos_idx range check (one device sync) cost on the GPU, and how much CUDA gra
 from __future__ import annotations
 
 import cProfile
+import contextlib
 import pstats
 
 import torch
@@ -25,31 +26,31 @@ def fwd_bwd(src, trg, pos_idx):
 
 
 def cuda_graphs() -> None:
-    """fwd+bwd of backend="cuda", eager vs replayed as CUDA graphs, on the small problems
-    where launches dominate."""
-    if "cuda" not in available_backends("cuda"):
-        return
-
-    def step(src, trg):
-        loss, reg = nce_loss(src, trg, backend="cuda")
-        return torch.autograd.grad(loss + reg, (src, trg))
-
-    print("| problem | cuda scores | eager fwd+bwd ms | reduce-overhead fwd+bwd ms |")
+    """fwd+bwd of backends "triton" and "cuda" (both score paths), eager vs replayed as CUDA
+    graphs (torch.compile(mode="reduce-overhead")), on the small problems where launches
+    dominate."""
+    impls = [("triton", None)] + ([("cuda", "cublas"), ("cuda", "mma")] if "cuda" in available_backends("cuda") else [])
+    print("| problem | backend | eager fwd+bwd ms | reduce-overhead fwd+bwd ms |")
     print("|---|---|---|---|")
     for p in (problems.CIFAR, problems.ONE_GPU_SHARE):
-        if p.n != p.m:  # pos_idx=None keeps the call free of host syncs
-            p = problems.Problem(p.name + ", N = M", p.n, p.n, p.l, p.d)
-        src, trg, _ = p.inputs(torch.bfloat16, "cuda")
+        src, trg, pos_idx = p.inputs(torch.bfloat16, "cuda")
+        pos_idx = pos_idx if p.n != p.m else None  # eager checks a given pos_idx with one sync
         src.requires_grad_()
         trg.requires_grad_()
-        for scores in ("cublas", "mma"):
-            with cuda_scores(scores):
-                eager = do_bench(lambda: step(src, trg), warmup=50, rep=300, return_mode="median")
+        for backend, scores in impls:
+
+            def step(src, trg, pos_idx, backend=backend):
+                loss, reg = nce_loss(src, trg, pos_idx, backend=backend)
+                return torch.autograd.grad(loss + reg, (src, trg))
+
+            with cuda_scores(scores) if scores else contextlib.nullcontext():
+                eager = do_bench(lambda: step(src, trg, pos_idx), warmup=50, rep=300, return_mode="median")
                 graphed = torch.compile(step, mode="reduce-overhead")
                 for _ in range(3):  # compile, capture: before timing
-                    graphed(src, trg)
-                replay = do_bench(lambda: graphed(src, trg), warmup=50, rep=300, return_mode="median")
-            print(f"| {p.name} | {scores} | {eager:.3f} | {replay:.3f} |", flush=True)
+                    graphed(src, trg, pos_idx)
+                replay = do_bench(lambda: graphed(src, trg, pos_idx), warmup=50, rep=300, return_mode="median")
+            name = backend + (f" ({scores})" if scores else "")
+            print(f"| {p.name} | {name} | {eager:.3f} | {replay:.3f} |", flush=True)
 
 
 def main():

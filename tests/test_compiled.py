@@ -113,6 +113,25 @@ def test_torch_compile_with_changing_float_options(backend):
         torch.testing.assert_close(compiled(case.src, case.trg, *options), step(case.src, case.trg, *options))
 
 
+def test_torch_compile_with_given_pos_idx(backend):
+    """N != M needs pos_idx; its range check must not read values back inside a graph (it
+    becomes a device-side assertion there), and a bad index still raises."""
+    case = make_case(6, 9, 4, 16, pos="random", device=DEVICE[backend])
+
+    def step(src, trg, pos_idx):
+        loss, reg = nce_loss(src, trg, pos_idx, backend=backend)
+        return loss + reg
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(case.src, case.trg, case.pos_idx), step(case.src, case.trg, case.pos_idx))
+    if DEVICE[backend] == "cpu":  # on a GPU the failed assertion would poison the CUDA context
+        bad = case.pos_idx.clone()
+        bad[2] = 9
+        with pytest.raises(RuntimeError, match=r"pos_idx values must lie in \[0, M\) = \[0, 9\)"):
+            compiled(case.src, case.trg, bad)
+
+
 def test_no_module_lookup_per_call(backend, monkeypatch):
     """torch.compile cannot trace importlib.util.find_spec on every torch version (2.11 breaks
     the graph there): nce_loss's path must not look modules up."""

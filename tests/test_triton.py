@@ -176,3 +176,20 @@ def test_triton_gpu_tf32_follows_torch_switch():
 def test_triton_both_score_strategies(shape, options, strategy):
     n, m, l, d, pos = shape
     run_case(make_case(n, m, l, d, pos=pos, device=DEVICE, trg_layout="feature_map", **options), torch.float32)
+
+
+@pytest.mark.gpu
+def test_triton_cuda_graph_capture_through_reduce_overhead():
+    """torch.compile(mode="reduce-overhead") replays the Triton backend's fwd+bwd as CUDA graphs."""
+    case = make_case(64, 64, 25, 64, dtype=torch.bfloat16, device="cuda")
+
+    def step(src, trg):
+        loss, reg = nce_loss(src, trg, backend="triton")
+        return torch.autograd.grad(loss + reg, (src, trg))
+
+    want = step(case.src.clone().requires_grad_(), case.trg.clone().requires_grad_())
+    compiled = torch.compile(step, mode="reduce-overhead")
+    for _ in range(3):  # warm-up, capture, replay
+        got = [g.clone() for g in compiled(case.src.clone().requires_grad_(), case.trg.clone().requires_grad_())]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
