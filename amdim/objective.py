@@ -70,6 +70,12 @@ class Losses:
         return {k: float(getattr(self, k).detach()) for k in ("total", "loss_1t5", "loss_1t7", "loss_5t5", "reg")}
 
 
+def draw_locations(b: int, n_locations: int = 25) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 5->5 sources: one uniform location of the 5x5 map per image of each view, from the
+    CPU RNG (as the official code)."""
+    return torch.randint(0, n_locations, (b,)), torch.randint(0, n_locations, (b,))
+
+
 def multiscale_nce(view1, view2, *, tclip: float | None = 20.0, backend: str = "auto",
                    locations: tuple[torch.Tensor, torch.Tensor] | None = None) -> Losses:
     """view1, view2: (r1 (B, D), r5 (B, D, 5, 5), r7 (B, D, 7, 7)) of the two views.
@@ -79,7 +85,7 @@ def multiscale_nce(view1, view2, *, tclip: float | None = 20.0, backend: str = "
     t5_a, t5_b, t7_a, t7_b = as_targets(r5_a), as_targets(r5_b), as_targets(r7_a), as_targets(r7_b)
     b = r1_a.shape[0]
     if locations is None:
-        locations = (torch.randint(0, t5_a.shape[1], (b,)), torch.randint(0, t5_b.shape[1], (b,)))
+        locations = draw_locations(b, t5_a.shape[1])
     rows = torch.arange(b, device=r1_a.device)
     s5_a = t5_a[rows, locations[0].to(r1_a.device)]
     s5_b = t5_b[rows, locations[1].to(r1_a.device)]

@@ -30,7 +30,7 @@ from . import checkpoint
 from .data import SPECS, MissingDataset, build_datasets
 from .evaluator import Evaluator
 from .model import AMDIM
-from .objective import multiscale_nce
+from .objective import draw_locations, multiscale_nce
 
 PRESETS = {
     # the official defaults (train.py of amdim-public)
@@ -61,6 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tclip", type=float, default=20.0, help="score clipping; 0 disables it")
     p.add_argument("--backend", default="auto", help=f"nce_loss backend: auto or one of {available_backends()}")
     p.add_argument("--amp", action="store_true", help="bf16 autocast")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the forward pass: encoder, the six NCE calls (one opaque op each) and probes")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend for --compile")
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (CUDA)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -127,6 +130,9 @@ class Run:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda t: lr_factor(t, self.steps_per_epoch, args.warmup_steps, args.milestones))
         self.epoch, self.step = 0, 0
+        # nce_loss traces without graph breaks on every backend, so the whole forward compiles
+        self.forward_losses = (torch.compile(self._forward_losses, backend=args.compile_backend) if args.compile
+                               else self._forward_losses)
 
     # ---- data ----
     def train_loader(self, epoch: int, skip_batches: int = 0) -> DataLoader:
@@ -145,16 +151,22 @@ class Run:
                           generator=torch.Generator().manual_seed(a.seed + epoch), persistent_workers=False)
 
     # ---- one update ----
-    def train_step(self, views, labels) -> dict[str, float]:
+    def _forward_losses(self, x, labels, locations):
         a = self.args
-        x = torch.cat(views).to(self.device, non_blocking=True)
-        labels = labels.to(self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=a.amp):
             r1, r5, r7 = self.net(x)  # both views in one pass, then split
             b = labels.shape[0]
             view1, view2 = (r1[:b], r5[:b], r7[:b]), (r1[b:], r5[b:], r7[b:])
-            losses = multiscale_nce(view1, view2, tclip=a.tclip or None, backend=a.backend)
+            losses = multiscale_nce(view1, view2, tclip=a.tclip or None, backend=a.backend, locations=locations)
             cls_loss = self.evaluator.loss(r1, torch.cat([labels, labels]))
+        return losses, cls_loss
+
+    def train_step(self, views, labels) -> dict[str, float]:
+        x = torch.cat(views).to(self.device, non_blocking=True)
+        labels = labels.to(self.device)
+        # the 5->5 source locations: drawn outside any compiled graph, from the CPU RNG, so
+        # that --resume replays them exactly with --compile too
+        losses, cls_loss = self.forward_losses(x, labels, draw_locations(labels.shape[0]))
         self.optimizer.zero_grad(set_to_none=True)
         (losses.total + cls_loss).backward()
         self.optimizer.step()

@@ -11,7 +11,7 @@ from amdim import train as amdim_train
 from amdim.data import SPECS, TwoViews, build_datasets
 from amdim.model import AMDIM, ConvResNxN
 from amdim.objective import as_targets, multiscale_nce
-from amdim_kernels import nce_loss
+from amdim_kernels import available_backends, nce_loss
 
 TINY = ["--dataset", "synthetic", "--ndf", "8", "--n-rkhs", "32", "--n-depth", "1", "--batch-size", "16",
         "--workers", "0", "--eval-batches", "1"]
@@ -178,3 +178,24 @@ def test_amp_step_runs_in_bf16_autocast(tmp_path):
     (v1, v2), labels = next(iter(run.train_loader(0)))
     metrics = run.train_step((v1, v2), labels)
     assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
+
+
+@pytest.mark.parametrize("backend", ["reference"] + [b for b in ("cpp",) if b in available_backends("cpu")])
+def test_compiled_training_step_matches_eager(tmp_path, backend):
+    """--compile traces the whole forward (encoder, six nce_loss calls, probes) as one graph
+    (fullgraph here, to prove it) and takes the same steps as eager."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    losses = {}
+    for compiled in (False, True):
+        flags = TINY + ["--backend", backend, "--out", str(tmp_path)]
+        args = amdim_train.parse_args(flags + (["--compile", "--compile-backend", "aot_eager"] if compiled else []))
+        torch.manual_seed(0)
+        run = amdim_train.Run(args)
+        if compiled:  # the same, with fullgraph: any graph break fails the test
+            run.forward_losses = torch.compile(run._forward_losses, backend="aot_eager", fullgraph=True)
+        (v1, v2), labels = next(iter(run.train_loader(0)))
+        torch.manual_seed(1)
+        losses[compiled] = [run.train_step((v1, v2), labels)["total"] for _ in range(3)]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
