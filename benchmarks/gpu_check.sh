@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine: install, run every test (GPU ones included), tune and
 # profile the Triton kernels, run the benchmark sweeps. Logs and CSV/JSON go to $OUT.
-# STEPS picks among: tests compiled sanitize run run32 sweep infonce train bench overhead demo tune.
+# STEPS picks among: tests compiled sanitize run run32 sweep infonce train train_compiled bench overhead demo tune.
 # Peer libraries: run `make peer-wheels` here first and carry wheels/ along.
 set -u
 OUT=${OUT:-/tmp/amdim_out}; mkdir -p "$OUT"
@@ -26,6 +26,8 @@ for step in $STEPS; do
            --out "$OUT" --suffix sweep_bf16 2>&1 | tee "$OUT/run_sweep.log" ;;
     train) timeout 300 python3 -m benchmarks.train_throughput --amp --backends reference triton cuda cuda:mma \
            --out "$OUT/train_throughput.csv" 2>&1 | tee "$OUT/train_throughput.log" ;;
+    train_compiled) timeout 500 python3 -m benchmarks.train_throughput --amp --compile --backends reference triton cuda \
+           --out "$OUT/train_throughput_compiled.csv" 2>&1 | tee "$OUT/train_throughput_compiled.log" ;;
     bench) timeout 300 python3 -m pytest benchmarks --benchmark-columns=median,iqr,rounds 2>&1 | tee "$OUT/bench.log" | tail -40 ;;
     demo) timeout 60 python3 -m benchmarks.demo 2>&1 | tee "$OUT/demo.log" ;;
     run32) timeout 100 python3 -m benchmarks.run --preset targets --dtypes float32 --impls $IMPLS \

@@ -41,6 +41,8 @@ def make_run(backend: str, args: argparse.Namespace) -> train.Run:
         argv += ["--batch-size", str(args.batch_size)]
     if args.amp:
         argv.append("--amp")
+    if args.compile:
+        argv.append("--compile")
     return train.Run(train.parse_args(argv))
 
 
@@ -59,6 +61,10 @@ def loss_only(run: train.Run, views) -> callable:
         total.backward()
 
     return step
+
+
+def _device_name(device: str) -> str:
+    return torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "CPU"
 
 
 class Contender:
@@ -93,8 +99,8 @@ class Contender:
                     images_per_s=1e3 * 2 * self.labels.shape[0] / step_ms, loss_ms=loss_ms,
                     loss_share=loss_ms / step_ms, first_loss=self.first_loss, peak_mib=peak / 2**20,
                     rounds=len(self.step_ms), model=f"ndf {a.ndf}, n_rkhs {a.n_rkhs}, depth {a.n_depth}",
-                    amp=self.args.amp, device=torch.cuda.get_device_name() if self.args.device == "cuda"
-                    else platform.processor() or "CPU", torch=torch.__version__,
+                    amp=self.args.amp, compile=self.args.compile, device=_device_name(self.args.device),
+                    torch=torch.__version__,
                     date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
 
 
@@ -105,6 +111,7 @@ def main(argv=None):
                     help="model size (default: the trainer's for the device)")
     ap.add_argument("--batch-size", type=int, default=None, help="images per step (default: the preset's)")
     ap.add_argument("--amp", action="store_true", help="bf16 autocast, as the trainer's --amp")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the forward, as the trainer's --compile")
     ap.add_argument("--backends", nargs="+", default=None, help="default: reference and every fused backend here")
     ap.add_argument("--reps", type=int, default=None, help="timed steps per backend and round (default 20 GPU, 5 CPU)")
     ap.add_argument("--rounds", type=int, default=3,
@@ -129,7 +136,7 @@ def main(argv=None):
         speedup = f"{base / r['step_ms']:.2f}x" if base else "-"
         print(f"| {r['backend']} | {r['batch']} | {r['step_ms']:.1f} | {r['images_per_s']:.0f} | {r['loss_ms']:.1f} | "
               f"{100 * r['loss_share']:.0f}% | {speedup} | {r['first_loss']:.4f} | {r['peak_mib']:.0f} |", flush=True)
-    print(f"model: {rows[0]['model']}, amp {args.amp}, device {rows[0]['device']}, torch {torch.__version__}")
+    print(f"model: {rows[0]['model']}, amp {args.amp}, compile {args.compile}, device {rows[0]['device']}, torch {torch.__version__}")
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w", newline="") as f:
