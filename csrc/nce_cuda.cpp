@@ -55,7 +55,11 @@ bool use_mma(const Tensor& src) {
   const std::string choice = env ? env : "";
   TORCH_CHECK(choice.empty() || choice == "cublas" || choice == "mma",
               "amdim_kernels: AMDIM_KERNELS_CUDA_SCORES must be 'cublas' or 'mma', got '", choice, "'");
-  return choice == "mma" && src.scalar_type() != at::kFloat;
+  if (choice != "mma" || src.scalar_type() == at::kFloat) return false;
+  const int major = at::cuda::getCurrentDeviceProperties()->major;
+  TORCH_CHECK(major >= 8, "amdim_kernels: AMDIM_KERNELS_CUDA_SCORES=mma needs compute capability 8.0 or newer, ",
+              "this GPU has ", major, ".x; use the default cuBLAS path");
+  return true;
 }
 
 // Images [m0, m1) of trg with unit stride along D, as the WMMA kernels read them: a view when

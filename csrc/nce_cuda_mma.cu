@@ -26,8 +26,12 @@
 #include "nce_cuda_kernels.h"
 #include "nce_math.h"
 
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
-#error "amdim_kernels: the fused WMMA kernels need compute capability 8.0 or newer (bfloat16 WMMA, cp.async); set TORCH_CUDA_ARCH_LIST accordingly"
+// The device code needs compute capability 8.0 (bfloat16 WMMA, cp.async). Built for an older
+// target, the kernels are stubs that trap, and nce_cuda.cpp refuses the path on such a GPU.
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+#define AMDIM_MMA_ARCH 1
+#else
+#define AMDIM_MMA_ARCH 0
 #endif
 
 namespace amdim_kernels {
@@ -54,6 +58,7 @@ struct Stage {  // one K-slab of both operands, row-major [row][k]
 constexpr int kStageBytes = static_cast<int>(sizeof(Stage<__half>));
 constexpr int kSmemBytes = 2 * kStageBytes > BM * LDC * 4 ? 2 * kStageBytes : BM * LDC * 4;  // 33 KiB
 
+#if AMDIM_MMA_ARCH
 // 16 bytes global -> shared without registers; src_bytes = 0 writes zeros (masked rows).
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
@@ -157,11 +162,14 @@ __device__ void score_tile(const T* __restrict__ src, int64_t N, int64_t D, cons
   __syncthreads();
 }
 
+#endif  // AMDIM_MMA_ARCH
+
 template <typename T, bool VEC>
 __global__ void __launch_bounds__(kThreads) nce_fwd_mma_kernel(
     const T* __restrict__ src, int64_t N, int64_t D, const TargetView v, int64_t tiles_per_split,
     const int64_t* __restrict__ pos_idx, float scale, float tclip, float* __restrict__ pos,
     float* __restrict__ part_sum, float* __restrict__ part_max, float* __restrict__ part_sq, int64_t split_base) {
+#if AMDIM_MMA_ARCH
   __shared__ __align__(128) unsigned char smem[kSmemBytes];
   const float* cs = reinterpret_cast<const float*>(smem);
   const T* trg = static_cast<const T*>(v.trg);
@@ -227,6 +235,9 @@ __global__ void __launch_bounds__(kThreads) nce_fwd_mma_kernel(
       part_sq[out] = row_sq;
     }
   }
+#else
+  __trap();
+#endif
 }
 
 template <typename T, typename G, bool VEC>
@@ -234,6 +245,7 @@ __global__ void __launch_bounds__(kThreads) nce_grad_mma_kernel(
     const T* __restrict__ src, int64_t N, int64_t D, const TargetView v, const int64_t* __restrict__ pos_idx,
     const float* __restrict__ gpos, const float* __restrict__ r_coef, const float* __restrict__ neg_lse,
     const float* __restrict__ reg_coef, float scale, float tclip, G* __restrict__ g, int64_t ldg) {
+#if AMDIM_MMA_ARCH
   __shared__ __align__(128) unsigned char smem[kSmemBytes];
   const float* cs = reinterpret_cast<const float*>(smem);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -257,6 +269,9 @@ __global__ void __launch_bounds__(kThreads) nce_grad_mma_kernel(
       store_as(g + row * ldg + j, score_grad(a, s, dl_ds, ci, tclip, scale));
     }
   }
+#else
+  __trap();
+#endif
 }
 
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
