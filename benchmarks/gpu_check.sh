@@ -13,7 +13,7 @@ time python3 -m pip install -e . --no-build-isolation --no-deps -v 2>&1 | grep -
 python3 -c "import amdim_kernels; print(amdim_kernels.build_info())"
 # the peer libraries (make peer-wheels here, then carry wheels/ to the machine)
 if ls wheels/*.whl >/dev/null 2>&1; then python3 -m pip install --no-deps --no-index -q wheels/*.whl; fi
-STEPS=${STEPS:-"tests run demo run32 tune"}
+STEPS=${STEPS:-"tests sanitize run overhead"}
 IMPLS=${IMPLS:-"reference triton:fused triton:gemm cuda:cublas cuda:mma"}
 for step in $STEPS; do
   case $step in
