@@ -34,7 +34,7 @@ for step in $STEPS; do
            --out "$OUT" --suffix fp32 2>&1 | tee "$OUT/run_fp32.log" ;;
     compiled) timeout 120 python3 -m pytest -q -rfE tests/test_compiled.py 2>&1 | tee "$OUT/pytest_compiled.log" | tail -8 ;;
     sanitize) for tool in memcheck racecheck; do
-                timeout 120 compute-sanitizer --tool $tool --print-limit 20 python3 -m benchmarks.sanitize_case 2>&1 \
+                timeout 240 compute-sanitizer --tool $tool --print-limit 20 python3 -m benchmarks.sanitize_case 2>&1 \
                   | tee "$OUT/sanitize_$tool.log" | grep -E "ERROR SUMMARY|loss|Error" | head -8
               done ;;
     overhead) timeout 300 python3 -m benchmarks.host_overhead 2>&1 | tee "$OUT/host_overhead.log" | tail -30 ;;
