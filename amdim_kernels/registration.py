@@ -35,10 +35,9 @@ def _fake_bwd(src, trg, pos_idx, pos, neg_lse, grad_loss, grad_sq, *options_and_
     return dsrc, dtrg
 
 
-def register(fwd_name: str, bwd_name: str, bwd: Callable) -> None:
-    """Fake implementations for both ops, and fwd's autograd formula through `bwd`."""
-    torch.library.register_fake(fwd_name)(_fake_fwd)
-    torch.library.register_fake(bwd_name)(_fake_bwd)
+def autograd_formula(bwd: Callable) -> tuple[Callable, Callable]:
+    """(setup_context, backward) of a fwd op, its gradients computed by `bwd`; they serve
+    torch.library.register_autograd and a torch.autograd.Function alike."""
 
     def setup_context(ctx, inputs, output):
         src, trg, pos_idx, *options = inputs
@@ -58,6 +57,14 @@ def register(fwd_name: str, bwd_name: str, bwd: Callable) -> None:
                          grad_sq.float().contiguous(), *ctx.options, need_src, need_trg)
         return (dsrc if need_src else None), (dtrg if need_trg else None), None, *([None] * len(ctx.options))
 
+    return setup_context, backward
+
+
+def register(fwd_name: str, bwd_name: str, bwd: Callable) -> None:
+    """Fake implementations for both ops, and fwd's autograd formula through `bwd`."""
+    torch.library.register_fake(fwd_name)(_fake_fwd)
+    torch.library.register_fake(bwd_name)(_fake_bwd)
+    setup_context, backward = autograd_formula(bwd)
     torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
 
 

@@ -5,17 +5,18 @@ chunk by chunk (a chunk is whole images, about 1/8 of the columns) into G = scal
 then d src += G @ trg_chunk and d trg_chunk = G^T @ src run on cuBLAS with float32
 accumulation. Deterministic: no atomics anywhere, partials merged in a fixed order.
 
-Two thin wrappers share that work. In eager mode, a torch.autograd.Function: the lighter
-call (about 5 us of host time where a registered op takes about 30, measured on this
-project's CPU). Under torch.compile, the registered ops amdim_kernels::triton_nce_fwd and
-triton_nce_bwd (registration.py), which the compiler traces as opaque calls; it would break
-the graph on the Function's Python.
+`forward` and `backward` follow the op contract of registration.py, which also gives the
+autograd formula, and are called two ways. In eager mode through a torch.autograd.Function:
+the lighter call (about 5 us of host time where a registered op takes about 30, measured on
+this project's CPU). Under torch.compile through the registered ops
+amdim_kernels::triton_nce_fwd and triton_nce_bwd, which the compiler traces as opaque calls;
+it would break the graph on the Function's Python.
 """
 from __future__ import annotations
 
 import torch
 
-from ..registration import loss_and_reg, register
+from ..registration import autograd_formula, loss_and_reg, register
 from ..validation import Problem
 from . import launch
 
@@ -26,17 +27,25 @@ def _grad_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
 
 
-def backward_grads(src, trg, pos_idx, pos, neg_lse, w, reg_coef, tclip, scale, strategy, need_src, need_trg):
-    """(d src, d trg), None where not needed, of sum(w * loss) + reg, for the upstream weight
-    w (N, L) of each positive's loss and reg's derivative d(reg)/da[i, j] = reg_coef[i] *
-    a[i, j] (reg_coef (N,), or one value broadcast with stride 0)."""
+def forward(src: torch.Tensor, trg: torch.Tensor, pos_idx: torch.Tensor, tclip: float | None, scale: float,
+            strategy: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """loss (N, L), pos (N, L), neg_lse (N,), sq (N,): registration.py's fwd."""
+    stats = launch.forward(src, trg, pos_idx, tclip, scale, strategy)
+    return stats.loss, stats.pos, stats.neg_lse, stats.sq
+
+
+def backward(src: torch.Tensor, trg: torch.Tensor, pos_idx: torch.Tensor, pos: torch.Tensor, neg_lse: torch.Tensor,
+             grad_loss: torch.Tensor, grad_sq: torch.Tensor, tclip: float | None, scale: float, strategy: str,
+             need_src: bool, need_trg: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """d src and d trg of sum(grad_loss * loss) + sum(grad_sq * sq): registration.py's bwd."""
     n, l = pos.shape
     m, _, d = trg.shape
     sig = torch.sigmoid(neg_lse[:, None] - pos)  # 1 - exp(pos) / Z
-    gpos = (-w * sig).contiguous()
-    r = (w * sig).sum(1)
+    gpos = (-grad_loss * sig).contiguous()
+    r = (grad_loss * sig).sum(1)
+    reg_coef = 2 * grad_sq  # sq[i] = sum_j a[i, j]^2: d(grad_sq[i] * sq[i]) / da[i, j] = 2 * grad_sq[i] * a[i, j]
     dsrc = torch.zeros(n, d, device=src.device, dtype=torch.float32) if need_src else None
-    dtrg = torch.empty(m, l, d, device=trg.device, dtype=trg.dtype) if need_trg else None
+    dtrg = torch.empty(m, l, d, device=trg.device, dtype=trg.dtype) if need_trg else trg.new_empty(0, l, d)
     g_dtype = _grad_dtype(src.dtype)
     src_g = src.to(g_dtype)
     for m0, m1, g in launch.gradient_chunks(
@@ -50,69 +59,24 @@ def backward_grads(src, trg, pos_idx, pos, neg_lse, w, reg_coef, tclip, scale, s
                 torch.mm(g.t(), src_g, out=chunk)  # cuBLAS accumulates in float32
             else:
                 chunk.copy_(g.t() @ src_g)
-    return (dsrc.to(src.dtype) if need_src else None), dtrg
+    return (dsrc.to(src.dtype) if need_src else src.new_empty(0, d)), dtrg
+
+
+_setup_context, _backward = autograd_formula(backward)
 
 
 class _NCELossTriton(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, src, trg, pos_idx, tclip, reg_weight, scale, reduction):
-        strategy = launch.score_strategy(src.dtype)
-        stats = launch.forward(src, trg, pos_idx, tclip, scale, strategy)
-        n, l = stats.loss.shape
-        j = trg.shape[0] * trg.shape[1]
-        loss = stats.loss.mean() if reduction == "mean" else stats.loss
-        reg = stats.sq.sum() * (reg_weight / (n * j))
-        ctx.save_for_backward(src, trg, pos_idx, stats.pos, stats.neg_lse)
-        ctx.args = (tclip, reg_weight, scale, reduction, strategy)
-        return loss, reg
-
-    @staticmethod
-    def backward(ctx, grad_loss, grad_reg):
-        src, trg, pos_idx, pos, neg_lse = ctx.saved_tensors
-        tclip, reg_weight, scale, reduction, strategy = ctx.args
-        need_src, need_trg = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if not (need_src or need_trg):
-            return (None,) * 7
-        n, l = pos.shape
-        m = trg.shape[0]
-        f32 = dict(device=src.device, dtype=torch.float32)
-        # upstream weight of each positive's loss: w[i, l]
-        if grad_loss is None:
-            w = torch.zeros(n, l, **f32)
-        elif reduction == "mean":
-            w = (grad_loss.float() / (n * l)).expand(n, l)
-        else:
-            w = grad_loss.float()
-        # reg = reg_weight * mean(a^2): one coefficient for every row
-        reg_coef = torch.zeros(1, **f32) if grad_reg is None else (grad_reg.float() * (2 * reg_weight / (n * m * l)))
-        dsrc, dtrg = backward_grads(src, trg, pos_idx, pos, neg_lse, w, reg_coef.reshape(1).expand(n), tclip,
-                                    scale, strategy, need_src, need_trg)
-        return dsrc, dtrg, None, None, None, None, None
+    forward = staticmethod(forward)
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward)
 
 
-@torch.library.custom_op("amdim_kernels::triton_nce_fwd", mutates_args=())
-def _fwd_op(src: torch.Tensor, trg: torch.Tensor, pos_idx: torch.Tensor, tclip: float | None, scale: float,
-            strategy: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    stats = launch.forward(src, trg, pos_idx, tclip, scale, strategy)
-    return stats.loss, stats.pos, stats.neg_lse, stats.sq
-
-
-@torch.library.custom_op("amdim_kernels::triton_nce_bwd", mutates_args=())
-def _bwd_op(src: torch.Tensor, trg: torch.Tensor, pos_idx: torch.Tensor, pos: torch.Tensor, neg_lse: torch.Tensor,
-            grad_loss: torch.Tensor, grad_sq: torch.Tensor, tclip: float | None, scale: float, strategy: str,
-            need_src: bool, need_trg: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    # sq[i] = sum_j a[i, j]^2, so d(sum_i grad_sq[i] * sq[i]) / da[i, j] = 2 * grad_sq[i] * a[i, j]
-    dsrc, dtrg = backward_grads(src, trg, pos_idx, pos, neg_lse, grad_loss, 2 * grad_sq, tclip, scale, strategy,
-                                need_src, need_trg)
-    d = src.shape[1]
-    return (dsrc if need_src else src.new_empty(0, d)), (dtrg if need_trg else trg.new_empty((0,) + trg.shape[1:]))
-
-
-register("amdim_kernels::triton_nce_fwd", "amdim_kernels::triton_nce_bwd", _bwd_op)
+_fwd_op = torch.library.custom_op("amdim_kernels::triton_nce_fwd", forward, mutates_args=())
+torch.library.custom_op("amdim_kernels::triton_nce_bwd", backward, mutates_args=())
+register("amdim_kernels::triton_nce_fwd", "amdim_kernels::triton_nce_bwd", torch.ops.amdim_kernels.triton_nce_bwd)
 
 
 def nce_loss_triton(p: Problem) -> tuple[torch.Tensor, torch.Tensor]:
-    if torch.compiler.is_compiling():
-        strategy = launch.score_strategy(p.src.dtype)
-        return loss_and_reg(_fwd_op(p.src, p.trg, p.pos_idx, p.tclip, p.scale, strategy), p)
-    return _NCELossTriton.apply(p.src, p.trg, p.pos_idx, p.tclip, p.reg_weight, p.scale, p.reduction)
+    args = (p.src, p.trg, p.pos_idx, p.tclip, p.scale, launch.score_strategy(p.src.dtype))
+    outputs = _fwd_op(*args) if torch.compiler.is_compiling() else _NCELossTriton.apply(*args)
+    return loss_and_reg(outputs, p)

@@ -215,7 +215,7 @@ def nce_grad_tile_kernel(
     src_ptr, trg_ptr, pos_idx_ptr,
     neg_lse_ptr, r_ptr,  # (N,) float32: log-sum-exp of the negatives, R[i] = sum_l w * sig
     gpos_ptr,  # (N, L) float32: dL/ds at the positives, -w * sig
-    reg_coef_ptr, stride_reg,  # (N,) float32, d(reg)/da = reg_coef[i] * a (stride 0: one value for all rows)
+    reg_coef_ptr,  # (N,) float32: d(reg)/da = reg_coef[i] * a
     g_ptr, stride_gn,  # (N, C) out, G's dtype: scale * d(loss + reg)/da for this chunk
     scores_ptr, stride_scores,  # FROM_SCORES: (N, C) float32 unscaled dot products
     N, L, D,
@@ -258,7 +258,7 @@ def nce_grad_tile_kernel(
         dl_da = dl_ds * (1.0 - (s / tclip) * (s / tclip))  # d tanh-clip / da = 1 - (s/tclip)^2
     else:
         dl_da = dl_ds
-    reg_coef = tl.load(reg_coef_ptr + rows * stride_reg, mask=row_ok, other=0.0)
+    reg_coef = tl.load(reg_coef_ptr + rows, mask=row_ok, other=0.0)
     g = scale * (dl_da + reg_coef[:, None] * a)
     g_off = rows.to(tl.int64)[:, None] * stride_gn + local[None, :]
     tl.store(g_ptr + g_off, g.to(g_ptr.dtype.element_ty), mask=valid)

@@ -218,7 +218,7 @@ def gradient_chunks(src, trg, pos_idx, neg_lse, r, gpos, reg_coef, tclip, scale,
         g = g_buf[:, :c]
         scores = _chunk_scores(src, trg, c0, c) if from_scores else g  # g: unused placeholder
         nce_grad_tile_kernel[(triton.cdiv(n, cfg.block_n), triton.cdiv(c, cfg.block_j))](
-            src, trg, pos_idx, neg_lse, r, gpos, reg_coef, reg_coef.stride(0), g, g.stride(0),
+            src, trg, pos_idx, neg_lse, r, gpos, reg_coef, g, g.stride(0),
             scores, scores.stride(0),
             col_begin=c0, C=c, scale=scale,
             tclip=0.0 if tclip is None else tclip, CLIP=tclip is not None,
