@@ -7,17 +7,16 @@ the pos_idx range check (one device sync) cost on the GPU, and how much CUDA gra
 from __future__ import annotations
 
 import cProfile
-import contextlib
 import pstats
 
 import torch
 from triton.testing import do_bench
 
 from amdim_kernels import available_backends, nce_loss
-from amdim_kernels.backends import cuda_scores
 from amdim_kernels.triton_nce import launch
 
 from . import problems
+from .run import impl_context
 
 
 def fwd_bwd(src, trg, pos_idx):
@@ -29,7 +28,7 @@ def cuda_graphs() -> None:
     """fwd+bwd of backends "triton" and "cuda" (both score paths), eager vs replayed as CUDA
     graphs (torch.compile(mode="reduce-overhead")), on the small problems where launches
     dominate."""
-    impls = [("triton", None)] + ([("cuda", "cublas"), ("cuda", "mma")] if "cuda" in available_backends("cuda") else [])
+    impls = ["triton"] + (["cuda:cublas", "cuda:mma"] if "cuda" in available_backends("cuda") else [])
     print("| problem | backend | eager fwd+bwd ms | reduce-overhead fwd+bwd ms |")
     print("|---|---|---|---|")
     for p in (problems.CIFAR, problems.ONE_GPU_SHARE):
@@ -37,20 +36,19 @@ def cuda_graphs() -> None:
         pos_idx = pos_idx if p.n != p.m else None  # eager checks a given pos_idx with one sync
         src.requires_grad_()
         trg.requires_grad_()
-        for backend, scores in impls:
+        for impl in impls:
 
-            def step(src, trg, pos_idx, backend=backend):
+            def step(src, trg, pos_idx, backend=impl.split(":")[0]):
                 loss, reg = nce_loss(src, trg, pos_idx, backend=backend)
                 return torch.autograd.grad(loss + reg, (src, trg))
 
-            with cuda_scores(scores) if scores else contextlib.nullcontext():
+            with impl_context(impl):
                 eager = do_bench(lambda: step(src, trg, pos_idx), warmup=50, rep=300, return_mode="median")
                 graphed = torch.compile(step, mode="reduce-overhead")
                 for _ in range(3):  # compile, capture: before timing
                     graphed(src, trg, pos_idx)
                 replay = do_bench(lambda: graphed(src, trg, pos_idx), warmup=50, rep=300, return_mode="median")
-            name = backend + (f" ({scores})" if scores else "")
-            print(f"| {p.name} | {name} | {eager:.3f} | {replay:.3f} |", flush=True)
+            print(f"| {p.name} | {impl} | {eager:.3f} | {replay:.3f} |", flush=True)
 
 
 def main():

@@ -91,16 +91,8 @@ def _timer(device):
 
 
 def loss_fn(impl: str, options: dict):
-    """(src, trg, pos_idx) -> (loss, reg) for a backend name, 'compiled', a peer library, or
-    'triton:fused' / 'triton:gemm' (the Triton backend with its score strategy pinned)."""
-    if impl.startswith("triton:"):
-        from amdim_kernels.triton_nce import launch
-
-        def pinned(s, t, p, strategy=impl.split(":")[1]):
-            with launch.pinned(score=strategy):  # the backward uses the strategy the forward recorded
-                return nce_loss(s, t, p, backend="triton", **options)
-
-        return pinned
+    """(src, trg, pos_idx) -> (loss, reg) for a backend name (or backend:variant, see
+    impl_context), 'compiled', or a peer library."""
     if impl == "compiled":
         compiled = torch.compile(nce_loss_reference, dynamic=False)
         return lambda s, t, p: compiled(s, t, p, options["tclip"], options["reg_weight"], s.shape[1] ** -0.5, "mean")
@@ -110,9 +102,18 @@ def loss_fn(impl: str, options: dict):
 
 
 def impl_context(impl: str):
-    """'cuda:mma' / 'cuda:cublas': the CUDA backend's score kernels, pinned for forward and
-    backward (both read it when they run)."""
-    return cuda_scores(impl.split(":")[1]) if impl.startswith("cuda:") else contextlib.nullcontext()
+    """Where impl names a backend's variant, pin it while the block runs: 'triton:fused' /
+    'triton:gemm' (the Triton score strategy; each forward records it for its backward),
+    'cuda:cublas' / 'cuda:mma' (the CUDA backend's score kernels, read by forward and
+    backward alike)."""
+    backend, _, variant = impl.partition(":")
+    if backend == "triton" and variant:
+        from amdim_kernels.triton_nce import launch
+
+        return launch.pinned(score=variant)
+    if backend == "cuda" and variant:
+        return cuda_scores(variant)
+    return contextlib.nullcontext()
 
 
 def bench_one(p: problems.Problem, dtype: torch.dtype, impl: str, device: str, timer) -> dict:
