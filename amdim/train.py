@@ -151,14 +151,18 @@ class Run:
                           generator=torch.Generator().manual_seed(a.seed + epoch), persistent_workers=False)
 
     # ---- one update ----
+    def nce_losses(self, features, b: int, locations=None):
+        """The multiscale NCE of (r1, r5, r7) computed on both views at once (view 1 first,
+        b images each); call it inside the run's autocast."""
+        view1, view2 = tuple(f[:b] for f in features), tuple(f[b:] for f in features)
+        return multiscale_nce(view1, view2, tclip=self.args.tclip or None, backend=self.args.backend,
+                              locations=locations)
+
     def _forward_losses(self, x, labels, locations):
-        a = self.args
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=a.amp):
-            r1, r5, r7 = self.net(x)  # both views in one pass, then split
-            b = labels.shape[0]
-            view1, view2 = (r1[:b], r5[:b], r7[:b]), (r1[b:], r5[b:], r7[b:])
-            losses = multiscale_nce(view1, view2, tclip=a.tclip or None, backend=a.backend, locations=locations)
-            cls_loss = self.evaluator.loss(r1, torch.cat([labels, labels]))
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.amp):
+            features = self.net(x)  # both views in one pass
+            losses = self.nce_losses(features, labels.shape[0], locations)
+            cls_loss = self.evaluator.loss(features[0], torch.cat([labels, labels]))
         return losses, cls_loss
 
     def train_step(self, views, labels) -> dict[str, float]:

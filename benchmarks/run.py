@@ -68,14 +68,15 @@ class Row:
     date: str
 
 
-def _versions():
+def versions(device: str) -> tuple[str, str, str]:
+    """(name of the device the rows ran on, torch version, triton version), for every result row."""
     try:
         import triton
 
         tv = triton.__version__
     except ImportError:
         tv = "-"
-    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "CPU"
+    dev = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "CPU"
     return dev, torch.__version__, tv
 
 
@@ -142,7 +143,7 @@ def bench_one(p: problems.Problem, dtype: torch.dtype, impl: str, device: str, t
 
 
 def run(problem_list, dtypes, impls, device, out_dir=None, suffix="") -> list[Row]:
-    dev_name, torch_v, triton_v = _versions()
+    dev_name, torch_v, triton_v = versions(device)
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     timer = _timer(device)
     rows: list[Row] = []

@@ -19,17 +19,15 @@ import argparse
 import csv
 import datetime
 import os
-import platform
 import statistics
 
 import torch
 
 from amdim import train
-from amdim.objective import multiscale_nce
 from amdim_kernels import available_backends
 
 from .measure import median_ms, peak_extra_bytes
-from .run import impl_context
+from .run import impl_context, versions
 
 
 def make_run(backend: str, args: argparse.Namespace) -> train.Run:
@@ -56,15 +54,10 @@ def loss_only(run: train.Run, views) -> callable:
     def step():
         leaves = [f.clone().requires_grad_() for f in feats]
         with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.args.amp):
-            view1, view2 = tuple(f[:b] for f in leaves), tuple(f[b:] for f in leaves)
-            total = multiscale_nce(view1, view2, tclip=run.args.tclip or None, backend=run.args.backend).total
+            total = run.nce_losses(leaves, b).total
         total.backward()
 
     return step
-
-
-def _device_name(device: str) -> str:
-    return torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "CPU"
 
 
 class Contender:
@@ -99,8 +92,7 @@ class Contender:
                     images_per_s=1e3 * 2 * self.labels.shape[0] / step_ms, loss_ms=loss_ms,
                     loss_share=loss_ms / step_ms, first_loss=self.first_loss, peak_mib=peak / 2**20,
                     rounds=len(self.step_ms), model=f"ndf {a.ndf}, n_rkhs {a.n_rkhs}, depth {a.n_depth}",
-                    amp=self.args.amp, compile=self.args.compile, device=_device_name(self.args.device),
-                    torch=torch.__version__,
+                    amp=self.args.amp, compile=self.args.compile, device=versions(self.args.device)[0], torch=torch.__version__,
                     date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
 
 
