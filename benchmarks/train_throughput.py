@@ -92,7 +92,8 @@ class Contender:
                     images_per_s=1e3 * 2 * self.labels.shape[0] / step_ms, loss_ms=loss_ms,
                     loss_share=loss_ms / step_ms, first_loss=self.first_loss, peak_mib=peak / 2**20,
                     rounds=len(self.step_ms), model=f"ndf {a.ndf}, n_rkhs {a.n_rkhs}, depth {a.n_depth}",
-                    amp=self.args.amp, compile=self.args.compile, device=versions(self.args.device)[0], torch=torch.__version__,
+                    amp=self.args.amp, compile=self.args.compile, device=versions(self.args.device)[0],
+                    torch=torch.__version__,
                     date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
 
 
