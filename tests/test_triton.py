@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from amdim_kernels import available_backends, nce_loss
-from truth import KERNEL_OPTIONS, assert_matches_truth, float64_truth, make_case, outputs_and_grads, rel_err
+from truth import (
+    KERNEL_OPTIONS, assert_cuda_graph_replay_matches_eager, assert_matches_truth, float64_truth, make_case,
+    outputs_and_grads, rel_err)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -180,16 +182,4 @@ def test_triton_both_score_strategies(shape, options, strategy):
 
 @pytest.mark.gpu
 def test_triton_cuda_graph_capture_through_reduce_overhead():
-    """torch.compile(mode="reduce-overhead") replays the Triton backend's fwd+bwd as CUDA graphs."""
-    case = make_case(64, 64, 25, 64, dtype=torch.bfloat16, device="cuda")
-
-    def step(src, trg):
-        loss, reg = nce_loss(src, trg, backend="triton")
-        return torch.autograd.grad(loss + reg, (src, trg))
-
-    want = step(case.src.clone().requires_grad_(), case.trg.clone().requires_grad_())
-    compiled = torch.compile(step, mode="reduce-overhead")
-    for _ in range(3):  # warm-up, capture, replay
-        got = [g.clone() for g in compiled(case.src.clone().requires_grad_(), case.trg.clone().requires_grad_())]
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w)
+    assert_cuda_graph_replay_matches_eager("triton")
