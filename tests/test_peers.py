@@ -2,15 +2,14 @@
 
 The benchmark compares their times with ours, which means something only if they compute
 the same loss. Each installed peer that runs here is checked against the float64 truth on
-fresh random inputs, with the criterion of the backends' tests, loosened for what the
-peers do by design (see TOL).
+fresh random inputs, with the criterion of the backends' tests (truth.assert_matches_truth),
+its extra tolerance set for what the peers do by design (see TOL).
 """
 import pytest
 import torch
 
-from amdim_kernels import nce_loss
 from benchmarks.peers import PEERS, available_peers, covers, peer_loss
-from truth import make_case, outputs_and_grads, rel_err, truth_of
+from truth import assert_matches_truth, make_case
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INFONCE = dict(tclip=None, reg_weight=0.0)
@@ -22,17 +21,7 @@ TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
 
 
 def check_peer(name, case, dtype):
-    truth = truth_of(case)
-    ref = outputs_and_grads(nce_loss, case, backend="reference")
-    got = outputs_and_grads(peer_loss(name), case)
-    for k, what in enumerate(("loss", "reg", "d src", "d trg")):
-        t, r, g = truth[k], ref[k], got[k]
-        assert g.shape == t.shape, what
-        if k == 1:
-            assert g == 0, what
-            continue
-        e_got, e_ref = rel_err(g, t), rel_err(r, t)
-        assert e_got <= e_ref + TOL[dtype], f"{what}: {name} error {e_got:.3g} vs reference {e_ref:.3g}"
+    assert_matches_truth(case, dtype, fn=peer_loss(name), tol=TOL[dtype])
 
 
 def test_covers_only_infonce():
