@@ -1,8 +1,12 @@
 """The benchmark tools run end to end on small CPU problems: the sweep's rows and files, its
 handling of failing implementations, the peers' restriction to InfoNCE, and the training
-throughput script. (They measure; nothing here asserts a time.)"""
+throughput script, the offline compile report. (They measure; nothing here asserts a time.)"""
 import csv
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +15,7 @@ from amdim_kernels import available_backends
 from benchmarks import problems, run, train_throughput
 from benchmarks.peers import available_peers
 
+ROOT = Path(__file__).resolve().parents[1]
 CPU_BACKENDS = [b for b in available_backends("cpu") if b != "triton"]  # the interpreter is too slow to time
 
 
@@ -55,3 +60,22 @@ def test_train_throughput_runs(tmp_path, capsys):
     # the same weights and batch: the first step's loss agrees across backends
     assert float(rows[0]["first_loss"]) == pytest.approx(float(rows[1]["first_loss"]), rel=1e-4)
     assert "| reference | 8 |" in capsys.readouterr().out
+
+
+def test_triton_resources_compiles_offline():
+    """benchmarks.triton_resources compiles every Triton kernel for sm_90 without a GPU (its
+    own process: conftest's TRITON_INTERPRET=1 would hand it interpreter kernels) and reads
+    ptxas's registers, spills and instruction counts."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.triton_resources", "--problem", "cifar", "--clip", "on",
+         "--tiles", "64,64,32,4,2"],
+        cwd=ROOT, env=env, capture_output=True, text=True, check=True, timeout=600,
+    ).stdout
+    table = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ") and "kernel" not in line]
+    assert [cells[0].strip() for cells in table] == ["fwd", "grad", "merge"], out
+    for cells in table:
+        registers, instructions, tensor_core = int(cells[3]), int(cells[7]), int(cells[8])
+        assert 0 < registers <= 255 and instructions > 0, out
+        assert (tensor_core > 0) == (cells[0].strip() != "merge"), out  # tl.dot became HGMMA

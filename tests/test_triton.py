@@ -57,6 +57,24 @@ def test_triton_strided_target():
     run_case(case, torch.float32)
 
 
+# Sources whose own images are a run (the trainer's pos_idx on one rank): most score tiles
+# then hold none of a row block's own images and take the kernels' unmasked path. With L = 8
+# the interpreter's 64-column tiles start on image boundaries, and images 31..40 are the last
+# image of one tile and the first of another: an off-by-one in the tile test shows.
+RUNS = [(31, 10, 72, 8), (24, 24, 72, 9)]  # (first image, N, M, L)
+
+
+@pytest.mark.parametrize("shuffle", [False, True], ids=["run", "shuffled"])
+@pytest.mark.parametrize("run", RUNS, ids=str)
+@pytest.mark.parametrize("options", KERNEL_OPTIONS, ids=str)
+def test_triton_own_images_in_a_run(run, shuffle, options, strategy):
+    first, n, m, l = run
+    pos = first + torch.arange(n)
+    if shuffle:
+        pos = pos[torch.randperm(n)]
+    run_case(make_case(n, m, l, 20, pos=pos, device=DEVICE, **options), torch.float32)
+
+
 @pytest.mark.parametrize("grad_of", [("src",), ("trg",), ()], ids=str)
 def test_triton_partial_requires_grad(grad_of):
     case = make_case(5, 5, 3, 17, device=DEVICE)

@@ -11,9 +11,12 @@ Forward (`nce_fwd_kernel`, then `nce_merge_kernel`): programs tile the rows, and
 are split across programs so that a few hundred programs fill the GPU even when N is ~128.
 Each program streams its columns tile by tile and keeps three per-row partials: the sum of
 a^2, and the sum of exp(s - shift) over the negatives with its shift (a running maximum, or
-the constant tclip with clipping: s < tclip so exp(s - tclip) <= 1 never overflows). Each
-positive column lies in exactly one tile, so the positive scores are stored without atomics.
-The merge kernel folds the partials of each row in split order (deterministic) into
+the constant tclip with clipping: s < tclip so exp(s - tclip) <= 1 never overflows).
+The score loop stores nothing per element: a tile that holds none of its rows' own images
+and lies wholly inside the chunk (most tiles, when pos_idx is a run of images as in the
+trainer) needs no mask at all. The merge kernel, one program per row, folds the row's
+partials in split order (deterministic), computes its L positive scores directly (one dot
+product of length D each: N*L*D work, 1/M of the score loop's), and gives
 
     neg_lse[i] = log sum_{j negative} exp(s[i, j])
     loss[i, l] = -nce[i, l] = log(exp(pos) + exp(neg_lse)) - pos = softplus(neg_lse - pos)
@@ -45,12 +48,55 @@ def _tanh(x):
 
 @triton.jit
 def _soft_clip(a, tclip, CLIP: tl.constexpr):
-    """s = tclip * tanh(a / tclip), or s = a without clipping (csrc/nce_math.h's soft_clip)."""
+    """s = tclip * tanh(a / tclip), or s = a without clipping (csrc/nce_math.h's soft_clip).
+
+    a * (1 / tclip): one multiply per score where a float32 division costs a reciprocal and
+    a range check; the reciprocal's rounding (<= 1 ulp) is below the score's own error.
+    """
     if CLIP:
-        return tclip * _tanh(a / tclip)
+        return tclip * _tanh(a * (1.0 / tclip))
     else:
         return a
 
+
+@triton.jit
+def _add_negatives(s, is_neg, neg_sum, shift, tclip, CLIP: tl.constexpr, MASKED: tl.constexpr):
+    """Fold a tile's negatives into the row partials: neg_sum = sum exp(s - shift).
+
+    With clipping the shift is the constant tclip (s < tclip, so exp(s - tclip) <= 1);
+    without it, an online log-sum-exp rescales the running sum to the new row maximum.
+    MASKED: only where is_neg; otherwise every score of the tile is a negative.
+    """
+    if CLIP:
+        e = tl.exp(s - tclip)
+        if MASKED:
+            e = tl.where(is_neg, e, 0.0)
+        return neg_sum + tl.sum(e, axis=1), shift
+    else:
+        if MASKED:
+            s = tl.where(is_neg, s, float("-inf"))
+        new_shift = tl.maximum(shift, tl.max(s, axis=1))
+        # both -inf (no negative seen yet): keep 0 instead of exp(nan)
+        safe = tl.where(new_shift == float("-inf"), 0.0, new_shift)
+        neg_sum = neg_sum * tl.exp(shift - safe) + tl.sum(tl.exp(s - safe[:, None]), axis=1)
+        return neg_sum, new_shift
+
+
+
+@triton.jit
+def _own_images(p, row_ok):
+    """Lowest and highest own image p_i of the block's rows (the images they exclude)."""
+    lo = tl.min(tl.where(row_ok, p, 2147483647), axis=0)
+    hi = tl.max(tl.where(row_ok, p, -1), axis=0)
+    return lo, hi
+
+
+@triton.jit
+def _plain_tile(c0, c1, chunk_end, L, p_lo, p_hi):
+    """Whether the tile's columns [c0, c1) all lie in the chunk and belong to none of the
+    block's own images (p_lo..p_hi): every score in it is then a negative of its row.
+    In the trainer pos_idx is a run of images (rank * N + arange), so this is most tiles."""
+    return (c1 <= chunk_end) & (((c1 - 1) // L < p_lo) | (c0 // L > p_hi))
 
 @triton.jit
 def _score_tile(
@@ -100,7 +146,6 @@ def _score_tile(
 @triton.jit
 def nce_fwd_kernel(
     src_ptr, trg_ptr, pos_idx_ptr,
-    pos_ptr,  # (N, L) float32 out: clipped positive scores
     part_sum_ptr, part_max_ptr, part_sq_ptr,  # (SPLITS, N) float32 out: per-split row partials
     scores_ptr, stride_scores,  # FROM_SCORES: (N, chunk) float32 unscaled dot products
     chunk_begin, chunk_end, split_base,  # this launch's columns, and its first split's index
@@ -125,6 +170,7 @@ def nce_fwd_kernel(
         shift = tl.zeros((BLOCK_N,), dtype=tl.float32) + tclip
     else:
         shift = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    p_lo, p_hi = _own_images(p, row_ok)
 
     col_begin = chunk_begin + split * cols_per_split
     col_end = tl.minimum(col_begin + cols_per_split, chunk_end)
@@ -139,26 +185,14 @@ def nce_fwd_kernel(
         sq += tl.sum(a * a, axis=1)  # padded rows/columns score 0 and add nothing
         s = _soft_clip(a, tclip, CLIP)
 
-        img = cols // L
-        is_pos = (img[None, :] == p[:, None]) & row_ok[:, None] & (cols < chunk_end)[None, :]
-        is_neg = (cols < chunk_end)[None, :] & (img[None, :] != p[:, None])
-
-        if CLIP:
-            neg_sum += tl.sum(tl.where(is_neg, tl.exp(s - tclip), 0.0), axis=1)
+        if _plain_tile(j0, j0 + BLOCK_J, chunk_end, L, p_lo, p_hi):
+            # no masks (padded rows score too, but their partials are never stored)
+            neg_sum, shift = _add_negatives(s, s, neg_sum, shift, tclip, CLIP, False)
         else:
-            # online log-sum-exp: rescale the running sum to the new maximum
-            tile_max = tl.max(tl.where(is_neg, s, float("-inf")), axis=1)
-            new_shift = tl.maximum(shift, tile_max)
-            # both -inf (no negative seen yet): keep 0 instead of exp(nan)
-            safe = tl.where(new_shift == float("-inf"), 0.0, new_shift)
-            neg_sum = neg_sum * tl.exp(shift - safe) + tl.sum(
-                tl.where(is_neg, tl.exp(s - safe[:, None]), 0.0), axis=1
-            )
-            shift = new_shift
-
-        # positive (i, (p_i, l)) goes to pos[i, l], l = j - p_i * L
-        pos_off = rows.to(tl.int64)[:, None] * L + (cols - img * L)[None, :]
-        tl.store(pos_ptr + pos_off, s, mask=is_pos)
+            # the row's own image is excluded (its positives are the merge kernel's)
+            img = cols // L
+            is_neg = (img[None, :] != p[:, None]) & (cols < chunk_end)[None, :]
+            neg_sum, shift = _add_negatives(s, is_neg, neg_sum, shift, tclip, CLIP, True)
 
     out = (split_base + split).to(tl.int64) * N + rows
     tl.store(part_sum_ptr + out, neg_sum, mask=row_ok)
@@ -168,46 +202,69 @@ def nce_fwd_kernel(
 
 @triton.jit
 def nce_merge_kernel(
-    pos_ptr, part_sum_ptr, part_max_ptr, part_sq_ptr,
-    loss_ptr,  # (N, L) float32 out: per-positive loss softplus(neg_lse - pos)
+    src_ptr, trg_ptr, pos_idx_ptr,
+    part_sum_ptr, part_max_ptr, part_sq_ptr,  # (SPLITS, N) float32: the forward's partials
+    pos_ptr, loss_ptr,  # (N, L) float32 out: clipped positive scores, softplus(neg_lse - pos)
     neg_lse_ptr, sq_ptr,  # (N,) float32 out
-    N, L, SPLITS,
-    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_L: tl.constexpr,
+    N, L, D,
+    stride_sn, stride_sd, stride_tm, stride_tl, stride_td,
+    SPLITS, scale, tclip,
+    CLIP: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    shift = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
-    neg_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    sq = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    # BLOCK_S splits at a time, always in the same order and the same reduction tree:
-    # the result does not depend on how the forward's programs were scheduled.
+    i = tl.program_id(0)  # one row per program
+
+    # Fold the row's split partials. Lane b of the BLOCK_S-wide accumulators takes splits
+    # b, b + BLOCK_S, ... in order, then the lanes are combined by one fixed reduction
+    # tree: the result does not depend on how the forward's programs were scheduled.
+    shift = tl.full((BLOCK_S,), float("-inf"), dtype=tl.float32)
+    neg_sum = tl.zeros((BLOCK_S,), dtype=tl.float32)
+    sq = tl.zeros((BLOCK_S,), dtype=tl.float32)
     for s0 in range(0, SPLITS, BLOCK_S):
         splits = s0 + tl.arange(0, BLOCK_S)
-        ok = (splits < SPLITS)[:, None] & row_ok[None, :]
-        off = splits.to(tl.int64)[:, None] * N + rows[None, :]
-        part_sum = tl.load(part_sum_ptr + off, mask=ok, other=0.0)
+        ok = splits < SPLITS
+        off = splits.to(tl.int64) * N + i
         part_max = tl.load(part_max_ptr + off, mask=ok, other=float("-inf"))
-        sq += tl.sum(tl.load(part_sq_ptr + off, mask=ok, other=0.0), axis=0)
-        new_shift = tl.maximum(shift, tl.max(part_max, axis=0))
+        sq += tl.load(part_sq_ptr + off, mask=ok, other=0.0)
+        new_shift = tl.maximum(shift, part_max)
         safe = tl.where(new_shift == float("-inf"), 0.0, new_shift)  # no exp(-inf - -inf)
-        neg_sum = neg_sum * tl.exp(shift - safe) + tl.sum(part_sum * tl.exp(part_max - safe[None, :]), axis=0)
+        neg_sum = neg_sum * tl.exp(shift - safe) + tl.load(part_sum_ptr + off, mask=ok, other=0.0) * tl.exp(
+            part_max - safe
+        )
         shift = new_shift
+    row_max = tl.max(shift, axis=0)
+    safe_max = tl.where(row_max == float("-inf"), 0.0, row_max)
     # log(0) = -inf when the row has no negatives (M == 1): its loss is then exactly 0
-    neg_lse = shift + tl.log(neg_sum)
+    neg_lse = row_max + tl.log(tl.sum(neg_sum * tl.exp(shift - safe_max), axis=0))
+    sq_row = tl.sum(sq, axis=0)
 
+    # The row's positives: pos[i, l] = soft_clip(scale * <src[i], trg[p_i, l]>), L dot
+    # products of length D accumulated in float32 (int64 offsets, as in _score_tile).
+    p = tl.load(pos_idx_ptr + i).to(tl.int64)
     ls = tl.arange(0, BLOCK_L)
-    tile_ok = row_ok[:, None] & (ls < L)[None, :]
-    off = rows.to(tl.int64)[:, None] * L + ls[None, :]
-    pos = tl.load(pos_ptr + off, mask=tile_ok, other=0.0)
-    x = neg_lse[:, None] - pos
+    l_ok = ls < L
+    src_row = src_ptr + i.to(tl.int64) * stride_sn
+    trg_img = trg_ptr + p * stride_tm + ls.to(tl.int64)[:, None] * stride_tl
+    dots = tl.zeros((BLOCK_L,), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < D
+        x = tl.load(src_row + k.to(tl.int64) * stride_sd, mask=k_ok, other=0.0).to(tl.float32)
+        t = tl.load(trg_img + k.to(tl.int64)[None, :] * stride_td, mask=l_ok[:, None] & k_ok[None, :], other=0.0)
+        dots += tl.sum(t.to(tl.float32) * x[None, :], axis=1)
+    pos = _soft_clip(dots * scale, tclip, CLIP)
+
+    x = neg_lse - pos
     # stable softplus; x = -inf gives 0
     loss = tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
     # A non-finite score must give NaN, but tanh maps +-inf to +-tclip; the row's sum of
     # a^2 is finite exactly when all its scores are, and 0 * inf = NaN.
-    loss += 0.0 * sq[:, None]
-    tl.store(loss_ptr + off, loss, mask=tile_ok)
-    tl.store(neg_lse_ptr + rows, neg_lse, mask=row_ok)
-    tl.store(sq_ptr + rows, sq, mask=row_ok)
+    loss += 0.0 * sq_row
+    off = i.to(tl.int64) * L + ls
+    tl.store(pos_ptr + off, pos, mask=l_ok)
+    tl.store(loss_ptr + off, loss, mask=l_ok)
+    tl.store(neg_lse_ptr + i, neg_lse)
+    tl.store(sq_ptr + i, sq_row)
 
 
 @triton.jit
@@ -244,21 +301,27 @@ def nce_grad_tile_kernel(
     p = tl.load(pos_idx_ptr + rows, mask=row_ok, other=-1)
     neg_lse = tl.load(neg_lse_ptr + rows, mask=row_ok, other=0.0)
     r = tl.load(r_ptr + rows, mask=row_ok, other=0.0)
-    img = cols // L
-    valid = row_ok[:, None] & col_ok[None, :]
-    is_pos = valid & (img[None, :] == p[:, None])
-    is_neg = valid & (img[None, :] != p[:, None])
-
-    gpos = tl.load(
-        gpos_ptr + rows.to(tl.int64)[:, None] * L + (cols - img * L)[None, :], mask=is_pos, other=0.0
-    )
-    # where() before the product: exp(s - neg_lse) is inf where neg_lse = -inf (no negatives)
-    dl_ds = tl.where(is_neg, r[:, None] * tl.exp(tl.where(is_neg, s - neg_lse[:, None], 0.0)), gpos)
+    p_lo, p_hi = _own_images(p, row_ok)
+    c0 = col_begin + tl.program_id(1) * BLOCK_J
+    if _plain_tile(c0, c0 + BLOCK_J, col_begin + C, L, p_lo, p_hi):
+        # all negatives; padded rows have r = 0 and are not stored
+        dl_ds = r[:, None] * tl.exp(s - neg_lse[:, None])
+    else:
+        img = cols // L
+        valid = row_ok[:, None] & col_ok[None, :]
+        is_pos = valid & (img[None, :] == p[:, None])
+        is_neg = valid & (img[None, :] != p[:, None])
+        gpos = tl.load(
+            gpos_ptr + rows.to(tl.int64)[:, None] * L + (cols - img * L)[None, :], mask=is_pos, other=0.0
+        )
+        # where() before the product: exp(s - neg_lse) is inf where neg_lse = -inf (no negatives)
+        dl_ds = tl.where(is_neg, r[:, None] * tl.exp(tl.where(is_neg, s - neg_lse[:, None], 0.0)), gpos)
     if CLIP:
-        dl_da = dl_ds * (1.0 - (s / tclip) * (s / tclip))  # d tanh-clip / da = 1 - (s/tclip)^2
+        u = s * (1.0 / tclip)
+        dl_da = dl_ds * (1.0 - u * u)  # d tanh-clip / da = 1 - (s/tclip)^2
     else:
         dl_da = dl_ds
     reg_coef = tl.load(reg_coef_ptr + rows, mask=row_ok, other=0.0)
     g = scale * (dl_da + reg_coef[:, None] * a)
     g_off = rows.to(tl.int64)[:, None] * stride_gn + local[None, :]
-    tl.store(g_ptr + g_off, g.to(g_ptr.dtype.element_ty), mask=valid)
+    tl.store(g_ptr + g_off, g.to(g_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])

@@ -38,7 +38,22 @@ class TileConfig:
     num_stages: int
 
 
-def tile_config(dtype: torch.dtype, d: int) -> TileConfig:
+KERNELS = ("fwd", "grad")
+# kernel -> TileConfig pinned by a benchmark (`pinned(tiles=...)`); empty: the defaults
+pinned_tiles: dict[str, TileConfig] = {}
+
+
+def tile_config(dtype: torch.dtype, d: int, kernel: str) -> TileConfig:
+    """Tiles of the forward's score loop ("fwd") or of the backward's G kernel ("grad").
+
+    16-bit on an H100: (128, 128, 64), 8 warps, 3 stages was the fastest measured for both
+    (benchmarks/RESULTS.md). Compiled offline for sm_90 (`python -m
+    benchmarks.triton_resources`), the forward holds 202 registers and no spills since it
+    stores no positives, and a (128, 256) forward tile also fits without spills now: a
+    candidate for the next tuning run, not yet timed.
+    """
+    if kernel in pinned_tiles:
+        return pinned_tiles[kernel]
     if triton_interpreting():
         # the interpreter pays per program and per loop step: few, large tiles
         return TileConfig(32, 64, min(64, max(16, triton.next_power_of_2(d))), 4, 1)
@@ -48,18 +63,21 @@ def tile_config(dtype: torch.dtype, d: int) -> TileConfig:
 
 
 @contextlib.contextmanager
-def pinned(score: str | None = None, chunks: int | None = None):
-    """Pin the score strategy and/or the chunk count for the calls made inside (benchmarks,
-    tests); the previous settings come back on exit. The strategy is recorded by each
-    forward for its backward, so only the forward needs to run inside."""
-    global strategy, CHUNK_PARTS
-    old = strategy, CHUNK_PARTS
+def pinned(score: str | None = None, chunks: int | None = None, tiles: dict | None = None):
+    """Pin the score strategy, the chunk count and/or kernel tiles ({"fwd": TileConfig,
+    "grad": ...}) for the calls made inside (benchmarks, tests); the previous settings come
+    back on exit. The strategy is recorded by each forward for its backward, so only the
+    forward needs to run inside to pin it; chunks and "grad" tiles apply to backwards run
+    inside."""
+    global strategy, CHUNK_PARTS, pinned_tiles
+    old = strategy, CHUNK_PARTS, pinned_tiles
     strategy = score if score is not None else strategy
     CHUNK_PARTS = chunks if chunks is not None else CHUNK_PARTS
+    pinned_tiles = {**pinned_tiles, **(tiles or {})}
     try:
         yield
     finally:
-        strategy, CHUNK_PARTS = old
+        strategy, CHUNK_PARTS, pinned_tiles = old
 
 
 def score_strategy(dtype: torch.dtype) -> str:
@@ -166,7 +184,7 @@ def _split(cols: int, row_blocks: int, cfg: TileConfig, sms: int) -> tuple[int, 
 def forward(src, trg, pos_idx, tclip: float | None, scale: float, strategy: str) -> ForwardStats:
     n, d = src.shape
     m, l, _ = trg.shape
-    cfg = tile_config(src.dtype, d)
+    cfg = tile_config(src.dtype, d, "fwd")
     sms = _num_sms(src.device)
     f32 = dict(device=src.device, dtype=torch.float32)
     from_scores = strategy == "gemm"
@@ -175,16 +193,15 @@ def forward(src, trg, pos_idx, tclip: float | None, scale: float, strategy: str)
     splits = [_split(c, row_blocks, cfg, sms) for _, c in chunks]
 
     total = sum(s for s, _ in splits)
-    pos = torch.empty(n, l, **f32)
     part_sum = torch.empty(total, n, **f32)
     part_max = torch.empty(total, n, **f32)
     part_sq = torch.empty(total, n, **f32)
     common = _common(src, trg, cfg, from_scores)
     split_base = 0
     for (c0, c), (n_splits, per_split) in zip(chunks, splits):
-        scores = _chunk_scores(src, trg, c0, c) if from_scores else pos  # pos: unused placeholder
+        scores = _chunk_scores(src, trg, c0, c) if from_scores else part_sum  # part_sum: unused placeholder
         nce_fwd_kernel[(row_blocks, n_splits)](
-            src, trg, pos_idx, pos, part_sum, part_max, part_sq,
+            src, trg, pos_idx, part_sum, part_max, part_sq,
             scores, scores.stride(0), c0, c0 + c, split_base,
             cols_per_split=per_split, scale=scale,
             tclip=0.0 if tclip is None else tclip, CLIP=tclip is not None,
@@ -192,14 +209,18 @@ def forward(src, trg, pos_idx, tclip: float | None, scale: float, strategy: str)
         )
         split_base += n_splits
 
+    pos = torch.empty(n, l, **f32)
     loss = torch.empty(n, l, **f32)
     neg_lse = torch.empty(n, **f32)
     sq = torch.empty(n, **f32)
-    # 16 rows a program: N = 128 still gives 8 programs; 32 splits per step of the loop
-    merge_rows = max(1, min(16, 4096 // triton.next_power_of_2(l)))
-    nce_merge_kernel[(triton.cdiv(n, merge_rows),)](
-        pos, part_sum, part_max, part_sq, loss, neg_lse, sq, n, l, total,
-        BLOCK_N=merge_rows, BLOCK_S=32, BLOCK_L=triton.next_power_of_2(l),
+    # one row a program; its L positive dot products take (BLOCK_L x BLOCK_K) tiles of
+    # about 4096 elements
+    block_l = triton.next_power_of_2(l)
+    nce_merge_kernel[(n,)](
+        src, trg, pos_idx, part_sum, part_max, part_sq, pos, loss, neg_lse, sq,
+        n, l, d, src.stride(0), src.stride(1), trg.stride(0), trg.stride(1), trg.stride(2),
+        total, scale, 0.0 if tclip is None else tclip, CLIP=tclip is not None,
+        BLOCK_S=32, BLOCK_L=block_l, BLOCK_K=max(16, min(triton.next_power_of_2(d), 4096 // block_l)),
     )
     return ForwardStats(loss, pos, neg_lse, sq)
 
@@ -209,7 +230,7 @@ def gradient_chunks(src, trg, pos_idx, neg_lse, r, gpos, reg_coef, tclip, scale,
     G (N, C) = scale * d(loss + reg)/da on the chunk's C columns. G's buffer is reused."""
     n, d = src.shape
     m, l, _ = trg.shape
-    cfg = tile_config(src.dtype, d)
+    cfg = tile_config(src.dtype, d, "grad")
     from_scores = strategy == "gemm"
     c_max = chunk_columns(n, m, l, cfg, _num_sms(src.device))
     g_buf = torch.empty(n, c_max, device=src.device, dtype=g_dtype)

@@ -1,0 +1,187 @@
+"""What ptxas makes of the Triton kernels, compiled offline for a GPU target: registers,
+spills, shared memory and instruction counts per kernel and tile configuration. No GPU is
+needed (Triton ships ptxas and cuobjdump), so a tile configuration can be vetted before any
+timing: a kernel that spills or needs more than 255 registers per thread will not be fast.
+
+    python -m benchmarks.triton_resources [--arch 90] [--dtype bfloat16] [--problem single]
+        [--tiles 128,128,64,8,3 128,256,64,8,3]
+
+The arguments mirror launch.py's calls for the problem (contiguous inputs, the fused score
+strategy) and Triton's own specialisation of them: integers equal to 1 become constants,
+integers and pointers divisible by 16 carry that hint. Run it with TRITON_INTERPRET unset.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from amdim_kernels.triton_nce import kernels, launch
+
+from . import problems
+
+PROBLEMS = {"single": problems.SINGLE_GPU, "share": problems.ONE_GPU_SHARE, "cifar": problems.CIFAR}
+TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64"}
+
+
+class Const:
+    """A constexpr argument."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+@dataclass
+class Resources:
+    registers: int
+    spill_bytes: int  # the stack frame ptxas gives spilled registers
+    spill_instructions: int  # STL/LDL in the SASS
+    shared_bytes: int
+    instructions: int
+    tensor_core_instructions: int  # HGMMA (sm_90) or HMMA
+
+
+def _cuda_tool(name: str) -> str:
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def _signature(kernel, args: dict):
+    """(signature, constexprs, attrs) as Triton's launcher would specialise these values."""
+    sig, consts, attrs = {}, {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        value = args[name]
+        if isinstance(value, Const) or isinstance(value, bool) or (isinstance(value, int) and value == 1):
+            consts[name] = value.value if isinstance(value, Const) else value
+            sig[name] = "constexpr"
+        elif isinstance(value, torch.dtype):  # a pointer to this dtype, 16-byte aligned
+            sig[name] = "*" + TRITON_TYPES[value]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, int):
+            sig[name] = "i32" if -2**31 <= value < 2**31 else "i64"
+            if value % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, float):
+            sig[name] = "fp32"
+        else:
+            raise TypeError(f"{name}: {value!r}")
+    return sig, consts, attrs
+
+
+def compile_resources(kernel, args: dict, num_warps: int, num_stages: int, arch: int) -> Resources:
+    sig, consts, attrs = _signature(kernel, args)
+    target = GPUTarget("cuda", arch, 32)
+    backend = triton.compiler.make_backend(target)
+    options = backend.parse_options({"num_warps": num_warps, "num_stages": num_stages})
+    compiled = triton.compile(ASTSource(kernel, sig, consts, attrs), target=target, options=options.__dict__)
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([_cuda_tool("cuobjdump"), "-res-usage", f.name],
+                               capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([_cuda_tool("cuobjdump"), "-sass", f.name],
+                              capture_output=True, text=True, check=True).stdout
+    regs, stack = re.search(r"REG:(\d+) STACK:(\d+)", usage).groups()
+    instructions = re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+(.*?);", sass, re.M)
+    return Resources(
+        registers=int(regs), spill_bytes=int(stack),
+        spill_instructions=sum(1 for i in instructions if re.search(r"\b(STL|LDL)\b", i)),
+        shared_bytes=compiled.metadata.shared, instructions=len(instructions),
+        tensor_core_instructions=sum(1 for i in instructions if re.search(r"\bH[G]?MMA\b", i)),
+    )
+
+
+def _strides(p: problems.Problem) -> dict:
+    return dict(N=p.n, L=p.l, D=p.d, stride_sn=p.d, stride_sd=1, stride_tm=p.l * p.d, stride_tl=p.d, stride_td=1)
+
+
+def _tile_args(p: problems.Problem, dtype: torch.dtype, cfg: launch.TileConfig, clip: bool) -> dict:
+    precision = "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return dict(
+        src_ptr=dtype, trg_ptr=dtype, pos_idx_ptr=torch.int64, **_strides(p),
+        scale=p.d ** -0.5, tclip=20.0 if clip else 0.0, CLIP=clip,
+        BLOCK_N=Const(cfg.block_n), BLOCK_J=Const(cfg.block_j), BLOCK_K=Const(cfg.block_k),
+        DOT_PRECISION=Const(precision), UPCAST=False, FROM_SCORES=False, EVEN_K=p.d % cfg.block_k == 0,
+    )
+
+
+def forward_args(p: problems.Problem, dtype: torch.dtype, cfg: launch.TileConfig, clip: bool) -> dict:
+    """nce_fwd_kernel's arguments for the first launch of launch.forward (fused strategy)."""
+    row_blocks = triton.cdiv(p.n, cfg.block_n)
+    _, per_split = launch._split(p.columns, row_blocks, cfg, sms=132)
+    return dict(
+        _tile_args(p, dtype, cfg, clip),
+        part_sum_ptr=torch.float32, part_max_ptr=torch.float32, part_sq_ptr=torch.float32,
+        scores_ptr=torch.float32, stride_scores=p.n, chunk_begin=0, chunk_end=p.columns, split_base=0,
+        cols_per_split=per_split,
+    )
+
+
+def grad_args(p: problems.Problem, dtype: torch.dtype, cfg: launch.TileConfig, clip: bool) -> dict:
+    """nce_grad_tile_kernel's arguments for launch.gradient_chunks' first chunk."""
+    c = launch.chunk_columns(p.n, p.m, p.l, cfg, sms=132)
+    g_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+    return dict(
+        _tile_args(p, dtype, cfg, clip),
+        neg_lse_ptr=torch.float32, r_ptr=torch.float32, gpos_ptr=torch.float32, reg_coef_ptr=torch.float32,
+        g_ptr=g_dtype, stride_gn=c, scores_ptr=g_dtype, stride_scores=c, col_begin=0, C=c,
+    )
+
+
+def merge_args(p: problems.Problem, dtype: torch.dtype, clip: bool) -> dict:
+    block_l = triton.next_power_of_2(p.l)
+    return dict(
+        src_ptr=dtype, trg_ptr=dtype, pos_idx_ptr=torch.int64, **_strides(p),
+        part_sum_ptr=torch.float32, part_max_ptr=torch.float32, part_sq_ptr=torch.float32,
+        pos_ptr=torch.float32, loss_ptr=torch.float32, neg_lse_ptr=torch.float32, sq_ptr=torch.float32,
+        SPLITS=4 * 132, scale=p.d ** -0.5, tclip=20.0 if clip else 0.0, CLIP=clip,
+        BLOCK_S=Const(32), BLOCK_L=Const(block_l),
+        BLOCK_K=Const(max(16, min(triton.next_power_of_2(p.d), 4096 // block_l))),
+    )
+
+
+def rows(p, dtype, tile_configs, arch: int, clips=(True, False)):
+    """(kernel, clip, tiles, Resources) for every kernel, clip mode and tile configuration."""
+    for clip in clips:
+        for cfg in tile_configs:
+            for name, kernel, args in (("fwd", kernels.nce_fwd_kernel, forward_args(p, dtype, cfg, clip)),
+                                       ("grad", kernels.nce_grad_tile_kernel, grad_args(p, dtype, cfg, clip))):
+                yield name, clip, cfg, compile_resources(kernel, args, cfg.num_warps, cfg.num_stages, arch)
+        yield "merge", clip, None, compile_resources(kernels.nce_merge_kernel, merge_args(p, dtype, clip), 4, 1, arch)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100), 80 (A100)")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--problem", default="single", choices=sorted(PROBLEMS))
+    ap.add_argument("--tiles", nargs="+", default=["128,128,64,8,3", "128,256,64,8,3"],
+                    help="BLOCK_N,BLOCK_J,BLOCK_K,num_warps,num_stages")
+    ap.add_argument("--clip", choices=["both", "on", "off"], default="both")
+    args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("unset TRITON_INTERPRET: the interpreter's kernels cannot be compiled")
+    dtype = getattr(torch, args.dtype)
+    configs = [launch.TileConfig(*map(int, t.split(","))) for t in args.tiles]
+    clips = {"both": (True, False), "on": (True,), "off": (False,)}[args.clip]
+    p = PROBLEMS[args.problem]
+    print(f"sm_{args.arch}, triton {triton.__version__}, {args.dtype}, {p.name}")
+    print("| kernel | clip | tiles (BN, BJ, BK, warps, stages) | registers | spill bytes | spill instr | "
+          "shared KiB | SASS instr | tensor-core instr |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, clip, cfg, r in rows(p, dtype, configs, args.arch, clips):
+        tiles = "-" if cfg is None else f"({cfg.block_n}, {cfg.block_j}, {cfg.block_k}, {cfg.num_warps}, {cfg.num_stages})"
+        print(f"| {name} | {'tclip' if clip else 'none'} | {tiles} | {r.registers} | {r.spill_bytes} | "
+              f"{r.spill_instructions} | {r.shared_bytes / 1024:.0f} | {r.instructions} | {r.tensor_core_instructions} |",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
