@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine: install, run every test (GPU ones included), tune and
 # profile the Triton kernels, run the benchmark sweeps. Logs and CSV/JSON go to $OUT.
-# STEPS picks among: tests compiled sanitize run run32 sweep infonce train train_compiled bench overhead demo tune.
+# STEPS picks among: tests compiled sanitize resources tune run run32 sweep infonce train train_compiled bench overhead demo.
 # Peer libraries: run `make peer-wheels` here first and carry wheels/ along.
 set -u
 OUT=${OUT:-/tmp/amdim_out}; mkdir -p "$OUT"
@@ -13,7 +13,7 @@ time python3 -m pip install -e . --no-build-isolation --no-deps -v 2>&1 | grep -
 python3 -c "import amdim_kernels; print(amdim_kernels.build_info())"
 # the peer libraries (make peer-wheels here, then carry wheels/ to the machine)
 if ls wheels/*.whl >/dev/null 2>&1; then python3 -m pip install --no-deps --no-index -q wheels/*.whl; fi
-STEPS=${STEPS:-"tests sanitize run overhead"}
+STEPS=${STEPS:-"tests sanitize resources tune run overhead"}
 IMPLS=${IMPLS:-"reference triton:fused triton:gemm cuda:cublas cuda:mma"}
 for step in $STEPS; do
   case $step in
@@ -38,6 +38,8 @@ for step in $STEPS; do
                   | tee "$OUT/sanitize_$tool.log" | grep -E "ERROR SUMMARY|loss|Error" | head -8
               done ;;
     overhead) timeout 300 python3 -m benchmarks.host_overhead 2>&1 | tee "$OUT/host_overhead.log" | tail -30 ;;
-    tune) timeout 100 python3 -m benchmarks.tune_triton ${TUNE_ARGS:-} 2>&1 | tee "$OUT/tune.log" ;;
+    resources) timeout 120 env -u TRITON_INTERPRET python3 -m benchmarks.triton_resources --arch 90 \
+           --tiles 128,128,64,8,3 128,256,64,8,3 128,64,64,4,4 2>&1 | tee "$OUT/triton_resources.log" ;;
+    tune) timeout 240 python3 -m benchmarks.tune_triton ${TUNE_ARGS:-} 2>&1 | tee "$OUT/tune.log" ;;
   esac
 done
