@@ -136,14 +136,14 @@ def grad_args(p: problems.Problem, dtype: torch.dtype, cfg: launch.TileConfig, c
 
 
 def merge_args(p: problems.Problem, dtype: torch.dtype, clip: bool) -> dict:
-    block_l = triton.next_power_of_2(p.l)
+    block_l, block_k = launch.merge_blocks(p.l, p.d)
     return dict(
         src_ptr=dtype, trg_ptr=dtype, pos_idx_ptr=torch.int64, **_strides(p),
         part_sum_ptr=torch.float32, part_max_ptr=torch.float32, part_sq_ptr=torch.float32,
         pos_ptr=torch.float32, loss_ptr=torch.float32, neg_lse_ptr=torch.float32, sq_ptr=torch.float32,
         SPLITS=4 * 132, scale=p.d ** -0.5, tclip=20.0 if clip else 0.0, CLIP=clip,
         BLOCK_S=Const(32), BLOCK_L=Const(block_l),
-        BLOCK_K=Const(max(16, min(triton.next_power_of_2(p.d), 4096 // block_l))),
+        BLOCK_K=Const(block_k),
     )
 
 

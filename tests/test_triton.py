@@ -27,7 +27,7 @@ def strategy(request):
         yield request.param
 
 
-SHAPES = [  # (N, M, L, D, pos): odd D, L in 1/25/49, M*L off the block size, N = 1, M = 1
+SHAPES = [  # (N, M, L, D, pos): odd D, L in 1/25/49/70, M*L off the block size, N = 1, M = 1
     (1, 5, 3, 33, "random"),
     (7, 7, 49, 33, "arange"),
     (5, 9, 25, 40, "random"),
@@ -35,6 +35,7 @@ SHAPES = [  # (N, M, L, D, pos): odd D, L in 1/25/49, M*L off the block size, N 
     (4, 1, 5, 16, "random"),
     (13, 6, 25, 20, "random"),
     (40, 40, 25, 24, "arange"),  # several splits in the forward and several chunks in the backward
+    (3, 4, 70, 9, "random"),  # L > 64: the merge kernel's positives take two blocks of locations
 ]
 @pytest.mark.parametrize("options", KERNEL_OPTIONS, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)

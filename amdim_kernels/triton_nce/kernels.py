@@ -239,30 +239,32 @@ def nce_merge_kernel(
     sq_row = tl.sum(sq, axis=0)
 
     # The row's positives: pos[i, l] = soft_clip(scale * <src[i], trg[p_i, l]>), L dot
-    # products of length D accumulated in float32 (int64 offsets, as in _score_tile).
+    # products of length D accumulated in float32 (int64 offsets, as in _score_tile),
+    # BLOCK_L locations at a time.
     p = tl.load(pos_idx_ptr + i).to(tl.int64)
-    ls = tl.arange(0, BLOCK_L)
-    l_ok = ls < L
     src_row = src_ptr + i.to(tl.int64) * stride_sn
-    trg_img = trg_ptr + p * stride_tm + ls.to(tl.int64)[:, None] * stride_tl
-    dots = tl.zeros((BLOCK_L,), dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = k < D
-        x = tl.load(src_row + k.to(tl.int64) * stride_sd, mask=k_ok, other=0.0).to(tl.float32)
-        t = tl.load(trg_img + k.to(tl.int64)[None, :] * stride_td, mask=l_ok[:, None] & k_ok[None, :], other=0.0)
-        dots += tl.sum(t.to(tl.float32) * x[None, :], axis=1)
-    pos = _soft_clip(dots * scale, tclip, CLIP)
+    for l0 in range(0, L, BLOCK_L):
+        ls = l0 + tl.arange(0, BLOCK_L)
+        l_ok = ls < L
+        trg_img = trg_ptr + p * stride_tm + ls.to(tl.int64)[:, None] * stride_tl
+        dots = tl.zeros((BLOCK_L,), dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = k < D
+            x = tl.load(src_row + k.to(tl.int64) * stride_sd, mask=k_ok, other=0.0).to(tl.float32)
+            t = tl.load(trg_img + k.to(tl.int64)[None, :] * stride_td, mask=l_ok[:, None] & k_ok[None, :], other=0.0)
+            dots += tl.sum(t.to(tl.float32) * x[None, :], axis=1)
+        pos = _soft_clip(dots * scale, tclip, CLIP)
 
-    x = neg_lse - pos
-    # stable softplus; x = -inf gives 0
-    loss = tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
-    # A non-finite score must give NaN, but tanh maps +-inf to +-tclip; the row's sum of
-    # a^2 is finite exactly when all its scores are, and 0 * inf = NaN.
-    loss += 0.0 * sq_row
-    off = i.to(tl.int64) * L + ls
-    tl.store(pos_ptr + off, pos, mask=l_ok)
-    tl.store(loss_ptr + off, loss, mask=l_ok)
+        x = neg_lse - pos
+        # stable softplus; x = -inf gives 0
+        loss = tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
+        # A non-finite score must give NaN, but tanh maps +-inf to +-tclip; the row's sum of
+        # a^2 is finite exactly when all its scores are, and 0 * inf = NaN.
+        loss += 0.0 * sq_row
+        off = i.to(tl.int64) * L + ls
+        tl.store(pos_ptr + off, pos, mask=l_ok)
+        tl.store(loss_ptr + off, loss, mask=l_ok)
     tl.store(neg_lse_ptr + i, neg_lse)
     tl.store(sq_ptr + i, sq_row)
 

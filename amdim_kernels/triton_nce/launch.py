@@ -181,6 +181,13 @@ def _split(cols: int, row_blocks: int, cfg: TileConfig, sms: int) -> tuple[int, 
     return triton.cdiv(cols, per_split), per_split
 
 
+def merge_blocks(l: int, d: int) -> tuple[int, int]:
+    """(BLOCK_L, BLOCK_K) of the merge kernel, one row a program: its positive dot products
+    take tiles of at most 64 locations and about 4096 elements."""
+    block_l = min(64, triton.next_power_of_2(l))
+    return block_l, max(16, min(triton.next_power_of_2(d), 4096 // block_l))
+
+
 def forward(src, trg, pos_idx, tclip: float | None, scale: float, strategy: str) -> ForwardStats:
     n, d = src.shape
     m, l, _ = trg.shape
@@ -213,14 +220,12 @@ def forward(src, trg, pos_idx, tclip: float | None, scale: float, strategy: str)
     loss = torch.empty(n, l, **f32)
     neg_lse = torch.empty(n, **f32)
     sq = torch.empty(n, **f32)
-    # one row a program; its L positive dot products take (BLOCK_L x BLOCK_K) tiles of
-    # about 4096 elements
-    block_l = triton.next_power_of_2(l)
+    block_l, block_k = merge_blocks(l, d)
     nce_merge_kernel[(n,)](
         src, trg, pos_idx, part_sum, part_max, part_sq, pos, loss, neg_lse, sq,
         n, l, d, src.stride(0), src.stride(1), trg.stride(0), trg.stride(1), trg.stride(2),
         total, scale, 0.0 if tclip is None else tclip, CLIP=tclip is not None,
-        BLOCK_S=32, BLOCK_L=block_l, BLOCK_K=max(16, min(triton.next_power_of_2(d), 4096 // block_l)),
+        BLOCK_S=32, BLOCK_L=block_l, BLOCK_K=block_k,
     )
     return ForwardStats(loss, pos, neg_lse, sq)
 
