@@ -313,9 +313,8 @@ def nce_grad_tile_kernel(
         valid = row_ok[:, None] & col_ok[None, :]
         is_pos = valid & (img[None, :] == p[:, None])
         is_neg = valid & (img[None, :] != p[:, None])
-        gpos = tl.load(
-            gpos_ptr + rows.to(tl.int64)[:, None] * L + (cols - img * L)[None, :], mask=is_pos, other=0.0
-        )
+        gpos_rows = gpos_ptr + (rows.to(tl.int64) - p) * L  # gpos[i, j - p_i * L] = gpos_rows[i][j]
+        gpos = tl.load(gpos_rows[:, None] + cols[None, :], mask=is_pos, other=0.0)
         # where() before the product: exp(s - neg_lse) is inf where neg_lse = -inf (no negatives)
         dl_ds = tl.where(is_neg, r[:, None] * tl.exp(tl.where(is_neg, s - neg_lse[:, None], 0.0)), gpos)
     if CLIP:
