@@ -130,7 +130,7 @@ def grad_args(p: problems.Problem, dtype: torch.dtype, cfg: launch.TileConfig, c
     g_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
     return dict(
         _tile_args(p, dtype, cfg, clip),
-        neg_lse_ptr=torch.float32, r_ptr=torch.float32, gpos_ptr=torch.float32, reg_coef_ptr=torch.float32,
+        neg_lse_ptr=torch.float32, r_ptr=torch.float32, gpos_ptr=torch.float32, grad_sq_ptr=torch.float32,
         g_ptr=g_dtype, stride_gn=c, scores_ptr=g_dtype, stride_scores=c, col_begin=0, C=c,
     )
 
@@ -147,6 +147,13 @@ def merge_args(p: problems.Problem, dtype: torch.dtype, clip: bool) -> dict:
     )
 
 
+def factors_args(p: problems.Problem) -> dict:
+    block_n, block_l = launch.factors_blocks(p.l)
+    return dict(pos_ptr=torch.float32, grad_loss_ptr=torch.float32, neg_lse_ptr=torch.float32,
+                gpos_ptr=torch.float32, r_ptr=torch.float32, N=p.n, L=p.l,
+                BLOCK_N=Const(block_n), BLOCK_L=Const(block_l))
+
+
 def rows(p, dtype, tile_configs, arch: int, clips=(True, False)):
     """(kernel, clip, tiles, Resources) for every kernel, clip mode and tile configuration."""
     for clip in clips:
@@ -155,6 +162,7 @@ def rows(p, dtype, tile_configs, arch: int, clips=(True, False)):
                                        ("grad", kernels.nce_grad_tile_kernel, grad_args(p, dtype, cfg, clip))):
                 yield name, clip, cfg, compile_resources(kernel, args, cfg.num_warps, cfg.num_stages, arch)
         yield "merge", clip, None, compile_resources(kernels.nce_merge_kernel, merge_args(p, dtype, clip), 4, 1, arch)
+    yield "factors", None, None, compile_resources(kernels.nce_grad_factors_kernel, factors_args(p), 4, 1, arch)
 
 
 def main(argv=None):
@@ -178,7 +186,8 @@ def main(argv=None):
     print("|---|---|---|---|---|---|---|---|---|")
     for name, clip, cfg, r in rows(p, dtype, configs, args.arch, clips):
         tiles = "-" if cfg is None else f"({cfg.block_n}, {cfg.block_j}, {cfg.block_k}, {cfg.num_warps}, {cfg.num_stages})"
-        print(f"| {name} | {'tclip' if clip else 'none'} | {tiles} | {r.registers} | {r.spill_bytes} | "
+        clip_mode = "-" if clip is None else "tclip" if clip else "none"
+        print(f"| {name} | {clip_mode} | {tiles} | {r.registers} | {r.spill_bytes} | "
               f"{r.spill_instructions} | {r.shared_bytes / 1024:.0f} | {r.instructions} | {r.tensor_core_instructions} |",
               flush=True)
 

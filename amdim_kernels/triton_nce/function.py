@@ -38,21 +38,22 @@ def backward(src: torch.Tensor, trg: torch.Tensor, pos_idx: torch.Tensor, pos: t
              grad_loss: torch.Tensor, grad_sq: torch.Tensor, tclip: float | None, scale: float, strategy: str,
              need_src: bool, need_trg: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """d src and d trg of sum(grad_loss * loss) + sum(grad_sq * sq): registration.py's bwd."""
-    n, l = pos.shape
+    l = pos.shape[1]
     m, _, d = trg.shape
-    sig = torch.sigmoid(neg_lse[:, None] - pos)  # 1 - exp(pos) / Z
-    gpos = (-grad_loss * sig).contiguous()
-    r = (grad_loss * sig).sum(1)
-    reg_coef = 2 * grad_sq  # sq[i] = sum_j a[i, j]^2: d(grad_sq[i] * sq[i]) / da[i, j] = 2 * grad_sq[i] * a[i, j]
-    dsrc = torch.zeros(n, d, device=src.device, dtype=torch.float32) if need_src else None
+    gpos, r = launch.gradient_factors(pos, neg_lse, grad_loss)
+    dsrc = None  # float32, from the first chunk's product on
     dtrg = torch.empty(m, l, d, device=trg.device, dtype=trg.dtype) if need_trg else trg.new_empty(0, l, d)
     g_dtype = _grad_dtype(src.dtype)
     src_g = src.to(g_dtype)
     for m0, m1, g in launch.gradient_chunks(
-        src, trg, pos_idx, neg_lse, r, gpos, reg_coef, tclip, scale, g_dtype, strategy
+        src, trg, pos_idx, neg_lse, r, gpos, grad_sq, tclip, scale, g_dtype, strategy
     ):
         if need_src:
-            launch.addmm_f32_(dsrc, g, trg[m0:m1].reshape(-1, d).to(g_dtype))
+            trg_chunk = trg[m0:m1].reshape(-1, d).to(g_dtype)
+            if dsrc is None:
+                dsrc = launch.mm_f32(g, trg_chunk)
+            else:
+                launch.addmm_f32_(dsrc, g, trg_chunk)
         if need_trg:
             chunk = dtrg[m0:m1].view(-1, d)
             if g_dtype == trg.dtype:

@@ -270,11 +270,38 @@ def nce_merge_kernel(
 
 
 @triton.jit
+def nce_grad_factors_kernel(
+    pos_ptr, grad_loss_ptr,  # (N, L) float32: the forward's positive scores, upstream gradient w
+    neg_lse_ptr,  # (N,) float32
+    gpos_ptr,  # (N, L) float32 out: -w * sig
+    r_ptr,  # (N,) float32 out: R[i] = sum_l w * sig
+    N, L,
+    BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    """The backward's per-row factors (module docstring), sig = sigmoid(neg_lse - pos),
+    in one launch; sigmoid(-inf) = 0 where a row has no negatives."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    neg_lse = tl.load(neg_lse_ptr + rows, mask=row_ok, other=0.0)
+    r = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for l0 in range(0, L, BLOCK_L):
+        ls = l0 + tl.arange(0, BLOCK_L)
+        ok = row_ok[:, None] & (ls < L)[None, :]
+        off = rows.to(tl.int64)[:, None] * L + ls[None, :]
+        pos = tl.load(pos_ptr + off, mask=ok, other=0.0)
+        w = tl.load(grad_loss_ptr + off, mask=ok, other=0.0)
+        w_sig = w * tl.sigmoid(neg_lse[:, None] - pos)
+        tl.store(gpos_ptr + off, -w_sig, mask=ok)
+        r += tl.sum(w_sig, axis=1)
+    tl.store(r_ptr + rows, r, mask=row_ok)
+
+
+@triton.jit
 def nce_grad_tile_kernel(
     src_ptr, trg_ptr, pos_idx_ptr,
     neg_lse_ptr, r_ptr,  # (N,) float32: log-sum-exp of the negatives, R[i] = sum_l w * sig
     gpos_ptr,  # (N, L) float32: dL/ds at the positives, -w * sig
-    reg_coef_ptr,  # (N,) float32: d(reg)/da = reg_coef[i] * a
+    grad_sq_ptr,  # (N,) float32: upstream gradient of sq[i] = sum_j a^2, so d/da = 2 * grad_sq[i] * a
     g_ptr, stride_gn,  # (N, C) out, G's dtype: scale * d(loss + reg)/da for this chunk
     scores_ptr, stride_scores,  # FROM_SCORES: (N, C) float32 unscaled dot products
     N, L, D,
@@ -322,7 +349,7 @@ def nce_grad_tile_kernel(
         dl_da = dl_ds * (1.0 - u * u)  # d tanh-clip / da = 1 - (s/tclip)^2
     else:
         dl_da = dl_ds
-    reg_coef = tl.load(reg_coef_ptr + rows, mask=row_ok, other=0.0)
+    reg_coef = 2.0 * tl.load(grad_sq_ptr + rows, mask=row_ok, other=0.0)
     g = scale * (dl_da + reg_coef[:, None] * a)
     g_off = rows.to(tl.int64)[:, None] * stride_gn + local[None, :]
     tl.store(g_ptr + g_off, g.to(g_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])

@@ -17,7 +17,7 @@ import torch
 import triton
 
 from ..backends import triton_interpreting
-from .kernels import nce_fwd_kernel, nce_grad_tile_kernel, nce_merge_kernel
+from .kernels import nce_fwd_kernel, nce_grad_factors_kernel, nce_grad_tile_kernel, nce_merge_kernel
 
 STRATEGIES = ("fused", "gemm")
 # None: the measured default per dtype (`score_strategy`); benchmarks and tests may pin one.
@@ -230,7 +230,27 @@ def forward(src, trg, pos_idx, tclip: float | None, scale: float, strategy: str)
     return ForwardStats(loss, pos, neg_lse, sq)
 
 
-def gradient_chunks(src, trg, pos_idx, neg_lse, r, gpos, reg_coef, tclip, scale, g_dtype, strategy):
+def factors_blocks(l: int) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_L) of the backward's factor kernel: tiles of at most 64 locations and
+    1024 elements (16 rows at L = 49), so that N = 128 still gives 8 programs."""
+    block_l = min(64, triton.next_power_of_2(l))
+    return max(1, 1024 // block_l), block_l
+
+
+def gradient_factors(pos: torch.Tensor, neg_lse: torch.Tensor, grad_loss: torch.Tensor):
+    """(gpos, R) of the backward: gpos = -w * sig (N, L) and R = sum_l w * sig (N,), with
+    sig = sigmoid(neg_lse - pos) and w the upstream gradient of the per-positive loss."""
+    n, l = pos.shape
+    gpos = torch.empty_like(pos)
+    r = torch.empty_like(neg_lse)
+    block_n, block_l = factors_blocks(l)
+    nce_grad_factors_kernel[(triton.cdiv(n, block_n),)](
+        pos, grad_loss, neg_lse, gpos, r, n, l, BLOCK_N=block_n, BLOCK_L=block_l,
+    )
+    return gpos, r
+
+
+def gradient_chunks(src, trg, pos_idx, neg_lse, r, gpos, grad_sq, tclip, scale, g_dtype, strategy):
     """Yield (first image, last image + 1, G) for consecutive chunks of whole images, where
     G (N, C) = scale * d(loss + reg)/da on the chunk's C columns. G's buffer is reused."""
     n, d = src.shape
@@ -244,7 +264,7 @@ def gradient_chunks(src, trg, pos_idx, neg_lse, r, gpos, reg_coef, tclip, scale,
         g = g_buf[:, :c]
         scores = _chunk_scores(src, trg, c0, c) if from_scores else g  # g: unused placeholder
         nce_grad_tile_kernel[(triton.cdiv(n, cfg.block_n), triton.cdiv(c, cfg.block_j))](
-            src, trg, pos_idx, neg_lse, r, gpos, reg_coef, g, g.stride(0),
+            src, trg, pos_idx, neg_lse, r, gpos, grad_sq, g, g.stride(0),
             scores, scores.stride(0),
             col_begin=c0, C=c, scale=scale,
             tclip=0.0 if tclip is None else tclip, CLIP=tclip is not None,
