@@ -59,29 +59,49 @@ def _soft_clip(a, tclip, CLIP: tl.constexpr):
         return a
 
 
+
+
 @triton.jit
-def _add_negatives(s, is_neg, neg_sum, shift, tclip, CLIP: tl.constexpr, MASKED: tl.constexpr):
+def _clip_pieces(a, tclip):
+    """The soft clip's pieces straight from the raw score a, without forming s.
+
+    With t = exp(-2|a|/tclip) in [0, 1] and d = 1/(1 + t), tanh(|a|/tclip) = (1 - t) d, so
+
+        s - tclip            = -2 tclip q d,  q = t where a >= 0, else 1
+        ds/da = 1 - (s/tclip)^2 = 4 t d^2
+
+    Returns (log2 exp(s - tclip) <= 0, ds/da). No cancellation in s - tclip (s formed first
+    and then shifted would lose ~tclip ulps near saturation); +-inf give s = +-tclip and
+    ds/da = 0, NaN stays NaN. Two MUFU operations (exp2, reciprocal) per score.
+    (1.4426950408889634 = log2 e, here and below, is written out: the interpreter mis-wraps
+    a constexpr global multiplied by a tensor.)
+    """
+    t = tl.exp2(tl.abs(a) * (-2.0 * 1.4426950408889634 / tclip))
+    d = 1.0 / (1.0 + t)
+    q = tl.where(a >= 0, t, 1.0)
+    return (-2.0 * 1.4426950408889634 * tclip) * (q * d), 4.0 * t * d * d
+
+@triton.jit
+def _add_negatives(x, is_neg, neg_sum, shift, CLIP: tl.constexpr, MASKED: tl.constexpr):
     """Fold a tile's negatives into the row partials: neg_sum = sum exp(s - shift).
 
-    With clipping the shift is the constant tclip (s < tclip, so exp(s - tclip) <= 1);
-    without it, an online log-sum-exp rescales the running sum to the new row maximum.
-    MASKED: only where is_neg; otherwise every score of the tile is a negative.
+    With clipping x = exp(s - tclip) and the shift is the constant tclip (s < tclip, so
+    x <= 1); without it x = s and an online log-sum-exp rescales the running sum to the
+    new row maximum. MASKED: only where is_neg; otherwise every score of the tile is a
+    negative.
     """
     if CLIP:
-        e = tl.exp(s - tclip)
         if MASKED:
-            e = tl.where(is_neg, e, 0.0)
-        return neg_sum + tl.sum(e, axis=1), shift
+            x = tl.where(is_neg, x, 0.0)
+        return neg_sum + tl.sum(x, axis=1), shift
     else:
         if MASKED:
-            s = tl.where(is_neg, s, float("-inf"))
-        new_shift = tl.maximum(shift, tl.max(s, axis=1))
+            x = tl.where(is_neg, x, float("-inf"))
+        new_shift = tl.maximum(shift, tl.max(x, axis=1))
         # both -inf (no negative seen yet): keep 0 instead of exp(nan)
         safe = tl.where(new_shift == float("-inf"), 0.0, new_shift)
-        neg_sum = neg_sum * tl.exp(shift - safe) + tl.sum(tl.exp(s - safe[:, None]), axis=1)
+        neg_sum = neg_sum * tl.exp(shift - safe) + tl.sum(tl.exp(x - safe[:, None]), axis=1)
         return neg_sum, new_shift
-
-
 
 @triton.jit
 def _own_images(p, row_ok):
@@ -183,16 +203,20 @@ def nce_fwd_kernel(
             BLOCK_N, BLOCK_J, BLOCK_K, DOT_PRECISION, UPCAST, FROM_SCORES, EVEN_K,
         )
         sq += tl.sum(a * a, axis=1)  # padded rows/columns score 0 and add nothing
-        s = _soft_clip(a, tclip, CLIP)
+        if CLIP:
+            log2_gap, _ = _clip_pieces(a, tclip)
+            x = tl.exp2(log2_gap)  # exp(s - tclip)
+        else:
+            x = a  # s = a
 
         if _plain_tile(j0, j0 + BLOCK_J, chunk_end, L, p_lo, p_hi):
             # no masks (padded rows score too, but their partials are never stored)
-            neg_sum, shift = _add_negatives(s, s, neg_sum, shift, tclip, CLIP, False)
+            neg_sum, shift = _add_negatives(x, x, neg_sum, shift, CLIP, False)
         else:
             # the row's own image is excluded (its positives are the merge kernel's)
             img = cols // L
             is_neg = (img[None, :] != p[:, None]) & (cols < chunk_end)[None, :]
-            neg_sum, shift = _add_negatives(s, is_neg, neg_sum, shift, tclip, CLIP, True)
+            neg_sum, shift = _add_negatives(x, is_neg, neg_sum, shift, CLIP, True)
 
     out = (split_base + split).to(tl.int64) * N + rows
     tl.store(part_sum_ptr + out, neg_sum, mask=row_ok)
@@ -270,6 +294,29 @@ def nce_merge_kernel(
 
 
 @triton.jit
+def _g_tile(a, is_neg, gpos, r, bias, reg_coef, scale, tclip, CLIP: tl.constexpr, MASKED: tl.constexpr):
+    """G = scale * d(loss + reg)/da on a tile of raw scores a (module docstring):
+    dL/ds = R[i] exp(s - neg_lse[i]) at a negative, gpos at a positive; times ds/da; plus
+    the regulariser's reg_coef[i] * a. bias[i] = (shift - neg_lse[i]) log2 e. MASKED: the
+    tile holds positives (is_neg false there) or padding; otherwise all are negatives.
+    Everything is formed from a here, so a is the only tile live across the caller's branch.
+    """
+    if CLIP:
+        log2_gap, ds_da = _clip_pieces(a, tclip)  # log2 exp(s - tclip), 1 - (s/tclip)^2
+    else:
+        log2_gap = a * 1.4426950408889634
+    # log2 exp(s - neg_lse) <= 0 at every negative: exp2 of it never overflows
+    if MASKED:
+        # where() inside too: bias is +inf where neg_lse = -inf (a row with no negatives)
+        dl_ds = tl.where(is_neg, r[:, None] * tl.exp2(tl.where(is_neg, log2_gap + bias[:, None], 0.0)), gpos)
+    else:
+        dl_ds = r[:, None] * tl.exp2(log2_gap + bias[:, None])
+    if CLIP:
+        dl_ds = dl_ds * ds_da
+    return scale * (dl_ds + reg_coef[:, None] * a)
+
+
+@triton.jit
 def nce_grad_factors_kernel(
     pos_ptr, grad_loss_ptr,  # (N, L) float32: the forward's positive scores, upstream gradient w
     neg_lse_ptr,  # (N,) float32
@@ -325,16 +372,17 @@ def nce_grad_tile_kernel(
         stride_sn, stride_sd, stride_tm, stride_tl, stride_td, scale,
         BLOCK_N, BLOCK_J, BLOCK_K, DOT_PRECISION, UPCAST, FROM_SCORES, EVEN_K,
     )
-    s = _soft_clip(a, tclip, CLIP)
-
     p = tl.load(pos_idx_ptr + rows, mask=row_ok, other=-1)
     neg_lse = tl.load(neg_lse_ptr + rows, mask=row_ok, other=0.0)
     r = tl.load(r_ptr + rows, mask=row_ok, other=0.0)
+    # log2 exp(s - neg_lse) = log2 exp(s - shift) + bias[i], shift = tclip (clip) or 0
+    bias = ((tclip if CLIP else 0.0) - neg_lse) * 1.4426950408889634
+    reg_coef = 2.0 * tl.load(grad_sq_ptr + rows, mask=row_ok, other=0.0)
     p_lo, p_hi = _own_images(p, row_ok)
     c0 = col_begin + tl.program_id(1) * BLOCK_J
     if _plain_tile(c0, c0 + BLOCK_J, col_begin + C, L, p_lo, p_hi):
         # all negatives; padded rows have r = 0 and are not stored
-        dl_ds = r[:, None] * tl.exp(s - neg_lse[:, None])
+        g = _g_tile(a, a, 0.0, r, bias, reg_coef, scale, tclip, CLIP, False)
     else:
         img = cols // L
         valid = row_ok[:, None] & col_ok[None, :]
@@ -342,14 +390,6 @@ def nce_grad_tile_kernel(
         is_neg = valid & (img[None, :] != p[:, None])
         gpos_rows = gpos_ptr + (rows.to(tl.int64) - p) * L  # gpos[i, j - p_i * L] = gpos_rows[i][j]
         gpos = tl.load(gpos_rows[:, None] + cols[None, :], mask=is_pos, other=0.0)
-        # where() before the product: exp(s - neg_lse) is inf where neg_lse = -inf (no negatives)
-        dl_ds = tl.where(is_neg, r[:, None] * tl.exp(tl.where(is_neg, s - neg_lse[:, None], 0.0)), gpos)
-    if CLIP:
-        u = s * (1.0 / tclip)
-        dl_da = dl_ds * (1.0 - u * u)  # d tanh-clip / da = 1 - (s/tclip)^2
-    else:
-        dl_da = dl_ds
-    reg_coef = 2.0 * tl.load(grad_sq_ptr + rows, mask=row_ok, other=0.0)
-    g = scale * (dl_da + reg_coef[:, None] * a)
+        g = _g_tile(a, is_neg, gpos, r, bias, reg_coef, scale, tclip, CLIP, True)
     g_off = rows.to(tl.int64)[:, None] * stride_gn + local[None, :]
     tl.store(g_ptr + g_off, g.to(g_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
