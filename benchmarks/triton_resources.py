@@ -75,11 +75,15 @@ def _signature(kernel, args: dict):
     return sig, consts, attrs
 
 
-def compile_resources(kernel, args: dict, num_warps: int, num_stages: int, arch: int) -> Resources:
+def compile_resources(kernel, args: dict, num_warps: int, num_stages: int, arch: int,
+                      max_registers: int | None = None) -> Resources:
     sig, consts, attrs = _signature(kernel, args)
     target = GPUTarget("cuda", arch, 32)
     backend = triton.compiler.make_backend(target)
-    options = backend.parse_options({"num_warps": num_warps, "num_stages": num_stages})
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    if max_registers is not None:
+        options["maxnreg"] = max_registers
+    options = backend.parse_options(options)
     compiled = triton.compile(ASTSource(kernel, sig, consts, attrs), target=target, options=options.__dict__)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
@@ -158,9 +162,13 @@ def rows(p, dtype, tile_configs, arch: int, clips=(True, False)):
     """(kernel, clip, tiles, Resources) for every kernel, clip mode and tile configuration."""
     for clip in clips:
         for cfg in tile_configs:
-            for name, kernel, args in (("fwd", kernels.nce_fwd_kernel, forward_args(p, dtype, cfg, clip)),
-                                       ("grad", kernels.nce_grad_tile_kernel, grad_args(p, dtype, cfg, clip))):
-                yield name, clip, cfg, compile_resources(kernel, args, cfg.num_warps, cfg.num_stages, arch)
+            for name, kernel, args, cap in (
+                ("fwd plain", kernels.nce_fwd_kernel, dict(forward_args(p, dtype, cfg, clip), MASKED=False),
+                 cfg.plain_max_registers),
+                ("fwd masked", kernels.nce_fwd_kernel, dict(forward_args(p, dtype, cfg, clip), MASKED=True), None),
+                ("grad", kernels.nce_grad_tile_kernel, grad_args(p, dtype, cfg, clip), None),
+            ):
+                yield name, clip, cfg, compile_resources(kernel, args, cfg.num_warps, cfg.num_stages, arch, cap)
         yield "merge", clip, None, compile_resources(kernels.nce_merge_kernel, merge_args(p, dtype, clip), 4, 1, arch)
     yield "factors", None, None, compile_resources(kernels.nce_grad_factors_kernel, factors_args(p), 4, 1, arch)
 
@@ -170,8 +178,8 @@ def main(argv=None):
     ap.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100), 80 (A100)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--problem", default="single", choices=sorted(PROBLEMS))
-    ap.add_argument("--tiles", nargs="+", default=["128,128,64,8,3", "128,256,64,8,3"],
-                    help="BLOCK_N,BLOCK_J,BLOCK_K,num_warps,num_stages")
+    ap.add_argument("--tiles", nargs="+", default=["128,128,64,8,3,128", "128,256,64,8,3"],
+                    help="BLOCK_N,BLOCK_J,BLOCK_K,num_warps,num_stages[,register cap of the unmasked forward]")
     ap.add_argument("--clip", choices=["both", "on", "off"], default="both")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -185,7 +193,9 @@ def main(argv=None):
           "shared KiB | SASS instr | tensor-core instr |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, clip, cfg, r in rows(p, dtype, configs, args.arch, clips):
-        tiles = "-" if cfg is None else f"({cfg.block_n}, {cfg.block_j}, {cfg.block_k}, {cfg.num_warps}, {cfg.num_stages})"
+        cap = "" if cfg is None or cfg.plain_max_registers is None or name != "fwd plain" else \
+            f", maxnreg {cfg.plain_max_registers}"
+        tiles = "-" if cfg is None else f"({cfg.block_n}, {cfg.block_j}, {cfg.block_k}, {cfg.num_warps}, {cfg.num_stages}{cap})"
         clip_mode = "-" if clip is None else "tclip" if clip else "none"
         print(f"| {name} | {clip_mode} | {tiles} | {r.registers} | {r.spill_bytes} | "
               f"{r.spill_instructions} | {r.shared_bytes / 1024:.0f} | {r.instructions} | {r.tensor_core_instructions} |",

@@ -12,23 +12,25 @@ are split across programs so that a few hundred programs fill the GPU even when 
 Each program streams its columns tile by tile and keeps three per-row partials: the sum of
 a^2, and the sum of exp(s - shift) over the negatives with its shift (a running maximum, or
 the constant tclip with clipping: s < tclip so exp(s - tclip) <= 1 never overflows).
-The score loop stores nothing per element: a tile that holds none of its rows' own images
+The score loop stores nothing per element. A tile that holds none of its rows' own images
 and lies wholly inside the chunk (most tiles, when pos_idx is a run of images as in the
-trainer) needs no mask at all. The merge kernel, one program per row, folds the row's
-partials in split order (deterministic), computes its L positive scores directly (one dot
-product of length D each: N*L*D work, 1/M of the score loop's), and gives
+trainer) needs no mask at all; such tiles and the others go to two launches of the kernel,
+each compiled with its path only, which keeps the unmasked one small (128 registers on
+sm_90). The merge kernel, one program per row, folds the row's partials in slot order
+(deterministic), computes its L positive scores directly (one dot product of length D
+each: N*L*D work, 1/M of the score loop's), and gives
 
     neg_lse[i] = log sum_{j negative} exp(s[i, j])
     loss[i, l] = -nce[i, l] = log(exp(pos) + exp(neg_lse)) - pos = softplus(neg_lse - pos)
 
-Backward (`nce_grad_tile_kernel`): with sig[i, l] = sigmoid(neg_lse[i] - pos[i, l]) =
+Backward (`nce_grad_factors_kernel`, then `nce_grad_tile_kernel` per chunk): with sig[i, l] = sigmoid(neg_lse[i] - pos[i, l]) =
 1 - exp(pos)/Z and w[i, l] the upstream gradient of loss[i, l], SPEC's gradients become
 
     dL/ds at a positive (i, (p_i, l)) = -w[i, l] * sig[i, l]                  (gpos)
     dL/ds at a negative (i, j)        = R[i] * exp(s[i, j] - neg_lse[i]),  R[i] = sum_l w * sig
 
-(exp(s - neg_lse) <= 1 for every negative, so neither form can overflow). The kernel
-recomputes a tile of scores and writes G = scale * d(loss + reg)/da for a chunk of columns;
+(exp(s - neg_lse) <= 1 for every negative, so neither form can overflow). The factor kernel
+forms gpos and R; the tile kernel recomputes a tile of scores and writes G = scale * d(loss + reg)/da for a chunk of columns;
 the caller turns G into d src and d trg with two matrix products.
 """
 from __future__ import annotations
@@ -164,6 +166,40 @@ def _score_tile(
 
 
 @triton.jit
+def _fold_tile(
+    j0, rows, p, sq, neg_sum, shift,
+    src_ptr, trg_ptr, scores_ptr, stride_scores, chunk_begin, chunk_end,
+    N, L, D, stride_sn, stride_sd, stride_tm, stride_tl, stride_td, scale, tclip,
+    CLIP: tl.constexpr, MASKED: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, FROM_SCORES: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    """Score the tile of columns [j0, j0 + BLOCK_J) and fold it into the row partials."""
+    cols = j0 + tl.arange(0, BLOCK_J)
+    a = _score_tile(
+        src_ptr, trg_ptr, scores_ptr, stride_scores, chunk_begin, chunk_end,
+        rows, cols, N, L, D,
+        stride_sn, stride_sd, stride_tm, stride_tl, stride_td, scale,
+        BLOCK_N, BLOCK_J, BLOCK_K, DOT_PRECISION, UPCAST, FROM_SCORES, EVEN_K,
+    )
+    sq += tl.sum(a * a, axis=1)  # padded rows/columns score 0 and add nothing
+    if CLIP:
+        log2_gap, _ = _clip_pieces(a, tclip)
+        x = tl.exp2(log2_gap)  # exp(s - tclip)
+    else:
+        x = a  # s = a
+    if MASKED:
+        # the row's own image is excluded (its positives are the merge kernel's)
+        img = cols // L
+        is_neg = (img[None, :] != p[:, None]) & (cols < chunk_end)[None, :]
+        neg_sum, shift = _add_negatives(x, is_neg, neg_sum, shift, CLIP, True)
+    else:
+        # no masks (padded rows score too, but their partials are never stored)
+        neg_sum, shift = _add_negatives(x, x, neg_sum, shift, CLIP, False)
+    return sq, neg_sum, shift
+
+
+@triton.jit
 def nce_fwd_kernel(
     src_ptr, trg_ptr, pos_idx_ptr,
     part_sum_ptr, part_max_ptr, part_sq_ptr,  # (SPLITS, N) float32 out: per-split row partials
@@ -173,11 +209,16 @@ def nce_fwd_kernel(
     stride_sn, stride_sd, stride_tm, stride_tl, stride_td,
     cols_per_split,  # a multiple of BLOCK_J, so no tile straddles two splits
     scale, tclip,
-    CLIP: tl.constexpr,
+    CLIP: tl.constexpr, MASKED: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     FROM_SCORES: tl.constexpr, EVEN_K: tl.constexpr,
 ):
+    """Two launches share the chunk's tiles, each compiled with one path only (the two
+    paths in one kernel need 200+ registers; the unmasked one alone fits in 128, leaving
+    room for a second program per SM whose products overlap this one's epilogue):
+    MASKED = False: the plain tiles (_plain_tile) of the program's contiguous split;
+    MASKED = True: every other tile, dealt out to the splits in turn."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -192,31 +233,28 @@ def nce_fwd_kernel(
         shift = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     p_lo, p_hi = _own_images(p, row_ok)
 
-    col_begin = chunk_begin + split * cols_per_split
-    col_end = tl.minimum(col_begin + cols_per_split, chunk_end)
-    for j0 in range(col_begin, col_end, BLOCK_J):
-        cols = j0 + tl.arange(0, BLOCK_J)
-        a = _score_tile(
-            src_ptr, trg_ptr, scores_ptr, stride_scores, chunk_begin, chunk_end,
-            rows, cols, N, L, D,
-            stride_sn, stride_sd, stride_tm, stride_tl, stride_td, scale,
-            BLOCK_N, BLOCK_J, BLOCK_K, DOT_PRECISION, UPCAST, FROM_SCORES, EVEN_K,
-        )
-        sq += tl.sum(a * a, axis=1)  # padded rows/columns score 0 and add nothing
-        if CLIP:
-            log2_gap, _ = _clip_pieces(a, tclip)
-            x = tl.exp2(log2_gap)  # exp(s - tclip)
-        else:
-            x = a  # s = a
-
-        if _plain_tile(j0, j0 + BLOCK_J, chunk_end, L, p_lo, p_hi):
-            # no masks (padded rows score too, but their partials are never stored)
-            neg_sum, shift = _add_negatives(x, x, neg_sum, shift, CLIP, False)
-        else:
-            # the row's own image is excluded (its positives are the merge kernel's)
-            img = cols // L
-            is_neg = (img[None, :] != p[:, None]) & (cols < chunk_end)[None, :]
-            neg_sum, shift = _add_negatives(x, is_neg, neg_sum, shift, CLIP, True)
+    if MASKED:
+        n_tiles = tl.cdiv(chunk_end - chunk_begin, BLOCK_J)
+        for t in range(split, n_tiles, tl.num_programs(1)):
+            j0 = chunk_begin + t * BLOCK_J
+            if not _plain_tile(j0, j0 + BLOCK_J, chunk_end, L, p_lo, p_hi):
+                sq, neg_sum, shift = _fold_tile(
+                    j0, rows, p, sq, neg_sum, shift,
+                    src_ptr, trg_ptr, scores_ptr, stride_scores, chunk_begin, chunk_end,
+                    N, L, D, stride_sn, stride_sd, stride_tm, stride_tl, stride_td, scale, tclip,
+                    CLIP, True, BLOCK_N, BLOCK_J, BLOCK_K, DOT_PRECISION, UPCAST, FROM_SCORES, EVEN_K,
+                )
+    else:
+        col_begin = chunk_begin + split * cols_per_split
+        col_end = tl.minimum(col_begin + cols_per_split, chunk_end)
+        for j0 in range(col_begin, col_end, BLOCK_J):
+            if _plain_tile(j0, j0 + BLOCK_J, chunk_end, L, p_lo, p_hi):
+                sq, neg_sum, shift = _fold_tile(
+                    j0, rows, p, sq, neg_sum, shift,
+                    src_ptr, trg_ptr, scores_ptr, stride_scores, chunk_begin, chunk_end,
+                    N, L, D, stride_sn, stride_sd, stride_tm, stride_tl, stride_td, scale, tclip,
+                    CLIP, False, BLOCK_N, BLOCK_J, BLOCK_K, DOT_PRECISION, UPCAST, FROM_SCORES, EVEN_K,
+                )
 
     out = (split_base + split).to(tl.int64) * N + rows
     tl.store(part_sum_ptr + out, neg_sum, mask=row_ok)

@@ -36,6 +36,9 @@ class TileConfig:
     block_k: int
     num_warps: int
     num_stages: int
+    # ptxas register cap of the forward's unmasked launch (None: ptxas decides); 128 with
+    # 256 threads lets two programs share an SM
+    plain_max_registers: int | None = None
 
 
 KERNELS = ("fwd", "grad")
@@ -47,10 +50,11 @@ def tile_config(dtype: torch.dtype, d: int, kernel: str) -> TileConfig:
     """Tiles of the forward's score loop ("fwd") or of the backward's G kernel ("grad").
 
     16-bit on an H100: (128, 128, 64), 8 warps, 3 stages was the fastest measured for both
-    (benchmarks/RESULTS.md). Compiled offline for sm_90 (`python -m
-    benchmarks.triton_resources`), the forward holds 202 registers and no spills since it
-    stores no positives, and a (128, 256) forward tile also fits without spills now: a
-    candidate for the next tuning run, not yet timed.
+    (benchmarks/RESULTS.md, before the forward was split into unmasked and masked launches).
+    Compiled offline for sm_90 (`python -m benchmarks.triton_resources`), the unmasked
+    forward fits 128 registers with no spills, so it is capped there: two programs per SM.
+    Not yet timed on a GPU; `python -m benchmarks.tune_triton` compares it with no cap and
+    with (128, 256) forward tiles, which now compile without spills too.
     """
     if kernel in pinned_tiles:
         return pinned_tiles[kernel]
@@ -59,7 +63,9 @@ def tile_config(dtype: torch.dtype, d: int, kernel: str) -> TileConfig:
         return TileConfig(32, 64, min(64, max(16, triton.next_power_of_2(d))), 4, 1)
     if dtype == torch.float32:
         return TileConfig(64, 128, 32, 8, 3)
-    return TileConfig(128, 128, 64, 8, 3)
+    # the unmasked forward fits 128 registers without spills (146-170 uncapped) and 96 KiB of
+    # shared memory: two programs per SM
+    return TileConfig(128, 128, 64, 8, 3, plain_max_registers=128 if kernel == "fwd" else None)
 
 
 @contextlib.contextmanager
@@ -143,6 +149,13 @@ def _common(src: torch.Tensor, trg: torch.Tensor, cfg: TileConfig, from_scores: 
     )
 
 
+def _register_cap(cfg: TileConfig) -> dict:
+    """The unmasked forward launch's maxnreg option, where the config caps it."""
+    if cfg.plain_max_registers is None or triton_interpreting():
+        return {}
+    return dict(maxnreg=cfg.plain_max_registers)
+
+
 def chunk_columns(n: int, m: int, l: int, cfg: TileConfig, sms: int) -> int:
     """Columns per chunk: whole images, about 1/CHUNK_PARTS of all columns, but enough that
     one chunk's grid of (row block x column tile) programs gives every SM a program."""
@@ -199,7 +212,9 @@ def forward(src, trg, pos_idx, tclip: float | None, scale: float, strategy: str)
     row_blocks = triton.cdiv(n, cfg.block_n)
     splits = [_split(c, row_blocks, cfg, sms) for _, c in chunks]
 
-    total = sum(s for s, _ in splits)
+    # each chunk's tiles go to two launches (nce_fwd_kernel): the unmasked tiles, then the
+    # rest; each writes a slot of partials per split
+    total = 2 * sum(s for s, _ in splits)
     part_sum = torch.empty(total, n, **f32)
     part_max = torch.empty(total, n, **f32)
     part_sq = torch.empty(total, n, **f32)
@@ -207,14 +222,15 @@ def forward(src, trg, pos_idx, tclip: float | None, scale: float, strategy: str)
     split_base = 0
     for (c0, c), (n_splits, per_split) in zip(chunks, splits):
         scores = _chunk_scores(src, trg, c0, c) if from_scores else part_sum  # part_sum: unused placeholder
-        nce_fwd_kernel[(row_blocks, n_splits)](
-            src, trg, pos_idx, part_sum, part_max, part_sq,
-            scores, scores.stride(0), c0, c0 + c, split_base,
-            cols_per_split=per_split, scale=scale,
-            tclip=0.0 if tclip is None else tclip, CLIP=tclip is not None,
-            **common,
-        )
-        split_base += n_splits
+        for masked in (False, True):
+            nce_fwd_kernel[(row_blocks, n_splits)](
+                src, trg, pos_idx, part_sum, part_max, part_sq,
+                scores, scores.stride(0), c0, c0 + c, split_base,
+                cols_per_split=per_split, scale=scale,
+                tclip=0.0 if tclip is None else tclip, CLIP=tclip is not None, MASKED=masked,
+                **common, **({} if masked else _register_cap(cfg)),
+            )
+            split_base += n_splits
 
     pos = torch.empty(n, l, **f32)
     loss = torch.empty(n, l, **f32)
