@@ -61,8 +61,6 @@ def _soft_clip(a, tclip, CLIP: tl.constexpr):
         return a
 
 
-
-
 @triton.jit
 def _clip_pieces(a, tclip):
     """The soft clip's pieces straight from the raw score a, without forming s.
@@ -82,6 +80,7 @@ def _clip_pieces(a, tclip):
     d = 1.0 / (1.0 + t)
     q = tl.where(a >= 0, t, 1.0)
     return (-2.0 * 1.4426950408889634 * tclip) * (q * d), 4.0 * t * d * d
+
 
 @triton.jit
 def _add_negatives(x, is_neg, neg_sum, shift, CLIP: tl.constexpr, MASKED: tl.constexpr):
@@ -105,6 +104,7 @@ def _add_negatives(x, is_neg, neg_sum, shift, CLIP: tl.constexpr, MASKED: tl.con
         neg_sum = neg_sum * tl.exp(shift - safe) + tl.sum(tl.exp(x - safe[:, None]), axis=1)
         return neg_sum, new_shift
 
+
 @triton.jit
 def _own_images(p, row_ok):
     """Lowest and highest own image p_i of the block's rows (the images they exclude)."""
@@ -119,6 +119,7 @@ def _plain_tile(c0, c1, chunk_end, L, p_lo, p_hi):
     block's own images (p_lo..p_hi): every score in it is then a negative of its row.
     In the trainer pos_idx is a run of images (rank * N + arange), so this is most tiles."""
     return (c1 <= chunk_end) & (((c1 - 1) // L < p_lo) | (c0 // L > p_hi))
+
 
 @triton.jit
 def _score_tile(
