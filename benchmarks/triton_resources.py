@@ -102,17 +102,20 @@ def compile_resources(kernel, args: dict, num_warps: int, num_stages: int, arch:
     )
 
 
-def _strides(p: problems.Problem) -> dict:
-    return dict(N=p.n, L=p.l, D=p.d, stride_sn=p.d, stride_sd=1, stride_tm=p.l * p.d, stride_tl=p.d, stride_td=1)
+def _shape_args(p: problems.Problem) -> dict:
+    """launch.shape_args of the problem's contiguous inputs (as shapes only: meta tensors)."""
+    src = torch.empty(p.n, p.d, device="meta")
+    trg = torch.empty(p.m, p.l, p.d, device="meta")
+    return launch.shape_args(src, trg)
 
 
 def _tile_args(p: problems.Problem, dtype: torch.dtype, cfg: launch.TileConfig, clip: bool) -> dict:
-    precision = "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
     return dict(
-        src_ptr=dtype, trg_ptr=dtype, pos_idx_ptr=torch.int64, **_strides(p),
+        src_ptr=dtype, trg_ptr=dtype, pos_idx_ptr=torch.int64, **_shape_args(p),
         scale=p.d ** -0.5, tclip=20.0 if clip else 0.0, CLIP=clip,
         BLOCK_N=Const(cfg.block_n), BLOCK_J=Const(cfg.block_j), BLOCK_K=Const(cfg.block_k),
-        DOT_PRECISION=Const(precision), UPCAST=False, FROM_SCORES=False, EVEN_K=p.d % cfg.block_k == 0,
+        DOT_PRECISION=Const(launch.dot_precision(dtype)), UPCAST=False, FROM_SCORES=False,
+        EVEN_K=p.d % cfg.block_k == 0,
     )
 
 
@@ -142,7 +145,7 @@ def grad_args(p: problems.Problem, dtype: torch.dtype, cfg: launch.TileConfig, c
 def merge_args(p: problems.Problem, dtype: torch.dtype, clip: bool) -> dict:
     block_l, block_k = launch.merge_blocks(p.l, p.d)
     return dict(
-        src_ptr=dtype, trg_ptr=dtype, pos_idx_ptr=torch.int64, **_strides(p),
+        src_ptr=dtype, trg_ptr=dtype, pos_idx_ptr=torch.int64, **_shape_args(p),
         part_sum_ptr=torch.float32, part_max_ptr=torch.float32, part_sq_ptr=torch.float32,
         pos_ptr=torch.float32, loss_ptr=torch.float32, neg_lse_ptr=torch.float32, sq_ptr=torch.float32,
         SPLITS=4 * 132, scale=p.d ** -0.5, tclip=20.0 if clip else 0.0, CLIP=clip,
@@ -195,10 +198,12 @@ def main(argv=None):
     for name, clip, cfg, r in rows(p, dtype, configs, args.arch, clips):
         cap = "" if cfg is None or cfg.plain_max_registers is None or name != "fwd plain" else \
             f", maxnreg {cfg.plain_max_registers}"
-        tiles = "-" if cfg is None else f"({cfg.block_n}, {cfg.block_j}, {cfg.block_k}, {cfg.num_warps}, {cfg.num_stages}{cap})"
+        tiles = "-" if cfg is None else \
+            f"({cfg.block_n}, {cfg.block_j}, {cfg.block_k}, {cfg.num_warps}, {cfg.num_stages}{cap})"
         clip_mode = "-" if clip is None else "tclip" if clip else "none"
         print(f"| {name} | {clip_mode} | {tiles} | {r.registers} | {r.spill_bytes} | "
-              f"{r.spill_instructions} | {r.shared_bytes / 1024:.0f} | {r.instructions} | {r.tensor_core_instructions} |",
+              f"{r.spill_instructions} | {r.shared_bytes / 1024:.0f} | {r.instructions} | "
+              f"{r.tensor_core_instructions} |",
               flush=True)
 
 

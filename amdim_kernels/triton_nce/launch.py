@@ -41,7 +41,6 @@ class TileConfig:
     plain_max_registers: int | None = None
 
 
-KERNELS = ("fwd", "grad")
 # kernel -> TileConfig pinned by a benchmark (`pinned(tiles=...)`); empty: the defaults
 pinned_tiles: dict[str, TileConfig] = {}
 
@@ -134,13 +133,20 @@ def addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         acc += mm_f32(a, b)
 
 
-def _common(src: torch.Tensor, trg: torch.Tensor, cfg: TileConfig, from_scores: bool) -> dict:
-    n, d = src.shape
-    _, l, _ = trg.shape
+def shape_args(src: torch.Tensor, trg: torch.Tensor) -> dict:
+    """The kernels' size and stride arguments (N, L, D, stride_*)."""
+    (n, d), l = src.shape, trg.shape[1]
     return dict(
         N=n, L=l, D=d,
         stride_sn=src.stride(0), stride_sd=src.stride(1),
         stride_tm=trg.stride(0), stride_tl=trg.stride(1), stride_td=trg.stride(2),
+    )
+
+
+def _common(src: torch.Tensor, trg: torch.Tensor, cfg: TileConfig, from_scores: bool) -> dict:
+    d = src.shape[1]
+    return dict(
+        shape_args(src, trg),
         BLOCK_N=cfg.block_n, BLOCK_J=cfg.block_j, BLOCK_K=cfg.block_k,
         DOT_PRECISION=dot_precision(src.dtype),
         UPCAST=triton_interpreting() and src.dtype != torch.float32,
@@ -194,10 +200,15 @@ def _split(cols: int, row_blocks: int, cfg: TileConfig, sms: int) -> tuple[int, 
     return triton.cdiv(cols, per_split), per_split
 
 
+def _location_block(l: int) -> int:
+    """BLOCK_L of the per-row kernels (merge, backward factors): at most 64 locations a step."""
+    return min(64, triton.next_power_of_2(l))
+
+
 def merge_blocks(l: int, d: int) -> tuple[int, int]:
     """(BLOCK_L, BLOCK_K) of the merge kernel, one row a program: its positive dot products
     take tiles of at most 64 locations and about 4096 elements."""
-    block_l = min(64, triton.next_power_of_2(l))
+    block_l = _location_block(l)
     return block_l, max(16, min(triton.next_power_of_2(d), 4096 // block_l))
 
 
@@ -239,8 +250,8 @@ def forward(src, trg, pos_idx, tclip: float | None, scale: float, strategy: str)
     block_l, block_k = merge_blocks(l, d)
     nce_merge_kernel[(n,)](
         src, trg, pos_idx, part_sum, part_max, part_sq, pos, loss, neg_lse, sq,
-        n, l, d, src.stride(0), src.stride(1), trg.stride(0), trg.stride(1), trg.stride(2),
-        total, scale, 0.0 if tclip is None else tclip, CLIP=tclip is not None,
+        **shape_args(src, trg), SPLITS=total, scale=scale,
+        tclip=0.0 if tclip is None else tclip, CLIP=tclip is not None,
         BLOCK_S=32, BLOCK_L=block_l, BLOCK_K=block_k,
     )
     return ForwardStats(loss, pos, neg_lse, sq)
@@ -249,7 +260,7 @@ def forward(src, trg, pos_idx, tclip: float | None, scale: float, strategy: str)
 def factors_blocks(l: int) -> tuple[int, int]:
     """(BLOCK_N, BLOCK_L) of the backward's factor kernel: tiles of at most 64 locations and
     1024 elements (16 rows at L = 49), so that N = 128 still gives 8 programs."""
-    block_l = min(64, triton.next_power_of_2(l))
+    block_l = _location_block(l)
     return max(1, 1024 // block_l), block_l
 
 
