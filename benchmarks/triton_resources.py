@@ -169,7 +169,10 @@ def rows(p, dtype, tile_configs, arch: int, clips=(True, False)):
                 ("fwd plain", kernels.nce_fwd_kernel, dict(forward_args(p, dtype, cfg, clip), MASKED=False),
                  cfg.plain_max_registers),
                 ("fwd masked", kernels.nce_fwd_kernel, dict(forward_args(p, dtype, cfg, clip), MASKED=True), None),
-                ("grad", kernels.nce_grad_tile_kernel, grad_args(p, dtype, cfg, clip), None),
+                ("grad plain", kernels.nce_grad_tile_kernel, dict(grad_args(p, dtype, cfg, clip), MASKED=False),
+                 cfg.plain_max_registers),
+                ("grad masked", kernels.nce_grad_tile_kernel, dict(grad_args(p, dtype, cfg, clip), MASKED=True),
+                 None),
             ):
                 yield name, clip, cfg, compile_resources(kernel, args, cfg.num_warps, cfg.num_stages, arch, cap)
         yield "merge", clip, None, compile_resources(kernels.nce_merge_kernel, merge_args(p, dtype, clip), 4, 1, arch)
@@ -182,7 +185,7 @@ def main(argv=None):
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--problem", default="single", choices=sorted(PROBLEMS))
     ap.add_argument("--tiles", nargs="+", default=["128,128,64,8,3,128", "128,256,64,8,3"],
-                    help="BLOCK_N,BLOCK_J,BLOCK_K,num_warps,num_stages[,register cap of the unmasked forward]")
+                    help="BLOCK_N,BLOCK_J,BLOCK_K,num_warps,num_stages[,register cap of the unmasked launches]")
     ap.add_argument("--clip", choices=["both", "on", "off"], default="both")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -196,7 +199,7 @@ def main(argv=None):
           "shared KiB | SASS instr | tensor-core instr |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, clip, cfg, r in rows(p, dtype, configs, args.arch, clips):
-        cap = "" if cfg is None or cfg.plain_max_registers is None or name != "fwd plain" else \
+        cap = "" if cfg is None or cfg.plain_max_registers is None or not name.endswith("plain") else \
             f", maxnreg {cfg.plain_max_registers}"
         tiles = "-" if cfg is None else \
             f"({cfg.block_n}, {cfg.block_j}, {cfg.block_k}, {cfg.num_warps}, {cfg.num_stages}{cap})"

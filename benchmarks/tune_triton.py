@@ -17,21 +17,22 @@ from amdim_kernels.triton_nce import launch
 
 from . import problems
 
-DEFAULT = (128, 128, 64, 8, 3)
-DEFAULT_FWD = DEFAULT + (128,)  # the unmasked forward launch capped at 128 registers
+UNCAPPED = (128, 128, 64, 8, 3)
+DEFAULT = UNCAPPED + (128,)  # the unmasked launches capped at 128 registers
 # (strategy, chunk parts, forward tiles, backward (G kernel) tiles), each tiles
-# (block_n, block_j, block_k, num_warps, num_stages[, register cap of the unmasked forward]).
-# The cap lets two forward programs share an SM; the (128, 256) forward tiles read 25% less
-# per FLOP than (128, 128) and fit in registers without spills since the forward stores no
+# (block_n, block_j, block_k, num_warps, num_stages[, register cap of the unmasked launch]).
+# The cap lets two programs share an SM; the (128, 256) forward tiles read 25% less per
+# FLOP than (128, 128) and fit in registers without spills since the forward stores no
 # positives (python -m benchmarks.triton_resources).
 CANDIDATES = [
-    ("fused", 8, DEFAULT_FWD, DEFAULT),
     ("fused", 8, DEFAULT, DEFAULT),
-    ("fused", 16, DEFAULT_FWD, DEFAULT),
+    ("fused", 8, UNCAPPED, DEFAULT),
+    ("fused", 8, DEFAULT, UNCAPPED),
+    ("fused", 16, DEFAULT, DEFAULT),
     ("fused", 8, (128, 256, 64, 8, 3), DEFAULT),
     ("fused", 8, (128, 256, 64, 8, 4), DEFAULT),
     ("fused", 8, (64, 256, 64, 4, 3), DEFAULT),
-    ("fused", 8, DEFAULT_FWD, (128, 64, 64, 4, 4)),
+    ("fused", 8, DEFAULT, (128, 64, 64, 4, 4)),
     ("fused", 16, (128, 256, 64, 8, 3), (128, 64, 64, 4, 4)),
     ("gemm", 8, (64, 128, 64, 4, 1), (64, 128, 64, 4, 1)),
     ("gemm", 8, (128, 128, 64, 8, 1), (128, 128, 64, 8, 1)),

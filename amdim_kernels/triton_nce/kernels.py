@@ -23,15 +23,18 @@ each: N*L*D work, 1/M of the score loop's), and gives
     neg_lse[i] = log sum_{j negative} exp(s[i, j])
     loss[i, l] = -nce[i, l] = log(exp(pos) + exp(neg_lse)) - pos = softplus(neg_lse - pos)
 
-Backward (`nce_grad_factors_kernel`, then `nce_grad_tile_kernel` per chunk): with sig[i, l] = sigmoid(neg_lse[i] - pos[i, l]) =
-1 - exp(pos)/Z and w[i, l] the upstream gradient of loss[i, l], SPEC's gradients become
+Backward (`nce_grad_factors_kernel`, then `nce_grad_tile_kernel` per chunk): with
+sig[i, l] = sigmoid(neg_lse[i] - pos[i, l]) = 1 - exp(pos)/Z and w[i, l] the upstream
+gradient of loss[i, l], SPEC's gradients become
 
     dL/ds at a positive (i, (p_i, l)) = -w[i, l] * sig[i, l]                  (gpos)
     dL/ds at a negative (i, j)        = R[i] * exp(s[i, j] - neg_lse[i]),  R[i] = sum_l w * sig
 
 (exp(s - neg_lse) <= 1 for every negative, so neither form can overflow). The factor kernel
-forms gpos and R; the tile kernel recomputes a tile of scores and writes G = scale * d(loss + reg)/da for a chunk of columns;
-the caller turns G into d src and d trg with two matrix products.
+forms gpos and R; the tile kernel recomputes a tile of scores and writes
+G = scale * d(loss + reg)/da for a chunk of columns, in two launches like the forward's
+(unmasked tiles, then the rest); the caller turns G into d src and d trg with two matrix
+products.
 """
 from __future__ import annotations
 
@@ -394,41 +397,49 @@ def nce_grad_tile_kernel(
     stride_sn, stride_sd, stride_tm, stride_tl, stride_td,
     col_begin, C,  # this chunk's columns: [col_begin, col_begin + C)
     scale, tclip,
-    CLIP: tl.constexpr,
+    CLIP: tl.constexpr, MASKED: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     FROM_SCORES: tl.constexpr, EVEN_K: tl.constexpr,
 ):
+    """One program per (row block, column tile) of the chunk. As in the forward, two
+    launches share the tiles, each compiled with one path only: MASKED = False writes the
+    plain tiles (_plain_tile: all negatives, no mask, no gather), MASKED = True the others
+    (positives, padding); a program whose tile is the other launch's returns at once.
+    Apart, the plain path needs no more than 128 registers, without spills."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     local = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)  # column inside the chunk
     cols = col_begin + local
     row_ok = rows < N
-    col_ok = local < C
-
-    a = _score_tile(
-        src_ptr, trg_ptr, scores_ptr, stride_scores, col_begin, col_begin + C,
-        rows, cols, N, L, D,
-        stride_sn, stride_sd, stride_tm, stride_tl, stride_td, scale,
-        BLOCK_N, BLOCK_J, BLOCK_K, DOT_PRECISION, UPCAST, FROM_SCORES, EVEN_K,
-    )
     p = tl.load(pos_idx_ptr + rows, mask=row_ok, other=-1)
-    neg_lse = tl.load(neg_lse_ptr + rows, mask=row_ok, other=0.0)
-    r = tl.load(r_ptr + rows, mask=row_ok, other=0.0)
-    # log2 exp(s - neg_lse) = log2 exp(s - shift) + bias[i], shift = tclip (clip) or 0
-    bias = ((tclip if CLIP else 0.0) - neg_lse) * 1.4426950408889634
-    reg_coef = 2.0 * tl.load(grad_sq_ptr + rows, mask=row_ok, other=0.0)
     p_lo, p_hi = _own_images(p, row_ok)
     c0 = col_begin + tl.program_id(1) * BLOCK_J
-    if _plain_tile(c0, c0 + BLOCK_J, col_begin + C, L, p_lo, p_hi):
-        # all negatives; padded rows have r = 0 and are not stored
-        g = _g_tile(a, a, 0.0, r, bias, reg_coef, scale, tclip, CLIP, False)
-    else:
-        img = cols // L
-        valid = row_ok[:, None] & col_ok[None, :]
-        is_pos = valid & (img[None, :] == p[:, None])
-        is_neg = valid & (img[None, :] != p[:, None])
-        gpos_rows = gpos_ptr + (rows.to(tl.int64) - p) * L  # gpos[i, j - p_i * L] = gpos_rows[i][j]
-        gpos = tl.load(gpos_rows[:, None] + cols[None, :], mask=is_pos, other=0.0)
-        g = _g_tile(a, is_neg, gpos, r, bias, reg_coef, scale, tclip, CLIP, True)
-    g_off = rows.to(tl.int64)[:, None] * stride_gn + local[None, :]
-    tl.store(g_ptr + g_off, g.to(g_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    if _plain_tile(c0, c0 + BLOCK_J, col_begin + C, L, p_lo, p_hi) != MASKED:
+        a = _score_tile(
+            src_ptr, trg_ptr, scores_ptr, stride_scores, col_begin, col_begin + C,
+            rows, cols, N, L, D,
+            stride_sn, stride_sd, stride_tm, stride_tl, stride_td, scale,
+            BLOCK_N, BLOCK_J, BLOCK_K, DOT_PRECISION, UPCAST, FROM_SCORES, EVEN_K,
+        )
+        neg_lse = tl.load(neg_lse_ptr + rows, mask=row_ok, other=0.0)
+        r = tl.load(r_ptr + rows, mask=row_ok, other=0.0)
+        # log2 exp(s - neg_lse) = log2 exp(s - shift) + bias[i], shift = tclip (clip) or 0
+        bias = ((tclip if CLIP else 0.0) - neg_lse) * 1.4426950408889634
+        reg_coef = 2.0 * tl.load(grad_sq_ptr + rows, mask=row_ok, other=0.0)
+        if MASKED:
+            col_ok = local < C
+            img = cols // L
+            valid = row_ok[:, None] & col_ok[None, :]
+            is_pos = valid & (img[None, :] == p[:, None])
+            is_neg = valid & (img[None, :] != p[:, None])
+            gpos_rows = gpos_ptr + (rows.to(tl.int64) - p) * L  # gpos[i, j - p_i * L] = gpos_rows[i][j]
+            gpos = tl.load(gpos_rows[:, None] + cols[None, :], mask=is_pos, other=0.0)
+            g = _g_tile(a, is_neg, gpos, r, bias, reg_coef, scale, tclip, CLIP, True)
+            g_mask = valid
+        else:
+            # all negatives, all columns inside the chunk; padded rows have r = 0 and are
+            # not stored
+            g = _g_tile(a, a, 0.0, r, bias, reg_coef, scale, tclip, CLIP, False)
+            g_mask = row_ok[:, None]
+        g_off = rows.to(tl.int64)[:, None] * stride_gn + local[None, :]
+        tl.store(g_ptr + g_off, g.to(g_ptr.dtype.element_ty), mask=g_mask)

@@ -36,7 +36,7 @@ class TileConfig:
     block_k: int
     num_warps: int
     num_stages: int
-    # ptxas register cap of the forward's unmasked launch (None: ptxas decides); 128 with
+    # ptxas register cap of the kernel's unmasked launch (None: ptxas decides); 128 with
     # 256 threads lets two programs share an SM
     plain_max_registers: int | None = None
 
@@ -49,11 +49,12 @@ def tile_config(dtype: torch.dtype, d: int, kernel: str) -> TileConfig:
     """Tiles of the forward's score loop ("fwd") or of the backward's G kernel ("grad").
 
     16-bit on an H100: (128, 128, 64), 8 warps, 3 stages was the fastest measured for both
-    (benchmarks/RESULTS.md, before the forward was split into unmasked and masked launches).
-    Compiled offline for sm_90 (`python -m benchmarks.triton_resources`), the unmasked
-    forward fits 128 registers with no spills, so it is capped there: two programs per SM.
-    Not yet timed on a GPU; `python -m benchmarks.tune_triton` compares it with no cap and
-    with (128, 256) forward tiles, which now compile without spills too.
+    (benchmarks/RESULTS.md, before each kernel was split into unmasked and masked launches).
+    Compiled offline for sm_90 (`python -m benchmarks.triton_resources`), both unmasked
+    launches fit 128 registers (Triton 3.6's G kernel with 48 bytes of spill, outside its
+    K-loop), so they are capped there: two programs per SM. Not yet timed on a GPU;
+    `python -m benchmarks.tune_triton` compares it with no cap and with (128, 256) forward
+    tiles.
     """
     if kernel in pinned_tiles:
         return pinned_tiles[kernel]
@@ -62,9 +63,8 @@ def tile_config(dtype: torch.dtype, d: int, kernel: str) -> TileConfig:
         return TileConfig(32, 64, min(64, max(16, triton.next_power_of_2(d))), 4, 1)
     if dtype == torch.float32:
         return TileConfig(64, 128, 32, 8, 3)
-    # the unmasked forward fits 128 registers without spills (146-170 uncapped) and 96 KiB of
-    # shared memory: two programs per SM
-    return TileConfig(128, 128, 64, 8, 3, plain_max_registers=128 if kernel == "fwd" else None)
+    # 96 KiB of shared memory and at most 128 registers a thread: two programs per SM
+    return TileConfig(128, 128, 64, 8, 3, plain_max_registers=128)
 
 
 @contextlib.contextmanager
@@ -156,7 +156,7 @@ def _common(src: torch.Tensor, trg: torch.Tensor, cfg: TileConfig, from_scores: 
 
 
 def _register_cap(cfg: TileConfig) -> dict:
-    """The unmasked forward launch's maxnreg option, where the config caps it."""
+    """The maxnreg option of a kernel's unmasked launch, where the config caps it."""
     if cfg.plain_max_registers is None or triton_interpreting():
         return {}
     return dict(maxnreg=cfg.plain_max_registers)
@@ -290,12 +290,13 @@ def gradient_chunks(src, trg, pos_idx, neg_lse, r, gpos, grad_sq, tclip, scale, 
     for c0, c in _chunks(m, l, c_max):
         g = g_buf[:, :c]
         scores = _chunk_scores(src, trg, c0, c) if from_scores else g  # g: unused placeholder
-        nce_grad_tile_kernel[(triton.cdiv(n, cfg.block_n), triton.cdiv(c, cfg.block_j))](
-            src, trg, pos_idx, neg_lse, r, gpos, grad_sq, g, g.stride(0),
-            scores, scores.stride(0),
-            col_begin=c0, C=c, scale=scale,
-            tclip=0.0 if tclip is None else tclip, CLIP=tclip is not None,
-            **common,
-        )
+        for masked in (False, True):  # the plain tiles, then the rest (nce_grad_tile_kernel)
+            nce_grad_tile_kernel[(triton.cdiv(n, cfg.block_n), triton.cdiv(c, cfg.block_j))](
+                src, trg, pos_idx, neg_lse, r, gpos, grad_sq, g, g.stride(0),
+                scores, scores.stride(0),
+                col_begin=c0, C=c, scale=scale,
+                tclip=0.0 if tclip is None else tclip, CLIP=tclip is not None, MASKED=masked,
+                **common, **({} if masked else _register_cap(cfg)),
+            )
         del scores
         yield c0 // l, (c0 + c) // l, g
