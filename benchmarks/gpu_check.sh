@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine: install, run every test (GPU ones included), tune and
 # profile the Triton kernels, run the benchmark sweeps. Logs and CSV/JSON go to $OUT.
-# STEPS picks among: tests compiled sanitize resources tune run run32 sweep infonce train train_compiled bench overhead demo.
+# STEPS picks among: tests compiled sanitize resources tune run fmap run32 sweep infonce train train_compiled bench overhead demo.
 # Peer libraries: run `make peer-wheels` here first and carry wheels/ along.
 set -u
 OUT=${OUT:-/tmp/amdim_out}; mkdir -p "$OUT"
@@ -13,7 +13,7 @@ time python3 -m pip install -e . --no-build-isolation --no-deps -v 2>&1 | grep -
 python3 -c "import amdim_kernels; print(amdim_kernels.build_info())"
 # the peer libraries (make peer-wheels here, then carry wheels/ to the machine)
 if ls wheels/*.whl >/dev/null 2>&1; then python3 -m pip install --no-deps --no-index -q wheels/*.whl; fi
-STEPS=${STEPS:-"tests sanitize resources tune run overhead"}
+STEPS=${STEPS:-"tests sanitize resources tune run fmap overhead"}
 IMPLS=${IMPLS:-"reference triton:fused triton:gemm cuda:cublas cuda:mma"}
 for step in $STEPS; do
   case $step in
@@ -30,6 +30,8 @@ for step in $STEPS; do
            --out "$OUT/train_throughput_compiled.csv" 2>&1 | tee "$OUT/train_throughput_compiled.log" ;;
     bench) timeout 300 python3 -m pytest benchmarks --benchmark-columns=median,iqr,rounds 2>&1 | tee "$OUT/bench.log" | tail -40 ;;
     demo) timeout 60 python3 -m benchmarks.demo 2>&1 | tee "$OUT/demo.log" ;;
+    fmap) timeout 200 python3 -m benchmarks.run --preset feature-map --dtypes bfloat16 --impls $IMPLS \
+           --out "$OUT" --suffix fmap_bf16 2>&1 | tee "$OUT/run_fmap.log" ;;
     run32) timeout 100 python3 -m benchmarks.run --preset targets --dtypes float32 --impls $IMPLS \
            --out "$OUT" --suffix fp32 2>&1 | tee "$OUT/run_fp32.log" ;;
     compiled) timeout 120 python3 -m pytest -q -rfE tests/test_compiled.py 2>&1 | tee "$OUT/pytest_compiled.log" | tail -8 ;;

@@ -42,6 +42,8 @@ PRESETS = {
     # 10^3 to 10^6 negatives, 4096 sources (a large contrastive batch), D = 256
     "infonce": [problems.infonce(4096, m, 256) for m in (1024, 4096, 16384, 65536, 262144, 1048576)],
     "infonce-cpu": [problems.infonce(256, m, 256) for m in (1024, 4096, 16384)],
+    # the trainer's own target layout on one GPU (stride L along D), against the contiguous one
+    "feature-map": [problems.CIFAR, problems.CIFAR_FEATURE_MAP, problems.SINGLE_GPU, problems.SINGLE_GPU_FEATURE_MAP],
 }
 
 
@@ -121,7 +123,7 @@ def bench_one(p: problems.Problem, dtype: torch.dtype, impl: str, device: str, t
     src0, trg0, pos_idx = p.inputs(dtype, device)
     grads_bytes = (src0.numel() + trg0.numel()) * src0.element_size()
     if impl == "matmul":
-        trg_flat = trg0.reshape(-1, p.d)
+        trg_flat = trg0.reshape(-1, p.d)  # the floor: one matmul of contiguous operands
         fwd = lambda: src0 @ trg_flat.t()  # noqa: E731
         fwd_ms = timer(fwd)
         return dict(fwd_ms=fwd_ms, fwd_bwd_ms=None, peak=None, workspace=None)

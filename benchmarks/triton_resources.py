@@ -13,6 +13,7 @@ integers and pointers divisible by 16 carry that hint. Run it with TRITON_INTERP
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import subprocess
@@ -47,6 +48,8 @@ class Resources:
     shared_bytes: int
     instructions: int
     tensor_core_instructions: int  # HGMMA (sm_90) or HMMA
+    global_loads: int  # LDG: loads through registers
+    async_copies: int  # LDGSTS: global -> shared copies of the software pipeline
 
 
 def _cuda_tool(name: str) -> str:
@@ -99,13 +102,21 @@ def compile_resources(kernel, args: dict, num_warps: int, num_stages: int, arch:
         spill_instructions=sum(1 for i in instructions if re.search(r"\b(STL|LDL)\b", i)),
         shared_bytes=compiled.metadata.shared, instructions=len(instructions),
         tensor_core_instructions=sum(1 for i in instructions if re.search(r"\bH[G]?MMA\b", i)),
+        global_loads=sum(1 for i in instructions if re.search(r"\bLDG\b", i)),
+        async_copies=sum(1 for i in instructions if re.search(r"\bLDGSTS\b", i)),
     )
 
 
 def _shape_args(p: problems.Problem) -> dict:
-    """launch.shape_args of the problem's contiguous inputs (as shapes only: meta tensors)."""
+    """launch.shape_args of the problem's inputs as the kernels see them (shapes only: meta
+    tensors). launch.py hands them targets whose features are contiguous (copied chunk by
+    chunk where they are not); a "feature-map" problem shows what its layout would compile
+    to if read in place."""
     src = torch.empty(p.n, p.d, device="meta")
-    trg = torch.empty(p.m, p.l, p.d, device="meta")
+    if p.trg_layout == "contiguous":
+        trg = torch.empty(p.m, p.l, p.d, device="meta")
+    else:
+        trg = torch.empty(p.m, p.d, p.l, device="meta").transpose(1, 2)
     return launch.shape_args(src, trg)
 
 
@@ -187,17 +198,19 @@ def main(argv=None):
     ap.add_argument("--tiles", nargs="+", default=["128,128,64,8,3,128", "128,256,64,8,3"],
                     help="BLOCK_N,BLOCK_J,BLOCK_K,num_warps,num_stages[,register cap of the unmasked launches]")
     ap.add_argument("--clip", choices=["both", "on", "off"], default="both")
+    ap.add_argument("--trg-layout", choices=["contiguous", "feature-map"], default="contiguous",
+                    help="feature-map: the targets' strides as the trainer passes them, read in place")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("unset TRITON_INTERPRET: the interpreter's kernels cannot be compiled")
     dtype = getattr(torch, args.dtype)
     configs = [launch.TileConfig(*map(int, t.split(","))) for t in args.tiles]
     clips = {"both": (True, False), "on": (True,), "off": (False,)}[args.clip]
-    p = PROBLEMS[args.problem]
-    print(f"sm_{args.arch}, triton {triton.__version__}, {args.dtype}, {p.name}")
+    p = dataclasses.replace(PROBLEMS[args.problem], trg_layout=args.trg_layout)
+    print(f"sm_{args.arch}, triton {triton.__version__}, {args.dtype}, {p.name}, {p.trg_layout} targets")
     print("| kernel | clip | tiles (BN, BJ, BK, warps, stages) | registers | spill bytes | spill instr | "
-          "shared KiB | SASS instr | tensor-core instr |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "shared KiB | SASS instr | tensor-core instr | LDG | LDGSTS |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, clip, cfg, r in rows(p, dtype, configs, args.arch, clips):
         cap = "" if cfg is None or cfg.plain_max_registers is None or not name.endswith("plain") else \
             f", maxnreg {cfg.plain_max_registers}"
@@ -206,7 +219,7 @@ def main(argv=None):
         clip_mode = "-" if clip is None else "tclip" if clip else "none"
         print(f"| {name} | {clip_mode} | {tiles} | {r.registers} | {r.spill_bytes} | "
               f"{r.spill_instructions} | {r.shared_bytes / 1024:.0f} | {r.instructions} | "
-              f"{r.tensor_core_instructions} |",
+              f"{r.tensor_core_instructions} | {r.global_loads} | {r.async_copies} |",
               flush=True)
 
 

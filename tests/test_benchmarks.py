@@ -2,6 +2,7 @@
 handling of failing implementations, the peers' restriction to InfoNCE, and the training
 throughput script, the offline compile report. (They measure; nothing here asserts a time.)"""
 import csv
+import dataclasses
 import json
 import os
 import subprocess
@@ -21,15 +22,17 @@ CPU_BACKENDS = [b for b in available_backends("cpu") if b != "triton"]  # the in
 
 def test_sweep_rows_and_files(tmp_path):
     amdim_case = problems.Problem("tiny AMDIM", 6, 6, 5, 16)
+    feature_map_case = dataclasses.replace(amdim_case, name="tiny AMDIM, feature maps", trg_layout="feature-map")
+    assert feature_map_case.inputs(torch.float32, "cpu")[1].stride() == (80, 1, 5)  # (M, D, L) seen as (M, L, D)
     infonce_case = problems.infonce(8, 24, 16)
     impls = CPU_BACKENDS + available_peers("cpu") + ["cuda"]  # cuda cannot run here: an error row
-    rows = run.run([amdim_case, infonce_case], [torch.float32], impls, "cpu", str(tmp_path), "t")
+    rows = run.run([amdim_case, feature_map_case, infonce_case], [torch.float32], impls, "cpu", str(tmp_path), "t")
 
     def row(problem, impl):
         (r,) = [r for r in rows if r.problem == problem.name and r.impl == impl]
         return r
 
-    for p in (amdim_case, infonce_case):
+    for p in (amdim_case, feature_map_case, infonce_case):
         assert row(p, "matmul").fwd_ms > 0
         for b in CPU_BACKENDS:
             r = row(p, b)

@@ -51,10 +51,15 @@ def test_triton_half_precision(shape, dtype):
     run_case(make_case(n, m, l, d, pos=pos, dtype=dtype, device=DEVICE), dtype)
 
 
-def test_triton_strided_target():
-    # the trainer's layout: (M, D, H*W) feature maps viewed as (M, L, D)
-    case = make_case(6, 6, 25, 19, trg_layout="feature_map", device=DEVICE, reduction="none")
-    assert not case.trg.is_contiguous()
+@pytest.mark.parametrize("src_layout", ["contiguous", "transposed"])
+@pytest.mark.parametrize("options", KERNEL_OPTIONS, ids=str)
+def test_triton_feature_map_layout(src_layout, options, strategy):
+    """The trainer's layout: (M, D, H*W) feature maps seen as (M, L, D), stride L along D.
+    The kernels read a contiguous copy of each chunk's images (several chunks here: 24
+    images of 9 locations, a run of own images across chunk boundaries)."""
+    case = make_case(10, 24, 9, 19, pos=7 + torch.arange(10), trg_layout="feature_map", src_layout=src_layout,
+                     device=DEVICE, **options)
+    assert case.trg.stride(2) != 1 and (case.src.stride(1) != 1) == (src_layout == "transposed")
     run_case(case, torch.float32)
 
 

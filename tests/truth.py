@@ -50,9 +50,14 @@ class Case:
 
 
 def make_case(n, m, l, d, *, dtype=torch.float32, device="cpu", pos="arange", spread=4.0,
-              trg_layout="contiguous", **options) -> Case:
-    """Fresh random inputs; `spread` scales src so that scores reach the tanh's bend."""
-    src = (spread * torch.randn(n, d, device=device)).to(dtype)
+              trg_layout="contiguous", src_layout="contiguous", **options) -> Case:
+    """Fresh random inputs; `spread` scales src so that scores reach the tanh's bend.
+    src_layout "transposed": src (N, D) with stride N along D (as the trainer's 5->5 sources,
+    one location picked out of each feature map, have stride H*W)."""
+    if src_layout == "contiguous":
+        src = (spread * torch.randn(n, d, device=device)).to(dtype)
+    else:
+        src = (spread * torch.randn(d, n, device=device)).to(dtype).t()
     if trg_layout == "contiguous":
         trg = torch.randn(m, l, d, device=device).to(dtype)
     else:  # what the trainer passes: a (M, D, H*W) feature map seen as (M, L, D)

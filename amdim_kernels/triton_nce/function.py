@@ -45,11 +45,11 @@ def backward(src: torch.Tensor, trg: torch.Tensor, pos_idx: torch.Tensor, pos: t
     dtrg = torch.empty(m, l, d, device=trg.device, dtype=trg.dtype) if need_trg else trg.new_empty(0, l, d)
     g_dtype = _grad_dtype(src.dtype)
     src_g = src.to(g_dtype)
-    for m0, m1, g in launch.gradient_chunks(
+    for m0, m1, g, features in launch.gradient_chunks(
         src, trg, pos_idx, neg_lse, r, gpos, grad_sq, tclip, scale, g_dtype, strategy
     ):
         if need_src:
-            trg_chunk = trg[m0:m1].reshape(-1, d).to(g_dtype)
+            trg_chunk = features.to(g_dtype)
             if dsrc is None:
                 dsrc = launch.mm_f32(g, trg_chunk)
             else:

@@ -136,19 +136,23 @@ def _score_tile(
 ):
     """a = scale * src[rows] @ trg_flat[cols]^T as a (BLOCK_N, BLOCK_J) float32 tile.
 
-    FROM_SCORES: the unscaled dot products of this chunk's columns were already computed
-    (by cuBLAS) into scores[:, j - chunk_begin]; just read the tile. Otherwise compute it
-    with a K-loop of tl.dot. Rows >= N and columns >= chunk_end score exactly 0 either way.
+    trg_ptr points at the chunk's first image (chunks are whole images: chunk_begin is a
+    multiple of L), so column j is location (j - chunk_begin) % L of the chunk's image
+    (j - chunk_begin) // L. FROM_SCORES: the unscaled dot products of this chunk's columns
+    were already computed (by cuBLAS) into scores[:, j - chunk_begin]; just read the tile.
+    Otherwise compute it with a K-loop of tl.dot. Rows >= N and columns >= chunk_end score
+    exactly 0 either way.
     """
     row_ok = (rows < N)[:, None]
     col_ok = (cols < chunk_end)[:, None]
+    local = cols - chunk_begin
     if FROM_SCORES:
-        off = rows.to(tl.int64)[:, None] * stride_scores + (cols - chunk_begin)[None, :]
+        off = rows.to(tl.int64)[:, None] * stride_scores + local[None, :]
         acc = tl.load(scores_ptr + off, mask=row_ok & (cols < chunk_end)[None, :], other=0.0)
     else:
         # int64 offsets: m * stride_tm passes 2^31 once M*L*D does.
-        img = cols // L
-        loc = cols - img * L
+        img = local // L
+        loc = local - img * L
         src_rows = src_ptr + rows.to(tl.int64)[:, None] * stride_sn
         trg_cols = trg_ptr + (img.to(tl.int64) * stride_tm + loc.to(tl.int64) * stride_tl)[:, None]
         acc = tl.zeros((BLOCK_N, BLOCK_J), dtype=tl.float32)

@@ -176,11 +176,28 @@ def _chunks(m: int, l: int, c_max: int) -> Iterator[tuple[int, int]]:
         yield c0, min(c_max, m * l - c0)
 
 
-def _chunk_scores(src, trg, c0: int, c: int) -> torch.Tensor:
+def features_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """x with unit stride along its last (feature) dimension: itself, or a copy.
+
+    The score loops read rows of features: with unit stride a tile's loads are 16-byte
+    asynchronous copies. The trainer's feature-map targets ((M, D, H, W) seen as
+    (M, H*W, D)) have stride L along D instead; read in place, every element would be its
+    own 2-byte load through registers (32 per thread and K step at the default tiles,
+    compiled for sm_90), outside the copy pipeline. csrc/nce_cuda.cpp copies the same way.
+    """
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def chunk_images(trg: torch.Tensor, c0: int, c: int) -> torch.Tensor:
+    """The images of the chunk of columns [c0, c0 + c), (c / L, L, D), features contiguous:
+    a view of trg, or a copy of just those images."""
+    l = trg.shape[1]
+    return features_contiguous(trg[c0 // l:(c0 + c) // l])
+
+
+def _chunk_scores(src, images: torch.Tensor) -> torch.Tensor:
     """Unscaled float32 dot products of every source with the chunk's columns, (N, c)."""
-    l, d = trg.shape[1], trg.shape[2]
-    trg_chunk = trg[c0 // l:(c0 + c) // l].reshape(c, d)  # a view unless trg's strides forbid it
-    return mm_f32(src, trg_chunk.t())
+    return mm_f32(src, images.reshape(-1, images.shape[2]).t())  # images: chunk_images()
 
 
 @dataclass
@@ -219,7 +236,11 @@ def forward(src, trg, pos_idx, tclip: float | None, scale: float, strategy: str)
     sms = _num_sms(src.device)
     f32 = dict(device=src.device, dtype=torch.float32)
     from_scores = strategy == "gemm"
-    chunks = list(_chunks(m, l, chunk_columns(n, m, l, cfg, sms) if from_scores else m * l))
+    # one chunk of all the columns, unless cuBLAS's scores or a copy of trg (features not
+    # contiguous) must be staged: then chunks of about 1/CHUNK_PARTS of them
+    chunked = from_scores or trg.stride(2) != 1
+    src = features_contiguous(src)
+    chunks = list(_chunks(m, l, chunk_columns(n, m, l, cfg, sms) if chunked else m * l))
     row_blocks = triton.cdiv(n, cfg.block_n)
     splits = [_split(c, row_blocks, cfg, sms) for _, c in chunks]
 
@@ -229,19 +250,21 @@ def forward(src, trg, pos_idx, tclip: float | None, scale: float, strategy: str)
     part_sum = torch.empty(total, n, **f32)
     part_max = torch.empty(total, n, **f32)
     part_sq = torch.empty(total, n, **f32)
-    common = _common(src, trg, cfg, from_scores)
     split_base = 0
     for (c0, c), (n_splits, per_split) in zip(chunks, splits):
-        scores = _chunk_scores(src, trg, c0, c) if from_scores else part_sum  # part_sum: unused placeholder
+        images = chunk_images(trg, c0, c)
+        common = _common(src, images, cfg, from_scores)
+        scores = _chunk_scores(src, images) if from_scores else part_sum  # part_sum: unused placeholder
         for masked in (False, True):
             nce_fwd_kernel[(row_blocks, n_splits)](
-                src, trg, pos_idx, part_sum, part_max, part_sq,
+                src, images, pos_idx, part_sum, part_max, part_sq,
                 scores, scores.stride(0), c0, c0 + c, split_base,
                 cols_per_split=per_split, scale=scale,
                 tclip=0.0 if tclip is None else tclip, CLIP=tclip is not None, MASKED=masked,
                 **common, **({} if masked else _register_cap(cfg)),
             )
             split_base += n_splits
+        del images, scores
 
     pos = torch.empty(n, l, **f32)
     loss = torch.empty(n, l, **f32)
@@ -278,25 +301,29 @@ def gradient_factors(pos: torch.Tensor, neg_lse: torch.Tensor, grad_loss: torch.
 
 
 def gradient_chunks(src, trg, pos_idx, neg_lse, r, gpos, grad_sq, tclip, scale, g_dtype, strategy):
-    """Yield (first image, last image + 1, G) for consecutive chunks of whole images, where
-    G (N, C) = scale * d(loss + reg)/da on the chunk's C columns. G's buffer is reused."""
+    """Yield (first image, last image + 1, G, features) for consecutive chunks of whole
+    images, where G (N, C) = scale * d(loss + reg)/da on the chunk's C columns and features
+    (C, D) are the chunk's target features (chunk_images: a view or a copy), for the
+    caller's products. G's buffer is reused."""
     n, d = src.shape
     m, l, _ = trg.shape
     cfg = tile_config(src.dtype, d, "grad")
     from_scores = strategy == "gemm"
     c_max = chunk_columns(n, m, l, cfg, _num_sms(src.device))
     g_buf = torch.empty(n, c_max, device=src.device, dtype=g_dtype)
-    common = _common(src, trg, cfg, from_scores)
+    src = features_contiguous(src)
     for c0, c in _chunks(m, l, c_max):
         g = g_buf[:, :c]
-        scores = _chunk_scores(src, trg, c0, c) if from_scores else g  # g: unused placeholder
+        images = chunk_images(trg, c0, c)
+        common = _common(src, images, cfg, from_scores)
+        scores = _chunk_scores(src, images) if from_scores else g  # g: unused placeholder
         for masked in (False, True):  # the plain tiles, then the rest (nce_grad_tile_kernel)
             nce_grad_tile_kernel[(triton.cdiv(n, cfg.block_n), triton.cdiv(c, cfg.block_j))](
-                src, trg, pos_idx, neg_lse, r, gpos, grad_sq, g, g.stride(0),
+                src, images, pos_idx, neg_lse, r, gpos, grad_sq, g, g.stride(0),
                 scores, scores.stride(0),
                 col_begin=c0, C=c, scale=scale,
                 tclip=0.0 if tclip is None else tclip, CLIP=tclip is not None, MASKED=masked,
                 **common, **({} if masked else _register_cap(cfg)),
             )
         del scores
-        yield c0 // l, (c0 + c) // l, g
+        yield c0 // l, (c0 + c) // l, g, images.reshape(c, d)
