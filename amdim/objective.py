@@ -66,8 +66,9 @@ class Losses:
     loss_5t5: torch.Tensor
     reg: torch.Tensor  # sum of the six regularisers
 
-    def as_dict(self) -> dict[str, float]:
-        return {k: float(getattr(self, k).detach()) for k in ("total", "loss_1t5", "loss_1t7", "loss_5t5", "reg")}
+    def as_dict(self) -> dict[str, torch.Tensor]:
+        """The five values, detached, still on the device (reading them back waits for it)."""
+        return {k: getattr(self, k).detach() for k in ("total", "loss_1t5", "loss_1t7", "loss_5t5", "reg")}
 
 
 def draw_locations(b: int, n_locations: int = 25) -> tuple[torch.Tensor, torch.Tensor]:

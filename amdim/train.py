@@ -64,6 +64,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the forward pass: encoder, the six NCE calls (one opaque op each) and probes")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend for --compile")
+    p.add_argument("--compile-mode", default=None, choices=["default", "reduce-overhead", "max-autotune"],
+                   help="torch.compile mode for --compile; reduce-overhead replays CUDA graphs (no launch overhead)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="channels-last images and weights: NHWC convolutions, and feature maps whose targets have "
+                        "contiguous features (the fused backends then copy nothing)")
+    p.add_argument("--log-every", type=int, default=10,
+                   help="read the losses back (a wait for the device) and log them every this many steps")
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (CUDA)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -79,7 +86,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     spec = SPECS[args.dataset]
     args.epochs = args.epochs or spec.epochs
     args.milestones = spec.milestones if args.milestones is None else tuple(args.milestones)
-    for name in ("ndf", "n_rkhs", "n_depth", "batch_size", "epochs"):
+    for name in ("ndf", "n_rkhs", "n_depth", "batch_size", "epochs", "log_every"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.tclip < 0:
@@ -120,7 +127,9 @@ class Run:
         if self.steps_per_epoch == 0:
             raise ValueError(f"--batch-size {args.batch_size} x {self.world} processes exceeds the {len(train)} training images")
 
-        self.model = AMDIM(self.spec.image_size, args.ndf, args.n_rkhs, args.n_depth, args.use_bn).to(self.device)
+        self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+        self.model = AMDIM(self.spec.image_size, args.ndf, args.n_rkhs, args.n_depth, args.use_bn).to(
+            self.device, memory_format=self.memory_format)
         self.evaluator = Evaluator(args.n_rkhs, self.spec.n_classes).to(self.device)
         if self.distributed and args.sync_bn:
             self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
@@ -131,8 +140,8 @@ class Run:
             self.optimizer, lambda t: lr_factor(t, self.steps_per_epoch, args.warmup_steps, args.milestones))
         self.epoch, self.step = 0, 0
         # nce_loss traces without graph breaks on every backend, so the whole forward compiles
-        self.forward_losses = (torch.compile(self._forward_losses, backend=args.compile_backend) if args.compile
-                               else self._forward_losses)
+        self.forward_losses = (torch.compile(self._forward_losses, backend=args.compile_backend, mode=args.compile_mode)
+                               if args.compile else self._forward_losses)
 
     # ---- data ----
     def train_loader(self, epoch: int, skip_batches: int = 0) -> DataLoader:
@@ -147,7 +156,7 @@ class Run:
             indices = torch.randperm(len(self.train_set), generator=gen).tolist()
         indices = indices[skip_batches * a.batch_size: self.steps_per_epoch * a.batch_size]
         return DataLoader(torch.utils.data.Subset(self.train_set, indices), batch_size=a.batch_size,
-                          shuffle=False, drop_last=True, num_workers=a.workers,
+                          shuffle=False, drop_last=True, num_workers=a.workers, pin_memory=self.device.type == "cuda",
                           generator=torch.Generator().manual_seed(a.seed + epoch), persistent_workers=False)
 
     # ---- one update ----
@@ -165,8 +174,11 @@ class Run:
             cls_loss = self.evaluator.loss(features[0], torch.cat([labels, labels]))
         return losses, cls_loss
 
-    def train_step(self, views, labels) -> dict[str, float]:
-        x = torch.cat(views).to(self.device, non_blocking=True)
+    def train_step(self, views, labels) -> dict[str, torch.Tensor | float]:
+        """One update. Returns the losses as device tensors and the learning rate: nothing
+        here waits for the device (read_metrics does), so the host can queue the next
+        step's work while this one runs."""
+        x = torch.cat(views).to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
         labels = labels.to(self.device)
         # the 5->5 source locations: drawn outside any compiled graph, from the CPU RNG, so
         # that --resume replays them exactly with --compile too
@@ -176,7 +188,7 @@ class Run:
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
-        return dict(losses.as_dict(), cls=float(cls_loss.detach()), lr=self.scheduler.get_last_lr()[0])
+        return dict(losses.as_dict(), cls=cls_loss.detach(), lr=self.scheduler.get_last_lr()[0])
 
     @torch.no_grad()
     def test_accuracy(self) -> dict[str, float]:
@@ -190,7 +202,7 @@ class Run:
         for k, (x, y) in enumerate(loader):
             if self.args.eval_batches and k >= self.args.eval_batches:
                 break
-            r1 = self.model(x.to(self.device))[0]
+            r1 = self.model(x.to(self.device).contiguous(memory_format=self.memory_format))[0]
             lin, mlp = self.evaluator(r1)
             y = y.to(self.device)
             correct["linear"] += int((lin.argmax(1) == y).sum())
@@ -219,6 +231,13 @@ class Run:
             checkpoint.save(os.path.join(self.args.out, "last.pt"), self.state())
 
 
+def read_metrics(metrics: dict[str, torch.Tensor | float]) -> dict[str, float]:
+    """train_step's metrics as floats, read back from the device in one transfer."""
+    tensors = {k: v for k, v in metrics.items() if isinstance(v, torch.Tensor)}
+    values = torch.stack([v.float() for v in tensors.values()]).tolist() if tensors else []
+    return {**metrics, **dict(zip(tensors, values))}
+
+
 def train(args: argparse.Namespace) -> dict[str, float]:
     run = Run(args)
     if args.resume:
@@ -241,12 +260,13 @@ def train(args: argparse.Namespace) -> dict[str, float]:
             loader = run.train_loader(run.epoch, skip)
             bar = tqdm(loader, desc=f"epoch {run.epoch}", disable=not main, dynamic_ncols=True, initial=skip,
                        total=run.steps_per_epoch)
-            t0, images = time.perf_counter(), 0
+            t0, images, step_metrics = time.perf_counter(), 0, None
             for (v1, v2), labels in bar:
-                metrics = run.train_step((v1, v2), labels)
+                step_metrics = run.train_step((v1, v2), labels)
                 images += 2 * labels.shape[0] * run.world
-                metrics["images_per_s"] = images / (time.perf_counter() - t0)
-                if main:
+                if main and run.step % args.log_every == 0:
+                    metrics = read_metrics(step_metrics)  # waits for the step: the rate below is exact
+                    metrics["images_per_s"] = images / (time.perf_counter() - t0)
                     bar.set_postfix(loss=f"{metrics['total']:.3f}", img_s=f"{metrics['images_per_s']:.0f}")
                     for k, v in metrics.items():
                         writer.add_scalar(f"train/{k}", v, run.step)
@@ -254,6 +274,8 @@ def train(args: argparse.Namespace) -> dict[str, float]:
                     break
             else:
                 run.epoch += 1
+            if step_metrics is not None:  # the epoch's last step, for the CSV row
+                metrics = dict(read_metrics(step_metrics), images_per_s=images / (time.perf_counter() - t0))
             metrics.update(run.test_accuracy())
             if main:
                 for k in ("test_acc_linear", "test_acc_mlp"):

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine: install, run every test (GPU ones included), tune and
 # profile the Triton kernels, run the benchmark sweeps. Logs and CSV/JSON go to $OUT.
-# STEPS picks among: tests compiled sanitize resources tune run fmap run32 sweep infonce train train_compiled bench overhead demo.
+# STEPS picks among: tests compiled sanitize resources tune run fmap run32 sweep infonce train train_compiled train_layouts train_graphs bench overhead demo.
 # Peer libraries: run `make peer-wheels` here first and carry wheels/ along.
 set -u
 OUT=${OUT:-/tmp/amdim_out}; mkdir -p "$OUT"
@@ -28,6 +28,11 @@ for step in $STEPS; do
            --out "$OUT/train_throughput.csv" 2>&1 | tee "$OUT/train_throughput.log" ;;
     train_compiled) timeout 500 python3 -m benchmarks.train_throughput --amp --compile --backends reference triton cuda \
            --out "$OUT/train_throughput_compiled.csv" 2>&1 | tee "$OUT/train_throughput_compiled.log" ;;
+    train_layouts) timeout 300 python3 -m benchmarks.train_throughput --amp --channels-last --backends reference triton cuda \
+           --out "$OUT/train_throughput_cl.csv" 2>&1 | tee "$OUT/train_throughput_cl.log" ;;
+    train_graphs) timeout 500 python3 -m benchmarks.train_throughput --amp --channels-last --compile \
+           --compile-mode reduce-overhead --backends reference triton cuda \
+           --out "$OUT/train_throughput_graphs.csv" 2>&1 | tee "$OUT/train_throughput_graphs.log" ;;
     bench) timeout 300 python3 -m pytest benchmarks --benchmark-columns=median,iqr,rounds 2>&1 | tee "$OUT/bench.log" | tail -40 ;;
     demo) timeout 60 python3 -m benchmarks.demo 2>&1 | tee "$OUT/demo.log" ;;
     fmap) timeout 200 python3 -m benchmarks.run --preset feature-map --dtypes bfloat16 --impls $IMPLS \

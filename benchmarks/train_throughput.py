@@ -4,9 +4,9 @@
     python -m benchmarks.train_throughput --preset official --amp --backends reference triton cuda cuda:mma
 
 Times amdim.train.Run.train_step itself (both views through the encoder, the six NCE calls,
-the online probes, Adam; it reads the losses back, as the trainer does) on one fixed batch
-of generated 32 px images, so data loading is left out. Every backend starts from the same
-weights. Per backend: the median step time and images/s (2 views x batch, as the trainer
+the online probes, Adam; the losses stay on the device, as the trainer leaves them between
+log steps) on one fixed batch of generated 32 px images, so data loading is left out. Every
+backend starts from the same weights. Per backend: the median step time and images/s (2 views x batch, as the trainer
 counts them); the loss's own time, from multiscale_nce forward+backward alone on the
 encoder's detached features; the first step's loss, which must agree across backends; and
 the step's peak extra memory (CUDA allocator on a GPU, resident set on the CPU). The
@@ -41,12 +41,16 @@ def make_run(backend: str, args: argparse.Namespace) -> train.Run:
         argv.append("--amp")
     if args.compile:
         argv.append("--compile")
+    if args.compile_mode:
+        argv += ["--compile-mode", args.compile_mode]
+    if args.channels_last:
+        argv.append("--channels-last")
     return train.Run(train.parse_args(argv))
 
 
 def loss_only(run: train.Run, views) -> callable:
     """multiscale_nce forward+backward on the features of this batch, detached from the encoder."""
-    x = torch.cat(views).to(run.device)
+    x = torch.cat(views).to(run.device).contiguous(memory_format=run.memory_format)
     with torch.no_grad(), torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.args.amp):
         feats = [f.detach() for f in run.net(x)]
     b = views[0].shape[0]
@@ -70,7 +74,8 @@ class Contender:
             self.run = make_run(impl.split(":")[0], args)
             (v1, v2), self.labels = next(iter(self.run.train_loader(0)))
             self.views = (v1, v2)
-            self.first_loss = self.run.train_step(self.views, self.labels)["total"]  # also warms every kernel
+            # also warms every kernel
+            self.first_loss = train.read_metrics(self.run.train_step(self.views, self.labels))["total"]
             self.loss_step = loss_only(self.run, self.views)
         self.step_ms: list[float] = []
         self.loss_ms: list[float] = []
@@ -92,7 +97,8 @@ class Contender:
                     images_per_s=1e3 * 2 * self.labels.shape[0] / step_ms, loss_ms=loss_ms,
                     loss_share=loss_ms / step_ms, first_loss=self.first_loss, peak_mib=peak / 2**20,
                     rounds=len(self.step_ms), model=f"ndf {a.ndf}, n_rkhs {a.n_rkhs}, depth {a.n_depth}",
-                    amp=self.args.amp, compile=self.args.compile, device=versions(self.args.device)[0],
+                    amp=self.args.amp, compile=self.args.compile, compile_mode=self.args.compile_mode or "",
+                    channels_last=self.args.channels_last, device=versions(self.args.device)[0],
                     torch=torch.__version__,
                     date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
 
@@ -105,6 +111,8 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=None, help="images per step (default: the preset's)")
     ap.add_argument("--amp", action="store_true", help="bf16 autocast, as the trainer's --amp")
     ap.add_argument("--compile", action="store_true", help="torch.compile the forward, as the trainer's --compile")
+    ap.add_argument("--compile-mode", default=None, help="the trainer's --compile-mode (e.g. reduce-overhead)")
+    ap.add_argument("--channels-last", action="store_true", help="the trainer's --channels-last")
     ap.add_argument("--backends", nargs="+", default=None, help="default: reference and every fused backend here")
     ap.add_argument("--reps", type=int, default=None, help="timed steps per backend and round (default 20 GPU, 5 CPU)")
     ap.add_argument("--rounds", type=int, default=3,

@@ -84,7 +84,7 @@ def test_training_steps_reduce_the_loss(tmp_path):
     args = amdim_train.parse_args(TINY + ["--lr", "2e-3", "--warmup-steps", "1", "--out", str(tmp_path)])
     run = amdim_train.Run(args)
     (v1, v2), labels = next(iter(run.train_loader(0)))
-    losses = [run.train_step((v1, v2), labels)["total"] for _ in range(25)]
+    losses = [amdim_train.read_metrics(run.train_step((v1, v2), labels))["total"] for _ in range(25)]
     # the loss is bounded below by ~0 but starts near log(#negatives) ~ 20: a clear fall is 5%
     assert sum(losses[-5:]) / 5 < 0.95 * sum(losses[:5]) / 5
 
@@ -176,7 +176,7 @@ def test_amp_step_runs_in_bf16_autocast(tmp_path):
     args = amdim_train.parse_args(TINY + ["--amp", "--out", str(tmp_path)])
     run = amdim_train.Run(args)
     (v1, v2), labels = next(iter(run.train_loader(0)))
-    metrics = run.train_step((v1, v2), labels)
+    metrics = amdim_train.read_metrics(run.train_step((v1, v2), labels))
     assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
 
 
@@ -197,5 +197,23 @@ def test_compiled_training_step_matches_eager(tmp_path, backend):
             run.forward_losses = torch.compile(run._forward_losses, backend="aot_eager", fullgraph=True)
         (v1, v2), labels = next(iter(run.train_loader(0)))
         torch.manual_seed(1)
-        losses[compiled] = [run.train_step((v1, v2), labels)["total"] for _ in range(3)]
+        losses[compiled] = [amdim_train.read_metrics(run.train_step((v1, v2), labels))["total"] for _ in range(3)]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
+def test_channels_last_takes_the_same_steps(tmp_path):
+    """--channels-last changes memory layouts only: the same losses, and targets whose
+    features are contiguous (what the fused backends read without a copy)."""
+    losses = {}
+    for channels_last in (False, True):
+        args = amdim_train.parse_args(TINY + ["--out", str(tmp_path)] + (["--channels-last"] if channels_last else []))
+        torch.manual_seed(0)
+        run = amdim_train.Run(args)
+        (v1, v2), labels = next(iter(run.train_loader(0)))
+        with torch.no_grad():
+            r5 = run.model(torch.cat([v1, v2]).contiguous(memory_format=run.memory_format))[1]
+        assert (as_targets(r5).stride(2) == 1) == channels_last
+        torch.manual_seed(1)
+        losses[channels_last] = [amdim_train.read_metrics(run.train_step((v1, v2), labels))["total"]
+                                 for _ in range(3)]
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
