@@ -261,12 +261,16 @@ def train(args: argparse.Namespace) -> dict[str, float]:
             bar = tqdm(loader, desc=f"epoch {run.epoch}", disable=not main, dynamic_ncols=True, initial=skip,
                        total=run.steps_per_epoch)
             t0, images, step_metrics = time.perf_counter(), 0, None
+
+            def read_back() -> dict[str, float]:
+                # waits for the last step, so the rate is exact
+                return dict(read_metrics(step_metrics), images_per_s=images / (time.perf_counter() - t0))
+
             for (v1, v2), labels in bar:
                 step_metrics = run.train_step((v1, v2), labels)
                 images += 2 * labels.shape[0] * run.world
                 if main and run.step % args.log_every == 0:
-                    metrics = read_metrics(step_metrics)  # waits for the step: the rate below is exact
-                    metrics["images_per_s"] = images / (time.perf_counter() - t0)
+                    metrics = read_back()
                     bar.set_postfix(loss=f"{metrics['total']:.3f}", img_s=f"{metrics['images_per_s']:.0f}")
                     for k, v in metrics.items():
                         writer.add_scalar(f"train/{k}", v, run.step)
@@ -275,7 +279,7 @@ def train(args: argparse.Namespace) -> dict[str, float]:
             else:
                 run.epoch += 1
             if step_metrics is not None:  # the epoch's last step, for the CSV row
-                metrics = dict(read_metrics(step_metrics), images_per_s=images / (time.perf_counter() - t0))
+                metrics = read_back()
             metrics.update(run.test_accuracy())
             if main:
                 for k in ("test_acc_linear", "test_acc_mlp"):
