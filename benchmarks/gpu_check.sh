@@ -46,7 +46,8 @@ for step in $STEPS; do
               done ;;
     overhead) timeout 300 python3 -m benchmarks.host_overhead 2>&1 | tee "$OUT/host_overhead.log" | tail -30 ;;
     resources) timeout 120 env -u TRITON_INTERPRET python3 -m benchmarks.triton_resources --arch 90 \
-           --tiles 128,128,64,8,3 128,256,64,8,3 128,64,64,4,4 2>&1 | tee "$OUT/triton_resources.log" ;;
-    tune) timeout 240 python3 -m benchmarks.tune_triton ${TUNE_ARGS:-} 2>&1 | tee "$OUT/tune.log" ;;
+           --tiles 128,128,64,8,3,128 128,128,64,8,3 128,256,64,8,3 --loads tma pointers 2>&1 \
+           | tee "$OUT/triton_resources.log" ;;
+    tune) timeout 500 python3 -m benchmarks.tune_triton ${TUNE_ARGS:-} 2>&1 | tee "$OUT/tune.log" ;;
   esac
 done

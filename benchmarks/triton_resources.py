@@ -4,7 +4,7 @@ needed (Triton ships ptxas and cuobjdump), so a tile configuration can be vetted
 timing: a kernel that spills or needs more than 255 registers per thread will not be fast.
 
     python -m benchmarks.triton_resources [--arch 90] [--dtype bfloat16] [--problem single]
-        [--tiles 128,128,64,8,3 128,256,64,8,3]
+        [--tiles 128,128,64,8,3 128,256,64,8,3] [--loads tma pointers]
 
 The arguments mirror launch.py's calls for the problem (contiguous inputs, the fused score
 strategy) and Triton's own specialisation of them: integers equal to 1 become constants,
@@ -40,6 +40,13 @@ class Const:
         self.value = value
 
 
+@dataclass(frozen=True)
+class Desc:
+    """A host tensor descriptor argument (TensorDescriptor) of this dtype and box."""
+    dtype: torch.dtype
+    block: tuple[int, int]
+
+
 @dataclass
 class Resources:
     registers: int
@@ -50,6 +57,7 @@ class Resources:
     tensor_core_instructions: int  # HGMMA (sm_90) or HMMA
     global_loads: int  # LDG: loads through registers
     async_copies: int  # LDGSTS: global -> shared copies of the software pipeline
+    tma_loads: int  # UTMALDG: boxes the copy engine fetches into shared memory
 
 
 def _cuda_tool(name: str) -> str:
@@ -64,6 +72,8 @@ def _signature(kernel, args: dict):
         if isinstance(value, Const) or isinstance(value, bool) or (isinstance(value, int) and value == 1):
             consts[name] = value.value if isinstance(value, Const) else value
             sig[name] = "constexpr"
+        elif isinstance(value, Desc):
+            sig[name] = f"tensordesc<{TRITON_TYPES[value.dtype]}[{value.block[0]}, {value.block[1]}]>"
         elif isinstance(value, torch.dtype):  # a pointer to this dtype, 16-byte aligned
             sig[name] = "*" + TRITON_TYPES[value]
             attrs[(i,)] = [["tt.divisibility", 16]]
@@ -104,6 +114,7 @@ def compile_resources(kernel, args: dict, num_warps: int, num_stages: int, arch:
         tensor_core_instructions=sum(1 for i in instructions if re.search(r"\bH[G]?MMA\b", i)),
         global_loads=sum(1 for i in instructions if re.search(r"\bLDG\b", i)),
         async_copies=sum(1 for i in instructions if re.search(r"\bLDGSTS\b", i)),
+        tma_loads=sum(1 for i in instructions if re.search(r"\bUTMALDG\b", i)),
     )
 
 
@@ -120,9 +131,15 @@ def _shape_args(p: problems.Problem) -> dict:
     return launch.shape_args(src, trg)
 
 
-def _tile_args(p: problems.Problem, dtype: torch.dtype, cfg: launch.TileConfig, clip: bool) -> dict:
+def _tile_args(p: problems.Problem, dtype: torch.dtype, cfg: launch.TileConfig, clip: bool, tma: bool) -> dict:
+    """The tile kernels' common arguments; tma: descriptors for src and trg, as launch.py
+    passes them where the operands are tma_ready."""
+    if tma:
+        operands = dict(src=Desc(dtype, (cfg.block_n, cfg.block_k)), trg=Desc(dtype, (cfg.block_j, cfg.block_k)))
+    else:
+        operands = dict(src=dtype, trg=dtype)
     return dict(
-        src_ptr=dtype, trg_ptr=dtype, pos_idx_ptr=torch.int64, **_shape_args(p),
+        operands, pos_idx_ptr=torch.int64, **_shape_args(p), TMA=tma,
         scale=p.d ** -0.5, tclip=20.0 if clip else 0.0, CLIP=clip,
         BLOCK_N=Const(cfg.block_n), BLOCK_J=Const(cfg.block_j), BLOCK_K=Const(cfg.block_k),
         DOT_PRECISION=Const(launch.dot_precision(dtype)), UPCAST=False, FROM_SCORES=False,
@@ -130,24 +147,24 @@ def _tile_args(p: problems.Problem, dtype: torch.dtype, cfg: launch.TileConfig, 
     )
 
 
-def forward_args(p: problems.Problem, dtype: torch.dtype, cfg: launch.TileConfig, clip: bool) -> dict:
+def forward_args(p: problems.Problem, dtype: torch.dtype, cfg: launch.TileConfig, clip: bool, tma: bool) -> dict:
     """nce_fwd_kernel's arguments for the first launch of launch.forward (fused strategy)."""
     row_blocks = triton.cdiv(p.n, cfg.block_n)
     _, per_split = launch._split(p.columns, row_blocks, cfg, sms=132)
     return dict(
-        _tile_args(p, dtype, cfg, clip),
+        _tile_args(p, dtype, cfg, clip, tma),
         part_sum_ptr=torch.float32, part_max_ptr=torch.float32, part_sq_ptr=torch.float32,
         scores_ptr=torch.float32, stride_scores=p.n, chunk_begin=0, chunk_end=p.columns, split_base=0,
         cols_per_split=per_split,
     )
 
 
-def grad_args(p: problems.Problem, dtype: torch.dtype, cfg: launch.TileConfig, clip: bool) -> dict:
+def grad_args(p: problems.Problem, dtype: torch.dtype, cfg: launch.TileConfig, clip: bool, tma: bool) -> dict:
     """nce_grad_tile_kernel's arguments for launch.gradient_chunks' first chunk."""
     c = launch.chunk_columns(p.n, p.m, p.l, cfg, sms=132)
     g_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
     return dict(
-        _tile_args(p, dtype, cfg, clip),
+        _tile_args(p, dtype, cfg, clip, tma),
         neg_lse_ptr=torch.float32, r_ptr=torch.float32, gpos_ptr=torch.float32, grad_sq_ptr=torch.float32,
         g_ptr=g_dtype, stride_gn=c, scores_ptr=g_dtype, stride_scores=c, col_begin=0, C=c,
     )
@@ -172,22 +189,27 @@ def factors_args(p: problems.Problem) -> dict:
                 BLOCK_N=Const(block_n), BLOCK_L=Const(block_l))
 
 
-def rows(p, dtype, tile_configs, arch: int, clips=(True, False)):
-    """(kernel, clip, tiles, Resources) for every kernel, clip mode and tile configuration."""
+def rows(p, dtype, tile_configs, arch: int, clips=(True, False), loads=("tma",)):
+    """(kernel, loads, clip, tiles, Resources) for every kernel, operand loads ("tma",
+    "pointers"; the tile kernels only), clip mode and tile configuration."""
     for clip in clips:
-        for cfg in tile_configs:
-            for name, kernel, args, cap in (
-                ("fwd plain", kernels.nce_fwd_kernel, dict(forward_args(p, dtype, cfg, clip), MASKED=False),
-                 cfg.plain_max_registers),
-                ("fwd masked", kernels.nce_fwd_kernel, dict(forward_args(p, dtype, cfg, clip), MASKED=True), None),
-                ("grad plain", kernels.nce_grad_tile_kernel, dict(grad_args(p, dtype, cfg, clip), MASKED=False),
-                 cfg.plain_max_registers),
-                ("grad masked", kernels.nce_grad_tile_kernel, dict(grad_args(p, dtype, cfg, clip), MASKED=True),
-                 None),
-            ):
-                yield name, clip, cfg, compile_resources(kernel, args, cfg.num_warps, cfg.num_stages, arch, cap)
-        yield "merge", clip, None, compile_resources(kernels.nce_merge_kernel, merge_args(p, dtype, clip), 4, 1, arch)
-    yield "factors", None, None, compile_resources(kernels.nce_grad_factors_kernel, factors_args(p), 4, 1, arch)
+        for tma in (way == "tma" for way in loads):
+            for cfg in tile_configs:
+                for name, kernel, args, cap in (
+                    ("fwd plain", kernels.nce_fwd_kernel, dict(forward_args(p, dtype, cfg, clip, tma), MASKED=False),
+                     cfg.plain_max_registers),
+                    ("fwd masked", kernels.nce_fwd_kernel, dict(forward_args(p, dtype, cfg, clip, tma), MASKED=True),
+                     None),
+                    ("grad plain", kernels.nce_grad_tile_kernel, dict(grad_args(p, dtype, cfg, clip, tma), MASKED=False),
+                     cfg.plain_max_registers),
+                    ("grad masked", kernels.nce_grad_tile_kernel, dict(grad_args(p, dtype, cfg, clip, tma), MASKED=True),
+                     None),
+                ):
+                    resources = compile_resources(kernel, args, cfg.num_warps, cfg.num_stages, arch, cap)
+                    yield name, "tma" if tma else "pointers", clip, cfg, resources
+        yield "merge", "-", clip, None, compile_resources(kernels.nce_merge_kernel, merge_args(p, dtype, clip), 4, 1,
+                                                          arch)
+    yield "factors", "-", None, None, compile_resources(kernels.nce_grad_factors_kernel, factors_args(p), 4, 1, arch)
 
 
 def main(argv=None):
@@ -200,6 +222,9 @@ def main(argv=None):
     ap.add_argument("--clip", choices=["both", "on", "off"], default="both")
     ap.add_argument("--trg-layout", choices=["contiguous", "feature-map"], default="contiguous",
                     help="feature-map: the targets' strides as the trainer passes them, read in place")
+    ap.add_argument("--loads", nargs="+", choices=launch.LOADS, default=None,
+                    help="the tile kernels' operand loads (default: tma from sm_90 on, else pointers; "
+                         "always pointers for feature-map targets, which TMA cannot read in place)")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("unset TRITON_INTERPRET: the interpreter's kernels cannot be compiled")
@@ -207,19 +232,22 @@ def main(argv=None):
     configs = [launch.TileConfig(*map(int, t.split(","))) for t in args.tiles]
     clips = {"both": (True, False), "on": (True,), "off": (False,)}[args.clip]
     p = dataclasses.replace(PROBLEMS[args.problem], trg_layout=args.trg_layout)
+    loads = args.loads or ["tma" if args.arch >= 90 else "pointers"]
+    if p.trg_layout != "contiguous" and "tma" in loads:
+        raise SystemExit("--loads tma needs contiguous targets: feature-map targets are read through pointers")
     print(f"sm_{args.arch}, triton {triton.__version__}, {args.dtype}, {p.name}, {p.trg_layout} targets")
-    print("| kernel | clip | tiles (BN, BJ, BK, warps, stages) | registers | spill bytes | spill instr | "
-          "shared KiB | SASS instr | tensor-core instr | LDG | LDGSTS |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for name, clip, cfg, r in rows(p, dtype, configs, args.arch, clips):
+    print("| kernel | loads | clip | tiles (BN, BJ, BK, warps, stages) | registers | spill bytes | spill instr | "
+          "shared KiB | SASS instr | tensor-core instr | LDG | LDGSTS | UTMALDG |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, way, clip, cfg, r in rows(p, dtype, configs, args.arch, clips, loads):
         cap = "" if cfg is None or cfg.plain_max_registers is None or not name.endswith("plain") else \
             f", maxnreg {cfg.plain_max_registers}"
         tiles = "-" if cfg is None else \
             f"({cfg.block_n}, {cfg.block_j}, {cfg.block_k}, {cfg.num_warps}, {cfg.num_stages}{cap})"
         clip_mode = "-" if clip is None else "tclip" if clip else "none"
-        print(f"| {name} | {clip_mode} | {tiles} | {r.registers} | {r.spill_bytes} | "
+        print(f"| {name} | {way} | {clip_mode} | {tiles} | {r.registers} | {r.spill_bytes} | "
               f"{r.spill_instructions} | {r.shared_bytes / 1024:.0f} | {r.instructions} | "
-              f"{r.tensor_core_instructions} | {r.global_loads} | {r.async_copies} |",
+              f"{r.tensor_core_instructions} | {r.global_loads} | {r.async_copies} | {r.tma_loads} |",
               flush=True)
 
 

@@ -19,28 +19,33 @@ from . import problems
 
 UNCAPPED = (128, 128, 64, 8, 3)
 DEFAULT = UNCAPPED + (128,)  # the unmasked launches capped at 128 registers
-# (strategy, chunk parts, forward tiles, backward (G kernel) tiles), each tiles
+# (strategy, chunk parts, forward tiles, backward (G kernel) tiles, operand loads), each tiles
 # (block_n, block_j, block_k, num_warps, num_stages[, register cap of the unmasked launch]).
 # The cap lets two programs share an SM; the (128, 256) forward tiles read 25% less per
 # FLOP than (128, 128) and fit in registers without spills since the forward stores no
-# positives (python -m benchmarks.triton_resources).
+# positives; TMA operands (the default from sm_90 on) take fewer registers and instructions
+# than pointers (python -m benchmarks.triton_resources --loads tma pointers).
 CANDIDATES = [
-    ("fused", 8, DEFAULT, DEFAULT),
-    ("fused", 8, UNCAPPED, DEFAULT),
-    ("fused", 8, DEFAULT, UNCAPPED),
-    ("fused", 16, DEFAULT, DEFAULT),
-    ("fused", 8, (128, 256, 64, 8, 3), DEFAULT),
-    ("fused", 8, (128, 256, 64, 8, 4), DEFAULT),
-    ("fused", 8, (64, 256, 64, 4, 3), DEFAULT),
-    ("fused", 8, DEFAULT, (128, 64, 64, 4, 4)),
-    ("fused", 16, (128, 256, 64, 8, 3), (128, 64, 64, 4, 4)),
-    ("gemm", 8, (64, 128, 64, 4, 1), (64, 128, 64, 4, 1)),
-    ("gemm", 8, (128, 128, 64, 8, 1), (128, 128, 64, 8, 1)),
+    ("fused", 8, DEFAULT, DEFAULT, "tma"),
+    ("fused", 8, DEFAULT, DEFAULT, "pointers"),
+    ("fused", 8, UNCAPPED, UNCAPPED, "tma"),
+    ("fused", 8, UNCAPPED, UNCAPPED, "pointers"),
+    ("fused", 8, UNCAPPED, DEFAULT, "tma"),
+    ("fused", 8, DEFAULT, UNCAPPED, "tma"),
+    ("fused", 16, DEFAULT, DEFAULT, "tma"),
+    ("fused", 8, (128, 256, 64, 8, 3), DEFAULT, "tma"),
+    ("fused", 8, (128, 256, 64, 8, 4), DEFAULT, "tma"),
+    ("fused", 8, (64, 256, 64, 4, 3), DEFAULT, "tma"),
+    ("fused", 8, DEFAULT, (128, 64, 64, 4, 4), "tma"),
+    ("fused", 16, (128, 256, 64, 8, 3), (128, 64, 64, 4, 4), "tma"),
+    ("gemm", 8, (64, 128, 64, 4, 1), (64, 128, 64, 4, 1), "pointers"),
+    ("gemm", 8, (128, 128, 64, 8, 1), (128, 128, 64, 8, 1), "pointers"),
 ]
 FP32_CANDIDATES = [
-    ("fused", 8, (64, 128, 32, 8, 3), (64, 128, 32, 8, 3)),
-    ("fused", 8, (128, 64, 32, 4, 3), (128, 64, 32, 4, 3)),
-    ("gemm", 8, (64, 128, 64, 4, 1), (64, 128, 64, 4, 1)),
+    ("fused", 8, (64, 128, 32, 8, 3), (64, 128, 32, 8, 3), "tma"),
+    ("fused", 8, (64, 128, 32, 8, 3), (64, 128, 32, 8, 3), "pointers"),
+    ("fused", 8, (128, 64, 32, 4, 3), (128, 64, 32, 4, 3), "tma"),
+    ("gemm", 8, (64, 128, 64, 4, 1), (64, 128, 64, 4, 1), "pointers"),
 ]
 
 
@@ -56,7 +61,7 @@ def main(argv=None):
     ap.add_argument("--profile-strategy", default=None, choices=launch.STRATEGIES)
     args = ap.parse_args(argv)
     shapes = [problems.SINGLE_GPU, problems.ONE_GPU_SHARE]
-    print("| problem | dtype | strategy/chunk parts, fwd tiles, grad tiles (BN, BJ, BK, warps, stages) "
+    print("| problem | dtype | strategy/chunk parts, fwd tiles, grad tiles (BN, BJ, BK, warps, stages), loads "
           "| fwd ms | fwd+bwd ms | fwd TFLOP/s | fwd+bwd TFLOP/s |")
     print("|---|---|---|---|---|---|---|")
     for dname in args.dtypes:
@@ -66,11 +71,13 @@ def main(argv=None):
             src, trg = src0.clone().requires_grad_(), trg0.clone().requires_grad_()
             with torch.no_grad():
                 want = nce_loss(src0, trg0, pos_idx, backend="triton")[0]
-            for strategy, parts, fwd_tiles, grad_tiles in (CANDIDATES if dtype != torch.float32 else FP32_CANDIDATES):
-                label = f"{strategy}/{parts}, {fwd_tiles}, {grad_tiles}"
+            for strategy, parts, fwd_tiles, grad_tiles, loads in (
+                CANDIDATES if dtype != torch.float32 else FP32_CANDIDATES
+            ):
+                label = f"{strategy}/{parts}, {fwd_tiles}, {grad_tiles}, {loads}"
                 tiles = dict(fwd=launch.TileConfig(*fwd_tiles), grad=launch.TileConfig(*grad_tiles))
                 try:
-                    with launch.pinned(score=strategy, chunks=parts, tiles=tiles):
+                    with launch.pinned(score=strategy, chunks=parts, tiles=tiles, operands=loads):
                         with torch.no_grad():
                             got = nce_loss(src0, trg0, pos_idx, backend="triton")[0]
                             assert torch.allclose(got, want, rtol=1e-4), (got.item(), want.item())

@@ -1,5 +1,7 @@
 """backend="triton" against the float64 truth, on the CPU interpreter (CI) and on a GPU.
 The criterion is tests/truth.py's assert_matches_truth."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -79,6 +81,84 @@ def test_triton_own_images_in_a_run(run, shuffle, options, strategy):
     if shuffle:
         pos = pos[torch.randperm(n)]
     run_case(make_case(n, m, l, 20, pos=pos, device=DEVICE, **options), torch.float32)
+
+
+# The fused K-loop's operands as tensor descriptors (TMA, the default on sm_90 and newer):
+# the copy engine's zero fill stands in for the masks past N, the chunk's end and D.
+# (N, M, L, D): rows off the row block, columns off the column tile, D off BLOCK_K (24, 40),
+# several forward splits and backward chunks, and one of a single location.
+TMA_SHAPES = [(7, 7, 49, 32), (40, 40, 25, 24), (13, 6, 25, 40), (37, 37, 1, 16)]
+
+
+@pytest.fixture
+def tma_loads(monkeypatch):
+    """Pin TMA operands (fused strategy) and count the descriptors launch.py builds."""
+    from amdim_kernels.triton_nce import launch
+
+    built, make = [], launch.TensorDescriptor
+
+    def descriptor(*args):
+        built.append(args)
+        return make(*args)
+
+    monkeypatch.setattr(launch, "TensorDescriptor", descriptor)
+    with launch.pinned(score="fused", operands="tma"):
+        yield built
+
+
+@pytest.mark.parametrize("options", KERNEL_OPTIONS, ids=str)
+@pytest.mark.parametrize("shape", TMA_SHAPES, ids=str)
+def test_triton_tma_operands(shape, options, tma_loads):
+    n, m, l, d = shape
+    pos = "arange" if n == m else "random"
+    run_case(make_case(n, m, l, d, pos=pos, device=DEVICE, **options), torch.float32)
+    assert tma_loads, "the K-loop did not take tensor descriptors"
+
+
+@pytest.mark.parametrize("run", RUNS, ids=str)
+def test_triton_tma_own_images_in_a_run(run, tma_loads):
+    """Plain and masked tiles of both kernels, with TMA operands."""
+    first, n, m, l = run
+    run_case(make_case(n, m, l, 24, pos=first + torch.arange(n), device=DEVICE), torch.float32)
+    assert tma_loads
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_triton_tma_half_precision(dtype, tma_loads):
+    run_case(make_case(9, 5, 25, 24, pos="random", dtype=dtype, device=DEVICE), dtype)
+    assert tma_loads
+
+
+def test_triton_tma_feature_map_layout(tma_loads):
+    """Feature-map targets reach the kernels as contiguous chunk copies, which TMA reads."""
+    case = make_case(10, 24, 9, 20, pos=7 + torch.arange(10), trg_layout="feature_map", device=DEVICE)
+    run_case(case, torch.float32)
+    assert tma_loads
+
+
+@pytest.mark.parametrize("d, dtype, ready", [(24, torch.float32, True), (33, torch.float32, False),
+                                             (20, torch.float16, False), (40, torch.bfloat16, True)], ids=str)
+def test_triton_tma_only_where_the_copy_engine_can(d, dtype, ready, tma_loads):
+    """TMA needs 16-byte rows: 4 float32 or 8 16-bit features at a time. Other sizes take
+    pointers, and still match."""
+    run_case(make_case(6, 6, 5, d, dtype=dtype, device=DEVICE), dtype)
+    assert bool(tma_loads) == ready
+
+
+def test_triton_tma_not_for_targets_with_gaps(tma_loads):
+    """Targets whose images are not evenly spaced runs of locations (5 of every 7 here) have
+    no (C, D) view for a descriptor: the kernels take pointers, and match the reference."""
+    case = make_case(6, 6, 5, 24, device=DEVICE)
+    results = []
+    for backend in ("triton", "reference"):
+        gapped = torch.zeros(6, 7, 24, device=DEVICE)
+        gapped[:, :5] = case.trg
+        gapped.requires_grad_()
+        loss, reg = nce_loss(case.src, gapped[:, :5], backend=backend)
+        results.append((loss, reg, *torch.autograd.grad(loss + reg, gapped)))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    assert not tma_loads
 
 
 @pytest.mark.parametrize("grad_of", [("src",), ("trg",), ()], ids=str)
@@ -179,6 +259,20 @@ def test_triton_gpu_large(shape, dtype, options):
     pos = "arange" if n == m else "random"
     case = make_case(n, m, l, d, pos=pos, dtype=dtype, device="cuda", spread=3.0, **options)
     run_case(case, dtype, truth=float64_truth(case))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("loads", ["tma", "pointers"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(129, 67, 49, 520), (1024, 1024, 49, 2048)], ids=str)
+def test_triton_gpu_operand_loads(shape, dtype, loads):
+    """The fused K-loop with either operand loads (TMA is the default from sm_90 on)."""
+    from amdim_kernels.triton_nce import launch
+
+    n, m, l, d = shape
+    case = make_case(n, m, l, d, pos="arange" if n == m else "random", dtype=dtype, device="cuda", spread=3.0)
+    with launch.pinned(score="fused", operands=loads):
+        run_case(case, dtype, truth=float64_truth(case))
 
 
 @pytest.mark.gpu

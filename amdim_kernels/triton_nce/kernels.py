@@ -16,7 +16,8 @@ The score loop stores nothing per element. A tile that holds none of its rows' o
 and lies wholly inside the chunk (most tiles, when pos_idx is a run of images as in the
 trainer) needs no mask at all; such tiles and the others go to two launches of the kernel,
 each compiled with its path only, which keeps the unmasked one small (128 registers on
-sm_90). The merge kernel, one program per row, folds the row's partials in slot order
+sm_90). The K-loop's operands come through TMA tensor descriptors where the GPU and their
+alignment allow (launch.operand_loads), else through pointers (_score_tile). The merge kernel, one program per row, folds the row's partials in slot order
 (deterministic), computes its L positive scores directly (one dot product of length D
 each: N*L*D work, 1/M of the score loop's), and gives
 
@@ -126,35 +127,54 @@ def _plain_tile(c0, c1, chunk_end, L, p_lo, p_hi):
 
 @triton.jit
 def _score_tile(
-    src_ptr, trg_ptr, scores_ptr, stride_scores, chunk_begin, chunk_end,
-    rows, cols, N, L, D,
+    src, trg, scores_ptr, stride_scores, chunk_begin, chunk_end,
+    row0, j0, N, L, D,
     stride_sn, stride_sd, stride_tm, stride_tl, stride_td,
     scale,
     BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    FROM_SCORES: tl.constexpr, EVEN_K: tl.constexpr,
+    FROM_SCORES: tl.constexpr, EVEN_K: tl.constexpr, TMA: tl.constexpr,
 ):
-    """a = scale * src[rows] @ trg_flat[cols]^T as a (BLOCK_N, BLOCK_J) float32 tile.
+    """a = scale * src[rows] @ trg_flat[cols]^T as a (BLOCK_N, BLOCK_J) float32 tile, for
+    rows [row0, row0 + BLOCK_N) and columns [j0, j0 + BLOCK_J).
 
-    trg_ptr points at the chunk's first image (chunks are whole images: chunk_begin is a
+    trg points at the chunk's first image (chunks are whole images: chunk_begin is a
     multiple of L), so column j is location (j - chunk_begin) % L of the chunk's image
-    (j - chunk_begin) // L. FROM_SCORES: the unscaled dot products of this chunk's columns
-    were already computed (by cuBLAS) into scores[:, j - chunk_begin]; just read the tile.
-    Otherwise compute it with a K-loop of tl.dot. Rows >= N and columns >= chunk_end score
-    exactly 0 either way.
+    (j - chunk_begin) // L. Three ways to the tile:
+    - FROM_SCORES: the unscaled dot products of this chunk's columns were already computed
+      (by cuBLAS) into scores[:, j - chunk_begin]; just read the tile.
+    - TMA: src and trg are tensor descriptors of the (N, D) sources and the chunk's
+      (C, D) target features. Each K step asks the copy engine for two boxes, rows
+      [row0, +BLOCK_N) and features [k0, +BLOCK_K) of src, local columns [j0 - chunk_begin,
+      +BLOCK_J) of trg; it writes them to shared memory and fills whatever lies past N, C
+      or D with zeros. No per-thread addresses, no masks.
+    - Otherwise src and trg are pointers: the same K-loop with computed addresses and masks.
+    Rows >= N and columns >= chunk_end score exactly 0 every way.
     """
-    row_ok = (rows < N)[:, None]
-    col_ok = (cols < chunk_end)[:, None]
+    rows = row0 + tl.arange(0, BLOCK_N)
+    cols = j0 + tl.arange(0, BLOCK_J)
     local = cols - chunk_begin
     if FROM_SCORES:
         off = rows.to(tl.int64)[:, None] * stride_scores + local[None, :]
-        acc = tl.load(scores_ptr + off, mask=row_ok & (cols < chunk_end)[None, :], other=0.0)
+        ok = (rows < N)[:, None] & (cols < chunk_end)[None, :]
+        acc = tl.load(scores_ptr + off, mask=ok, other=0.0)
+    elif TMA:
+        acc = tl.zeros((BLOCK_N, BLOCK_J), dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            a = src.load([row0, k0])
+            b = trg.load([j0 - chunk_begin, k0])
+            if UPCAST:  # the CPU interpreter's dot is wrong on 16-bit tiles
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, tl.trans(b), acc, input_precision=DOT_PRECISION)
     else:
+        row_ok = (rows < N)[:, None]
+        col_ok = (cols < chunk_end)[:, None]
         # int64 offsets: m * stride_tm passes 2^31 once M*L*D does.
         img = local // L
         loc = local - img * L
-        src_rows = src_ptr + rows.to(tl.int64)[:, None] * stride_sn
-        trg_cols = trg_ptr + (img.to(tl.int64) * stride_tm + loc.to(tl.int64) * stride_tl)[:, None]
+        src_rows = src + rows.to(tl.int64)[:, None] * stride_sn
+        trg_cols = trg + (img.to(tl.int64) * stride_tm + loc.to(tl.int64) * stride_tl)[:, None]
         acc = tl.zeros((BLOCK_N, BLOCK_J), dtype=tl.float32)
         for k0 in range(0, D, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
@@ -166,7 +186,7 @@ def _score_tile(
                 b_mask = col_ok & (k < D)[None, :]
             a = tl.load(src_rows + k.to(tl.int64)[None, :] * stride_sd, mask=a_mask, other=0.0)
             b = tl.load(trg_cols + k.to(tl.int64)[None, :] * stride_td, mask=b_mask, other=0.0)
-            if UPCAST:  # the CPU interpreter's dot is wrong on 16-bit tiles
+            if UPCAST:
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
             acc = tl.dot(a, tl.trans(b), acc, input_precision=DOT_PRECISION)
@@ -175,20 +195,20 @@ def _score_tile(
 
 @triton.jit
 def _fold_tile(
-    j0, rows, p, sq, neg_sum, shift,
-    src_ptr, trg_ptr, scores_ptr, stride_scores, chunk_begin, chunk_end,
+    row0, j0, p, sq, neg_sum, shift,
+    src, trg, scores_ptr, stride_scores, chunk_begin, chunk_end,
     N, L, D, stride_sn, stride_sd, stride_tm, stride_tl, stride_td, scale, tclip,
     CLIP: tl.constexpr, MASKED: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, FROM_SCORES: tl.constexpr, EVEN_K: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     """Score the tile of columns [j0, j0 + BLOCK_J) and fold it into the row partials."""
-    cols = j0 + tl.arange(0, BLOCK_J)
     a = _score_tile(
-        src_ptr, trg_ptr, scores_ptr, stride_scores, chunk_begin, chunk_end,
-        rows, cols, N, L, D,
+        src, trg, scores_ptr, stride_scores, chunk_begin, chunk_end,
+        row0, j0, N, L, D,
         stride_sn, stride_sd, stride_tm, stride_tl, stride_td, scale,
-        BLOCK_N, BLOCK_J, BLOCK_K, DOT_PRECISION, UPCAST, FROM_SCORES, EVEN_K,
+        BLOCK_N, BLOCK_J, BLOCK_K, DOT_PRECISION, UPCAST, FROM_SCORES, EVEN_K, TMA,
     )
     sq += tl.sum(a * a, axis=1)  # padded rows/columns score 0 and add nothing
     if CLIP:
@@ -198,6 +218,7 @@ def _fold_tile(
         x = a  # s = a
     if MASKED:
         # the row's own image is excluded (its positives are the merge kernel's)
+        cols = j0 + tl.arange(0, BLOCK_J)
         img = cols // L
         is_neg = (img[None, :] != p[:, None]) & (cols < chunk_end)[None, :]
         neg_sum, shift = _add_negatives(x, is_neg, neg_sum, shift, CLIP, True)
@@ -209,7 +230,8 @@ def _fold_tile(
 
 @triton.jit
 def nce_fwd_kernel(
-    src_ptr, trg_ptr, pos_idx_ptr,
+    src, trg,  # pointers, or with TMA tensor descriptors (_score_tile)
+    pos_idx_ptr,
     part_sum_ptr, part_max_ptr, part_sq_ptr,  # (SPLITS, N) float32 out: per-split row partials
     scores_ptr, stride_scores,  # FROM_SCORES: (N, chunk) float32 unscaled dot products
     chunk_begin, chunk_end, split_base,  # this launch's columns, and its first split's index
@@ -220,16 +242,16 @@ def nce_fwd_kernel(
     CLIP: tl.constexpr, MASKED: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    FROM_SCORES: tl.constexpr, EVEN_K: tl.constexpr,
+    FROM_SCORES: tl.constexpr, EVEN_K: tl.constexpr, TMA: tl.constexpr,
 ):
     """Two launches share the chunk's tiles, each compiled with one path only (the two
     paths in one kernel need 200+ registers; the unmasked one alone fits in 128, leaving
     room for a second program per SM whose products overlap this one's epilogue):
     MASKED = False: the plain tiles (_plain_tile) of the program's contiguous split;
     MASKED = True: every other tile, dealt out to the splits in turn."""
-    pid_n = tl.program_id(0)
+    row0 = tl.program_id(0) * BLOCK_N
     split = tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = row0 + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     p = tl.load(pos_idx_ptr + rows, mask=row_ok, other=-1)
 
@@ -247,10 +269,10 @@ def nce_fwd_kernel(
             j0 = chunk_begin + t * BLOCK_J
             if not _plain_tile(j0, j0 + BLOCK_J, chunk_end, L, p_lo, p_hi):
                 sq, neg_sum, shift = _fold_tile(
-                    j0, rows, p, sq, neg_sum, shift,
-                    src_ptr, trg_ptr, scores_ptr, stride_scores, chunk_begin, chunk_end,
+                    row0, j0, p, sq, neg_sum, shift,
+                    src, trg, scores_ptr, stride_scores, chunk_begin, chunk_end,
                     N, L, D, stride_sn, stride_sd, stride_tm, stride_tl, stride_td, scale, tclip,
-                    CLIP, True, BLOCK_N, BLOCK_J, BLOCK_K, DOT_PRECISION, UPCAST, FROM_SCORES, EVEN_K,
+                    CLIP, True, BLOCK_N, BLOCK_J, BLOCK_K, DOT_PRECISION, UPCAST, FROM_SCORES, EVEN_K, TMA,
                 )
     else:
         col_begin = chunk_begin + split * cols_per_split
@@ -258,10 +280,10 @@ def nce_fwd_kernel(
         for j0 in range(col_begin, col_end, BLOCK_J):
             if _plain_tile(j0, j0 + BLOCK_J, chunk_end, L, p_lo, p_hi):
                 sq, neg_sum, shift = _fold_tile(
-                    j0, rows, p, sq, neg_sum, shift,
-                    src_ptr, trg_ptr, scores_ptr, stride_scores, chunk_begin, chunk_end,
+                    row0, j0, p, sq, neg_sum, shift,
+                    src, trg, scores_ptr, stride_scores, chunk_begin, chunk_end,
                     N, L, D, stride_sn, stride_sd, stride_tm, stride_tl, stride_td, scale, tclip,
-                    CLIP, False, BLOCK_N, BLOCK_J, BLOCK_K, DOT_PRECISION, UPCAST, FROM_SCORES, EVEN_K,
+                    CLIP, False, BLOCK_N, BLOCK_J, BLOCK_K, DOT_PRECISION, UPCAST, FROM_SCORES, EVEN_K, TMA,
                 )
 
     out = (split_base + split).to(tl.int64) * N + rows
@@ -340,26 +362,27 @@ def nce_merge_kernel(
 
 
 @triton.jit
-def _g_tile(a, is_neg, gpos, r, bias, reg_coef, scale, tclip, CLIP: tl.constexpr, MASKED: tl.constexpr):
-    """G = scale * d(loss + reg)/da on a tile of raw scores a (module docstring):
-    dL/ds = R[i] exp(s - neg_lse[i]) at a negative, gpos at a positive; times ds/da; plus
+def _g_tile(a, is_neg, r, bias, reg_coef, scale, tclip, CLIP: tl.constexpr, MASKED: tl.constexpr):
+    """G = scale * d(loss + reg)/da on a tile of raw scores a (module docstring), but for
+    the positives' term: dL/ds = R[i] exp(s - neg_lse[i]) at a negative, times ds/da, plus
     the regulariser's reg_coef[i] * a. bias[i] = (shift - neg_lse[i]) log2 e. MASKED: the
-    tile holds positives (is_neg false there) or padding; otherwise all are negatives.
-    Everything is formed from a here, so a is the only tile live across the caller's branch.
+    tile holds positives or padding (is_neg false there: dL/ds taken as 0); otherwise all
+    are negatives. Returns (G, ds/da): the caller adds scale * gpos * ds/da at the
+    positives. Everything is formed from a here, so a is the only tile live across the
+    caller's branch.
     """
     if CLIP:
         log2_gap, ds_da = _clip_pieces(a, tclip)  # log2 exp(s - tclip), 1 - (s/tclip)^2
     else:
         log2_gap = a * 1.4426950408889634
+        ds_da = 1.0
     # log2 exp(s - neg_lse) <= 0 at every negative: exp2 of it never overflows
     if MASKED:
         # where() inside too: bias is +inf where neg_lse = -inf (a row with no negatives)
-        dl_ds = tl.where(is_neg, r[:, None] * tl.exp2(tl.where(is_neg, log2_gap + bias[:, None], 0.0)), gpos)
+        dl_ds = tl.where(is_neg, r[:, None] * tl.exp2(tl.where(is_neg, log2_gap + bias[:, None], 0.0)), 0.0)
     else:
         dl_ds = r[:, None] * tl.exp2(log2_gap + bias[:, None])
-    if CLIP:
-        dl_ds = dl_ds * ds_da
-    return scale * (dl_ds + reg_coef[:, None] * a)
+    return scale * (dl_ds * ds_da + reg_coef[:, None] * a), ds_da
 
 
 @triton.jit
@@ -391,7 +414,8 @@ def nce_grad_factors_kernel(
 
 @triton.jit
 def nce_grad_tile_kernel(
-    src_ptr, trg_ptr, pos_idx_ptr,
+    src, trg,  # pointers, or with TMA tensor descriptors (_score_tile)
+    pos_idx_ptr,
     neg_lse_ptr, r_ptr,  # (N,) float32: log-sum-exp of the negatives, R[i] = sum_l w * sig
     gpos_ptr,  # (N, L) float32: dL/ds at the positives, -w * sig
     grad_sq_ptr,  # (N,) float32: upstream gradient of sq[i] = sum_j a^2, so d/da = 2 * grad_sq[i] * a
@@ -404,14 +428,15 @@ def nce_grad_tile_kernel(
     CLIP: tl.constexpr, MASKED: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    FROM_SCORES: tl.constexpr, EVEN_K: tl.constexpr,
+    FROM_SCORES: tl.constexpr, EVEN_K: tl.constexpr, TMA: tl.constexpr,
 ):
     """One program per (row block, column tile) of the chunk. As in the forward, two
     launches share the tiles, each compiled with one path only: MASKED = False writes the
     plain tiles (_plain_tile: all negatives, no mask, no gather), MASKED = True the others
     (positives, padding); a program whose tile is the other launch's returns at once.
     Apart, the plain path needs no more than 128 registers, without spills."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row0 = tl.program_id(0) * BLOCK_N
+    rows = row0 + tl.arange(0, BLOCK_N)
     local = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)  # column inside the chunk
     cols = col_begin + local
     row_ok = rows < N
@@ -420,10 +445,10 @@ def nce_grad_tile_kernel(
     c0 = col_begin + tl.program_id(1) * BLOCK_J
     if _plain_tile(c0, c0 + BLOCK_J, col_begin + C, L, p_lo, p_hi) != MASKED:
         a = _score_tile(
-            src_ptr, trg_ptr, scores_ptr, stride_scores, col_begin, col_begin + C,
-            rows, cols, N, L, D,
+            src, trg, scores_ptr, stride_scores, col_begin, col_begin + C,
+            row0, c0, N, L, D,
             stride_sn, stride_sd, stride_tm, stride_tl, stride_td, scale,
-            BLOCK_N, BLOCK_J, BLOCK_K, DOT_PRECISION, UPCAST, FROM_SCORES, EVEN_K,
+            BLOCK_N, BLOCK_J, BLOCK_K, DOT_PRECISION, UPCAST, FROM_SCORES, EVEN_K, TMA,
         )
         neg_lse = tl.load(neg_lse_ptr + rows, mask=row_ok, other=0.0)
         r = tl.load(r_ptr + rows, mask=row_ok, other=0.0)
@@ -436,14 +461,17 @@ def nce_grad_tile_kernel(
             valid = row_ok[:, None] & col_ok[None, :]
             is_pos = valid & (img[None, :] == p[:, None])
             is_neg = valid & (img[None, :] != p[:, None])
+            g, ds_da = _g_tile(a, is_neg, r, bias, reg_coef, scale, tclip, CLIP, True)
+            # the positives' term, gathered after the rest of the tile is formed so that
+            # its values are not live beside a's
             gpos_rows = gpos_ptr + (rows.to(tl.int64) - p) * L  # gpos[i, j - p_i * L] = gpos_rows[i][j]
             gpos = tl.load(gpos_rows[:, None] + cols[None, :], mask=is_pos, other=0.0)
-            g = _g_tile(a, is_neg, gpos, r, bias, reg_coef, scale, tclip, CLIP, True)
+            g += scale * gpos * ds_da
             g_mask = valid
         else:
             # all negatives, all columns inside the chunk; padded rows have r = 0 and are
             # not stored
-            g = _g_tile(a, a, 0.0, r, bias, reg_coef, scale, tclip, CLIP, False)
+            g, _ = _g_tile(a, a, r, bias, reg_coef, scale, tclip, CLIP, False)
             g_mask = row_ok[:, None]
         g_off = rows.to(tl.int64)[:, None] * stride_gn + local[None, :]
         tl.store(g_ptr + g_off, g.to(g_ptr.dtype.element_ty), mask=g_mask)

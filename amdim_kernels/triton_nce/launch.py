@@ -6,6 +6,10 @@ Two ways to get a tile of raw scores, chosen per call (`score_strategy`):
 - "gemm": cuBLAS computes the unscaled scores of one chunk of whole images, (N x C) in
   float32, and the same kernels read their tiles from it. A chunk is about 1/8 of the
   columns, so memory stays O(N * M*L / 8); the products run at cuBLAS speed.
+
+Two ways for the fused K-loop to load its operands (`operand_loads`): "tma", tensor
+descriptors served by the copy engine of sm_90 and newer GPUs, where the operands meet its
+alignment rules (`tma_ready`); else "pointers", per-thread addresses and cp.async.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 import triton
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..backends import triton_interpreting
 from .kernels import nce_fwd_kernel, nce_grad_factors_kernel, nce_grad_tile_kernel, nce_merge_kernel
@@ -22,6 +27,9 @@ from .kernels import nce_fwd_kernel, nce_grad_factors_kernel, nce_grad_tile_kern
 STRATEGIES = ("fused", "gemm")
 # None: the measured default per dtype (`score_strategy`); benchmarks and tests may pin one.
 strategy: str | None = None
+LOADS = ("tma", "pointers")
+# None: the default of the device (`operand_loads`); benchmarks and tests may pin one.
+loads: str | None = None
 # A backward chunk (and a "gemm" forward chunk) is about 1/CHUNK_PARTS of the columns. More
 # chunks mean less memory and more launches: on an H100 (bf16, N=M=1024, L=49, D=2048)
 # 8 chunks ran fwd+bwd in 2.9 ms with a 23 MiB workspace (1.5% of eager), 16 chunks in
@@ -51,10 +59,10 @@ def tile_config(dtype: torch.dtype, d: int, kernel: str) -> TileConfig:
     16-bit on an H100: (128, 128, 64), 8 warps, 3 stages was the fastest measured for both
     (benchmarks/RESULTS.md, before each kernel was split into unmasked and masked launches).
     Compiled offline for sm_90 (`python -m benchmarks.triton_resources`), both unmasked
-    launches fit 128 registers (Triton 3.6's G kernel with 48 bytes of spill, outside its
-    K-loop), so they are capped there: two programs per SM. Not yet timed on a GPU;
-    `python -m benchmarks.tune_triton` compares it with no cap and with (128, 256) forward
-    tiles.
+    launches fit 128 registers without spills with TMA operands (through pointers, Triton
+    3.6's G kernel spills 48 bytes outside its K-loop), so they are capped there: two
+    programs per SM. Not yet timed on a GPU; `python -m benchmarks.tune_triton` compares it
+    with no cap, with pointers and with (128, 256) forward tiles.
     """
     if kernel in pinned_tiles:
         return pinned_tiles[kernel]
@@ -68,21 +76,23 @@ def tile_config(dtype: torch.dtype, d: int, kernel: str) -> TileConfig:
 
 
 @contextlib.contextmanager
-def pinned(score: str | None = None, chunks: int | None = None, tiles: dict | None = None):
-    """Pin the score strategy, the chunk count and/or kernel tiles ({"fwd": TileConfig,
-    "grad": ...}) for the calls made inside (benchmarks, tests); the previous settings come
-    back on exit. The strategy is recorded by each forward for its backward, so only the
-    forward needs to run inside to pin it; chunks and "grad" tiles apply to backwards run
-    inside."""
-    global strategy, CHUNK_PARTS, pinned_tiles
-    old = strategy, CHUNK_PARTS, pinned_tiles
+def pinned(score: str | None = None, chunks: int | None = None, tiles: dict | None = None,
+           operands: str | None = None):
+    """Pin the score strategy, the chunk count, kernel tiles ({"fwd": TileConfig,
+    "grad": ...}) and/or the K-loop's operand loads ("tma" or "pointers") for the calls made
+    inside (benchmarks, tests); the previous settings come back on exit. The strategy is
+    recorded by each forward for its backward, so only the forward needs to run inside to
+    pin it; chunks, "grad" tiles and loads apply to backwards run inside."""
+    global strategy, CHUNK_PARTS, pinned_tiles, loads
+    old = strategy, CHUNK_PARTS, pinned_tiles, loads
     strategy = score if score is not None else strategy
     CHUNK_PARTS = chunks if chunks is not None else CHUNK_PARTS
     pinned_tiles = {**pinned_tiles, **(tiles or {})}
+    loads = operands if operands is not None else loads
     try:
         yield
     finally:
-        strategy, CHUNK_PARTS, pinned_tiles = old
+        strategy, CHUNK_PARTS, pinned_tiles, loads = old
 
 
 def score_strategy(dtype: torch.dtype) -> str:
@@ -143,14 +153,48 @@ def shape_args(src: torch.Tensor, trg: torch.Tensor) -> dict:
     )
 
 
-def _common(src: torch.Tensor, trg: torch.Tensor, cfg: TileConfig, from_scores: bool) -> dict:
+def operand_loads(device: torch.device) -> str:
+    """How the fused K-loop loads src and trg: the pinned way, else "tma" on GPUs of compute
+    capability 9.0 and newer (the copy engine that tensor descriptors drive), "pointers"
+    before them and on the interpreter."""
+    if loads is not None:
+        return loads
+    if device.type == "cuda" and not triton_interpreting() and torch.cuda.get_device_capability(device) >= (9, 0):
+        return "tma"
+    return "pointers"
+
+
+def tma_ready(x: torch.Tensor) -> bool:
+    """Whether a (rows, features) operand meets the copy engine's rules: features
+    contiguous, base address and row stride multiples of 16 bytes (D a multiple of 8 in
+    16-bit, of 4 in float32)."""
+    return x.stride(1) == 1 and x.data_ptr() % 16 == 0 and x.stride(0) * x.element_size() % 16 == 0
+
+
+def _tile_args(src: torch.Tensor, images: torch.Tensor, cfg: TileConfig, from_scores: bool) -> tuple[tuple, dict]:
+    """The tile kernels' (src, trg) operands and their common keyword arguments, for the
+    sources (N, D) and a chunk's images (C / L, L, D), features contiguous in both.
+
+    The operands are the tensors themselves, or with TMA two tensor descriptors: src as
+    (N, D) in (BLOCK_N, BLOCK_K) boxes, the chunk as (C, D) in (BLOCK_J, BLOCK_K) boxes.
+    TMA needs the chunk's locations evenly spaced (a (C, D) view) and both operands
+    tma_ready; otherwise, or with cuBLAS's scores, the kernels take pointers."""
     d = src.shape[1]
-    return dict(
-        shape_args(src, trg),
+    c = images.shape[0] * images.shape[1]
+    flat = images.view(c, d) if images.shape[0] == 1 or images.stride(0) == images.shape[1] * images.stride(1) else None
+    tma = (not from_scores and operand_loads(src.device) == "tma"
+           and flat is not None and tma_ready(src) and tma_ready(flat))
+    if tma:
+        operands = (TensorDescriptor(src, list(src.shape), list(src.stride()), [cfg.block_n, cfg.block_k]),
+                    TensorDescriptor(flat, list(flat.shape), list(flat.stride()), [cfg.block_j, cfg.block_k]))
+    else:
+        operands = (src, images)
+    return operands, dict(
+        shape_args(src, images),
         BLOCK_N=cfg.block_n, BLOCK_J=cfg.block_j, BLOCK_K=cfg.block_k,
         DOT_PRECISION=dot_precision(src.dtype),
         UPCAST=triton_interpreting() and src.dtype != torch.float32,
-        FROM_SCORES=from_scores, EVEN_K=d % cfg.block_k == 0,
+        FROM_SCORES=from_scores, EVEN_K=d % cfg.block_k == 0, TMA=tma,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
@@ -253,18 +297,18 @@ def forward(src, trg, pos_idx, tclip: float | None, scale: float, strategy: str)
     split_base = 0
     for (c0, c), (n_splits, per_split) in zip(chunks, splits):
         images = chunk_images(trg, c0, c)
-        common = _common(src, images, cfg, from_scores)
+        operands, common = _tile_args(src, images, cfg, from_scores)
         scores = _chunk_scores(src, images) if from_scores else part_sum  # part_sum: unused placeholder
         for masked in (False, True):
             nce_fwd_kernel[(row_blocks, n_splits)](
-                src, images, pos_idx, part_sum, part_max, part_sq,
+                *operands, pos_idx, part_sum, part_max, part_sq,
                 scores, scores.stride(0), c0, c0 + c, split_base,
                 cols_per_split=per_split, scale=scale,
                 tclip=0.0 if tclip is None else tclip, CLIP=tclip is not None, MASKED=masked,
                 **common, **({} if masked else _register_cap(cfg)),
             )
             split_base += n_splits
-        del images, scores
+        del images, scores, operands
 
     pos = torch.empty(n, l, **f32)
     loss = torch.empty(n, l, **f32)
@@ -315,15 +359,15 @@ def gradient_chunks(src, trg, pos_idx, neg_lse, r, gpos, grad_sq, tclip, scale, 
     for c0, c in _chunks(m, l, c_max):
         g = g_buf[:, :c]
         images = chunk_images(trg, c0, c)
-        common = _common(src, images, cfg, from_scores)
+        operands, common = _tile_args(src, images, cfg, from_scores)
         scores = _chunk_scores(src, images) if from_scores else g  # g: unused placeholder
         for masked in (False, True):  # the plain tiles, then the rest (nce_grad_tile_kernel)
             nce_grad_tile_kernel[(triton.cdiv(n, cfg.block_n), triton.cdiv(c, cfg.block_j))](
-                src, images, pos_idx, neg_lse, r, gpos, grad_sq, g, g.stride(0),
+                *operands, pos_idx, neg_lse, r, gpos, grad_sq, g, g.stride(0),
                 scores, scores.stride(0),
                 col_begin=c0, C=c, scale=scale,
                 tclip=0.0 if tclip is None else tclip, CLIP=tclip is not None, MASKED=masked,
                 **common, **({} if masked else _register_cap(cfg)),
             )
-        del scores
+        del scores, operands
         yield c0 // l, (c0 + c) // l, g, images.reshape(c, d)
