@@ -65,21 +65,29 @@ def test_train_throughput_runs(tmp_path, capsys):
     assert "| reference | 8 |" in capsys.readouterr().out
 
 
+COLUMNS = ("kernel", "loads", "clip", "tiles", "registers", "spill bytes", "spill instr", "shared", "instr",
+           "tensor core", "LDG", "LDGSTS", "UTMALDG")
+
+
 def test_triton_resources_compiles_offline():
     """benchmarks.triton_resources compiles every Triton kernel for sm_90 without a GPU (its
     own process: conftest's TRITON_INTERPRET=1 would hand it interpreter kernels) and reads
-    ptxas's registers, spills and instruction counts."""
+    ptxas's registers, spills and instruction counts, with both operand loads."""
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run(
         [sys.executable, "-m", "benchmarks.triton_resources", "--problem", "cifar", "--clip", "on",
-         "--tiles", "64,64,32,4,2,128"],
+         "--tiles", "64,64,32,4,2,128", "--loads", "tma", "pointers"],
         cwd=ROOT, env=env, capture_output=True, text=True, check=True, timeout=600,
     ).stdout
-    table = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ") and "kernel" not in line]
-    kernel_names = ["fwd plain", "fwd masked", "grad plain", "grad masked", "merge", "factors"]
-    assert [cells[0].strip() for cells in table] == kernel_names, out
-    for cells in table:
-        registers, instructions, tensor_core = int(cells[3]), int(cells[7]), int(cells[8])
-        assert 0 < registers <= 255 and instructions > 0, out
-        assert (tensor_core > 0) == (cells[0].strip() not in ("merge", "factors")), out  # tl.dot became HGMMA
+    lines = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ") and "kernel" not in line]
+    table = [{name: cell.strip() for name, cell in zip(COLUMNS, cells)} for cells in lines]
+    tile_kernels = ["fwd plain", "fwd masked", "grad plain", "grad masked"]
+    assert [(r["kernel"], r["loads"]) for r in table] == (
+        [(k, "tma") for k in tile_kernels] + [(k, "pointers") for k in tile_kernels] + [("merge", "-"), ("factors", "-")]
+    ), out
+    for r in table:
+        assert 0 < int(r["registers"]) <= 255 and int(r["instr"]) > 0, out
+        assert (int(r["tensor core"]) > 0) == (r["kernel"] not in ("merge", "factors")), out  # tl.dot became HGMMA
+        # the K-loop's operands: boxes fetched by the copy engine, or per-thread async copies
+        assert (int(r["UTMALDG"]) > 0, int(r["LDGSTS"]) > 0) == (r["loads"] == "tma", r["loads"] == "pointers"), out
