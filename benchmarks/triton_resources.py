@@ -195,20 +195,17 @@ def rows(p, dtype, tile_configs, arch: int, clips=(True, False), loads=("tma",))
     for clip in clips:
         for tma in (way == "tma" for way in loads):
             for cfg in tile_configs:
+                fwd, grad = forward_args(p, dtype, cfg, clip, tma), grad_args(p, dtype, cfg, clip, tma)
                 for name, kernel, args, cap in (
-                    ("fwd plain", kernels.nce_fwd_kernel, dict(forward_args(p, dtype, cfg, clip, tma), MASKED=False),
-                     cfg.plain_max_registers),
-                    ("fwd masked", kernels.nce_fwd_kernel, dict(forward_args(p, dtype, cfg, clip, tma), MASKED=True),
-                     None),
-                    ("grad plain", kernels.nce_grad_tile_kernel, dict(grad_args(p, dtype, cfg, clip, tma), MASKED=False),
-                     cfg.plain_max_registers),
-                    ("grad masked", kernels.nce_grad_tile_kernel, dict(grad_args(p, dtype, cfg, clip, tma), MASKED=True),
-                     None),
+                    ("fwd plain", kernels.nce_fwd_kernel, dict(fwd, MASKED=False), cfg.plain_max_registers),
+                    ("fwd masked", kernels.nce_fwd_kernel, dict(fwd, MASKED=True), None),
+                    ("grad plain", kernels.nce_grad_tile_kernel, dict(grad, MASKED=False), cfg.plain_max_registers),
+                    ("grad masked", kernels.nce_grad_tile_kernel, dict(grad, MASKED=True), None),
                 ):
                     resources = compile_resources(kernel, args, cfg.num_warps, cfg.num_stages, arch, cap)
                     yield name, "tma" if tma else "pointers", clip, cfg, resources
-        yield "merge", "-", clip, None, compile_resources(kernels.nce_merge_kernel, merge_args(p, dtype, clip), 4, 1,
-                                                          arch)
+        merge = compile_resources(kernels.nce_merge_kernel, merge_args(p, dtype, clip), 4, 1, arch)
+        yield "merge", "-", clip, None, merge
     yield "factors", "-", None, None, compile_resources(kernels.nce_grad_factors_kernel, factors_args(p), 4, 1, arch)
 
 

@@ -17,9 +17,10 @@ and lies wholly inside the chunk (most tiles, when pos_idx is a run of images as
 trainer) needs no mask at all; such tiles and the others go to two launches of the kernel,
 each compiled with its path only, which keeps the unmasked one small (128 registers on
 sm_90). The K-loop's operands come through TMA tensor descriptors where the GPU and their
-alignment allow (launch.operand_loads), else through pointers (_score_tile). The merge kernel, one program per row, folds the row's partials in slot order
-(deterministic), computes its L positive scores directly (one dot product of length D
-each: N*L*D work, 1/M of the score loop's), and gives
+alignment allow (launch.operand_loads), else through pointers (_score_tile). The merge
+kernel, one program per row, folds the row's partials in slot order (deterministic),
+computes its L positive scores directly (one dot product of length D each: N*L*D work,
+1/M of the score loop's), and gives
 
     neg_lse[i] = log sum_{j negative} exp(s[i, j])
     loss[i, l] = -nce[i, l] = log(exp(pos) + exp(neg_lse)) - pos = softplus(neg_lse - pos)
