@@ -264,28 +264,24 @@ def nce_fwd_kernel(
         shift = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     p_lo, p_hi = _own_images(p, row_ok)
 
-    if MASKED:
-        n_tiles = tl.cdiv(chunk_end - chunk_begin, BLOCK_J)
-        for t in range(split, n_tiles, tl.num_programs(1)):
-            j0 = chunk_begin + t * BLOCK_J
-            if not _plain_tile(j0, j0 + BLOCK_J, chunk_end, L, p_lo, p_hi):
-                sq, neg_sum, shift = _fold_tile(
-                    row0, j0, p, sq, neg_sum, shift,
-                    src, trg, scores_ptr, stride_scores, chunk_begin, chunk_end,
-                    N, L, D, stride_sn, stride_sd, stride_tm, stride_tl, stride_td, scale, tclip,
-                    CLIP, True, BLOCK_N, BLOCK_J, BLOCK_K, DOT_PRECISION, UPCAST, FROM_SCORES, EVEN_K, TMA,
-                )
-    else:
-        col_begin = chunk_begin + split * cols_per_split
-        col_end = tl.minimum(col_begin + cols_per_split, chunk_end)
-        for j0 in range(col_begin, col_end, BLOCK_J):
-            if _plain_tile(j0, j0 + BLOCK_J, chunk_end, L, p_lo, p_hi):
-                sq, neg_sum, shift = _fold_tile(
-                    row0, j0, p, sq, neg_sum, shift,
-                    src, trg, scores_ptr, stride_scores, chunk_begin, chunk_end,
-                    N, L, D, stride_sn, stride_sd, stride_tm, stride_tl, stride_td, scale, tclip,
-                    CLIP, False, BLOCK_N, BLOCK_J, BLOCK_K, DOT_PRECISION, UPCAST, FROM_SCORES, EVEN_K, TMA,
-                )
+    n_tiles = tl.cdiv(chunk_end - chunk_begin, BLOCK_J)
+    if MASKED:  # tiles split, split + splits, ...
+        t_begin = split
+        t_end = n_tiles
+        t_step = tl.num_programs(1)
+    else:  # the split's contiguous run of tiles
+        t_begin = split * (cols_per_split // BLOCK_J)
+        t_end = tl.minimum(t_begin + cols_per_split // BLOCK_J, n_tiles)
+        t_step = 1
+    for t in range(t_begin, t_end, t_step):
+        j0 = chunk_begin + t * BLOCK_J
+        if _plain_tile(j0, j0 + BLOCK_J, chunk_end, L, p_lo, p_hi) != MASKED:
+            sq, neg_sum, shift = _fold_tile(
+                row0, j0, p, sq, neg_sum, shift,
+                src, trg, scores_ptr, stride_scores, chunk_begin, chunk_end,
+                N, L, D, stride_sn, stride_sd, stride_tm, stride_tl, stride_td, scale, tclip,
+                CLIP, MASKED, BLOCK_N, BLOCK_J, BLOCK_K, DOT_PRECISION, UPCAST, FROM_SCORES, EVEN_K, TMA,
+            )
 
     out = (split_base + split).to(tl.int64) * N + rows
     tl.store(part_sum_ptr + out, neg_sum, mask=row_ok)

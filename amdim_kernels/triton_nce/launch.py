@@ -14,7 +14,8 @@ alignment rules (`tma_ready`); else "pointers", per-thread addresses and cp.asyn
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -171,22 +172,38 @@ def tma_ready(x: torch.Tensor) -> bool:
     return x.stride(1) == 1 and x.data_ptr() % 16 == 0 and x.stride(0) * x.element_size() % 16 == 0
 
 
-def _tile_args(src: torch.Tensor, images: torch.Tensor, cfg: TileConfig, from_scores: bool) -> tuple[tuple, dict]:
+def _src_descriptor(src: torch.Tensor, cfg: TileConfig,
+                    from_scores: bool) -> Callable[[], TensorDescriptor] | None:
+    """src (N, D) as a TMA descriptor in (BLOCK_N, BLOCK_K) boxes, shared by the chunks of
+    one call and built when the first of them takes it: a cached maker, where the fused
+    K-loop takes TMA operands (operand_loads) and src is tma_ready; else None: pointers."""
+    if from_scores or operand_loads(src.device) != "tma" or not tma_ready(src):
+        return None
+    box = [cfg.block_n, cfg.block_k]
+    return functools.cache(lambda: TensorDescriptor(src, list(src.shape), list(src.stride()), box))
+
+
+def _clip_args(tclip: float | None) -> dict:
+    """The kernels' clip arguments: tclip (0 when unused) and the CLIP switch."""
+    return dict(tclip=0.0 if tclip is None else tclip, CLIP=tclip is not None)
+
+
+def _tile_args(src: torch.Tensor, src_desc: Callable[[], TensorDescriptor] | None, images: torch.Tensor,
+               cfg: TileConfig, from_scores: bool) -> tuple[tuple, dict]:
     """The tile kernels' (src, trg) operands and their common keyword arguments, for the
     sources (N, D) and a chunk's images (C / L, L, D), features contiguous in both.
 
-    The operands are the tensors themselves, or with TMA two tensor descriptors: src as
-    (N, D) in (BLOCK_N, BLOCK_K) boxes, the chunk as (C, D) in (BLOCK_J, BLOCK_K) boxes.
-    TMA needs the chunk's locations evenly spaced (a (C, D) view) and both operands
-    tma_ready; otherwise, or with cuBLAS's scores, the kernels take pointers."""
+    The operands are the tensors themselves, or with TMA two tensor descriptors: src_desc
+    (_src_descriptor) and the chunk as (C, D) in (BLOCK_J, BLOCK_K) boxes. TMA needs
+    src_desc, the chunk's locations evenly spaced (a (C, D) view) and tma_ready;
+    otherwise the kernels take pointers."""
     d = src.shape[1]
     c = images.shape[0] * images.shape[1]
     flat = images.view(c, d) if images.shape[0] == 1 or images.stride(0) == images.shape[1] * images.stride(1) else None
-    tma = (not from_scores and operand_loads(src.device) == "tma"
-           and flat is not None and tma_ready(src) and tma_ready(flat))
+    tma = src_desc is not None and flat is not None and tma_ready(flat)
     if tma:
-        operands = (TensorDescriptor(src, list(src.shape), list(src.stride()), [cfg.block_n, cfg.block_k]),
-                    TensorDescriptor(flat, list(flat.shape), list(flat.stride()), [cfg.block_j, cfg.block_k]))
+        box = [cfg.block_j, cfg.block_k]
+        operands = (src_desc(), TensorDescriptor(flat, list(flat.shape), list(flat.stride()), box))
     else:
         operands = (src, images)
     return operands, dict(
@@ -294,18 +311,18 @@ def forward(src, trg, pos_idx, tclip: float | None, scale: float, strategy: str)
     part_sum = torch.empty(total, n, **f32)
     part_max = torch.empty(total, n, **f32)
     part_sq = torch.empty(total, n, **f32)
+    src_desc = _src_descriptor(src, cfg, from_scores)
     split_base = 0
     for (c0, c), (n_splits, per_split) in zip(chunks, splits):
         images = chunk_images(trg, c0, c)
-        operands, common = _tile_args(src, images, cfg, from_scores)
+        operands, common = _tile_args(src, src_desc, images, cfg, from_scores)
         scores = _chunk_scores(src, images) if from_scores else part_sum  # part_sum: unused placeholder
         for masked in (False, True):
             nce_fwd_kernel[(row_blocks, n_splits)](
                 *operands, pos_idx, part_sum, part_max, part_sq,
                 scores, scores.stride(0), c0, c0 + c, split_base,
-                cols_per_split=per_split, scale=scale,
-                tclip=0.0 if tclip is None else tclip, CLIP=tclip is not None, MASKED=masked,
-                **common, **({} if masked else _register_cap(cfg)),
+                cols_per_split=per_split, scale=scale, MASKED=masked,
+                **_clip_args(tclip), **common, **({} if masked else _register_cap(cfg)),
             )
             split_base += n_splits
         del images, scores, operands
@@ -317,8 +334,7 @@ def forward(src, trg, pos_idx, tclip: float | None, scale: float, strategy: str)
     block_l, block_k = merge_blocks(l, d)
     nce_merge_kernel[(n,)](
         src, trg, pos_idx, part_sum, part_max, part_sq, pos, loss, neg_lse, sq,
-        **shape_args(src, trg), SPLITS=total, scale=scale,
-        tclip=0.0 if tclip is None else tclip, CLIP=tclip is not None,
+        **shape_args(src, trg), SPLITS=total, scale=scale, **_clip_args(tclip),
         BLOCK_S=32, BLOCK_L=block_l, BLOCK_K=block_k,
     )
     return ForwardStats(loss, pos, neg_lse, sq)
@@ -356,18 +372,18 @@ def gradient_chunks(src, trg, pos_idx, neg_lse, r, gpos, grad_sq, tclip, scale, 
     c_max = chunk_columns(n, m, l, cfg, _num_sms(src.device))
     g_buf = torch.empty(n, c_max, device=src.device, dtype=g_dtype)
     src = features_contiguous(src)
+    src_desc = _src_descriptor(src, cfg, from_scores)
     for c0, c in _chunks(m, l, c_max):
         g = g_buf[:, :c]
         images = chunk_images(trg, c0, c)
-        operands, common = _tile_args(src, images, cfg, from_scores)
+        operands, common = _tile_args(src, src_desc, images, cfg, from_scores)
         scores = _chunk_scores(src, images) if from_scores else g  # g: unused placeholder
         for masked in (False, True):  # the plain tiles, then the rest (nce_grad_tile_kernel)
             nce_grad_tile_kernel[(triton.cdiv(n, cfg.block_n), triton.cdiv(c, cfg.block_j))](
                 *operands, pos_idx, neg_lse, r, gpos, grad_sq, g, g.stride(0),
                 scores, scores.stride(0),
-                col_begin=c0, C=c, scale=scale,
-                tclip=0.0 if tclip is None else tclip, CLIP=tclip is not None, MASKED=masked,
-                **common, **({} if masked else _register_cap(cfg)),
+                col_begin=c0, C=c, scale=scale, MASKED=masked,
+                **_clip_args(tclip), **common, **({} if masked else _register_cap(cfg)),
             )
         del scores, operands
         yield c0 // l, (c0 + c) // l, g, images.reshape(c, d)
