@@ -10,8 +10,11 @@ which torch.compile sees):
 
 `options` are the kernel options (tclip, scale, and for Triton the score strategy). `loss`
 and `sq` (each row's sum of raw scores squared, whose total gives the regulariser) are
-differentiable; `pos` and `neg_lse` are saved statistics. With a fake implementation
-torch.compile traces each op as one opaque call, without a graph break.
+differentiable; `pos` and `neg_lse` are saved statistics, `pos` the positives' scores as
+the pair's bwd reads them: soft-clipped for the C++ ops, raw for Triton's (whose backward
+forms the clip again, and needs the raw score for the regulariser's gradient at the
+positives). With a fake implementation torch.compile traces each op as one opaque call,
+without a graph break.
 """
 from __future__ import annotations
 

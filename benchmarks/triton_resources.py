@@ -165,8 +165,9 @@ def grad_args(p: problems.Problem, dtype: torch.dtype, cfg: launch.TileConfig, c
     g_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
     return dict(
         _tile_args(p, dtype, cfg, clip, tma),
-        neg_lse_ptr=torch.float32, r_ptr=torch.float32, gpos_ptr=torch.float32, grad_sq_ptr=torch.float32,
+        neg_lse_ptr=torch.float32, r_ptr=torch.float32, g_pos_ptr=torch.float32, grad_sq_ptr=torch.float32,
         g_ptr=g_dtype, stride_gn=c, scores_ptr=g_dtype, stride_scores=c, col_begin=0, C=c,
+        BLOCK_L=Const(launch.positives_block(p.l)),
     )
 
 
@@ -175,7 +176,7 @@ def merge_args(p: problems.Problem, dtype: torch.dtype, clip: bool) -> dict:
     return dict(
         src_ptr=dtype, trg_ptr=dtype, pos_idx_ptr=torch.int64, **_shape_args(p),
         part_sum_ptr=torch.float32, part_max_ptr=torch.float32, part_sq_ptr=torch.float32,
-        pos_ptr=torch.float32, loss_ptr=torch.float32, neg_lse_ptr=torch.float32, sq_ptr=torch.float32,
+        a_pos_ptr=torch.float32, loss_ptr=torch.float32, neg_lse_ptr=torch.float32, sq_ptr=torch.float32,
         SPLITS=4 * 132, scale=p.d ** -0.5, tclip=20.0 if clip else 0.0, CLIP=clip,
         BLOCK_S=Const(32), BLOCK_L=Const(block_l),
         BLOCK_K=Const(block_k),
@@ -184,9 +185,9 @@ def merge_args(p: problems.Problem, dtype: torch.dtype, clip: bool) -> dict:
 
 def factors_args(p: problems.Problem) -> dict:
     block_n, block_l = launch.factors_blocks(p.l)
-    return dict(pos_ptr=torch.float32, grad_loss_ptr=torch.float32, neg_lse_ptr=torch.float32,
-                gpos_ptr=torch.float32, r_ptr=torch.float32, N=p.n, L=p.l,
-                BLOCK_N=Const(block_n), BLOCK_L=Const(block_l))
+    return dict(a_pos_ptr=torch.float32, grad_loss_ptr=torch.float32, neg_lse_ptr=torch.float32,
+                grad_sq_ptr=torch.float32, g_pos_ptr=torch.float32, r_ptr=torch.float32, N=p.n, L=p.l,
+                scale=p.d ** -0.5, tclip=20.0, CLIP=True, BLOCK_N=Const(block_n), BLOCK_L=Const(block_l))
 
 
 def rows(p, dtype, tile_configs, arch: int, clips=(True, False), loads=("tma",)):
@@ -199,8 +200,7 @@ def rows(p, dtype, tile_configs, arch: int, clips=(True, False), loads=("tma",))
                 for name, kernel, args, cap in (
                     ("fwd plain", kernels.nce_fwd_kernel, dict(fwd, MASKED=False), cfg.plain_max_registers),
                     ("fwd masked", kernels.nce_fwd_kernel, dict(fwd, MASKED=True), None),
-                    ("grad plain", kernels.nce_grad_tile_kernel, dict(grad, MASKED=False), cfg.plain_max_registers),
-                    ("grad masked", kernels.nce_grad_tile_kernel, dict(grad, MASKED=True), None),
+                    ("grad", kernels.nce_grad_tile_kernel, grad, cfg.plain_max_registers),
                 ):
                     resources = compile_resources(kernel, args, cfg.num_warps, cfg.num_stages, arch, cap)
                     yield name, "tma" if tma else "pointers", clip, cfg, resources
@@ -215,7 +215,8 @@ def main(argv=None):
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--problem", default="single", choices=sorted(PROBLEMS))
     ap.add_argument("--tiles", nargs="+", default=["128,128,64,8,3,128", "128,256,64,8,3"],
-                    help="BLOCK_N,BLOCK_J,BLOCK_K,num_warps,num_stages[,register cap of the unmasked launches]")
+                    help="BLOCK_N,BLOCK_J,BLOCK_K,num_warps,num_stages[,register cap "
+                         "of the forward's plain launch and of the G kernel]")
     ap.add_argument("--clip", choices=["both", "on", "off"], default="both")
     ap.add_argument("--trg-layout", choices=["contiguous", "feature-map"], default="contiguous",
                     help="feature-map: the targets' strides as the trainer passes them, read in place")
@@ -237,7 +238,7 @@ def main(argv=None):
           "shared KiB | SASS instr | tensor-core instr | LDG | LDGSTS | UTMALDG |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, way, clip, cfg, r in rows(p, dtype, configs, args.arch, clips, loads):
-        cap = "" if cfg is None or cfg.plain_max_registers is None or not name.endswith("plain") else \
+        cap = "" if cfg is None or cfg.plain_max_registers is None or name.endswith("masked") else \
             f", maxnreg {cfg.plain_max_registers}"
         tiles = "-" if cfg is None else \
             f"({cfg.block_n}, {cfg.block_j}, {cfg.block_k}, {cfg.num_warps}, {cfg.num_stages}{cap})"

@@ -18,9 +18,9 @@ from amdim_kernels.triton_nce import launch
 from . import problems
 
 UNCAPPED = (128, 128, 64, 8, 3)
-DEFAULT = UNCAPPED + (128,)  # the unmasked launches capped at 128 registers
+DEFAULT = UNCAPPED + (128,)  # the forward's unmasked launch and the G kernel capped at 128 registers
 # (strategy, chunk parts, forward tiles, backward (G kernel) tiles, operand loads), each tiles
-# (block_n, block_j, block_k, num_warps, num_stages[, register cap of the unmasked launch]).
+# (block_n, block_j, block_k, num_warps, num_stages[, register cap as in launch.TileConfig]).
 # The cap lets two programs share an SM; the (128, 256) forward tiles read 25% less per
 # FLOP than (128, 128) and fit in registers without spills since the forward stores no
 # positives; TMA operands (the default from sm_90 on) take fewer registers and instructions

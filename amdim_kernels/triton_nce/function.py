@@ -29,9 +29,11 @@ def _grad_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def forward(src: torch.Tensor, trg: torch.Tensor, pos_idx: torch.Tensor, tclip: float | None, scale: float,
             strategy: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """loss (N, L), pos (N, L), neg_lse (N,), sq (N,): registration.py's fwd."""
+    """loss (N, L), pos (N, L), neg_lse (N,), sq (N,): registration.py's fwd, with pos the
+    positives' raw scores a (their clip is formed again from them, and the regulariser's
+    gradient there needs a itself)."""
     stats = launch.forward(src, trg, pos_idx, tclip, scale, strategy)
-    return stats.loss, stats.pos, stats.neg_lse, stats.sq
+    return stats.loss, stats.a_pos, stats.neg_lse, stats.sq
 
 
 def backward(src: torch.Tensor, trg: torch.Tensor, pos_idx: torch.Tensor, pos: torch.Tensor, neg_lse: torch.Tensor,
@@ -40,13 +42,13 @@ def backward(src: torch.Tensor, trg: torch.Tensor, pos_idx: torch.Tensor, pos: t
     """d src and d trg of sum(grad_loss * loss) + sum(grad_sq * sq): registration.py's bwd."""
     l = pos.shape[1]
     m, _, d = trg.shape
-    gpos, r = launch.gradient_factors(pos, neg_lse, grad_loss)
+    g_pos, r = launch.gradient_factors(pos, neg_lse, grad_loss, grad_sq, tclip, scale)
     dsrc = None  # float32, from the first chunk's product on
     dtrg = torch.empty(m, l, d, device=trg.device, dtype=trg.dtype) if need_trg else trg.new_empty(0, l, d)
     g_dtype = _grad_dtype(src.dtype)
     src_g = src.to(g_dtype)
     for m0, m1, g, features in launch.gradient_chunks(
-        src, trg, pos_idx, neg_lse, r, gpos, grad_sq, tclip, scale, g_dtype, strategy
+        src, trg, pos_idx, neg_lse, r, g_pos, grad_sq, tclip, scale, g_dtype, strategy
     ):
         if need_src:
             trg_chunk = features.to(g_dtype)

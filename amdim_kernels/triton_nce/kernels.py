@@ -32,11 +32,14 @@ gradient of loss[i, l], SPEC's gradients become
     dL/ds at a positive (i, (p_i, l)) = -w[i, l] * sig[i, l]                  (gpos)
     dL/ds at a negative (i, j)        = R[i] * exp(s[i, j] - neg_lse[i]),  R[i] = sum_l w * sig
 
-(exp(s - neg_lse) <= 1 for every negative, so neither form can overflow). The factor kernel
-forms gpos and R; the tile kernel recomputes a tile of scores and writes
-G = scale * d(loss + reg)/da for a chunk of columns, in two launches like the forward's
-(unmasked tiles, then the rest); the caller turns G into d src and d trg with two matrix
-products.
+(exp(s - neg_lse) <= 1 for every negative, so neither form can overflow). The merge kernel
+saves the positives' raw scores a (N, L) for this. The factor kernel forms R and G at the
+positives, scale * (gpos * ds/da + 2 grad_sq * a) (N, L): the positives are N*L entries of
+G, so their whole value is made once, here. The tile kernel, one launch per chunk of
+columns, recomputes a tile of scores and writes G = scale * d(loss + reg)/da for it taking
+every column as a negative (no masks, no gather: the forward's unmasked path), then
+overwrites the few positives that lie in the tile with their values; the caller turns G
+into d src and d trg with two matrix products.
 """
 from __future__ import annotations
 
@@ -119,11 +122,17 @@ def _own_images(p, row_ok):
 
 
 @triton.jit
+def _holds_own_images(c0, c1, L, p_lo, p_hi):
+    """Whether the columns [c0, c1) may hold one of the block's own images (p_lo..p_hi)."""
+    return ((c1 - 1) // L >= p_lo) & (c0 // L <= p_hi)
+
+
+@triton.jit
 def _plain_tile(c0, c1, chunk_end, L, p_lo, p_hi):
     """Whether the tile's columns [c0, c1) all lie in the chunk and belong to none of the
     block's own images (p_lo..p_hi): every score in it is then a negative of its row.
     In the trainer pos_idx is a run of images (rank * N + arange), so this is most tiles."""
-    return (c1 <= chunk_end) & (((c1 - 1) // L < p_lo) | (c0 // L > p_hi))
+    return (c1 <= chunk_end) & ~_holds_own_images(c0, c1, L, p_lo, p_hi)
 
 
 @triton.jit
@@ -293,7 +302,7 @@ def nce_fwd_kernel(
 def nce_merge_kernel(
     src_ptr, trg_ptr, pos_idx_ptr,
     part_sum_ptr, part_max_ptr, part_sq_ptr,  # (SPLITS, N) float32: the forward's partials
-    pos_ptr, loss_ptr,  # (N, L) float32 out: clipped positive scores, softplus(neg_lse - pos)
+    a_pos_ptr, loss_ptr,  # (N, L) float32 out: raw positive scores a, softplus(neg_lse - pos)
     neg_lse_ptr, sq_ptr,  # (N,) float32 out
     N, L, D,
     stride_sn, stride_sd, stride_tm, stride_tl, stride_td,
@@ -343,7 +352,8 @@ def nce_merge_kernel(
             x = tl.load(src_row + k.to(tl.int64) * stride_sd, mask=k_ok, other=0.0).to(tl.float32)
             t = tl.load(trg_img + k.to(tl.int64)[None, :] * stride_td, mask=l_ok[:, None] & k_ok[None, :], other=0.0)
             dots += tl.sum(t.to(tl.float32) * x[None, :], axis=1)
-        pos = _soft_clip(dots * scale, tclip, CLIP)
+        a_pos = dots * scale
+        pos = _soft_clip(a_pos, tclip, CLIP)
 
         x = neg_lse - pos
         # stable softplus; x = -inf gives 0
@@ -352,59 +362,58 @@ def nce_merge_kernel(
         # a^2 is finite exactly when all its scores are, and 0 * inf = NaN.
         loss += 0.0 * sq_row
         off = i.to(tl.int64) * L + ls
-        tl.store(pos_ptr + off, pos, mask=l_ok)
+        tl.store(a_pos_ptr + off, a_pos, mask=l_ok)
         tl.store(loss_ptr + off, loss, mask=l_ok)
     tl.store(neg_lse_ptr + i, neg_lse)
     tl.store(sq_ptr + i, sq_row)
 
 
 @triton.jit
-def _g_tile(a, is_neg, r, bias, reg_coef, scale, tclip, CLIP: tl.constexpr, MASKED: tl.constexpr):
-    """G = scale * d(loss + reg)/da on a tile of raw scores a (module docstring), but for
-    the positives' term: dL/ds = R[i] exp(s - neg_lse[i]) at a negative, times ds/da, plus
-    the regulariser's reg_coef[i] * a. bias[i] = (shift - neg_lse[i]) log2 e. MASKED: the
-    tile holds positives or padding (is_neg false there: dL/ds taken as 0); otherwise all
-    are negatives. Returns (G, ds/da): the caller adds scale * gpos * ds/da at the
-    positives. Everything is formed from a here, so a is the only tile live across the
-    caller's branch.
+def _g_tile(a, r, bias, reg_coef, scale, tclip, CLIP: tl.constexpr):
+    """G = scale * d(loss + reg)/da on a tile of raw scores a (module docstring), every
+    score taken as a negative: dL/ds = R[i] exp(s - neg_lse[i]), times ds/da, plus the
+    regulariser's reg_coef[i] * a. bias[i] = (shift - neg_lse[i]) log2 e. At a positive
+    this is not its value (it may even overflow): the caller overwrites those.
     """
     if CLIP:
         log2_gap, ds_da = _clip_pieces(a, tclip)  # log2 exp(s - tclip), 1 - (s/tclip)^2
     else:
         log2_gap = a * 1.4426950408889634
         ds_da = 1.0
-    # log2 exp(s - neg_lse) <= 0 at every negative: exp2 of it never overflows
-    if MASKED:
-        # where() inside too: bias is +inf where neg_lse = -inf (a row with no negatives)
-        dl_ds = tl.where(is_neg, r[:, None] * tl.exp2(tl.where(is_neg, log2_gap + bias[:, None], 0.0)), 0.0)
-    else:
-        dl_ds = r[:, None] * tl.exp2(log2_gap + bias[:, None])
-    return scale * (dl_ds * ds_da + reg_coef[:, None] * a), ds_da
+    # log2 exp(s - neg_lse) <= 0 at every negative: exp2 of it never overflows there
+    dl_ds = r[:, None] * tl.exp2(log2_gap + bias[:, None])
+    return scale * (dl_ds * ds_da + reg_coef[:, None] * a)
 
 
 @triton.jit
 def nce_grad_factors_kernel(
-    pos_ptr, grad_loss_ptr,  # (N, L) float32: the forward's positive scores, upstream gradient w
-    neg_lse_ptr,  # (N,) float32
-    gpos_ptr,  # (N, L) float32 out: -w * sig
+    a_pos_ptr, grad_loss_ptr,  # (N, L) float32: the positives' raw scores, upstream gradient w
+    neg_lse_ptr, grad_sq_ptr,  # (N,) float32: the negatives' log-sum-exp, upstream gradient of sq
+    g_pos_ptr,  # (N, L) float32 out: G at the positives, scale * (gpos * ds/da + 2 grad_sq * a)
     r_ptr,  # (N,) float32 out: R[i] = sum_l w * sig
-    N, L,
-    BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
+    N, L, scale, tclip,
+    CLIP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     """The backward's per-row factors (module docstring), sig = sigmoid(neg_lse - pos),
-    in one launch; sigmoid(-inf) = 0 where a row has no negatives."""
+    in one launch; sigmoid(-inf) = 0 where a row has no negatives. pos is formed from a
+    as the merge kernel formed it."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     neg_lse = tl.load(neg_lse_ptr + rows, mask=row_ok, other=0.0)
+    reg_coef = 2.0 * tl.load(grad_sq_ptr + rows, mask=row_ok, other=0.0)
     r = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for l0 in range(0, L, BLOCK_L):
         ls = l0 + tl.arange(0, BLOCK_L)
         ok = row_ok[:, None] & (ls < L)[None, :]
         off = rows.to(tl.int64)[:, None] * L + ls[None, :]
-        pos = tl.load(pos_ptr + off, mask=ok, other=0.0)
+        a = tl.load(a_pos_ptr + off, mask=ok, other=0.0)
         w = tl.load(grad_loss_ptr + off, mask=ok, other=0.0)
-        w_sig = w * tl.sigmoid(neg_lse[:, None] - pos)
-        tl.store(gpos_ptr + off, -w_sig, mask=ok)
+        w_sig = w * tl.sigmoid(neg_lse[:, None] - _soft_clip(a, tclip, CLIP))
+        if CLIP:
+            _, ds_da = _clip_pieces(a, tclip)
+        else:
+            ds_da = 1.0
+        tl.store(g_pos_ptr + off, scale * (-w_sig * ds_da + reg_coef[:, None] * a), mask=ok)
         r += tl.sum(w_sig, axis=1)
     tl.store(r_ptr + rows, r, mask=row_ok)
 
@@ -414,7 +423,7 @@ def nce_grad_tile_kernel(
     src, trg,  # pointers, or with TMA tensor descriptors (_score_tile)
     pos_idx_ptr,
     neg_lse_ptr, r_ptr,  # (N,) float32: log-sum-exp of the negatives, R[i] = sum_l w * sig
-    gpos_ptr,  # (N, L) float32: dL/ds at the positives, -w * sig
+    g_pos_ptr,  # (N, L) float32: G at the positives (nce_grad_factors_kernel)
     grad_sq_ptr,  # (N,) float32: upstream gradient of sq[i] = sum_j a^2, so d/da = 2 * grad_sq[i] * a
     g_ptr, stride_gn,  # (N, C) out, G's dtype: scale * d(loss + reg)/da for this chunk
     scores_ptr, stride_scores,  # FROM_SCORES: (N, C) float32 unscaled dot products
@@ -422,53 +431,48 @@ def nce_grad_tile_kernel(
     stride_sn, stride_sd, stride_tm, stride_tl, stride_td,
     col_begin, C,  # this chunk's columns: [col_begin, col_begin + C)
     scale, tclip,
-    CLIP: tl.constexpr, MASKED: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
+    CLIP: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     FROM_SCORES: tl.constexpr, EVEN_K: tl.constexpr, TMA: tl.constexpr,
 ):
-    """One program per (row block, column tile) of the chunk. As in the forward, two
-    launches share the tiles, each compiled with one path only: MASKED = False writes the
-    plain tiles (_plain_tile: all negatives, no mask, no gather), MASKED = True the others
-    (positives, padding); a program whose tile is the other launch's returns at once.
-    Apart, the plain path needs no more than 128 registers, without spills."""
+    """One program per (row block, column tile) of the chunk, all in one launch: the tile
+    is written as if it held negatives only (the forward's unmasked path, which fits 128
+    registers on sm_90), then the positives that lie in it are overwritten with their
+    values, BLOCK_L locations of the block's rows at a time. That second step runs only in
+    tiles that may hold an own image (_holds_own_images), after the tile and its registers
+    are done with."""
     row0 = tl.program_id(0) * BLOCK_N
+    c0 = col_begin + tl.program_id(1) * BLOCK_J  # the tile's first column
+    chunk_end = col_begin + C
     rows = row0 + tl.arange(0, BLOCK_N)
-    local = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)  # column inside the chunk
-    cols = col_begin + local
+    local = c0 - col_begin + tl.arange(0, BLOCK_J)  # columns inside the chunk
     row_ok = rows < N
+    a = _score_tile(
+        src, trg, scores_ptr, stride_scores, col_begin, chunk_end,
+        row0, c0, N, L, D,
+        stride_sn, stride_sd, stride_tm, stride_tl, stride_td, scale,
+        BLOCK_N, BLOCK_J, BLOCK_K, DOT_PRECISION, UPCAST, FROM_SCORES, EVEN_K, TMA,
+    )
+    neg_lse = tl.load(neg_lse_ptr + rows, mask=row_ok, other=0.0)
+    r = tl.load(r_ptr + rows, mask=row_ok, other=0.0)
+    # log2 exp(s - neg_lse) = log2 exp(s - shift) + bias[i], shift = tclip (clip) or 0
+    bias = ((tclip if CLIP else 0.0) - neg_lse) * 1.4426950408889634
+    reg_coef = 2.0 * tl.load(grad_sq_ptr + rows, mask=row_ok, other=0.0)
+    g = _g_tile(a, r, bias, reg_coef, scale, tclip, CLIP)
+    g_rows = g_ptr + rows.to(tl.int64)[:, None] * stride_gn  # G's rows, at the chunk's column 0
+    tl.store(g_rows + local[None, :], g.to(g_ptr.dtype.element_ty), mask=row_ok[:, None] & (local < C)[None, :])
+
+    # The positives in this tile: column p_i * L + l of row i, for the block's rows
     p = tl.load(pos_idx_ptr + rows, mask=row_ok, other=-1)
     p_lo, p_hi = _own_images(p, row_ok)
-    c0 = col_begin + tl.program_id(1) * BLOCK_J
-    if _plain_tile(c0, c0 + BLOCK_J, col_begin + C, L, p_lo, p_hi) != MASKED:
-        a = _score_tile(
-            src, trg, scores_ptr, stride_scores, col_begin, col_begin + C,
-            row0, c0, N, L, D,
-            stride_sn, stride_sd, stride_tm, stride_tl, stride_td, scale,
-            BLOCK_N, BLOCK_J, BLOCK_K, DOT_PRECISION, UPCAST, FROM_SCORES, EVEN_K, TMA,
-        )
-        neg_lse = tl.load(neg_lse_ptr + rows, mask=row_ok, other=0.0)
-        r = tl.load(r_ptr + rows, mask=row_ok, other=0.0)
-        # log2 exp(s - neg_lse) = log2 exp(s - shift) + bias[i], shift = tclip (clip) or 0
-        bias = ((tclip if CLIP else 0.0) - neg_lse) * 1.4426950408889634
-        reg_coef = 2.0 * tl.load(grad_sq_ptr + rows, mask=row_ok, other=0.0)
-        if MASKED:
-            col_ok = local < C
-            img = cols // L
-            valid = row_ok[:, None] & col_ok[None, :]
-            is_pos = valid & (img[None, :] == p[:, None])
-            is_neg = valid & (img[None, :] != p[:, None])
-            g, ds_da = _g_tile(a, is_neg, r, bias, reg_coef, scale, tclip, CLIP, True)
-            # the positives' term, gathered after the rest of the tile is formed so that
-            # its values are not live beside a's
-            gpos_rows = gpos_ptr + (rows.to(tl.int64) - p) * L  # gpos[i, j - p_i * L] = gpos_rows[i][j]
-            gpos = tl.load(gpos_rows[:, None] + cols[None, :], mask=is_pos, other=0.0)
-            g += scale * gpos * ds_da
-            g_mask = valid
-        else:
-            # all negatives, all columns inside the chunk; padded rows have r = 0 and are
-            # not stored
-            g, _ = _g_tile(a, a, r, bias, reg_coef, scale, tclip, CLIP, False)
-            g_mask = row_ok[:, None]
-        g_off = rows.to(tl.int64)[:, None] * stride_gn + local[None, :]
-        tl.store(g_ptr + g_off, g.to(g_ptr.dtype.element_ty), mask=g_mask)
+    tile_end = tl.minimum(c0 + BLOCK_J, chunk_end)
+    if _holds_own_images(c0, tile_end, L, p_lo, p_hi):
+        # every thread's stores of the tile come before any thread's overwrite
+        tl.debug_barrier()
+        for l0 in range(0, L, BLOCK_L):
+            ls = l0 + tl.arange(0, BLOCK_L)
+            cols = p[:, None] * L + ls[None, :]  # int64, as pos_idx is
+            ok = row_ok[:, None] & (ls < L)[None, :] & (cols >= c0) & (cols < tile_end)
+            g_pos = tl.load(g_pos_ptr + rows.to(tl.int64)[:, None] * L + ls[None, :], mask=ok, other=0.0)
+            tl.store(g_rows + (cols - col_begin), g_pos.to(g_ptr.dtype.element_ty), mask=ok)

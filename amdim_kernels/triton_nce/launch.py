@@ -45,8 +45,8 @@ class TileConfig:
     block_k: int
     num_warps: int
     num_stages: int
-    # ptxas register cap of the kernel's unmasked launch (None: ptxas decides); 128 with
-    # 256 threads lets two programs share an SM
+    # ptxas register cap of the forward's unmasked launch, or of the G kernel (None: ptxas
+    # decides); 128 with 256 threads lets two programs share an SM
     plain_max_registers: int | None = None
 
 
@@ -58,12 +58,12 @@ def tile_config(dtype: torch.dtype, d: int, kernel: str) -> TileConfig:
     """Tiles of the forward's score loop ("fwd") or of the backward's G kernel ("grad").
 
     16-bit on an H100: (128, 128, 64), 8 warps, 3 stages was the fastest measured for both
-    (benchmarks/RESULTS.md, before each kernel was split into unmasked and masked launches).
-    Compiled offline for sm_90 (`python -m benchmarks.triton_resources`), both unmasked
-    launches fit 128 registers without spills with TMA operands (through pointers, Triton
-    3.6's G kernel spills 48 bytes outside its K-loop), so they are capped there: two
-    programs per SM. Not yet timed on a GPU; `python -m benchmarks.tune_triton` compares it
-    with no cap, with pointers and with (128, 256) forward tiles.
+    (benchmarks/RESULTS.md, before the kernels took their current form). Compiled offline
+    for sm_90 (`python -m benchmarks.triton_resources`), the forward's unmasked launch and
+    the G kernel fit 128 registers without spills with TMA operands (through pointers,
+    Triton 3.6's G kernel spills 24 bytes outside its K-loop), so they are capped there:
+    two programs per SM. Not yet timed on a GPU; `python -m benchmarks.tune_triton`
+    compares it with no cap, with pointers and with (128, 256) forward tiles.
     """
     if kernel in pinned_tiles:
         return pinned_tiles[kernel]
@@ -217,7 +217,8 @@ def _tile_args(src: torch.Tensor, src_desc: Callable[[], TensorDescriptor] | Non
 
 
 def _register_cap(cfg: TileConfig) -> dict:
-    """The maxnreg option of a kernel's unmasked launch, where the config caps it."""
+    """The maxnreg option of the forward's unmasked launch or of the G kernel, where the
+    config caps it."""
     if cfg.plain_max_registers is None or triton_interpreting():
         return {}
     return dict(maxnreg=cfg.plain_max_registers)
@@ -264,7 +265,7 @@ def _chunk_scores(src, images: torch.Tensor) -> torch.Tensor:
 @dataclass
 class ForwardStats:
     loss: torch.Tensor  # (N, L) per-positive loss
-    pos: torch.Tensor  # (N, L) clipped positive scores
+    a_pos: torch.Tensor  # (N, L) raw positive scores (the backward forms the clip from them)
     neg_lse: torch.Tensor  # (N,) log-sum-exp of each row's negatives
     sq: torch.Tensor  # (N,) sum over the row of a^2
 
@@ -327,17 +328,17 @@ def forward(src, trg, pos_idx, tclip: float | None, scale: float, strategy: str)
             split_base += n_splits
         del images, scores, operands
 
-    pos = torch.empty(n, l, **f32)
+    a_pos = torch.empty(n, l, **f32)
     loss = torch.empty(n, l, **f32)
     neg_lse = torch.empty(n, **f32)
     sq = torch.empty(n, **f32)
     block_l, block_k = merge_blocks(l, d)
     nce_merge_kernel[(n,)](
-        src, trg, pos_idx, part_sum, part_max, part_sq, pos, loss, neg_lse, sq,
+        src, trg, pos_idx, part_sum, part_max, part_sq, a_pos, loss, neg_lse, sq,
         **shape_args(src, trg), SPLITS=total, scale=scale, **_clip_args(tclip),
         BLOCK_S=32, BLOCK_L=block_l, BLOCK_K=block_k,
     )
-    return ForwardStats(loss, pos, neg_lse, sq)
+    return ForwardStats(loss, a_pos, neg_lse, sq)
 
 
 def factors_blocks(l: int) -> tuple[int, int]:
@@ -347,20 +348,29 @@ def factors_blocks(l: int) -> tuple[int, int]:
     return max(1, 1024 // block_l), block_l
 
 
-def gradient_factors(pos: torch.Tensor, neg_lse: torch.Tensor, grad_loss: torch.Tensor):
-    """(gpos, R) of the backward: gpos = -w * sig (N, L) and R = sum_l w * sig (N,), with
-    sig = sigmoid(neg_lse - pos) and w the upstream gradient of the per-positive loss."""
-    n, l = pos.shape
-    gpos = torch.empty_like(pos)
+def gradient_factors(a_pos: torch.Tensor, neg_lse: torch.Tensor, grad_loss: torch.Tensor, grad_sq: torch.Tensor,
+                     tclip: float | None, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(G at the positives (N, L), R (N,)) of the backward: scale * (gpos * ds/da + 2 grad_sq
+    * a) and R = sum_l w * sig, with gpos = -w * sig, sig = sigmoid(neg_lse - pos), pos the
+    clipped a_pos and w the upstream gradient of the per-positive loss."""
+    n, l = a_pos.shape
+    g_pos = torch.empty_like(a_pos)
     r = torch.empty_like(neg_lse)
     block_n, block_l = factors_blocks(l)
     nce_grad_factors_kernel[(triton.cdiv(n, block_n),)](
-        pos, grad_loss, neg_lse, gpos, r, n, l, BLOCK_N=block_n, BLOCK_L=block_l,
+        a_pos, grad_loss, neg_lse, grad_sq, g_pos, r, n, l, scale=scale, **_clip_args(tclip),
+        BLOCK_N=block_n, BLOCK_L=block_l,
     )
-    return gpos, r
+    return g_pos, r
 
 
-def gradient_chunks(src, trg, pos_idx, neg_lse, r, gpos, grad_sq, tclip, scale, g_dtype, strategy):
+def positives_block(l: int) -> int:
+    """BLOCK_L of the G kernel's overwrite of the positives: 16 locations of the block's
+    rows at a time (8 values a thread at 128 rows and 256 threads)."""
+    return min(16, triton.next_power_of_2(l))
+
+
+def gradient_chunks(src, trg, pos_idx, neg_lse, r, g_pos, grad_sq, tclip, scale, g_dtype, strategy):
     """Yield (first image, last image + 1, G, features) for consecutive chunks of whole
     images, where G (N, C) = scale * d(loss + reg)/da on the chunk's C columns and features
     (C, D) are the chunk's target features (chunk_images: a view or a copy), for the
@@ -378,12 +388,10 @@ def gradient_chunks(src, trg, pos_idx, neg_lse, r, gpos, grad_sq, tclip, scale, 
         images = chunk_images(trg, c0, c)
         operands, common = _tile_args(src, src_desc, images, cfg, from_scores)
         scores = _chunk_scores(src, images) if from_scores else g  # g: unused placeholder
-        for masked in (False, True):  # the plain tiles, then the rest (nce_grad_tile_kernel)
-            nce_grad_tile_kernel[(triton.cdiv(n, cfg.block_n), triton.cdiv(c, cfg.block_j))](
-                *operands, pos_idx, neg_lse, r, gpos, grad_sq, g, g.stride(0),
-                scores, scores.stride(0),
-                col_begin=c0, C=c, scale=scale, MASKED=masked,
-                **_clip_args(tclip), **common, **({} if masked else _register_cap(cfg)),
-            )
+        nce_grad_tile_kernel[(triton.cdiv(n, cfg.block_n), triton.cdiv(c, cfg.block_j))](
+            *operands, pos_idx, neg_lse, r, g_pos, grad_sq, g, g.stride(0),
+            scores, scores.stride(0), col_begin=c0, C=c, scale=scale, BLOCK_L=positives_block(l),
+            **_clip_args(tclip), **common, **_register_cap(cfg),
+        )
         del scores, operands
         yield c0 // l, (c0 + c) // l, g, images.reshape(c, d)
