@@ -3,11 +3,20 @@ the pos_idx range check (one device sync) cost on the GPU, and how much CUDA gra
 (torch.compile(mode="reduce-overhead") around the cuda backend's fwd+bwd) take back.
 
     python -m benchmarks.host_overhead
+    python -m benchmarks.host_overhead --glue    # no GPU needed
+
+--glue times launch.py's own Python per backward chunk (views, operands, tensor
+descriptors, arguments) with the Triton launches replaced by no-ops, on CPU tensors of the
+single-GPU problem: the part of the host time per chunk that this project's code adds to
+Triton's launcher and cuBLAS's.
 """
 from __future__ import annotations
 
+import argparse
 import cProfile
 import pstats
+import time
+from unittest import mock
 
 import torch
 from triton.testing import do_bench
@@ -51,6 +60,40 @@ def cuda_graphs() -> None:
             print(f"| {p.name} | {impl} | {eager:.3f} | {replay:.3f} |", flush=True)
 
 
+class _NoLaunch:
+    """Stands in for a Triton kernel: kernel[grid](...) does nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def glue(reps: int = 200) -> None:
+    p = problems.SINGLE_GPU
+    src, trg, pos_idx = p.inputs(torch.bfloat16, "cpu")
+    rows = torch.zeros(p.n)
+    g_pos = torch.zeros(p.n, p.l)
+    print(f"launch.py's Python per backward chunk, launches stubbed, {p.name}, bf16 (CPU)")
+    print("| chunk parts | operand loads | us per chunk |")
+    print("|---|---|---|")
+    with mock.patch.object(launch, "nce_grad_tile_kernel", _NoLaunch()), \
+            mock.patch.object(launch, "triton_interpreting", lambda: False):
+        for parts in (8, 16):
+            for loads in launch.LOADS:
+                with launch.pinned(chunks=parts, operands=loads):
+
+                    def backward_chunks():
+                        chunks = launch.gradient_chunks(src, trg, pos_idx, rows, rows, g_pos, rows, 20.0,
+                                                        p.d ** -0.5, torch.bfloat16, "fused")
+                        return sum(1 for _ in chunks)
+
+                    count = backward_chunks()
+                    t0 = time.perf_counter()
+                    for _ in range(reps):
+                        backward_chunks()
+                    us = 1e6 * (time.perf_counter() - t0) / (reps * count)
+                print(f"| {parts} | {loads} | {us:.1f} |", flush=True)
+
+
 def main():
     p = problems.CIFAR
     src, trg, _ = p.inputs(torch.bfloat16, "cuda")
@@ -85,5 +128,10 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
-    cuda_graphs()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--glue", action="store_true", help="only launch.py's own Python per chunk (CPU)")
+    if ap.parse_args().glue:
+        glue()
+    else:
+        main()
+        cuda_graphs()

@@ -69,7 +69,7 @@ def tile_config(dtype: torch.dtype, d: int, kernel: str) -> TileConfig:
         return pinned_tiles[kernel]
     if triton_interpreting():
         # the interpreter pays per program and per loop step: few, large tiles
-        return TileConfig(32, 64, min(64, max(16, triton.next_power_of_2(d))), 4, 1)
+        return TileConfig(32, 64, min(64, max(16, next_power_of_2(d))), 4, 1)
     if dtype == torch.float32:
         return TileConfig(64, 128, 32, 8, 3)
     # 96 KiB of shared memory and at most 128 registers a thread: two programs per SM
@@ -106,6 +106,18 @@ def score_strategy(dtype: torch.dtype) -> str:
     if strategy is not None:
         return strategy
     return "gemm" if dtype == torch.float32 else "fused"
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) of host integers. triton.cdiv is a constexpr function whose wrapper costs
+    about 2.5 us a call on the host, and the chunk loops call this per chunk."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of 2 >= n, for host integers (as triton.next_power_of_2, without
+    its wrapper's cost)."""
+    return 1 << max(n - 1, 0).bit_length()
 
 
 def _num_sms(device: torch.device) -> int:
@@ -188,32 +200,42 @@ def _clip_args(tclip: float | None) -> dict:
     return dict(tclip=0.0 if tclip is None else tclip, CLIP=tclip is not None)
 
 
-def _tile_args(src: torch.Tensor, src_desc: Callable[[], TensorDescriptor] | None, images: torch.Tensor,
-               cfg: TileConfig, from_scores: bool) -> tuple[tuple, dict]:
-    """The tile kernels' (src, trg) operands and their common keyword arguments, for the
-    sources (N, D) and a chunk's images (C / L, L, D), features contiguous in both.
+def _tile_constants(src: torch.Tensor, cfg: TileConfig, from_scores: bool, tclip: float | None) -> dict:
+    """The tile kernels' keyword arguments that all chunks of a call share (the sources'
+    shape and strides, tiles, precision and clip), made once per call: on small problems
+    the chunk loop's host time is what the GPU waits on."""
+    n, d = src.shape
+    return dict(
+        N=n, D=d, stride_sn=src.stride(0), stride_sd=src.stride(1),
+        BLOCK_N=cfg.block_n, BLOCK_J=cfg.block_j, BLOCK_K=cfg.block_k,
+        DOT_PRECISION=dot_precision(src.dtype),
+        UPCAST=triton_interpreting() and src.dtype != torch.float32,
+        FROM_SCORES=from_scores, EVEN_K=d % cfg.block_k == 0,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_clip_args(tclip),
+    )
+
+
+def _chunk_operands(src: torch.Tensor, src_desc: Callable[[], TensorDescriptor] | None, images: torch.Tensor,
+                    cfg: TileConfig) -> tuple[tuple, dict]:
+    """The tile kernels' (src, trg) operands for the sources (N, D) and a chunk's images
+    (C / L, L, D), features contiguous in both, and the chunk's own keyword arguments (L,
+    its strides, TMA).
 
     The operands are the tensors themselves, or with TMA two tensor descriptors: src_desc
     (_src_descriptor) and the chunk as (C, D) in (BLOCK_J, BLOCK_K) boxes. TMA needs
     src_desc, the chunk's locations evenly spaced (a (C, D) view) and tma_ready;
     otherwise the kernels take pointers."""
     d = src.shape[1]
-    c = images.shape[0] * images.shape[1]
-    flat = images.view(c, d) if images.shape[0] == 1 or images.stride(0) == images.shape[1] * images.stride(1) else None
+    m, l, _ = images.shape
+    flat = images.view(m * l, d) if m == 1 or images.stride(0) == l * images.stride(1) else None
     tma = src_desc is not None and flat is not None and tma_ready(flat)
     if tma:
         box = [cfg.block_j, cfg.block_k]
         operands = (src_desc(), TensorDescriptor(flat, list(flat.shape), list(flat.stride()), box))
     else:
         operands = (src, images)
-    return operands, dict(
-        shape_args(src, images),
-        BLOCK_N=cfg.block_n, BLOCK_J=cfg.block_j, BLOCK_K=cfg.block_k,
-        DOT_PRECISION=dot_precision(src.dtype),
-        UPCAST=triton_interpreting() and src.dtype != torch.float32,
-        FROM_SCORES=from_scores, EVEN_K=d % cfg.block_k == 0, TMA=tma,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    stride_tm, stride_tl, stride_td = images.stride()
+    return operands, dict(L=l, stride_tm=stride_tm, stride_tl=stride_tl, stride_td=stride_td, TMA=tma)
 
 
 def _register_cap(cfg: TileConfig) -> dict:
@@ -227,8 +249,8 @@ def _register_cap(cfg: TileConfig) -> dict:
 def chunk_columns(n: int, m: int, l: int, cfg: TileConfig, sms: int) -> int:
     """Columns per chunk: whole images, about 1/CHUNK_PARTS of all columns, but enough that
     one chunk's grid of (row block x column tile) programs gives every SM a program."""
-    fill = triton.cdiv(sms, triton.cdiv(n, cfg.block_n)) * cfg.block_j
-    images = max(triton.cdiv(m, CHUNK_PARTS), triton.cdiv(fill, l))
+    fill = cdiv(sms, cdiv(n, cfg.block_n)) * cfg.block_j
+    images = max(cdiv(m, CHUNK_PARTS), cdiv(fill, l))
     return min(m, images) * l
 
 
@@ -273,22 +295,22 @@ class ForwardStats:
 def _split(cols: int, row_blocks: int, cfg: TileConfig, sms: int) -> tuple[int, int]:
     """(splits, columns per split) of a column range: about 4 programs per SM even when N is
     one row block; columns per split a multiple of BLOCK_J so that no tile straddles two."""
-    tiles = triton.cdiv(cols, cfg.block_j)
-    splits = min(tiles, max(1, triton.cdiv(4 * sms, row_blocks)))
-    per_split = triton.cdiv(tiles, splits) * cfg.block_j
-    return triton.cdiv(cols, per_split), per_split
+    tiles = cdiv(cols, cfg.block_j)
+    splits = min(tiles, max(1, cdiv(4 * sms, row_blocks)))
+    per_split = cdiv(tiles, splits) * cfg.block_j
+    return cdiv(cols, per_split), per_split
 
 
 def _location_block(l: int) -> int:
     """BLOCK_L of the per-row kernels (merge, backward factors): at most 64 locations a step."""
-    return min(64, triton.next_power_of_2(l))
+    return min(64, next_power_of_2(l))
 
 
 def merge_blocks(l: int, d: int) -> tuple[int, int]:
     """(BLOCK_L, BLOCK_K) of the merge kernel, one row a program: its positive dot products
     take tiles of at most 64 locations and about 4096 elements."""
     block_l = _location_block(l)
-    return block_l, max(16, min(triton.next_power_of_2(d), 4096 // block_l))
+    return block_l, max(16, min(next_power_of_2(d), 4096 // block_l))
 
 
 def forward(src, trg, pos_idx, tclip: float | None, scale: float, strategy: str) -> ForwardStats:
@@ -303,7 +325,7 @@ def forward(src, trg, pos_idx, tclip: float | None, scale: float, strategy: str)
     chunked = from_scores or trg.stride(2) != 1
     src = features_contiguous(src)
     chunks = list(_chunks(m, l, chunk_columns(n, m, l, cfg, sms) if chunked else m * l))
-    row_blocks = triton.cdiv(n, cfg.block_n)
+    row_blocks = cdiv(n, cfg.block_n)
     splits = [_split(c, row_blocks, cfg, sms) for _, c in chunks]
 
     # each chunk's tiles go to two launches (nce_fwd_kernel): the unmasked tiles, then the
@@ -313,17 +335,18 @@ def forward(src, trg, pos_idx, tclip: float | None, scale: float, strategy: str)
     part_max = torch.empty(total, n, **f32)
     part_sq = torch.empty(total, n, **f32)
     src_desc = _src_descriptor(src, cfg, from_scores)
+    fixed = dict(_tile_constants(src, cfg, from_scores, tclip), scale=scale)
+    register_cap = _register_cap(cfg)
     split_base = 0
     for (c0, c), (n_splits, per_split) in zip(chunks, splits):
         images = chunk_images(trg, c0, c)
-        operands, common = _tile_args(src, src_desc, images, cfg, from_scores)
+        operands, own = _chunk_operands(src, src_desc, images, cfg)
         scores = _chunk_scores(src, images) if from_scores else part_sum  # part_sum: unused placeholder
         for masked in (False, True):
             nce_fwd_kernel[(row_blocks, n_splits)](
                 *operands, pos_idx, part_sum, part_max, part_sq,
                 scores, scores.stride(0), c0, c0 + c, split_base,
-                cols_per_split=per_split, scale=scale, MASKED=masked,
-                **_clip_args(tclip), **common, **({} if masked else _register_cap(cfg)),
+                cols_per_split=per_split, MASKED=masked, **own, **fixed, **({} if masked else register_cap),
             )
             split_base += n_splits
         del images, scores, operands
@@ -357,7 +380,7 @@ def gradient_factors(a_pos: torch.Tensor, neg_lse: torch.Tensor, grad_loss: torc
     g_pos = torch.empty_like(a_pos)
     r = torch.empty_like(neg_lse)
     block_n, block_l = factors_blocks(l)
-    nce_grad_factors_kernel[(triton.cdiv(n, block_n),)](
+    nce_grad_factors_kernel[(cdiv(n, block_n),)](
         a_pos, grad_loss, neg_lse, grad_sq, g_pos, r, n, l, scale=scale, **_clip_args(tclip),
         BLOCK_N=block_n, BLOCK_L=block_l,
     )
@@ -367,7 +390,7 @@ def gradient_factors(a_pos: torch.Tensor, neg_lse: torch.Tensor, grad_loss: torc
 def positives_block(l: int) -> int:
     """BLOCK_L of the G kernel's overwrite of the positives: 16 locations of the block's
     rows at a time (8 values a thread at 128 rows and 256 threads)."""
-    return min(16, triton.next_power_of_2(l))
+    return min(16, next_power_of_2(l))
 
 
 def gradient_chunks(src, trg, pos_idx, neg_lse, r, g_pos, grad_sq, tclip, scale, g_dtype, strategy):
@@ -383,15 +406,17 @@ def gradient_chunks(src, trg, pos_idx, neg_lse, r, g_pos, grad_sq, tclip, scale,
     g_buf = torch.empty(n, c_max, device=src.device, dtype=g_dtype)
     src = features_contiguous(src)
     src_desc = _src_descriptor(src, cfg, from_scores)
+    fixed = dict(_tile_constants(src, cfg, from_scores, tclip), scale=scale, BLOCK_L=positives_block(l),
+                 **_register_cap(cfg))
+    row_blocks = cdiv(n, cfg.block_n)
     for c0, c in _chunks(m, l, c_max):
         g = g_buf[:, :c]
         images = chunk_images(trg, c0, c)
-        operands, common = _tile_args(src, src_desc, images, cfg, from_scores)
+        operands, own = _chunk_operands(src, src_desc, images, cfg)
         scores = _chunk_scores(src, images) if from_scores else g  # g: unused placeholder
-        nce_grad_tile_kernel[(triton.cdiv(n, cfg.block_n), triton.cdiv(c, cfg.block_j))](
+        nce_grad_tile_kernel[(row_blocks, cdiv(c, cfg.block_j))](
             *operands, pos_idx, neg_lse, r, g_pos, grad_sq, g, g.stride(0),
-            scores, scores.stride(0), col_begin=c0, C=c, scale=scale, BLOCK_L=positives_block(l),
-            **_clip_args(tclip), **common, **_register_cap(cfg),
+            scores, scores.stride(0), col_begin=c0, C=c, **own, **fixed,
         )
         del scores, operands
         yield c0 // l, (c0 + c) // l, g, images.reshape(c, d)
