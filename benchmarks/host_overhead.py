@@ -67,8 +67,7 @@ class _NoLaunch:
         return lambda *args, **kwargs: None
 
 
-def glue(reps: int = 200) -> None:
-    p = problems.SINGLE_GPU
+def glue(p: problems.Problem = problems.SINGLE_GPU, reps: int = 200) -> None:
     src, trg, pos_idx = p.inputs(torch.bfloat16, "cpu")
     rows = torch.zeros(p.n)
     g_pos = torch.zeros(p.n, p.l)

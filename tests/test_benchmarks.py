@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from amdim_kernels import available_backends
-from benchmarks import problems, run, train_throughput
+from benchmarks import host_overhead, problems, run, train_throughput
 from benchmarks.peers import available_peers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,3 +91,19 @@ def test_triton_resources_compiles_offline():
         assert (int(r["tensor core"]) > 0) == (r["kernel"] not in ("merge", "factors")), out  # tl.dot became HGMMA
         # the K-loop's operands: boxes fetched by the copy engine, or per-thread async copies
         assert (int(r["UTMALDG"]) > 0, int(r["LDGSTS"]) > 0) == (r["loads"] == "tma", r["loads"] == "pointers"), out
+
+
+def test_host_glue_per_chunk(capsys):
+    """host_overhead --glue times launch.py's Python per backward chunk with the launches
+    stubbed, for both operand loads; the real kernels stay in place afterwards."""
+    pytest.importorskip("triton")
+    from amdim_kernels.triton_nce import launch
+
+    kernel = launch.nce_grad_tile_kernel
+    host_overhead.glue(problems.Problem("tiny", 300, 300, 49, 64), reps=2)
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split("|")[1:-1] for line in lines[lines.index("|---|---|---|") + 1:]]
+    assert [(parts.strip(), loads.strip()) for parts, loads, _ in rows] == [
+        (parts, loads) for parts in ("8", "16") for loads in launch.LOADS]
+    assert all(float(us) > 0 for _, _, us in rows)
+    assert launch.nce_grad_tile_kernel is kernel
