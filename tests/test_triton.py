@@ -53,6 +53,24 @@ def test_triton_half_precision(shape, dtype):
     run_case(make_case(n, m, l, d, pos=pos, dtype=dtype, device=DEVICE), dtype)
 
 
+@pytest.mark.parametrize("n, m, l", [(200, 200, 49), (128, 1024, 49), (1024, 1024, 49), (5, 3, 7), (64, 1, 1)])
+def test_chunks_are_even_whole_images(n, m, l):
+    """The chunk loops' columns: whole images, consecutive, covering all M*L columns, in as
+    many chunks as the fill rule's size gives, the last short of the others by fewer images
+    than there are chunks."""
+    from amdim_kernels.triton_nce import launch
+
+    cfg = launch.TileConfig(128, 128, 64, 8, 3)
+    c_max = launch.chunk_columns(n, m, l, cfg, sms=132)
+    chunks = list(launch._chunks(m, l, c_max))
+    fill = launch.cdiv(132, launch.cdiv(n, 128)) * 128
+    wanted = min(m, max(launch.cdiv(m, launch.CHUNK_PARTS), launch.cdiv(fill, l)))
+    assert len(chunks) == launch.cdiv(m, wanted)
+    assert [c0 for c0, _ in chunks] == [sum(c for _, c in chunks[:i]) for i in range(len(chunks))]
+    assert sum(c for _, c in chunks) == m * l and all(c % l == 0 for _, c in chunks)
+    assert all(c == c_max for _, c in chunks[:-1]) and c_max - chunks[-1][1] < len(chunks) * l
+
+
 @pytest.mark.parametrize("src_layout", ["contiguous", "transposed"])
 @pytest.mark.parametrize("options", KERNEL_OPTIONS, ids=str)
 def test_triton_feature_map_layout(src_layout, options, strategy):

@@ -39,7 +39,9 @@ G, so their whole value is made once, here. The tile kernel, one launch per chun
 columns, recomputes a tile of scores and writes G = scale * d(loss + reg)/da for it taking
 every column as a negative (no masks, no gather: the forward's unmasked path), then
 overwrites the few positives that lie in the tile with their values; the caller turns G
-into d src and d trg with two matrix products.
+into d src and d trg with two matrix products. (Overwriting an entry is exact; the forward
+cannot do the same, since taking the positives back out of a row's sum would cancel
+catastrophically when they dominate it, as they do in a trained model.)
 """
 from __future__ import annotations
 

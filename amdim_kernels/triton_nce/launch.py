@@ -248,10 +248,13 @@ def _register_cap(cfg: TileConfig) -> dict:
 
 def chunk_columns(n: int, m: int, l: int, cfg: TileConfig, sms: int) -> int:
     """Columns per chunk: whole images, about 1/CHUNK_PARTS of all columns, but enough that
-    one chunk's grid of (row block x column tile) programs gives every SM a program."""
+    one chunk's grid of (row block x column tile) programs gives every SM a program; then
+    evened out over the chunks that makes, so that the last is not a sliver (e.g. 200
+    images in chunks of 100 and 100 rather than 173 and 27: the same launches, a smaller
+    buffer, no launch that leaves most SMs idle)."""
     fill = cdiv(sms, cdiv(n, cfg.block_n)) * cfg.block_j
-    images = max(cdiv(m, CHUNK_PARTS), cdiv(fill, l))
-    return min(m, images) * l
+    images = min(m, max(cdiv(m, CHUNK_PARTS), cdiv(fill, l)))
+    return cdiv(m, cdiv(m, images)) * l
 
 
 def _chunks(m: int, l: int, c_max: int) -> Iterator[tuple[int, int]]:
