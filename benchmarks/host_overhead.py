@@ -68,8 +68,10 @@ class _NoLaunch:
 
 
 def glue(p: problems.Problem = problems.SINGLE_GPU, reps: int = 200) -> None:
+    """Microseconds of launch.py's Python per backward chunk (--glue), per chunk count and
+    operand loads, with the G kernel's launches stubbed out."""
     src, trg, pos_idx = p.inputs(torch.bfloat16, "cpu")
-    rows = torch.zeros(p.n)
+    per_row = torch.zeros(p.n)  # stands in for neg_lse, R and grad_sq
     g_pos = torch.zeros(p.n, p.l)
     print(f"launch.py's Python per backward chunk, launches stubbed, {p.name}, bf16 (CPU)")
     print("| chunk parts | operand loads | us per chunk |")
@@ -81,7 +83,7 @@ def glue(p: problems.Problem = problems.SINGLE_GPU, reps: int = 200) -> None:
                 with launch.pinned(chunks=parts, operands=loads):
 
                     def backward_chunks():
-                        chunks = launch.gradient_chunks(src, trg, pos_idx, rows, rows, g_pos, rows, 20.0,
+                        chunks = launch.gradient_chunks(src, trg, pos_idx, per_row, per_row, g_pos, per_row, 20.0,
                                                         p.d ** -0.5, torch.bfloat16, "fused")
                         return sum(1 for _ in chunks)
 
