@@ -200,10 +200,11 @@ def _clip_args(tclip: float | None) -> dict:
     return dict(tclip=0.0 if tclip is None else tclip, CLIP=tclip is not None)
 
 
-def _tile_constants(src: torch.Tensor, cfg: TileConfig, from_scores: bool, tclip: float | None) -> dict:
+def _tile_constants(src: torch.Tensor, cfg: TileConfig, from_scores: bool, tclip: float | None,
+                    scale: float) -> dict:
     """The tile kernels' keyword arguments that all chunks of a call share (the sources'
-    shape and strides, tiles, precision and clip), made once per call: on small problems
-    the chunk loop's host time is what the GPU waits on."""
+    shape and strides, tiles, precision, scale and clip), made once per call: on small
+    problems the chunk loop's host time is what the GPU waits on."""
     n, d = src.shape
     return dict(
         N=n, D=d, stride_sn=src.stride(0), stride_sd=src.stride(1),
@@ -211,7 +212,7 @@ def _tile_constants(src: torch.Tensor, cfg: TileConfig, from_scores: bool, tclip
         DOT_PRECISION=dot_precision(src.dtype),
         UPCAST=triton_interpreting() and src.dtype != torch.float32,
         FROM_SCORES=from_scores, EVEN_K=d % cfg.block_k == 0,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_clip_args(tclip),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, scale=scale, **_clip_args(tclip),
     )
 
 
@@ -338,7 +339,7 @@ def forward(src, trg, pos_idx, tclip: float | None, scale: float, strategy: str)
     part_max = torch.empty(total, n, **f32)
     part_sq = torch.empty(total, n, **f32)
     src_desc = _src_descriptor(src, cfg, from_scores)
-    fixed = dict(_tile_constants(src, cfg, from_scores, tclip), scale=scale)
+    fixed = _tile_constants(src, cfg, from_scores, tclip, scale)
     register_cap = _register_cap(cfg)
     split_base = 0
     for (c0, c), (n_splits, per_split) in zip(chunks, splits):
@@ -409,7 +410,7 @@ def gradient_chunks(src, trg, pos_idx, neg_lse, r, g_pos, grad_sq, tclip, scale,
     g_buf = torch.empty(n, c_max, device=src.device, dtype=g_dtype)
     src = features_contiguous(src)
     src_desc = _src_descriptor(src, cfg, from_scores)
-    fixed = dict(_tile_constants(src, cfg, from_scores, tclip), scale=scale, BLOCK_L=positives_block(l),
+    fixed = dict(_tile_constants(src, cfg, from_scores, tclip, scale), BLOCK_L=positives_block(l),
                  **_register_cap(cfg))
     row_blocks = cdiv(n, cfg.block_n)
     for c0, c in _chunks(m, l, c_max):
