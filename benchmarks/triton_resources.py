@@ -25,7 +25,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from amdim_kernels.triton_nce import kernels, launch
+from amdim_kernels.triton_nce import function, kernels, launch
 
 from . import problems
 
@@ -131,6 +131,12 @@ def _shape_args(p: problems.Problem) -> dict:
     return launch.shape_args(src, trg)
 
 
+def _loss_options(p: problems.Problem, clip: bool) -> dict:
+    """The kernels' scale and clip arguments: the default scale 1/sqrt(D), and the
+    problem's tclip or no clipping."""
+    return dict(scale=p.d ** -0.5, **launch._clip_args(p.tclip if clip else None))
+
+
 def _tile_args(p: problems.Problem, dtype: torch.dtype, cfg: launch.TileConfig, clip: bool, tma: bool) -> dict:
     """The tile kernels' common arguments; tma: descriptors for src and trg, as launch.py
     passes them where the operands are tma_ready."""
@@ -139,8 +145,7 @@ def _tile_args(p: problems.Problem, dtype: torch.dtype, cfg: launch.TileConfig, 
     else:
         operands = dict(src=dtype, trg=dtype)
     return dict(
-        operands, pos_idx_ptr=torch.int64, **_shape_args(p), TMA=tma,
-        scale=p.d ** -0.5, tclip=20.0 if clip else 0.0, CLIP=clip,
+        operands, pos_idx_ptr=torch.int64, **_shape_args(p), TMA=tma, **_loss_options(p, clip),
         BLOCK_N=Const(cfg.block_n), BLOCK_J=Const(cfg.block_j), BLOCK_K=Const(cfg.block_k),
         DOT_PRECISION=Const(launch.dot_precision(dtype)), UPCAST=False, FROM_SCORES=False,
         EVEN_K=p.d % cfg.block_k == 0,
@@ -162,7 +167,7 @@ def forward_args(p: problems.Problem, dtype: torch.dtype, cfg: launch.TileConfig
 def grad_args(p: problems.Problem, dtype: torch.dtype, cfg: launch.TileConfig, clip: bool, tma: bool) -> dict:
     """nce_grad_tile_kernel's arguments for launch.gradient_chunks' first chunk."""
     c = launch.chunk_columns(p.n, p.m, p.l, cfg, sms=132)
-    g_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+    g_dtype = function.grad_dtype(dtype)
     return dict(
         _tile_args(p, dtype, cfg, clip, tma),
         neg_lse_ptr=torch.float32, r_ptr=torch.float32, g_pos_ptr=torch.float32, grad_sq_ptr=torch.float32,
@@ -177,17 +182,17 @@ def merge_args(p: problems.Problem, dtype: torch.dtype, clip: bool) -> dict:
         src_ptr=dtype, trg_ptr=dtype, pos_idx_ptr=torch.int64, **_shape_args(p),
         part_sum_ptr=torch.float32, part_max_ptr=torch.float32, part_sq_ptr=torch.float32,
         a_pos_ptr=torch.float32, loss_ptr=torch.float32, neg_lse_ptr=torch.float32, sq_ptr=torch.float32,
-        SPLITS=4 * 132, scale=p.d ** -0.5, tclip=20.0 if clip else 0.0, CLIP=clip,
+        SPLITS=4 * 132, **_loss_options(p, clip),
         BLOCK_S=Const(32), BLOCK_L=Const(block_l),
         BLOCK_K=Const(block_k),
     )
 
 
-def factors_args(p: problems.Problem) -> dict:
+def factors_args(p: problems.Problem, clip: bool) -> dict:
     block_n, block_l = launch.factors_blocks(p.l)
     return dict(a_pos_ptr=torch.float32, grad_loss_ptr=torch.float32, neg_lse_ptr=torch.float32,
                 grad_sq_ptr=torch.float32, g_pos_ptr=torch.float32, r_ptr=torch.float32, N=p.n, L=p.l,
-                scale=p.d ** -0.5, tclip=20.0, CLIP=True, BLOCK_N=Const(block_n), BLOCK_L=Const(block_l))
+                **_loss_options(p, clip), BLOCK_N=Const(block_n), BLOCK_L=Const(block_l))
 
 
 def rows(p, dtype, tile_configs, arch: int, clips=(True, False), loads=("tma",)):
@@ -206,7 +211,8 @@ def rows(p, dtype, tile_configs, arch: int, clips=(True, False), loads=("tma",))
                     yield name, "tma" if tma else "pointers", clip, cfg, resources
         merge = compile_resources(kernels.nce_merge_kernel, merge_args(p, dtype, clip), 4, 1, arch)
         yield "merge", "-", clip, None, merge
-    yield "factors", "-", None, None, compile_resources(kernels.nce_grad_factors_kernel, factors_args(p), 4, 1, arch)
+        factors = compile_resources(kernels.nce_grad_factors_kernel, factors_args(p, clip), 4, 1, arch)
+        yield "factors", "-", clip, None, factors
 
 
 def main(argv=None):

@@ -33,7 +33,7 @@ CANDIDATES = [
     ("fused", 8, UNCAPPED, DEFAULT, "tma"),
     ("fused", 8, DEFAULT, UNCAPPED, "tma"),
     ("fused", 16, DEFAULT, DEFAULT, "tma"),
-    # fewer, larger backward chunks: at N = 128 the default's 3 chunks give 133 G programs
+    # fewer, larger backward chunks: at N = 128 the default's 3 chunks give 131 G programs
     # each (one per SM, though two fit under the cap); 2 chunks give 196, 1 gives 392
     ("fused", 2, DEFAULT, DEFAULT, "tma"),
     ("fused", 1, DEFAULT, DEFAULT, "tma"),

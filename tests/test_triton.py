@@ -135,7 +135,8 @@ def test_triton_tma_operands(shape, options, tma_loads):
 
 @pytest.mark.parametrize("run", RUNS, ids=str)
 def test_triton_tma_own_images_in_a_run(run, tma_loads):
-    """Plain and masked tiles of both kernels, with TMA operands."""
+    """Plain tiles and tiles with own images, with TMA operands: the forward's two launches
+    and the G kernel's overwrite of the positives."""
     first, n, m, l = run
     run_case(make_case(n, m, l, 24, pos=first + torch.arange(n), device=DEVICE), torch.float32)
     assert tma_loads

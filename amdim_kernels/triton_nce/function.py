@@ -21,7 +21,7 @@ from ..validation import Problem
 from . import launch
 
 
-def _grad_dtype(dtype: torch.dtype) -> torch.dtype:
+def grad_dtype(dtype: torch.dtype) -> torch.dtype:
     # bf16 keeps float32's range; fp16 would flush the smallest gradients (about
     # 1/(N*L*M*L)) to zero, so fp16 inputs get a float32 G and float32 products.
     return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
@@ -45,7 +45,7 @@ def backward(src: torch.Tensor, trg: torch.Tensor, pos_idx: torch.Tensor, pos: t
     g_pos, r = launch.gradient_factors(pos, neg_lse, grad_loss, grad_sq, tclip, scale)
     dsrc = None  # float32, from the first chunk's product on
     dtrg = torch.empty(m, l, d, device=trg.device, dtype=trg.dtype) if need_trg else trg.new_empty(0, l, d)
-    g_dtype = _grad_dtype(src.dtype)
+    g_dtype = grad_dtype(src.dtype)
     src_g = src.to(g_dtype)
     for m0, m1, g, features in launch.gradient_chunks(
         src, trg, pos_idx, neg_lse, r, g_pos, grad_sq, tclip, scale, g_dtype, strategy

@@ -156,14 +156,22 @@ def addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         acc += mm_f32(a, b)
 
 
+def source_args(src: torch.Tensor) -> dict:
+    """The kernels' size and stride arguments of the sources (N, D): N, D, stride_s*."""
+    (n, d), (stride_sn, stride_sd) = src.shape, src.stride()
+    return dict(N=n, D=d, stride_sn=stride_sn, stride_sd=stride_sd)
+
+
+def target_args(trg: torch.Tensor) -> dict:
+    """The kernels' size and stride arguments of targets (M, L, D) (all of them, or a
+    chunk's images): L, stride_t*."""
+    stride_tm, stride_tl, stride_td = trg.stride()
+    return dict(L=trg.shape[1], stride_tm=stride_tm, stride_tl=stride_tl, stride_td=stride_td)
+
+
 def shape_args(src: torch.Tensor, trg: torch.Tensor) -> dict:
     """The kernels' size and stride arguments (N, L, D, stride_*)."""
-    (n, d), l = src.shape, trg.shape[1]
-    return dict(
-        N=n, L=l, D=d,
-        stride_sn=src.stride(0), stride_sd=src.stride(1),
-        stride_tm=trg.stride(0), stride_tl=trg.stride(1), stride_td=trg.stride(2),
-    )
+    return dict(source_args(src), **target_args(trg))
 
 
 def operand_loads(device: torch.device) -> str:
@@ -205,9 +213,9 @@ def _tile_constants(src: torch.Tensor, cfg: TileConfig, from_scores: bool, tclip
     """The tile kernels' keyword arguments that all chunks of a call share (the sources'
     shape and strides, tiles, precision, scale and clip), made once per call: on small
     problems the chunk loop's host time is what the GPU waits on."""
-    n, d = src.shape
+    d = src.shape[1]
     return dict(
-        N=n, D=d, stride_sn=src.stride(0), stride_sd=src.stride(1),
+        source_args(src),
         BLOCK_N=cfg.block_n, BLOCK_J=cfg.block_j, BLOCK_K=cfg.block_k,
         DOT_PRECISION=dot_precision(src.dtype),
         UPCAST=triton_interpreting() and src.dtype != torch.float32,
@@ -235,8 +243,7 @@ def _chunk_operands(src: torch.Tensor, src_desc: Callable[[], TensorDescriptor] 
         operands = (src_desc(), TensorDescriptor(flat, list(flat.shape), list(flat.stride()), box))
     else:
         operands = (src, images)
-    stride_tm, stride_tl, stride_td = images.stride()
-    return operands, dict(L=l, stride_tm=stride_tm, stride_tl=stride_tl, stride_td=stride_td, TMA=tma)
+    return operands, dict(target_args(images), TMA=tma)
 
 
 def _register_cap(cfg: TileConfig) -> dict:
