@@ -102,7 +102,11 @@ def test_resume_reproduces_the_next_step(tmp_path):
     amdim_train.main(common + ["--max-steps", "3", "--out", str(tmp_path / "split")])
     amdim_train.main(common + ["--max-steps", "4", "--out", str(tmp_path / "split"),
                                "--resume", str(tmp_path / "split" / "last.pt")])
-    assert _last_loss(tmp_path / "straight") == _last_loss(tmp_path / "split")  # bitwise: the same step 4
+    straight, split = _last_loss(tmp_path / "straight"), _last_loss(tmp_path / "split")
+    if torch.cuda.is_available():  # cuDNN's convolution backward is not bitwise reproducible
+        assert split == pytest.approx(straight, rel=1e-5)
+    else:
+        assert split == straight  # bitwise: the same step 4
     state = torch.load(tmp_path / "split" / "last.pt", weights_only=False)
     assert state["step"] == 4 and state["epoch"] == 0
 
@@ -189,7 +193,8 @@ def test_compiled_training_step_matches_eager(tmp_path, backend):
     torch._dynamo.reset()
     losses = {}
     for compiled in (False, True):
-        flags = TINY + ["--backend", backend, "--out", str(tmp_path)]
+        # cpp serves CPU tensors only: its trainer runs on the CPU whatever the machine has
+        flags = TINY + ["--backend", backend, "--out", str(tmp_path)] + (["--device", "cpu"] if backend == "cpp" else [])
         args = amdim_train.parse_args(flags + (["--compile", "--compile-backend", "aot_eager"] if compiled else []))
         torch.manual_seed(0)
         run = amdim_train.Run(args)
@@ -211,7 +216,7 @@ def test_channels_last_takes_the_same_steps(tmp_path):
         run = amdim_train.Run(args)
         (v1, v2), labels = next(iter(run.train_loader(0)))
         with torch.no_grad():
-            r5 = run.model(torch.cat([v1, v2]).contiguous(memory_format=run.memory_format))[1]
+            r5 = run.model(torch.cat([v1, v2]).to(run.device).contiguous(memory_format=run.memory_format))[1]
         assert (as_targets(r5).stride(2) == 1) == channels_last
         torch.manual_seed(1)
         losses[channels_last] = [amdim_train.read_metrics(run.train_step((v1, v2), labels))["total"]
