@@ -3,6 +3,7 @@ the pos_idx range check (one device sync) cost on the GPU, and how much CUDA gra
 (torch.compile(mode="reduce-overhead") around the cuda backend's fwd+bwd) take back.
 
     python -m benchmarks.host_overhead
+    python -m benchmarks.host_overhead --split   # host time against GPU kernel time per call
     python -m benchmarks.host_overhead --glue    # no GPU needed
 
 --glue times launch.py's own Python per backward chunk (views, operands, tensor
@@ -95,6 +96,56 @@ def glue(p: problems.Problem = problems.SINGLE_GPU, reps: int = 200) -> None:
                 print(f"| {parts} | {loads} | {us:.1f} |", flush=True)
 
 
+def _kernel_ms(fn, calls: int = 10) -> float:
+    """GPU kernel time per call of fn: the sum of its kernels' device times (torch.profiler),
+    gaps between kernels excluded."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    return sum(e.self_device_time_total for e in prof.key_averages()) / 1e3 / calls
+
+
+def _host_ms(fn, calls: int = 20) -> float:
+    """Host time per call of fn: the wall time to enqueue calls back to back, no sync inside
+    (the queue holds their ~30 launches each)."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = 1e3 * (time.perf_counter() - t0) / calls
+    torch.cuda.synchronize()
+    return host
+
+
+def split() -> None:
+    """Host time against GPU kernel time per fwd+bwd (--split): where host > GPU, the GPU
+    waits for the host and do_bench's median is the host's time, not the kernels'."""
+    impls = [("triton", 8), ("triton", 16)] + ([("cuda:cublas", None), ("cuda:mma", None)]
+                                               if "cuda" in available_backends("cuda") else [])
+    print("| problem | backend (chunks) | host ms per call | GPU kernels ms per call | do_bench ms |")
+    print("|---|---|---|---|---|")
+    for p in (problems.SINGLE_GPU, problems.ONE_GPU_SHARE, problems.CIFAR):
+        src, trg, _ = p.inputs(torch.bfloat16, "cuda")
+        src.requires_grad_()
+        trg.requires_grad_()
+        for impl, parts in impls:
+
+            def step(backend=impl.split(":")[0]):
+                loss, reg = nce_loss(src, trg, None, backend=backend)
+                return torch.autograd.grad(loss + reg, (src, trg))
+
+            with impl_context(impl), launch.pinned(chunks=parts):
+                for _ in range(5):
+                    step()
+                host, kernels = _host_ms(step), _kernel_ms(step)
+                bench = do_bench(step, warmup=50, rep=200, return_mode="median")
+            label = impl + (f" ({parts})" if parts else "")
+            print(f"| {p.name} | {label} | {host:.3f} | {kernels:.3f} | {bench:.3f} |", flush=True)
+
+
 def main():
     p = problems.CIFAR
     src, trg, _ = p.inputs(torch.bfloat16, "cuda")
@@ -131,8 +182,12 @@ def main():
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--glue", action="store_true", help="only launch.py's own Python per chunk (CPU)")
-    if ap.parse_args().glue:
+    ap.add_argument("--split", action="store_true", help="host time against GPU kernel time per call (GPU)")
+    args = ap.parse_args()
+    if args.glue:
         glue()
+    elif args.split:
+        split()
     else:
         main()
         cuda_graphs()
