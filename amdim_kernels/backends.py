@@ -142,15 +142,17 @@ def implementation(name: str) -> Callable[[Problem], tuple[torch.Tensor, torch.T
 
 
 CUDA_SCORES_ENV = "AMDIM_KERNELS_CUDA_SCORES"
-CUDA_SCORES = ("cublas", "mma")
+CUDA_SCORES = ("auto", "cublas", "mma")
 
 
 @contextlib.contextmanager
 def cuda_scores(strategy: str) -> Iterator[None]:
     """Pin how backend="cuda" makes the scores of float16/bfloat16 inputs while the block runs
-    (forward and backward calls alike): "cublas" (the default: cuBLAS score chunks and fused
-    epilogue kernels) or "mma" (the fused WMMA kernels, scores in shared memory only). The
-    C++ op reads the environment variable AMDIM_KERNELS_CUDA_SCORES, which this sets."""
+    (forward and backward calls alike): "cublas" (cuBLAS score chunks and fused epilogue
+    kernels), "mma" (the fused WMMA kernels, scores in shared memory only) or "auto" (the
+    default: mma on sm_80+ when N*M*L*D <= 2^35, AMDIM's per-GPU problems, where it measured
+    faster on an H100; cublas above). The C++ op reads the environment variable
+    AMDIM_KERNELS_CUDA_SCORES, which this sets."""
     if strategy not in CUDA_SCORES:
         raise ValueError(f"strategy must be one of {CUDA_SCORES}, got {strategy!r}")
     before = os.environ.get(CUDA_SCORES_ENV)

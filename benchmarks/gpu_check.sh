@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine: install, run every test (GPU ones included), tune and
 # profile the Triton kernels, run the benchmark sweeps. Logs and CSV/JSON go to $OUT.
-# STEPS picks among: tests compiled sanitize resources tune run fmap run32 sweep infonce train train_compiled train_layouts train_graphs bench overhead demo.
+# STEPS picks among (STEPS="" only installs): tests compiled sanitize resources tune run fmap run32 sweep infonce train train_compiled train_layouts train_graphs bench overhead demo.
 # Peer libraries: run `make peer-wheels` here first and carry wheels/ along.
 set -u
 OUT=${OUT:-/tmp/amdim_out}; mkdir -p "$OUT"
@@ -13,7 +13,7 @@ time python3 -m pip install -e . --no-build-isolation --no-deps -v 2>&1 | grep -
 python3 -c "import amdim_kernels; print(amdim_kernels.build_info())"
 # the peer libraries (make peer-wheels here, then carry wheels/ to the machine)
 if ls wheels/*.whl >/dev/null 2>&1; then python3 -m pip install --no-deps --no-index -q wheels/*.whl; fi
-STEPS=${STEPS:-"tests sanitize resources tune run fmap overhead"}
+STEPS=${STEPS-"tests sanitize resources tune run fmap overhead"}
 IMPLS=${IMPLS:-"reference triton:fused triton:gemm cuda:cublas cuda:mma"}
 for step in $STEPS; do
   case $step in

@@ -1,11 +1,12 @@
 // CUDA implementation of amdim_kernels::nce_fwd / nce_bwd, with two ways to make the scores:
-// - "cublas" (default): cuBLAS products (tensor cores; float32 output for 16-bit inputs, TF32
+// - "cublas": cuBLAS products (tensor cores; float32 output for 16-bit inputs, TF32
 //   for float32 where torch allows it), one chunk of whole images at a time (about 1/8 of the
 //   columns), each reduced in one pass by the epilogue kernels of nce_cuda_kernels.cu. Memory:
 //   one (N x C) float32 score chunk (+ one G chunk in the backward), never N x M*L.
-// - "mma" (AMDIM_KERNELS_CUDA_SCORES=mma; float16 and bfloat16 inputs): the fused WMMA kernels
-//   of nce_cuda_mma.cu, whose score tiles live in shared memory only. The forward needs no
-//   chunk at all; the backward writes G chunks, as the default path, but no score chunk.
+// - "mma" (float16 and bfloat16 inputs): the fused WMMA kernels of nce_cuda_mma.cu, whose
+//   score tiles live in shared memory only. The forward needs no chunk at all; the backward
+//   writes G chunks, as the cuBLAS path, but no score chunk.
+// AMDIM_KERNELS_CUDA_SCORES picks one; unset ("auto"), the problem's size does (use_mma).
 // Both: G chunks then go through two cuBLAS products; deterministic (no atomics, fixed merge
 // order).
 #include <ATen/ATen.h>
@@ -48,15 +49,25 @@ Tensor chunk_scores(const Tensor& src, const Tensor& trg, int64_t m0, int64_t m1
 
 int64_t col_blocks(int64_t C) { return (C + kCudaColsPerBlock - 1) / kCudaColsPerBlock; }
 
-// The fused WMMA kernels for this call? AMDIM_KERNELS_CUDA_SCORES is "cublas" (or unset) or
-// "mma"; float32 always takes cuBLAS, which honours torch's allow_tf32 setting.
-bool use_mma(const Tensor& src) {
+// The fused WMMA kernels for this call? AMDIM_KERNELS_CUDA_SCORES is "auto" (or unset),
+// "cublas" or "mma"; float32 always takes cuBLAS, which honours torch's allow_tf32 setting.
+// "auto" takes the WMMA kernels for 16-bit inputs on sm_80+ when the scores' work N*M*L*D is
+// at most kMmaMaxWork: measured on an H100 (bf16, benchmarks/RESULTS.md, session 7), they win
+// on AMDIM's per-GPU problems (N = 120-200: 1.2-1.5 ms against cuBLAS's 1.3-2.0 fwd+bwd, up
+// to 1.3e10) and lose on the single-GPU one (N = M = 1024, 1.05e11: 4.0 ms against 2.5).
+constexpr double kMmaMaxWork = 34359738368.0;  // 2^35, between the two measured classes
+
+bool use_mma(const Tensor& src, const Tensor& trg) {
   const char* env = std::getenv("AMDIM_KERNELS_CUDA_SCORES");
-  const std::string choice = env ? env : "";
-  TORCH_CHECK(choice.empty() || choice == "cublas" || choice == "mma",
-              "amdim_kernels: AMDIM_KERNELS_CUDA_SCORES must be 'cublas' or 'mma', got '", choice, "'");
-  if (choice != "mma" || src.scalar_type() == at::kFloat) return false;
+  const std::string choice = env ? env : "auto";
+  TORCH_CHECK(choice == "auto" || choice == "cublas" || choice == "mma",
+              "amdim_kernels: AMDIM_KERNELS_CUDA_SCORES must be 'auto', 'cublas' or 'mma', got '", choice, "'");
+  if (choice == "cublas" || src.scalar_type() == at::kFloat) return false;
   const int major = at::cuda::getCurrentDeviceProperties()->major;
+  if (choice == "auto") {
+    const double work = static_cast<double>(src.size(0)) * trg.size(0) * trg.size(1) * src.size(1);
+    return major >= 8 && work <= kMmaMaxWork;
+  }
   TORCH_CHECK(major >= 8, "amdim_kernels: AMDIM_KERNELS_CUDA_SCORES=mma needs compute capability 8.0 or newer, ",
               "this GPU has ", major, ".x; use the default cuBLAS path");
   return true;
@@ -87,7 +98,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> nce_fwd_cuda(const Tensor& src, const
   const float tclip = kernel_tclip(tclip_opt);
   const auto f32 = src.options().dtype(at::kFloat);
   const Tensor idx = pos_idx.contiguous();
-  const bool mma = use_mma(src);
+  const bool mma = use_mma(src, trg);
   const Tensor src_c = mma ? src.contiguous() : src;
   // the fused kernels take the whole target at once when its features are contiguous
   const int64_t ipc = mma && trg.stride(2) == 1 ? M : images_per_chunk(N, M, L);
@@ -141,7 +152,7 @@ std::tuple<Tensor, Tensor> nce_bwd_cuda(const Tensor& src, const Tensor& trg, co
   const BackwardRows rows = backward_rows(pos, neg_lse, grad_loss, grad_sq);
   const Tensor idx = pos_idx.contiguous();
   const int64_t ipc = images_per_chunk(N, M, L);
-  const bool mma = use_mma(src);
+  const bool mma = use_mma(src, trg);
   const Tensor src_c = mma ? src.contiguous() : src;
   // G in bf16 for bf16 inputs (float32's range); float32 otherwise: fp16 would flush the
   // smallest gradients, about 1/(N*L*M*L), to zero.
