@@ -129,7 +129,7 @@ def test_auto_takes_mma_on_small_16_bit_problems_and_cublas_for_float32():
     """Unpinned ("auto"), a per-GPU-sized bf16 problem goes through the WMMA kernels and a
     float32 one through cuBLAS: each equals its pinned path bitwise (both are deterministic)."""
     for dtype, path in ((torch.bfloat16, "mma"), (torch.float32, "cublas")):
-        case = make_case(37, 23, 25, 72, dtype=dtype, device="cuda", reduction="none")
+        case = make_case(37, 23, 25, 72, dtype=dtype, device="cuda", pos="random", reduction="none")
         with cuda_scores("auto"):
             auto = outputs_and_grads(nce_loss, case, backend="cuda")
         with cuda_scores(path):
