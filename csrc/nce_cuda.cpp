@@ -69,7 +69,7 @@ bool use_mma(const Tensor& src, const Tensor& trg) {
     return major >= 8 && work <= kMmaMaxWork;
   }
   TORCH_CHECK(major >= 8, "amdim_kernels: AMDIM_KERNELS_CUDA_SCORES=mma needs compute capability 8.0 or newer, ",
-              "this GPU has ", major, ".x; use the default cuBLAS path");
+              "this GPU has ", major, ".x; use 'cublas' or 'auto'");
   return true;
 }
 
