@@ -29,28 +29,35 @@ from . import problems
 from .run import impl_context
 
 
-def fwd_bwd(src, trg, pos_idx):
-    loss, reg = nce_loss(src, trg, pos_idx, backend="triton")
+def fwd_bwd(src, trg, pos_idx, backend="triton"):
+    loss, reg = nce_loss(src, trg, pos_idx, backend=backend)
     return torch.autograd.grad(loss + reg, (src, trg))
+
+
+def _cuda_impls() -> list[str]:
+    """The cuda backend's two score paths, where it is built (run.impl_context's names)."""
+    return ["cuda:cublas", "cuda:mma"] if "cuda" in available_backends("cuda") else []
+
+
+def _inputs(p: problems.Problem):
+    """(src, trg, pos_idx) of the problem on the GPU, both features requiring grad; pos_idx
+    only where N != M needs it, since eager checks a given pos_idx with one sync."""
+    src, trg, pos_idx = p.inputs(torch.bfloat16, "cuda")
+    return src.requires_grad_(), trg.requires_grad_(), pos_idx if p.n != p.m else None
 
 
 def cuda_graphs() -> None:
     """fwd+bwd of backends "triton" and "cuda" (both score paths), eager vs replayed as CUDA
     graphs (torch.compile(mode="reduce-overhead")), on the small problems where launches
     dominate."""
-    impls = ["triton"] + (["cuda:cublas", "cuda:mma"] if "cuda" in available_backends("cuda") else [])
     print("| problem | backend | eager fwd+bwd ms | reduce-overhead fwd+bwd ms |")
     print("|---|---|---|---|")
     for p in (problems.CIFAR, problems.ONE_GPU_SHARE):
-        src, trg, pos_idx = p.inputs(torch.bfloat16, "cuda")
-        pos_idx = pos_idx if p.n != p.m else None  # eager checks a given pos_idx with one sync
-        src.requires_grad_()
-        trg.requires_grad_()
-        for impl in impls:
+        src, trg, pos_idx = _inputs(p)
+        for impl in ["triton"] + _cuda_impls():
 
             def step(src, trg, pos_idx, backend=impl.split(":")[0]):
-                loss, reg = nce_loss(src, trg, pos_idx, backend=backend)
-                return torch.autograd.grad(loss + reg, (src, trg))
+                return fwd_bwd(src, trg, pos_idx, backend)
 
             with impl_context(impl):
                 eager = do_bench(lambda: step(src, trg, pos_idx), warmup=50, rep=300, return_mode="median")
@@ -123,22 +130,17 @@ def _host_ms(fn, calls: int = 20) -> float:
 def split() -> None:
     """Host time against GPU kernel time per fwd+bwd (--split): where host > GPU, the GPU
     waits for the host and do_bench's median is the host's time, not the kernels'."""
-    impls = [("triton", 8), ("triton", 16)] + ([("cuda:cublas", None), ("cuda:mma", None)]
-                                               if "cuda" in available_backends("cuda") else [])
+    impls = [("triton", 8), ("triton", 16)] + [(impl, None) for impl in _cuda_impls()]
     print("| problem | backend (chunks) | host ms per call | GPU kernels ms per call | do_bench ms |")
     print("|---|---|---|---|---|")
     for p in (problems.SINGLE_GPU, problems.ONE_GPU_SHARE, problems.CIFAR):
-        src, trg, pos_idx = p.inputs(torch.bfloat16, "cuda")
-        # pos_idx is required where N != M, and eager checks it with one sync: the host
-        # then waits for the GPU once a call, and its time includes that wait
-        pos_idx = pos_idx if p.n != p.m else None
-        src.requires_grad_()
-        trg.requires_grad_()
+        # where N != M the pos_idx check's sync makes the host wait for the GPU once a
+        # call, and its time includes that wait
+        src, trg, pos_idx = _inputs(p)
         for impl, parts in impls:
 
             def step(backend=impl.split(":")[0]):
-                loss, reg = nce_loss(src, trg, pos_idx, backend=backend)
-                return torch.autograd.grad(loss + reg, (src, trg))
+                return fwd_bwd(src, trg, pos_idx, backend)
 
             with impl_context(impl), launch.pinned(chunks=parts):
                 for _ in range(5):
