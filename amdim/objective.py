@@ -48,14 +48,14 @@ class _AllGatherWithGrad(torch.autograd.Function):
         return grad[rank * rows:(rank + 1) * rows]
 
 
-def gather_targets(trg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+def gather_targets(trg: torch.Tensor) -> tuple[torch.Tensor, range | None]:
     """Targets of the whole batch and this rank's pos_idx. All-gathered with gradient (each
-    rank's targets get the gradient of every rank's loss) when a process group is running."""
+    rank's targets get the gradient of every rank's loss) when a process group is running.
+    pos_idx is a range, which nce_loss checks on the host: no device sync per call."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return trg, None
     n = trg.shape[0]
-    pos_idx = dist.get_rank() * n + torch.arange(n, device=trg.device)
-    return _AllGatherWithGrad.apply(trg), pos_idx
+    return _AllGatherWithGrad.apply(trg), range(dist.get_rank() * n, (dist.get_rank() + 1) * n)
 
 
 @dataclass

@@ -10,7 +10,7 @@ from .validation import validate
 def nce_loss(
     src: torch.Tensor,
     trg: torch.Tensor,
-    pos_idx: torch.Tensor | None = None,
+    pos_idx: torch.Tensor | range | None = None,
     *,
     tclip: float | None = 20.0,
     reg_weight: float = 0.05,
@@ -24,7 +24,10 @@ def nce_loss(
         src: (N, D) antecedent features, one row per source.
         trg: (M, L, D) consequent features, M images x L locations, any strides.
         pos_idx: (N,) integers in [0, M): the image whose L locations are the positives of
-            each source. Defaults to ``arange(N)``, which requires N == M.
+            each source. Defaults to ``arange(N)``, which requires N == M. A tensor's range
+            is checked with one read back from its device per call (on the device instead
+            under torch.compile or CUDA graph capture); a Python ``range`` of N indices
+            (e.g. ``range(rank * N, rank * N + N)``) is checked on the host, with no sync.
         tclip: soft clipping ``tclip * tanh(a / tclip)`` of the scores; None disables it.
         reg_weight: weight of the regulariser ``reg_weight * mean(a**2)``.
         scale: multiplies every dot product; None means ``1 / sqrt(D)``.

@@ -64,10 +64,28 @@ def _finite(x: float) -> bool:
     return abs(x) < math.inf
 
 
+def _range_indices(pos_idx: range, n: int, m: int, device: torch.device) -> torch.Tensor:
+    """A range's N image indices as an int64 tensor on `device`, its bounds checked on the
+    host: unlike a tensor's, no read back from the device (e.g. a rank's
+    range(rank * N, rank * N + N) in data-parallel training)."""
+    if len(pos_idx) != n:
+        raise ValueError(f"pos_idx must hold N = {n} indices, got {pos_idx} of length {len(pos_idx)}")
+    lo, hi = min(pos_idx), max(pos_idx)
+    if lo < 0 or hi >= m:
+        raise ValueError(f"pos_idx values must lie in [0, M) = [0, {m}), got {pos_idx}")
+    return torch.arange(pos_idx.start, pos_idx.stop, pos_idx.step, device=device)
+
+
+def _capturing(x: torch.Tensor) -> bool:
+    """Whether x is a CUDA tensor and the current stream is capturing a CUDA graph
+    (torch.cuda.graph), where a device-to-host read is an error."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def validate(
     src: torch.Tensor,
     trg: torch.Tensor,
-    pos_idx: torch.Tensor | None,
+    pos_idx: torch.Tensor | range | None,
     tclip: float | None,
     reg_weight: float,
     scale: float | None,
@@ -91,18 +109,21 @@ def validate(
                 f"pos_idx is required when N != M (src has N = {n} rows, trg has M = {m} images)"
             )
         pos_idx = torch.arange(n, device=src.device)
+    elif isinstance(pos_idx, range):
+        pos_idx = _range_indices(pos_idx, n, m, src.device)
     else:
         if not isinstance(pos_idx, torch.Tensor):
-            raise TypeError(f"pos_idx must be a torch.Tensor of shape (N,), got {type(pos_idx).__name__}")
+            raise TypeError(f"pos_idx must be a torch.Tensor of shape (N,) or a range, got {type(pos_idx).__name__}")
         if pos_idx.dim() != 1 or pos_idx.shape[0] != n:
             raise ValueError(f"pos_idx must have shape (N,) = ({n},), got {tuple(pos_idx.shape)}")
         if pos_idx.dtype.is_floating_point or pos_idx.dtype.is_complex or pos_idx.dtype == torch.bool:
             raise TypeError(f"pos_idx must have an integer dtype, got {pos_idx.dtype}")
         if pos_idx.device != src.device:
             raise ValueError(f"pos_idx must be on src's device {src.device}, got {pos_idx.device}")
-        if torch.compiler.is_compiling():
-            # a compiled graph cannot read values back to the host: the check runs on the
-            # device instead, and fails when the graph runs (RuntimeError, same message)
+        if torch.compiler.is_compiling() or _capturing(pos_idx):
+            # neither a compiled graph nor a CUDA graph being captured can read values back to
+            # the host: the check runs on the device instead, and fails when the graph runs
+            # (RuntimeError, same message)
             torch._assert_async(((pos_idx >= 0) & (pos_idx < m)).all(), f"pos_idx values must lie in [0, M) = [0, {m})")
         else:
             lo, hi = torch.stack(torch.aminmax(pos_idx)).tolist()  # one device sync for both bounds

@@ -127,12 +127,27 @@ def _host_ms(fn, calls: int = 20) -> float:
     return host
 
 
+def _graph_ms(fn) -> float:
+    """do_bench's median of fn captured as one CUDA graph (torch.cuda.graph) and replayed:
+    the call's kernels back to back, with no host time between them."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture stream, as torch.cuda.graph asks
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return do_bench(graph.replay, warmup=50, rep=200, return_mode="median")
+
+
 def split() -> None:
     """Host time against GPU kernel time per fwd+bwd (--split): where host > GPU, the GPU
-    waits for the host and do_bench's median is the host's time, not the kernels'."""
+    waits for the host and do_bench's median is the host's time, not the kernels'. The last
+    column replays the call as one CUDA graph: what a captured training step pays."""
     impls = [("triton", 8), ("triton", 16)] + [(impl, None) for impl in _cuda_impls()]
-    print("| problem | backend (chunks) | host ms per call | GPU kernels ms per call | do_bench ms |")
-    print("|---|---|---|---|---|")
+    print("| problem | backend (chunks) | host ms per call | GPU kernels ms per call | do_bench ms | graph replay ms |")
+    print("|---|---|---|---|---|---|")
     for p in (problems.SINGLE_GPU, problems.ONE_GPU_SHARE, problems.CIFAR):
         # where N != M the pos_idx check's sync makes the host wait for the GPU once a
         # call, and its time includes that wait
@@ -147,8 +162,9 @@ def split() -> None:
                     step()
                 host, kernels = _host_ms(step), _kernel_ms(step)
                 bench = do_bench(step, warmup=50, rep=200, return_mode="median")
+                graphed = _graph_ms(step)
             label = impl + (f" ({parts})" if parts else "") + (", 1 sync" if pos_idx is not None else "")
-            print(f"| {p.name} | {label} | {host:.3f} | {kernels:.3f} | {bench:.3f} |", flush=True)
+            print(f"| {p.name} | {label} | {host:.3f} | {kernels:.3f} | {bench:.3f} | {graphed:.3f} |", flush=True)
 
 
 def main():

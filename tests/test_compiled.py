@@ -5,7 +5,7 @@ import torch
 
 from amdim_kernels import available_backends, nce_loss
 from truth import (
-    KERNEL_OPTIONS, assert_cuda_graph_replay_matches_eager, assert_matches_truth, float64_truth, make_case,
+    KERNEL_OPTIONS, assert_captured_graph_matches_eager, assert_cuda_graph_replay_matches_eager, assert_matches_truth, float64_truth, make_case,
     outputs_and_grads)
 
 BACKENDS = [b for b, dev in (("cpp", "cpu"), ("cuda", "cuda")) if b in available_backends(dev)]
@@ -134,6 +134,21 @@ def test_torch_compile_with_given_pos_idx(backend):
             compiled(case.src, case.trg, bad)
 
 
+def test_torch_compile_with_range_pos_idx(backend):
+    """A range pos_idx (the data-parallel trainer's rank * N + arange(N)) traces without a
+    graph break and gives what eager gives."""
+    case = make_case(6, 9, 4, 16, pos="random", device=DEVICE[backend])
+
+    def step(src, trg, first):
+        loss, reg = nce_loss(src, trg, range(first, first + 6), backend=backend)
+        return loss + reg
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    for first in (0, 3):
+        torch.testing.assert_close(compiled(case.src, case.trg, first), step(case.src, case.trg, first))
+
+
 def test_no_module_lookup_per_call(backend, monkeypatch):
     """torch.compile cannot trace importlib.util.find_spec on every torch version (2.11 breaks
     the graph there): nce_loss's path must not look modules up."""
@@ -180,3 +195,15 @@ def test_cuda_graph_capture_through_reduce_overhead(scores):
 
     with cuda_scores(scores):
         assert_cuda_graph_replay_matches_eager("cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scores", ["cublas", "mma"])
+def test_cuda_captured_by_hand_as_one_cuda_graph(scores):
+    """Both score paths of the cuda backend capture with torch.cuda.graph, pos_idx given."""
+    if "cuda" not in BACKENDS:
+        pytest.skip("backend 'cuda' is not built")
+    from amdim_kernels.backends import cuda_scores
+
+    with cuda_scores(scores):
+        assert_captured_graph_matches_eager("cuda")

@@ -7,7 +7,7 @@ import torch
 
 from amdim_kernels import available_backends, nce_loss
 from truth import (
-    KERNEL_OPTIONS, assert_cuda_graph_replay_matches_eager, assert_matches_truth, float64_truth, make_case,
+    KERNEL_OPTIONS, assert_captured_graph_matches_eager, assert_cuda_graph_replay_matches_eager, assert_matches_truth, float64_truth, make_case,
     outputs_and_grads, rel_err)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -320,3 +320,8 @@ def test_triton_both_score_strategies(shape, options, strategy):
 @pytest.mark.gpu
 def test_triton_cuda_graph_capture_through_reduce_overhead():
     assert_cuda_graph_replay_matches_eager("triton")
+
+
+@pytest.mark.gpu
+def test_triton_captured_by_hand_as_one_cuda_graph():
+    assert_captured_graph_matches_eager("triton")

@@ -1,4 +1,6 @@
 """Every bad input is refused before any kernel runs, with a message naming the argument."""
+from unittest import mock
+
 import pytest
 import torch
 
@@ -31,7 +33,10 @@ BAD = [  # (argument changes, exception, regex the message must match)
     (dict(pos_idx=torch.tensor([True, False, True, False])), TypeError, r"pos_idx must have an integer dtype"),
     (dict(pos_idx=torch.tensor([0, 1, 2, 4])), ValueError, r"pos_idx values must lie in \[0, M\) = \[0, 4\), got values in \[0, 4\]"),
     (dict(pos_idx=torch.tensor([-1, 1, 2, 3])), ValueError, r"pos_idx values must lie in \[0, M\)"),
-    (dict(pos_idx=[0, 1, 2, 3]), TypeError, r"pos_idx must be a torch.Tensor"),
+    (dict(pos_idx=[0, 1, 2, 3]), TypeError, r"pos_idx must be a torch.Tensor of shape \(N,\) or a range, got list"),
+    (dict(pos_idx=range(3)), ValueError, r"pos_idx must hold N = 4 indices, got range\(0, 3\) of length 3"),
+    (dict(pos_idx=range(1, 5)), ValueError, r"pos_idx values must lie in \[0, M\) = \[0, 4\), got range\(1, 5\)"),
+    (dict(pos_idx=range(2, -2, -1)), ValueError, r"pos_idx values must lie in \[0, M\) = \[0, 4\), got range\(2, -2, -1\)"),
     (dict(src=torch.randn(4, 8, dtype=torch.float64), trg=torch.randn(4, 3, 8, dtype=torch.float64)),
      TypeError, r"src must be float32, float16 or bfloat16, got torch.float64"),
     (dict(src=torch.randint(0, 3, (4, 8))), TypeError, r"src must be float32, float16 or bfloat16"),
@@ -83,6 +88,20 @@ def test_int32_pos_idx_is_accepted():
     loss32, _ = nce_loss(kw["src"], kw["trg"], kw["pos_idx"].int(), backend="reference")
     loss64, _ = nce_loss(kw["src"], kw["trg"], kw["pos_idx"], backend="reference")
     torch.testing.assert_close(loss32, loss64)
+
+
+@pytest.mark.parametrize("backend", available_backends("cpu"))
+def test_range_pos_idx_equals_its_tensor_and_reads_nothing_back(backend):
+    """A range is checked on the host: the call never reads a tensor back (no device sync on a
+    GPU), and it gives what the same indices as a tensor give."""
+    src, trg = torch.randn(3, 8, requires_grad=True), torch.randn(7, 5, 8, requires_grad=True)
+    with mock.patch.object(torch.Tensor, "tolist", side_effect=AssertionError("read back")), \
+            mock.patch.object(torch.Tensor, "item", side_effect=AssertionError("read back")):
+        got = nce_loss(src, trg, range(4, 7), backend=backend)
+    want = nce_loss(src, trg, torch.tensor([4, 5, 6]), backend=backend)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    grads = [torch.autograd.grad(sum(out), (src, trg)) for out in (got, want)]
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
 
 
 def test_build_info_reports_what_can_run():
