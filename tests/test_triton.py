@@ -190,6 +190,49 @@ def test_triton_partial_requires_grad(grad_of):
         assert not loss.requires_grad and not reg.requires_grad
 
 
+def _src_sum_placement(n, m, l, d):
+    """Where backward keeps d src's float32 sum for float32 inputs on DEVICE, from the chunk
+    plan: in d trg's tail within the last chunk's images, reaching into earlier chunks, or
+    (d trg smaller than the sum) in memory of its own."""
+    from amdim_kernels.triton_nce import launch
+
+    cfg = launch.tile_config(torch.float32, d, "grad")
+    c_max = launch.chunk_columns(n, m, l, cfg, launch._num_sms(torch.device(DEVICE)))
+    last = list(launch._chunks(m, l, c_max))[-1][1]  # columns of the last chunk
+    if n > m * l:  # 4*N*D bytes against d trg's 4*M*L*D
+        return "own memory"
+    return "last chunk" if n <= last else "earlier chunks"
+
+
+@pytest.mark.parametrize("shape, where", [
+    ((40, 40, 25, 24), "last chunk"),
+    ((200, 16, 64, 4), "earlier chunks"),  # on the interpreter: 8 chunks of 128 columns
+    ((37, 4, 1, 8), "own memory"),
+], ids=str)
+def test_triton_src_gradient_sum_in_dtrg_tail(shape, where):
+    """d src's float32 sum over the chunks lives in d trg's tail until the chunks write it:
+    finished by the last chunk, moved out before an earlier chunk overwrites it, or in memory
+    of its own where d trg is too small; the gradients are right every way."""
+    from unittest import mock
+
+    from amdim_kernels.triton_nce import function
+
+    n, m, l, d = shape
+    if DEVICE == "cpu":  # the CPU plan is the one these shapes were picked for
+        assert _src_sum_placement(n, m, l, d) == where
+    placed = []
+    real = function._sum_in_tail
+
+    def spy(dtrg, n, d):
+        acc = real(dtrg, n, d)
+        placed.append(acc is not None)
+        return acc
+
+    with mock.patch.object(function, "_sum_in_tail", spy):
+        run_case(make_case(n, m, l, d, pos="random", device=DEVICE), torch.float32)
+    assert placed and all(p == (_src_sum_placement(n, m, l, d) != "own memory") for p in placed)
+
+
 def test_triton_is_deterministic():
     case = make_case(40, 40, 25, 24, device=DEVICE, reduction="none")
     first = outputs_and_grads(nce_loss, case, backend="triton")

@@ -147,13 +147,16 @@ def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 _ADDMM_TO_F32 = "dtype_out" in torch.ops.aten.addmm.overloads()
 
 
-def addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc += a @ b for a float32 acc, accumulated in float32, with no temporary where
-    cuBLAS can write float32 from 16-bit inputs (aten::addmm.dtype_out)."""
+def addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: float = 1.0) -> None:
+    """acc = beta * acc + a @ b for a float32 acc, accumulated in float32, with no temporary
+    where cuBLAS can write float32 from 16-bit inputs (aten::addmm.dtype_out). beta = 0
+    ignores what acc held (NaN included), as BLAS does."""
     if a.dtype == b.dtype == torch.float32:
-        acc.addmm_(a, b)
+        acc.addmm_(a, b, beta=beta)
     elif a.is_cuda and a.dtype == b.dtype and _ADDMM_TO_F32:
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        torch.addmm(acc, a, b, beta=beta, out_dtype=torch.float32, out=acc)
+    elif beta == 0:
+        acc.copy_(mm_f32(a, b))
     else:
         acc += mm_f32(a, b)
 
