@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdlib>
 #include <string>
 
@@ -140,6 +141,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> nce_fwd_cuda(const Tensor& src, const
   return {loss, pos, neg_lse, sq};
 }
 
+// d src's float32 sum over the chunks, in the last 4*N*D bytes of d trg's buffer where they
+// fit 16-byte aligned, else undefined. The chunks write d trg image by image in order, so
+// those bytes are free until the last chunk's product (or an earlier chunk's that reaches
+// them): until then the sum costs no memory of its own.
+namespace {
+Tensor src_sum_in_tail(const Tensor& dtrg, int64_t N, int64_t D) {
+  const int64_t bytes = dtrg.numel() * dtrg.element_size(), need = 4 * N * D;
+  if (bytes < need) return Tensor();
+  const Tensor tail = dtrg.view(-1).view(at::kByte).narrow(0, bytes - need, need);
+  if (reinterpret_cast<uintptr_t>(tail.data_ptr()) % 16 != 0) return Tensor();
+  return tail.view(at::kFloat).view({N, D});
+}
+}  // namespace
+
 std::tuple<Tensor, Tensor> nce_bwd_cuda(const Tensor& src, const Tensor& trg, const Tensor& pos_idx,
                                         const Tensor& pos, const Tensor& neg_lse, const Tensor& grad_loss,
                                         const Tensor& grad_sq, std::optional<double> tclip_opt, double scale,
@@ -160,8 +175,12 @@ std::tuple<Tensor, Tensor> nce_bwd_cuda(const Tensor& src, const Tensor& trg, co
   const auto g_type = g_bf16 ? at::kBFloat16 : at::kFloat;
   const Tensor src_g = src.to(g_type);
   Tensor g_buf = at::empty({N, ipc * L}, src.options().dtype(g_type));
-  Tensor dsrc_acc = need_src ? at::zeros({N, D}, src.options().dtype(at::kFloat)) : Tensor();
   Tensor dtrg = at::empty({need_trg ? M : 0, L, D}, trg.options());
+  Tensor dsrc_acc = need_src ? src_sum_in_tail(dtrg, N, D) : Tensor();
+  bool in_tail = dsrc_acc.defined();
+  if (need_src && !in_tail) dsrc_acc = at::empty({N, D}, src.options().dtype(at::kFloat));
+  const int64_t tail_begin = dtrg.numel() * dtrg.element_size() - 4 * N * D;  // the sum's first byte
+  Tensor dsrc;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   for (int64_t m0 = 0; m0 < M; m0 += ipc) {
     const int64_t m1 = std::min(M, m0 + ipc), C = (m1 - m0) * L;
@@ -182,14 +201,26 @@ std::tuple<Tensor, Tensor> nce_bwd_cuda(const Tensor& src, const Tensor& trg, co
                  "nce_grad_epilogue");
     }  // the score chunk is freed before the two products
     const Tensor tile = images.reshape({C, D}).to(g_type);
-    if (need_src) {  // d src += G @ trg_chunk, float32 accumulation
+    if (need_src) {  // d src += G @ trg_chunk in float32, no temporary; the first chunk's
+                     // product writes the sum (beta 0 ignores what the memory held)
+      const double beta = m0 == 0 ? 0.0 : 1.0;
       if (g_bf16) {
-        dsrc_acc.add_(at::mm(g, tile, at::kFloat));
+        at::addmm_out(dsrc_acc, dsrc_acc, g, tile, at::kFloat, beta);
       } else {
-        dsrc_acc.addmm_(g, tile);
+        dsrc_acc.addmm_(g, tile, beta);
       }
     }
     if (need_trg) {  // d trg_chunk = G^T @ src
+      if (in_tail && m1 * L * D * dtrg.element_size() > tail_begin) {
+        // this chunk's d trg overwrites the sum: after the last chunk's product the sum is
+        // d src; after an earlier one it moves to memory of its own
+        if (m1 == M) {
+          dsrc = dsrc_acc.to(src.scalar_type(), /*non_blocking=*/false, /*copy=*/true);
+        } else {
+          dsrc_acc = dsrc_acc.clone();
+        }
+        in_tail = false;
+      }
       Tensor out = dtrg.narrow(0, m0, m1 - m0).view({C, D});
       if (g_bf16) {
         at::mm_out(out, g.t(), src_g);  // cuBLAS accumulates in float32, rounds once
@@ -198,7 +229,9 @@ std::tuple<Tensor, Tensor> nce_bwd_cuda(const Tensor& src, const Tensor& trg, co
       }
     }
   }
-  Tensor dsrc = need_src ? dsrc_acc.to(src.scalar_type()) : at::empty({0, D}, src.options());
+  if (!dsrc.defined()) {  // the sum has memory of its own here
+    dsrc = need_src ? dsrc_acc.to(src.scalar_type()) : at::empty({0, D}, src.options());
+  }
   return {dsrc, dtrg};
 }
 
