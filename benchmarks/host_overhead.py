@@ -5,6 +5,7 @@ the pos_idx range check (one device sync) cost on the GPU, and how much CUDA gra
     python -m benchmarks.host_overhead
     python -m benchmarks.host_overhead --split   # host time against GPU kernel time per call
     python -m benchmarks.host_overhead --glue    # no GPU needed
+    python -m benchmarks.host_overhead --python-path    # no GPU needed
 
 --glue times launch.py's own Python per backward chunk (views, operands, tensor
 descriptors, arguments) with the Triton launches replaced by no-ops, on CPU tensors of the
@@ -101,6 +102,41 @@ def glue(p: problems.Problem = problems.SINGLE_GPU, reps: int = 200) -> None:
                         backward_chunks()
                     us = 1e6 * (time.perf_counter() - t0) / (reps * count)
                 print(f"| {parts} | {loads} | {us:.1f} |", flush=True)
+
+
+def python_path(calls: int = 3000) -> None:
+    """Microseconds per call of nce_loss + autograd.grad with backend "cpp" on a tiny CPU
+    problem (--python-path), against the two C++ ops called directly and validation alone:
+    what the Python path around the kernels (validation, dispatch, autograd, the small
+    reductions) costs on this machine's CPU, one thread."""
+    from amdim_kernels.validation import validate
+
+    torch.set_num_threads(1)
+    src, trg = torch.randn(4, 8, requires_grad=True), torch.randn(4, 2, 8, requires_grad=True)
+    ops, pos_idx = torch.ops.amdim_kernels, torch.arange(4)
+    loss, pos, neg_lse, sq = ops.nce_fwd(src.detach(), trg.detach(), pos_idx, 20.0, 8 ** -0.5)
+    ones = torch.ones_like(pos), torch.ones_like(neg_lse)
+
+    def us(fn) -> float:
+        for _ in range(100):
+            fn()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        return 1e6 * (time.perf_counter() - t0) / calls
+
+    rows = {
+        "nce_loss + autograd.grad, cpp": lambda: fwd_bwd(src, trg, None, "cpp"),
+        "the two C++ ops called directly": lambda: (
+            ops.nce_fwd(src.detach(), trg.detach(), pos_idx, 20.0, 8 ** -0.5),
+            ops.nce_bwd(src.detach(), trg.detach(), pos_idx, pos, neg_lse, *ones, 20.0, 8 ** -0.5, True, True)),
+        "validate": lambda: validate(src, trg, None, 20.0, 0.05, None, "mean"),
+    }
+    print("CPU, float32, N = M = 4, L = 2, D = 8, one thread")
+    print("| call | us per call |")
+    print("|---|---|")
+    for name, fn in rows.items():
+        print(f"| {name} | {us(fn):.1f} |", flush=True)
 
 
 def _kernel_ms(fn, calls: int = 10) -> float:
@@ -204,9 +240,12 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--glue", action="store_true", help="only launch.py's own Python per chunk (CPU)")
     ap.add_argument("--split", action="store_true", help="host time against GPU kernel time per call (GPU)")
+    ap.add_argument("--python-path", action="store_true", help="the Python path around the cpp kernels (CPU)")
     args = ap.parse_args()
     if args.glue:
         glue()
+    elif args.python_path:
+        python_path()
     elif args.split:
         split()
     else:
