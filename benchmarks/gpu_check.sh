@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine: install, run every test (GPU ones included), tune and
 # profile the Triton kernels, run the benchmark sweeps. Logs and CSV/JSON go to $OUT.
-# STEPS picks among (STEPS="" only installs): tests compiled sanitize resources tune run fmap run32 sweep infonce train train_compiled train_layouts train_graphs bench overhead demo.
+# STEPS picks among (STEPS="" only installs): tests compiled sanitize resources tune run fmap run32 sweep infonce train train_compiled train_layouts train_graphs bench overhead host demo.
 # Peer libraries: run `make peer-wheels` here first and carry wheels/ along.
 set -u
 OUT=${OUT:-/tmp/amdim_out}; mkdir -p "$OUT"
@@ -47,6 +47,9 @@ for step in $STEPS; do
                   | tee "$OUT/sanitize_$tool.log" | grep -E "ERROR SUMMARY|loss|Error" | head -8
               done ;;
     overhead) timeout 300 python3 -m benchmarks.host_overhead 2>&1 | tee "$OUT/host_overhead.log" | tail -30 ;;
+    host) for flag in --split --trace; do
+            timeout 240 python3 -m benchmarks.host_overhead $flag 2>&1 | tee "$OUT/host${flag#--}.log" | tail -60
+          done ;;
     resources) timeout 120 env -u TRITON_INTERPRET python3 -m benchmarks.triton_resources --arch 90 \
            --tiles 128,128,64,8,3,128 128,128,64,8,3 128,256,64,8,3 --loads tma pointers 2>&1 \
            | tee "$OUT/triton_resources.log" ;;

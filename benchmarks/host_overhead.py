@@ -4,6 +4,7 @@ the pos_idx range check (one device sync) cost on the GPU, and how much CUDA gra
 
     python -m benchmarks.host_overhead
     python -m benchmarks.host_overhead --split   # host time against GPU kernel time per call
+    python -m benchmarks.host_overhead --trace   # which ops take that host time
     python -m benchmarks.host_overhead --glue    # no GPU needed
     python -m benchmarks.host_overhead --python-path    # no GPU needed
 
@@ -139,6 +140,26 @@ def python_path(calls: int = 3000) -> None:
         print(f"| {name} | {us(fn):.1f} |", flush=True)
 
 
+def trace(calls: int = 20) -> None:
+    """Where the host time of fwd+bwd goes on the GPU machine (--trace): torch.profiler with
+    CPU and CUDA activities over `calls` calls per backend on the CIFAR problem (bf16), the
+    ops with the most host time first. Host time per call is the self CPU column / calls."""
+    from torch.profiler import ProfilerActivity, profile
+
+    src, trg, pos_idx = _inputs(problems.CIFAR)
+    for impl in ["triton"] + _cuda_impls():
+        with impl_context(impl):
+            for _ in range(5):
+                fwd_bwd(src, trg, pos_idx, impl.split(":")[0])
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(calls):
+                    fwd_bwd(src, trg, pos_idx, impl.split(":")[0])
+                torch.cuda.synchronize()
+        print(f"{impl}, {calls} x fwd+bwd, {problems.CIFAR.name}, bf16")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), flush=True)
+
+
 def _kernel_ms(fn, calls: int = 10) -> float:
     """GPU kernel time per call of fn: the sum of its kernels' device times (torch.profiler),
     gaps between kernels excluded."""
@@ -241,11 +262,14 @@ if __name__ == "__main__":
     ap.add_argument("--glue", action="store_true", help="only launch.py's own Python per chunk (CPU)")
     ap.add_argument("--split", action="store_true", help="host time against GPU kernel time per call (GPU)")
     ap.add_argument("--python-path", action="store_true", help="the Python path around the cpp kernels (CPU)")
+    ap.add_argument("--trace", action="store_true", help="profiler table of the host time per backend (GPU)")
     args = ap.parse_args()
     if args.glue:
         glue()
     elif args.python_path:
         python_path()
+    elif args.trace:
+        trace()
     elif args.split:
         split()
     else:

@@ -107,3 +107,17 @@ def test_host_glue_per_chunk(capsys):
         (parts, loads) for parts in ("8", "16") for loads in launch.LOADS]
     assert all(float(us) > 0 for _, _, us in rows)
     assert launch.nce_grad_tile_kernel is kernel
+
+
+def test_host_python_path(capsys):
+    """host_overhead --python-path times the full cpp call, the two ops and validation."""
+    if "cpp" not in available_backends("cpu"):
+        pytest.skip("the compiled extension is not built")
+    threads = torch.get_num_threads()
+    try:
+        host_overhead.python_path(calls=3)
+    finally:
+        torch.set_num_threads(threads)
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split("|")[1:-1] for line in lines[lines.index("|---|---|") + 1:]]
+    assert len(rows) == 3 and all(float(us) > 0 for _, us in rows)
