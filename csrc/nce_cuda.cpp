@@ -141,11 +141,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> nce_fwd_cuda(const Tensor& src, const
   return {loss, pos, neg_lse, sq};
 }
 
+namespace {
 // d src's float32 sum over the chunks, in the last 4*N*D bytes of d trg's buffer where they
 // fit 16-byte aligned, else undefined. The chunks write d trg image by image in order, so
 // those bytes are free until the last chunk's product (or an earlier chunk's that reaches
-// them): until then the sum costs no memory of its own.
-namespace {
+// them): until then the sum costs no memory of its own (as triton_nce/function.py's).
 Tensor src_sum_in_tail(const Tensor& dtrg, int64_t N, int64_t D) {
   const int64_t bytes = dtrg.numel() * dtrg.element_size(), need = 4 * N * D;
   if (bytes < need) return Tensor();
