@@ -185,25 +185,18 @@ def test_cuda_large(shape, dtype):
     assert_matches_truth(case, dtype, "cuda", truth=float64_truth(case))
 
 
+CAPTURES = {"reduce-overhead": assert_cuda_graph_replay_matches_eager, "by-hand": assert_captured_graph_matches_eager}
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("capture", CAPTURES)
 @pytest.mark.parametrize("scores", ["cublas", "mma"])
-def test_cuda_graph_capture_through_reduce_overhead(scores):
-    """Both score paths of the cuda backend replay as CUDA graphs."""
+def test_cuda_graph_capture(scores, capture):
+    """Both score paths of the cuda backend replay as CUDA graphs, captured by
+    torch.compile(mode="reduce-overhead") or by hand with torch.cuda.graph (pos_idx given)."""
     if "cuda" not in BACKENDS:
         pytest.skip("backend 'cuda' is not built")
     from amdim_kernels.backends import cuda_scores
 
     with cuda_scores(scores):
-        assert_cuda_graph_replay_matches_eager("cuda")
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("scores", ["cublas", "mma"])
-def test_cuda_captured_by_hand_as_one_cuda_graph(scores):
-    """Both score paths of the cuda backend capture with torch.cuda.graph, pos_idx given."""
-    if "cuda" not in BACKENDS:
-        pytest.skip("backend 'cuda' is not built")
-    from amdim_kernels.backends import cuda_scores
-
-    with cuda_scores(scores):
-        assert_captured_graph_matches_eager("cuda")
+        CAPTURES[capture]("cuda")

@@ -361,10 +361,9 @@ def test_triton_both_score_strategies(shape, options, strategy):
 
 
 @pytest.mark.gpu
-def test_triton_cuda_graph_capture_through_reduce_overhead():
-    assert_cuda_graph_replay_matches_eager("triton")
-
-
-@pytest.mark.gpu
-def test_triton_captured_by_hand_as_one_cuda_graph():
-    assert_captured_graph_matches_eager("triton")
+@pytest.mark.parametrize("capture", [assert_cuda_graph_replay_matches_eager, assert_captured_graph_matches_eager],
+                         ids=["reduce-overhead", "by-hand"])
+def test_triton_cuda_graph_capture(capture):
+    """fwd+bwd replays as CUDA graphs, captured by torch.compile(mode="reduce-overhead") or
+    by hand with torch.cuda.graph (pos_idx given)."""
+    capture("triton")
