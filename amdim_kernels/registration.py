@@ -48,6 +48,9 @@ def autograd_formula(bwd: Callable) -> tuple[Callable, Callable]:
         ctx.save_for_backward(src, trg, pos_idx, pos, neg_lse)
         ctx.options = options
         ctx.mark_non_differentiable(pos, neg_lse)
+        # pos and neg_lse never get a gradient, and loss or sq may get none: without this
+        # autograd would fill a zero tensor for each (two launches per backward on a GPU)
+        ctx.set_materialize_grads(False)
 
     def backward(ctx, grad_loss, _grad_pos, _grad_neg_lse, grad_sq):
         src, trg, pos_idx, pos, neg_lse = ctx.saved_tensors
@@ -74,5 +77,7 @@ def register(fwd_name: str, bwd_name: str, bwd: Callable) -> None:
 def loss_and_reg(outputs, p: Problem) -> tuple[torch.Tensor, torch.Tensor]:
     """nce_loss's (loss, reg) from a fwd op's outputs."""
     loss, _, _, sq = outputs
-    reg = sq.sum() * (p.reg_weight / (p.n * p.m * p.l))
+    # scaled before the sum: its backward then hands the bwd op a contiguous (N,) gradient,
+    # where sum-then-scale hands it an expanded scalar that must be copied to be contiguous
+    reg = (sq * (p.reg_weight / (p.n * p.m * p.l))).sum()
     return (loss.mean() if p.reduction == "mean" else loss), reg
