@@ -9,6 +9,7 @@
 // scale * dL/da, then d trg_tile = G^T @ src (the tile owns those rows) and d src += G @
 // trg_tile in float32, tiles in order: three products like eager autograd, deterministic.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -49,6 +50,24 @@ Tensor target_cols(const Tensor& trg, int64_t m0, int64_t m1) {
 // a = scale * src_rows @ cols, float32 (R x C), contiguous and ours to overwrite.
 Tensor score_tile(const Tensor& src_rows32, const Tensor& cols32, double scale) {
   return at::mm(src_rows32, cols32).mul_(scale);
+}
+
+// The backward's per-row factors (nce_op.h's BackwardRows), rows spread over the cores.
+BackwardRows backward_rows(const Tensor& pos, const Tensor& neg_lse, const Tensor& grad_loss, const Tensor& grad_sq) {
+  const BackwardRows rows = empty_backward_rows(pos, neg_lse);
+  const Tensor pos_c = pos.contiguous(), w = grad_loss.contiguous(), w_sq = grad_sq.contiguous();
+  const int64_t L = pos.size(1);
+  const float *pos_p = pos_c.data_ptr<float>(), *w_p = w.data_ptr<float>(), *w_sq_p = w_sq.data_ptr<float>();
+  const float* lse_p = rows.neg_lse.data_ptr<float>();
+  float *gpos_p = rows.gpos.data_ptr<float>(), *r_p = rows.r.data_ptr<float>();
+  float* reg_p = rows.reg_coef.data_ptr<float>();
+  at::parallel_for(0, pos.size(0), 256, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      r_p[i] = grad_row(pos_p + i * L, w_p + i * L, lse_p[i], L, gpos_p + i * L);
+      reg_p[i] = 2.f * w_sq_p[i];
+    }
+  });
+  return rows;
 }
 
 // Calls f(i, seg) for each row i whose positive image p lies in [m0, m1); seg points at

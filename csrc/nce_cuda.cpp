@@ -87,6 +87,18 @@ TargetView view_of(const Tensor& images, int64_t m0) {
 
 int64_t sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
 
+// The backward's per-row factors (nce_op.h's BackwardRows) in one launch.
+BackwardRows backward_rows(const Tensor& pos, const Tensor& neg_lse, const Tensor& grad_loss, const Tensor& grad_sq) {
+  const BackwardRows rows = empty_backward_rows(pos, neg_lse);
+  const Tensor pos_c = pos.contiguous(), w = grad_loss.contiguous(), w_sq = grad_sq.contiguous();
+  check_cuda(launch_nce_grad_rows(pos_c.data_ptr<float>(), w.data_ptr<float>(), rows.neg_lse.data_ptr<float>(),
+                                  w_sq.data_ptr<float>(), pos.size(0), pos.size(1), rows.gpos.data_ptr<float>(),
+                                  rows.r.data_ptr<float>(), rows.reg_coef.data_ptr<float>(),
+                                  at::cuda::getCurrentCUDAStream()),
+             "nce_grad_rows");
+  return rows;
+}
+
 }  // namespace
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> nce_fwd_cuda(const Tensor& src, const Tensor& trg,

@@ -100,6 +100,17 @@ __global__ void nce_merge_kernel(const float* __restrict__ part_sum, const float
   for (int64_t l = 0; l < L; ++l) loss[row * L + l] = positive_loss(pos[row * L + l], lse, sq);
 }
 
+// one thread per row, as the merge: the backward's per-row factors (nce_op.h's BackwardRows)
+__global__ void nce_grad_rows_kernel(const float* __restrict__ pos, const float* __restrict__ grad_loss,
+                                     const float* __restrict__ neg_lse, const float* __restrict__ grad_sq, int64_t N,
+                                     int64_t L, float* __restrict__ gpos, float* __restrict__ r,
+                                     float* __restrict__ reg_coef) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (row >= N) return;
+  r[row] = grad_row(pos + row * L, grad_loss + row * L, neg_lse[row], L, gpos + row * L);
+  reg_coef[row] = 2.f * grad_sq[row];
+}
+
 template <typename G>
 __global__ void __launch_bounds__(kThreads) nce_grad_epilogue_kernel(
     const float* __restrict__ scores, int64_t ld, int64_t C, int64_t L, int64_t m0,
@@ -145,6 +156,14 @@ cudaError_t launch_nce_merge(const float* part_sum, const float* part_max, const
   const int threads = 128;
   nce_merge_kernel<<<static_cast<unsigned>((N + threads - 1) / threads), threads, 0, stream>>>(
       part_sum, part_max, part_sq, splits, pos, N, L, loss, neg_lse, sq);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_nce_grad_rows(const float* pos, const float* grad_loss, const float* neg_lse, const float* grad_sq,
+                                 int64_t N, int64_t L, float* gpos, float* r, float* reg_coef, cudaStream_t stream) {
+  const int threads = 128;
+  nce_grad_rows_kernel<<<static_cast<unsigned>((N + threads - 1) / threads), threads, 0, stream>>>(
+      pos, grad_loss, neg_lse, grad_sq, N, L, gpos, r, reg_coef);
   return cudaGetLastError();
 }
 

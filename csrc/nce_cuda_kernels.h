@@ -25,6 +25,12 @@ cudaError_t launch_nce_merge(const float* part_sum, const float* part_max, const
                              const float* pos, int64_t N, int64_t L, float* loss, float* neg_lse, float* sq,
                              cudaStream_t stream);
 
+// The backward's per-row factors from the clipped positives pos (N, L), their upstream
+// gradients grad_loss (N, L), neg_lse (N,) and grad_sq (N,), all contiguous: gpos (N, L), r
+// (N,) and reg_coef (N,), as nce_op.h's BackwardRows.
+cudaError_t launch_nce_grad_rows(const float* pos, const float* grad_loss, const float* neg_lse, const float* grad_sq,
+                                 int64_t N, int64_t L, float* gpos, float* r, float* reg_coef, cudaStream_t stream);
+
 // Backward epilogue: G = scale * d(loss + reg)/da over one chunk of unscaled scores, written
 // to g (N x C, row stride ldg) as float32 or bfloat16 (g_is_bf16).
 cudaError_t launch_nce_grad_epilogue(const float* scores, int64_t ld, int64_t N, int64_t C, int64_t L, int64_t m0,

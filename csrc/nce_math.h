@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cmath>
+#include <cstdint>
 
 #if defined(__CUDACC__)
 #define NCE_HD __host__ __device__ __forceinline__
@@ -34,6 +35,22 @@ NCE_HD float softplus(float x) {
 // +-inf to a finite +-tclip, and that sum is finite exactly when all the row's scores are.
 NCE_HD float positive_loss(float pos, float neg_lse, float row_sq) {
   return softplus(neg_lse - pos) + 0.f * row_sq;
+}
+
+// 1 / (1 + exp(-x)): sigmoid(-inf) = 0 (a row with no negatives), NaN stays NaN.
+NCE_HD float sigmoid(float x) { return 1.f / (1.f + expf(-x)); }
+
+// The backward's factors of one row (nce_op.h's BackwardRows) from its L positives' clipped
+// scores pos, their upstream gradients w and the row's neg_lse: writes gpos[l] = -w sig and
+// returns r = sum_l w sig, sig = sigmoid(neg_lse - pos), summed in l order (deterministic).
+NCE_HD float grad_row(const float* pos, const float* w, float neg_lse, int64_t L, float* gpos) {
+  float r = 0.f;
+  for (int64_t l = 0; l < L; ++l) {
+    const float w_sig = w[l] * sigmoid(neg_lse - pos[l]);
+    gpos[l] = -w_sig;
+    r += w_sig;
+  }
+  return r;
 }
 
 // G = scale * d(loss + reg)/da at one score. dl_ds is the loss gradient at the clipped score
