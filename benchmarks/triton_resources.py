@@ -166,8 +166,10 @@ def forward_args(p: problems.Problem, dtype: torch.dtype, cfg: launch.TileConfig
 
 def grad_args(p: problems.Problem, dtype: torch.dtype, cfg: launch.TileConfig, clip: bool, tma: bool) -> dict:
     """nce_grad_tile_kernel's arguments for launch.gradient_chunks' first chunk."""
-    c = launch.chunk_columns(p.n, p.m, p.l, cfg, sms=132)
     g_dtype = function.grad_dtype(dtype)
+    trg = torch.empty(p.m, p.l, p.d, dtype=dtype, device="meta")
+    per_column = launch.column_bytes(p.n, trg, False, g_dtype)
+    c = launch.chunk_columns(p.n, p.m, p.l, cfg, 132, per_column, launch.MIN_CHUNK_BYTES)
     return dict(
         _tile_args(p, dtype, cfg, clip, tma),
         neg_lse_ptr=torch.float32, r_ptr=torch.float32, g_pos_ptr=torch.float32, grad_sq_ptr=torch.float32,

@@ -28,18 +28,42 @@ namespace {
 using at::Tensor;
 
 constexpr int64_t kChunkParts = 8;
+// ... but a chunk's buffers need not be smaller than this: fewer, larger chunks cost no GPU
+// time, only memory, and each chunk costs host time that AMDIM's per-GPU problems wait on
+// (triton_nce/launch.py's MIN_CHUNK_BYTES, the same rule).
+constexpr int64_t kMinChunkBytes = int64_t{8} << 20;
 
 void check_cuda(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "amdim_kernels: ", what, " failed: ", cudaGetErrorString(err));
 }
 
-// Images per chunk: about 1/kChunkParts of them, but at least ~16 blocks of columns per SM
-// row-sweep so that small problems still fill the GPU.
-int64_t images_per_chunk(int64_t N, int64_t M, int64_t L) {
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Images per chunk: about 1/kChunkParts of them, but no more chunks than it takes to keep each
+// chunk's buffers (column_bytes per column) within kMinChunkBytes, and at least ~16 blocks of
+// columns per SM row-sweep so that small problems still fill the GPU; then evened out over the
+// chunks that makes, so that the last is not a sliver.
+int64_t images_per_chunk(int64_t N, int64_t M, int64_t L, int64_t column_bytes) {
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t parts = std::clamp<int64_t>(ceil_div(M * L * column_bytes, kMinChunkBytes), 1, kChunkParts);
   const int64_t fill_cols = std::max<int64_t>(1, 4 * sms / std::max<int64_t>(N, 1)) * kCudaColsPerBlock;
-  const int64_t images = std::max((M + kChunkParts - 1) / kChunkParts, (fill_cols + L - 1) / L);
-  return std::min(M, images);
+  const int64_t images = std::min(M, std::max(ceil_div(M, parts), ceil_div(fill_cols, L)));
+  return ceil_div(M, ceil_div(M, images));
+}
+
+// Bytes a chunk holds per column: cuBLAS's float32 scores (N per column) unless the WMMA
+// kernels make them, a copy of the chunk's features (D per column) where trg's are not
+// contiguous or (backward, g_type given) must be cast to G's type for the products, and in
+// the backward G itself (N per column).
+int64_t column_bytes(const Tensor& src, const Tensor& trg, bool mma, std::optional<at::ScalarType> g_type) {
+  const int64_t N = src.size(0), D = trg.size(2), elem = trg.element_size();
+  int64_t bytes = mma ? 0 : 4 * N;
+  if (trg.stride(2) != 1) bytes += D * elem;
+  if (g_type) {
+    const int64_t g_size = c10::elementSize(*g_type);
+    bytes += N * g_size + (*g_type != trg.scalar_type() ? D * g_size : 0);
+  }
+  return bytes;
 }
 
 // Unscaled scores of every source with images [m0, m1): (N, C) float32 from cuBLAS.
@@ -48,7 +72,7 @@ Tensor chunk_scores(const Tensor& src, const Tensor& trg, int64_t m0, int64_t m1
   return src.scalar_type() == at::kFloat ? at::mm(src, tile.t()) : at::mm(src, tile.t(), at::kFloat);
 }
 
-int64_t col_blocks(int64_t C) { return (C + kCudaColsPerBlock - 1) / kCudaColsPerBlock; }
+int64_t col_blocks(int64_t C) { return ceil_div(C, kCudaColsPerBlock); }
 
 // The fused WMMA kernels for this call? AMDIM_KERNELS_CUDA_SCORES is "auto" (or unset),
 // "cublas" or "mma"; float32 always takes cuBLAS, which honours torch's allow_tf32 setting.
@@ -114,7 +138,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> nce_fwd_cuda(const Tensor& src, const
   const bool mma = use_mma(src, trg);
   const Tensor src_c = mma ? src.contiguous() : src;
   // the fused kernels take the whole target at once when its features are contiguous
-  const int64_t ipc = mma && trg.stride(2) == 1 ? M : images_per_chunk(N, M, L);
+  const int64_t ipc = mma && trg.stride(2) == 1 ? M : images_per_chunk(N, M, L, column_bytes(src, trg, mma, {}));
   const int64_t sms = sm_count();
   auto splits_of = [&](int64_t C) { return mma ? mma_split(N, C, sms).splits : col_blocks(C); };
 
@@ -178,13 +202,13 @@ std::tuple<Tensor, Tensor> nce_bwd_cuda(const Tensor& src, const Tensor& trg, co
   const float tclip = kernel_tclip(tclip_opt);
   const BackwardRows rows = backward_rows(pos, neg_lse, grad_loss, grad_sq);
   const Tensor idx = pos_idx.contiguous();
-  const int64_t ipc = images_per_chunk(N, M, L);
   const bool mma = use_mma(src, trg);
   const Tensor src_c = mma ? src.contiguous() : src;
   // G in bf16 for bf16 inputs (float32's range); float32 otherwise: fp16 would flush the
   // smallest gradients, about 1/(N*L*M*L), to zero.
   const bool g_bf16 = src.scalar_type() == at::kBFloat16;
   const auto g_type = g_bf16 ? at::kBFloat16 : at::kFloat;
+  const int64_t ipc = images_per_chunk(N, M, L, column_bytes(src, trg, mma, g_type));
   const Tensor src_g = src.to(g_type);
   Tensor g_buf = at::empty({N, ipc * L}, src.options().dtype(g_type));
   Tensor dtrg = at::empty({need_trg ? M : 0, L, D}, trg.options());

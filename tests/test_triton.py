@@ -53,22 +53,52 @@ def test_triton_half_precision(shape, dtype):
     run_case(make_case(n, m, l, d, pos=pos, dtype=dtype, device=DEVICE), dtype)
 
 
+@pytest.mark.parametrize("column_bytes", [0, 256, 4096])
 @pytest.mark.parametrize("n, m, l", [(200, 200, 49), (128, 1024, 49), (1024, 1024, 49), (5, 3, 7), (64, 1, 1)])
-def test_chunks_are_even_whole_images(n, m, l):
+def test_chunks_are_even_whole_images(n, m, l, column_bytes):
     """The chunk loops' columns: whole images, consecutive, covering all M*L columns, in as
-    many chunks as the fill rule's size gives, the last short of the others by fewer images
-    than there are chunks."""
+    many chunks as the rules give (about 1/CHUNK_PARTS of the images, no chunk's buffers
+    needlessly under the floor, enough columns to fill the GPU), the last short of the
+    others by fewer images than there are chunks."""
     from amdim_kernels.triton_nce import launch
 
     cfg = launch.TileConfig(128, 128, 64, 8, 3)
-    c_max = launch.chunk_columns(n, m, l, cfg, sms=132)
+    floor = launch.MIN_CHUNK_BYTES
+    c_max = launch.chunk_columns(n, m, l, cfg, 132, column_bytes, floor)
     chunks = list(launch._chunks(m, l, c_max))
     fill = launch.cdiv(132, launch.cdiv(n, 128)) * 128
-    wanted = min(m, max(launch.cdiv(m, launch.CHUNK_PARTS), launch.cdiv(fill, l)))
+    parts = min(launch.CHUNK_PARTS, max(1, launch.cdiv(m * l * column_bytes, floor)))
+    wanted = min(m, max(launch.cdiv(m, parts), launch.cdiv(fill, l)))
     assert len(chunks) == launch.cdiv(m, wanted)
     assert [c0 for c0, _ in chunks] == [sum(c for _, c in chunks[:i]) for i in range(len(chunks))]
     assert sum(c for _, c in chunks) == m * l and all(c % l == 0 for _, c in chunks)
     assert all(c == c_max for _, c in chunks[:-1]) and c_max - chunks[-1][1] < len(chunks) * l
+
+
+@pytest.mark.parametrize("problem, dtype, chunks", [
+    ("CIFAR", torch.bfloat16, 1), ("IMAGENET_4GPU", torch.bfloat16, 1), ("ONE_GPU_SHARE", torch.bfloat16, 2),
+    ("SINGLE_GPU", torch.bfloat16, 8), ("SINGLE_GPU", torch.float32, 8), ("CIFAR", torch.float32, 2),
+    ("SINGLE_GPU_FEATURE_MAP", torch.bfloat16, 8),
+], ids=str)
+def test_backward_chunks_of_amdim_problems(problem, dtype, chunks):
+    """The backward's chunk counts on an H100 (132 SMs) for AMDIM's problems: the per-GPU ones
+    take fewer, larger chunks than 1/CHUNK_PARTS (each chunk costs host time they wait on),
+    no chunk's buffers over the floor where more chunks were allowed; the single-GPU one
+    keeps CHUNK_PARTS. Buffers per column: G, cuBLAS's float32 scores for float32 ("gemm"),
+    a contiguous copy of the features for feature-map targets."""
+    from amdim_kernels.triton_nce import function, launch
+    from benchmarks import problems
+
+    p = getattr(problems, problem)
+    trg = torch.empty(p.m, p.l, p.d, dtype=dtype, device="meta")
+    if p.trg_layout == "feature-map":
+        trg = torch.empty(p.m, p.d, p.l, dtype=dtype, device="meta").transpose(1, 2)
+    cfg = launch.TileConfig(128, 128, 64, 8, 3)
+    per_column = launch.column_bytes(p.n, trg, launch.score_strategy(dtype) == "gemm", function.grad_dtype(dtype))
+    c_max = launch.chunk_columns(p.n, p.m, p.l, cfg, 132, per_column, launch.MIN_CHUNK_BYTES)
+    assert len(list(launch._chunks(p.m, p.l, c_max))) == chunks
+    if chunks > 1 and chunks < launch.CHUNK_PARTS:
+        assert c_max * per_column <= launch.MIN_CHUNK_BYTES + p.l * per_column
 
 
 @pytest.mark.parametrize("src_layout", ["contiguous", "transposed"])
@@ -197,7 +227,10 @@ def _src_sum_placement(n, m, l, d):
     from amdim_kernels.triton_nce import launch
 
     cfg = launch.tile_config(torch.float32, d, "grad")
-    c_max = launch.chunk_columns(n, m, l, cfg, launch._num_sms(torch.device(DEVICE)))
+    trg = torch.empty(m, l, d, device="meta")
+    per_column = launch.column_bytes(n, trg, launch.score_strategy(torch.float32) == "gemm", torch.float32)
+    device = torch.device(DEVICE)
+    c_max = launch.chunk_columns(n, m, l, cfg, launch._num_sms(device), per_column, launch.chunk_floor_bytes(device))
     last = list(launch._chunks(m, l, c_max))[-1][1]  # columns of the last chunk
     if n > m * l:  # 4*N*D bytes against d trg's 4*M*L*D
         return "own memory"

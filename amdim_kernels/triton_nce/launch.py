@@ -5,7 +5,8 @@ Two ways to get a tile of raw scores, chosen per call (`score_strategy`):
   ever reaches memory.
 - "gemm": cuBLAS computes the unscaled scores of one chunk of whole images, (N x C) in
   float32, and the same kernels read their tiles from it. A chunk is about 1/8 of the
-  columns, so memory stays O(N * M*L / 8); the products run at cuBLAS speed.
+  columns (or up to 8 MiB where that is more), so memory stays O(N * M*L / 8); the
+  products run at cuBLAS speed.
 
 Two ways for the fused K-loop to load its operands (`operand_loads`): "tma", tensor
 descriptors served by the copy engine of sm_90 and newer GPUs, where the operands meet its
@@ -36,6 +37,13 @@ loads: str | None = None
 # 8 chunks ran fwd+bwd in 2.9 ms with a 23 MiB workspace (1.5% of eager), 16 chunks in
 # 3.6 ms with 14.7 MiB (0.93%); see benchmarks/RESULTS.md.
 CHUNK_PARTS = 8
+# ... but a chunk's buffers need not be smaller than this: fewer, larger chunks cost no GPU
+# time, only memory, and each chunk costs host time (a launch and two cuBLAS products) that
+# AMDIM's per-GPU problems wait on (benchmarks/RESULTS.md). With it, one GPU's share (N =
+# 128 of B = 1024, bf16) takes 2 chunks where it took 3, CIFAR (N = M = 200) and ImageNet
+# on 4 GPUs 1 where they took 2; the single-GPU problem keeps its 8. csrc/nce_cuda.cpp's
+# images_per_chunk applies the same rule.
+MIN_CHUNK_BYTES = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -259,15 +267,38 @@ def _register_cap(cfg: TileConfig) -> dict:
     return dict(maxnreg=cfg.plain_max_registers)
 
 
-def chunk_columns(n: int, m: int, l: int, cfg: TileConfig, sms: int) -> int:
-    """Columns per chunk: whole images, about 1/CHUNK_PARTS of all columns, but enough that
-    one chunk's grid of (row block x column tile) programs gives every SM a program; then
-    evened out over the chunks that makes, so that the last is not a sliver (e.g. 200
-    images in chunks of 100 and 100 rather than 173 and 27: the same launches, a smaller
-    buffer, no launch that leaves most SMs idle)."""
+def chunk_floor_bytes(device: torch.device) -> int:
+    """The smallest chunk worth its host time: MIN_CHUNK_BYTES, but 0 on the interpreter,
+    whose small test problems should still be cut into chunks (as _num_sms, so that CI runs
+    the chunk loops)."""
+    return 0 if triton_interpreting() else MIN_CHUNK_BYTES
+
+
+def chunk_columns(n: int, m: int, l: int, cfg: TileConfig, sms: int, column_bytes: int, floor_bytes: int) -> int:
+    """Columns per chunk: whole images, about 1/CHUNK_PARTS of all columns, but no more
+    chunks than it takes to keep each chunk's buffers (column_bytes per column) within
+    floor_bytes, and enough columns that one chunk's grid of (row block x column tile)
+    programs gives every SM a program; then evened out over the chunks that makes, so that
+    the last is not a sliver (e.g. 200 images in chunks of 100 and 100 rather than 173 and
+    27: the same launches, a smaller buffer, no launch that leaves most SMs idle)."""
+    parts = min(CHUNK_PARTS, max(1, cdiv(m * l * column_bytes, max(floor_bytes, 1))))
     fill = cdiv(sms, cdiv(n, cfg.block_n)) * cfg.block_j
-    images = min(m, max(cdiv(m, CHUNK_PARTS), cdiv(fill, l)))
+    images = min(m, max(cdiv(m, parts), cdiv(fill, l)))
     return cdiv(m, cdiv(m, images)) * l
+
+
+def column_bytes(n: int, trg: torch.Tensor, from_scores: bool, g_dtype: torch.dtype | None = None) -> int:
+    """Bytes a chunk holds per column: cuBLAS's float32 scores (N per column) with the
+    "gemm" strategy, a copy of the chunk's features (D per column) where trg's are not
+    contiguous or (backward, g_dtype given) must be cast to G's dtype for the products, and
+    in the backward G itself (N per column)."""
+    d, elem = trg.shape[2], trg.element_size()
+    per_column = 4 * n if from_scores else 0
+    if trg.stride(2) != 1:
+        per_column += d * elem
+    if g_dtype is not None:
+        per_column += n * g_dtype.itemsize + (d * g_dtype.itemsize if g_dtype != trg.dtype else 0)
+    return per_column
 
 
 def _chunks(m: int, l: int, c_max: int) -> Iterator[tuple[int, int]]:
@@ -340,7 +371,10 @@ def forward(src, trg, pos_idx, tclip: float | None, scale: float, strategy: str)
     # contiguous) must be staged: then chunks of about 1/CHUNK_PARTS of them
     chunked = from_scores or trg.stride(2) != 1
     src = features_contiguous(src)
-    chunks = list(_chunks(m, l, chunk_columns(n, m, l, cfg, sms) if chunked else m * l))
+    c_max = m * l
+    if chunked:
+        c_max = chunk_columns(n, m, l, cfg, sms, column_bytes(n, trg, from_scores), chunk_floor_bytes(src.device))
+    chunks = list(_chunks(m, l, c_max))
     row_blocks = cdiv(n, cfg.block_n)
     splits = [_split(c, row_blocks, cfg, sms) for _, c in chunks]
 
@@ -418,7 +452,8 @@ def gradient_chunks(src, trg, pos_idx, neg_lse, r, g_pos, grad_sq, tclip, scale,
     m, l, _ = trg.shape
     cfg = tile_config(src.dtype, d, "grad")
     from_scores = strategy == "gemm"
-    c_max = chunk_columns(n, m, l, cfg, _num_sms(src.device))
+    c_max = chunk_columns(n, m, l, cfg, _num_sms(src.device), column_bytes(n, trg, from_scores, g_dtype),
+                          chunk_floor_bytes(src.device))
     g_buf = torch.empty(n, c_max, device=src.device, dtype=g_dtype)
     src = features_contiguous(src)
     src_desc = _src_descriptor(src, cfg, from_scores)
