@@ -7,6 +7,7 @@ the pos_idx range check (one device sync) cost on the GPU, and how much CUDA gra
     python -m benchmarks.host_overhead --trace   # which ops take that host time
     python -m benchmarks.host_overhead --glue    # no GPU needed
     python -m benchmarks.host_overhead --python-path    # no GPU needed
+    python -m benchmarks.host_overhead --ops    # no GPU needed
 
 --glue times launch.py's own Python per backward chunk (views, operands, tensor
 descriptors, arguments) with the Triton launches replaced by no-ops, on CPU tensors of the
@@ -16,12 +17,15 @@ Triton's launcher and cuBLAS's.
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import cProfile
 import pstats
 import time
 from unittest import mock
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from triton.testing import do_bench
 
 from amdim_kernels import available_backends, nce_loss
@@ -140,6 +144,64 @@ def python_path(calls: int = 3000) -> None:
         print(f"| {name} | {us(fn):.1f} |", flush=True)
 
 
+# ops that only allocate or make views: no work reaches a GPU
+_NO_WORK = {"empty", "new_empty", "empty_like", "empty_strided", "detach", "lift_fresh"}
+
+
+class _WorkOps(TorchDispatchMode):
+    """Counts the dispatched ops that would launch work on a GPU (a C++ op counts once)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not (func.is_view or func.overloadpacket.__name__ in _NO_WORK):
+            self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+class _CountedLaunch:
+    """Stands in for a Triton kernel: kernel[grid](...) only counts the launch."""
+
+    def __init__(self, counter: collections.Counter, name: str):
+        self.counter, self.name = counter, name
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.counter.update([self.name])
+
+
+def work_ops(p: problems.Problem = problems.CIFAR) -> None:
+    """The ops one fwd+bwd (nce_loss, loss + reg, autograd.grad) dispatches that launch work
+    on a GPU (--ops), counted on the CPU: backend "cpp" (its C++ op once per direction; the
+    cuda backend's dispatches the same Python path) and "triton" with its kernel launches
+    stubbed and counted. Views and allocations are left out. The problem's sizes set the
+    Triton chunk plan as on an H100 (132 SMs, the chunk floor)."""
+    src, trg, _ = p.inputs(torch.bfloat16, "cpu")
+    src, trg = src.float().requires_grad_(), trg.float().requires_grad_()
+    print(f"ops per fwd+bwd that launch GPU work, {p.name} (CPU, float32)")
+    print("| backend | ops | of which |")
+    print("|---|---|---|")
+    for backend in ("cpp", "triton"):
+        launches = collections.Counter()
+        stubs = [mock.patch.object(launch, name, _CountedLaunch(launches, name)) for name in
+                 ("nce_fwd_kernel", "nce_merge_kernel", "nce_grad_factors_kernel", "nce_grad_tile_kernel")]
+        with contextlib.ExitStack() as stack:
+            if backend == "triton":
+                for stub in stubs:
+                    stack.enter_context(stub)
+                stack.enter_context(mock.patch.object(launch, "triton_interpreting", lambda: False))
+                stack.enter_context(mock.patch.object(launch, "_num_sms", lambda device: 132))
+                stack.enter_context(mock.patch("amdim_kernels.backends.resolve", lambda name, device: name))
+            fwd_bwd(src, trg, None, backend)
+            launches.clear()
+            with _WorkOps() as counted:
+                fwd_bwd(src, trg, None, backend)
+        ops = counted.ops + launches
+        of_which = ", ".join(f"{name} {k}" for name, k in sorted(ops.items()))
+        print(f"| {backend} | {sum(ops.values())} | {of_which} |", flush=True)
+
+
 def trace(calls: int = 20) -> None:
     """Where the host time of fwd+bwd goes on the GPU machine (--trace): torch.profiler with
     CPU and CUDA activities over `calls` calls per backend on the CIFAR problem (bf16), the
@@ -160,16 +222,17 @@ def trace(calls: int = 20) -> None:
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), flush=True)
 
 
-def _kernel_ms(fn, calls: int = 10) -> float:
-    """GPU kernel time per call of fn: the sum of its kernels' device times (torch.profiler),
-    gaps between kernels excluded."""
+def _kernel_stats(fn, calls: int = 10) -> tuple[float, float]:
+    """GPU kernel time per call of fn, the sum of its kernels' device times (torch.profiler),
+    gaps between kernels excluded, and the number of kernels (and copies) per call."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
-    return sum(e.self_device_time_total for e in prof.key_averages()) / 1e3 / calls
+    on_gpu = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return sum(e.self_device_time_total for e in on_gpu) / 1e3 / calls, sum(e.count for e in on_gpu) / calls
 
 
 def _host_ms(fn, calls: int = 20) -> float:
@@ -203,8 +266,9 @@ def split() -> None:
     waits for the host and do_bench's median is the host's time, not the kernels'. The last
     column replays the call as one CUDA graph: what a captured training step pays."""
     impls = [("triton", 8), ("triton", 16)] + [(impl, None) for impl in _cuda_impls()]
-    print("| problem | backend (chunks) | host ms per call | GPU kernels ms per call | do_bench ms | graph replay ms |")
-    print("|---|---|---|---|---|---|")
+    print("| problem | backend (chunks) | host ms per call | GPU kernels ms per call | kernels per call | do_bench ms "
+          "| graph replay ms |")
+    print("|---|---|---|---|---|---|---|")
     for p in (problems.SINGLE_GPU, problems.ONE_GPU_SHARE, problems.CIFAR):
         # where N != M the pos_idx check's sync makes the host wait for the GPU once a
         # call, and its time includes that wait
@@ -217,11 +281,12 @@ def split() -> None:
             with impl_context(impl), launch.pinned(chunks=parts):
                 for _ in range(5):
                     step()
-                host, kernels = _host_ms(step), _kernel_ms(step)
+                host, (kernel_ms, kernels) = _host_ms(step), _kernel_stats(step)
                 bench = do_bench(step, warmup=50, rep=200, return_mode="median")
                 graphed = _graph_ms(step)
             label = impl + (f" ({parts})" if parts else "") + (", 1 sync" if pos_idx is not None else "")
-            print(f"| {p.name} | {label} | {host:.3f} | {kernels:.3f} | {bench:.3f} | {graphed:.3f} |", flush=True)
+            print(f"| {p.name} | {label} | {host:.3f} | {kernel_ms:.3f} | {kernels:.0f} | {bench:.3f} | {graphed:.3f} |",
+                  flush=True)
 
 
 def main():
@@ -263,6 +328,7 @@ if __name__ == "__main__":
     ap.add_argument("--split", action="store_true", help="host time against GPU kernel time per call (GPU)")
     ap.add_argument("--python-path", action="store_true", help="the Python path around the cpp kernels (CPU)")
     ap.add_argument("--trace", action="store_true", help="profiler table of the host time per backend (GPU)")
+    ap.add_argument("--ops", action="store_true", help="ops per fwd+bwd that launch GPU work (CPU)")
     args = ap.parse_args()
     if args.glue:
         glue()
@@ -270,6 +336,8 @@ if __name__ == "__main__":
         python_path()
     elif args.trace:
         trace()
+    elif args.ops:
+        work_ops()
     elif args.split:
         split()
     else:

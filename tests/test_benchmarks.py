@@ -121,3 +121,27 @@ def test_host_python_path(capsys):
     lines = capsys.readouterr().out.splitlines()
     rows = [line.split("|")[1:-1] for line in lines[lines.index("|---|---|") + 1:]]
     assert len(rows) == 3 and all(float(us) > 0 for _, us in rows)
+
+
+def test_host_work_ops(capsys):
+    """host_overhead --ops counts the GPU-work ops of one fwd+bwd per backend. Neither backend
+    may have autograd fill zero gradients for the op's non-differentiable outputs, nor copy an
+    expanded upstream gradient to make it contiguous; Triton's stubbed launches are counted
+    and the real kernels are back afterwards."""
+    from amdim_kernels.triton_nce import launch
+
+    if "cpp" not in available_backends("cpu"):
+        pytest.skip("the compiled extension is not built")
+    kernel = launch.nce_fwd_kernel
+    host_overhead.work_ops(problems.Problem("tiny", 6, 6, 3, 8))
+    lines = capsys.readouterr().out.splitlines()
+    rows = {backend.strip(): (int(total), of_which)
+            for backend, total, of_which in (line.split("|")[1:-1] for line in lines[lines.index("|---|---|---|") + 1:])}
+    assert set(rows) == {"cpp", "triton"}
+    for total, of_which in rows.values():
+        counts = {name: int(k) for name, k in (item.rsplit(" ", 1) for item in of_which.strip().split(", "))}
+        assert sum(counts.values()) == total
+        assert "zeros" not in counts and "clone" not in counts
+    assert "nce_fwd 1" in rows["cpp"][1] and "nce_bwd 1" in rows["cpp"][1]
+    assert "nce_fwd_kernel 2" in rows["triton"][1] and "nce_merge_kernel 1" in rows["triton"][1]
+    assert launch.nce_fwd_kernel is kernel
