@@ -28,6 +28,7 @@ def nce_loss(
             is checked with one read back from its device per call (on the device instead
             under torch.compile or CUDA graph capture); a Python ``range`` of N indices
             (e.g. ``range(rank * N, rank * N + N)``) is checked on the host, with no sync.
+            The index tensors of None and of ranges are made once per device and kept.
         tclip: soft clipping ``tclip * tanh(a / tclip)`` of the scores; None disables it.
         reg_weight: weight of the regulariser ``reg_weight * mean(a**2)``.
         scale: multiplies every dot product; None means ``1 / sqrt(D)``.

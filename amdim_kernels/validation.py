@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .indices import range_indices
+
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 REDUCTIONS = ("mean", "none")
 
@@ -64,16 +66,16 @@ def _finite(x: float) -> bool:
     return abs(x) < math.inf
 
 
-def _range_indices(pos_idx: range, n: int, m: int, device: torch.device) -> torch.Tensor:
-    """A range's N image indices as an int64 tensor on `device`, its bounds checked on the
-    host: unlike a tensor's, no read back from the device (e.g. a rank's
+def _range_indices(pos_idx: range, n: int, m: int, like: torch.Tensor) -> torch.Tensor:
+    """A range's N image indices as an int64 tensor on like's device (indices.py), its bounds
+    checked on the host: unlike a tensor's, no read back from the device (e.g. a rank's
     range(rank * N, rank * N + N) in data-parallel training)."""
     if len(pos_idx) != n:
         raise ValueError(f"pos_idx must hold N = {n} indices, got {pos_idx} of length {len(pos_idx)}")
     lo, hi = min(pos_idx), max(pos_idx)
     if lo < 0 or hi >= m:
         raise ValueError(f"pos_idx values must lie in [0, M) = [0, {m}), got {pos_idx}")
-    return torch.arange(pos_idx.start, pos_idx.stop, pos_idx.step, device=device)
+    return range_indices(pos_idx, like)
 
 
 def _capturing(x: torch.Tensor) -> bool:
@@ -108,9 +110,9 @@ def validate(
             raise ValueError(
                 f"pos_idx is required when N != M (src has N = {n} rows, trg has M = {m} images)"
             )
-        pos_idx = torch.arange(n, device=src.device)
+        pos_idx = range_indices(range(n), src)
     elif isinstance(pos_idx, range):
-        pos_idx = _range_indices(pos_idx, n, m, src.device)
+        pos_idx = _range_indices(pos_idx, n, m, src)
     else:
         if not isinstance(pos_idx, torch.Tensor):
             raise TypeError(f"pos_idx must be a torch.Tensor of shape (N,) or a range, got {type(pos_idx).__name__}")
