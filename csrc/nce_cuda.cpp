@@ -39,14 +39,15 @@ void check_cuda(cudaError_t err, const char* what) {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+int64_t sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+
 // Images per chunk: about 1/kChunkParts of them, but no more chunks than it takes to keep each
-// chunk's buffers (column_bytes per column) within kMinChunkBytes, and at least ~16 blocks of
-// columns per SM row-sweep so that small problems still fill the GPU; then evened out over the
-// chunks that makes, so that the last is not a sliver.
-int64_t images_per_chunk(int64_t N, int64_t M, int64_t L, int64_t column_bytes) {
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t parts = std::clamp<int64_t>(ceil_div(M * L * column_bytes, kMinChunkBytes), 1, kChunkParts);
-  const int64_t fill_cols = std::max<int64_t>(1, 4 * sms / std::max<int64_t>(N, 1)) * kCudaColsPerBlock;
+// chunk's buffers (bytes_per_column) within kMinChunkBytes, and at least ~16 blocks of columns
+// per SM row-sweep so that small problems still fill the GPU; then evened out over the chunks
+// that makes, so that the last is not a sliver.
+int64_t images_per_chunk(int64_t N, int64_t M, int64_t L, int64_t bytes_per_column) {
+  const int64_t parts = std::clamp<int64_t>(ceil_div(M * L * bytes_per_column, kMinChunkBytes), 1, kChunkParts);
+  const int64_t fill_cols = std::max<int64_t>(1, 4 * sm_count() / std::max<int64_t>(N, 1)) * kCudaColsPerBlock;
   const int64_t images = std::min(M, std::max(ceil_div(M, parts), ceil_div(fill_cols, L)));
   return ceil_div(M, ceil_div(M, images));
 }
@@ -108,8 +109,6 @@ Tensor feature_contiguous(const Tensor& trg, int64_t m0, int64_t m1) {
 TargetView view_of(const Tensor& images, int64_t m0) {
   return {images.data_ptr(), images.stride(0), images.stride(1), images.size(0) * images.size(1), images.size(1), m0};
 }
-
-int64_t sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
 
 // The backward's per-row factors (nce_op.h's BackwardRows) in one launch.
 BackwardRows backward_rows(const Tensor& pos, const Tensor& neg_lse, const Tensor& grad_loss, const Tensor& grad_sq) {

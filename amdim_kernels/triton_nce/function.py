@@ -3,7 +3,8 @@
 Saved for backward: the inputs and O(N*L) statistics. The backward recomputes score tiles
 chunk by chunk (a chunk is whole images, about 1/8 of the columns, or fewer and larger
 chunks where those would hold under 8 MiB) into G = scale * dL/da, then d src +=
-G @ trg_chunk and d trg_chunk = G^T @ src run on cuBLAS with float32 accumulation. Deterministic: no atomics anywhere, partials merged in a fixed order.
+G @ trg_chunk and d trg_chunk = G^T @ src run on cuBLAS with float32 accumulation.
+Deterministic: no atomics anywhere, partials merged in a fixed order.
 
 `forward` and `backward` follow the op contract of registration.py, which also gives the
 autograd formula, and are called two ways. In eager mode through a torch.autograd.Function:

@@ -274,14 +274,15 @@ def chunk_floor_bytes(device: torch.device) -> int:
     return 0 if triton_interpreting() else MIN_CHUNK_BYTES
 
 
-def chunk_columns(n: int, m: int, l: int, cfg: TileConfig, sms: int, column_bytes: int, floor_bytes: int) -> int:
+def chunk_columns(n: int, m: int, l: int, cfg: TileConfig, sms: int, bytes_per_column: int,
+                  floor_bytes: int) -> int:
     """Columns per chunk: whole images, about 1/CHUNK_PARTS of all columns, but no more
-    chunks than it takes to keep each chunk's buffers (column_bytes per column) within
+    chunks than it takes to keep each chunk's buffers (bytes_per_column) within
     floor_bytes, and enough columns that one chunk's grid of (row block x column tile)
     programs gives every SM a program; then evened out over the chunks that makes, so that
     the last is not a sliver (e.g. 200 images in chunks of 100 and 100 rather than 173 and
     27: the same launches, a smaller buffer, no launch that leaves most SMs idle)."""
-    parts = min(CHUNK_PARTS, max(1, cdiv(m * l * column_bytes, max(floor_bytes, 1))))
+    parts = min(CHUNK_PARTS, max(1, cdiv(m * l * bytes_per_column, max(floor_bytes, 1))))
     fill = cdiv(sms, cdiv(n, cfg.block_n)) * cfg.block_j
     images = min(m, max(cdiv(m, parts), cdiv(fill, l)))
     return cdiv(m, cdiv(m, images)) * l
