@@ -184,12 +184,10 @@ def work_ops(p: problems.Problem = problems.CIFAR) -> None:
     print("|---|---|---|")
     for backend in ("cpp", "triton"):
         launches = collections.Counter()
-        stubs = [mock.patch.object(launch, name, _CountedLaunch(launches, name)) for name in
-                 ("nce_fwd_kernel", "nce_merge_kernel", "nce_grad_factors_kernel", "nce_grad_tile_kernel")]
         with contextlib.ExitStack() as stack:
             if backend == "triton":
-                for stub in stubs:
-                    stack.enter_context(stub)
+                for name in ("nce_fwd_kernel", "nce_merge_kernel", "nce_grad_factors_kernel", "nce_grad_tile_kernel"):
+                    stack.enter_context(mock.patch.object(launch, name, _CountedLaunch(launches, name)))
                 stack.enter_context(mock.patch.object(launch, "triton_interpreting", lambda: False))
                 stack.enter_context(mock.patch.object(launch, "_num_sms", lambda device: 132))
                 stack.enter_context(mock.patch("amdim_kernels.backends.resolve", lambda name, device: name))
