@@ -51,7 +51,7 @@ for step in $STEPS; do
             timeout 240 python3 -m benchmarks.host_overhead $flag 2>&1 | tee "$OUT/host${flag#--}.log" | tail -60
           done ;;
     resources) timeout 120 env -u TRITON_INTERPRET python3 -m benchmarks.triton_resources --arch 90 \
-           --tiles 128,128,64,8,3,128 128,128,64,8,3 128,256,64,8,3 --loads tma pointers 2>&1 \
+           --tiles 128,128,64,8,3,128,64 128,128,64,8,3,0,64 128,256,64,8,3,0,64 --loads tma pointers 2>&1 \
            | tee "$OUT/triton_resources.log" ;;
     tune) timeout 500 python3 -m benchmarks.tune_triton ${TUNE_ARGS:-} 2>&1 | tee "$OUT/tune.log" ;;
   esac

@@ -152,15 +152,16 @@ def _tile_args(p: problems.Problem, dtype: torch.dtype, cfg: launch.TileConfig, 
     )
 
 
-def forward_args(p: problems.Problem, dtype: torch.dtype, cfg: launch.TileConfig, clip: bool, tma: bool) -> dict:
-    """nce_fwd_kernel's arguments for the first launch of launch.forward (fused strategy)."""
+def forward_args(p: problems.Problem, dtype: torch.dtype, cfg: launch.TileConfig, clip: bool, tma: bool,
+                 masked: bool) -> dict:
+    """nce_fwd_kernel's arguments for launch.forward's plain or masked launch (fused strategy)."""
     row_blocks = triton.cdiv(p.n, cfg.block_n)
     _, per_split = launch._split(p.columns, row_blocks, cfg, sms=132)
     return dict(
-        _tile_args(p, dtype, cfg, clip, tma),
-        part_sum_ptr=torch.float32, part_max_ptr=torch.float32, part_sq_ptr=torch.float32,
+        _tile_args(p, dtype, cfg.masked if masked else cfg, clip, tma), MASKED=masked,
+        part_sum_ptr=torch.float32, part_max_ptr=torch.float32, part_sq_ptr=torch.float32, a_pos_ptr=torch.float32,
         scores_ptr=torch.float32, stride_scores=p.n, chunk_begin=0, chunk_end=p.columns, split_base=0,
-        cols_per_split=per_split,
+        cols_per_split=per_split, BLOCK_L=Const(launch.SELECT_LOCATIONS), PLAIN_J=Const(cfg.block_j),
     )
 
 
@@ -178,15 +179,12 @@ def grad_args(p: problems.Problem, dtype: torch.dtype, cfg: launch.TileConfig, c
     )
 
 
-def merge_args(p: problems.Problem, dtype: torch.dtype, clip: bool) -> dict:
-    block_l, block_k = launch.merge_blocks(p.l, p.d)
+def merge_args(p: problems.Problem, clip: bool) -> dict:
     return dict(
-        src_ptr=dtype, trg_ptr=dtype, pos_idx_ptr=torch.int64, **_shape_args(p),
         part_sum_ptr=torch.float32, part_max_ptr=torch.float32, part_sq_ptr=torch.float32,
         a_pos_ptr=torch.float32, loss_ptr=torch.float32, neg_lse_ptr=torch.float32, sq_ptr=torch.float32,
-        SPLITS=4 * 132, **_loss_options(p, clip),
-        BLOCK_S=Const(32), BLOCK_L=Const(block_l),
-        BLOCK_K=Const(block_k),
+        N=p.n, L=p.l, SPLITS=4 * 132, **launch._clip_args(p.tclip if clip else None),
+        BLOCK_S=Const(32), BLOCK_L=Const(launch._location_block(p.l)),
     )
 
 
@@ -203,15 +201,15 @@ def rows(p, dtype, tile_configs, arch: int, clips=(True, False), loads=("tma",))
     for clip in clips:
         for tma in (way == "tma" for way in loads):
             for cfg in tile_configs:
-                fwd, grad = forward_args(p, dtype, cfg, clip, tma), grad_args(p, dtype, cfg, clip, tma)
                 for name, kernel, args, cap in (
-                    ("fwd plain", kernels.nce_fwd_kernel, dict(fwd, MASKED=False), cfg.plain_max_registers),
-                    ("fwd masked", kernels.nce_fwd_kernel, dict(fwd, MASKED=True), None),
-                    ("grad", kernels.nce_grad_tile_kernel, grad, cfg.plain_max_registers),
+                    ("fwd plain", kernels.nce_fwd_kernel, forward_args(p, dtype, cfg, clip, tma, False),
+                     cfg.plain_max_registers),
+                    ("fwd masked", kernels.nce_fwd_kernel, forward_args(p, dtype, cfg, clip, tma, True), None),
+                    ("grad", kernels.nce_grad_tile_kernel, grad_args(p, dtype, cfg, clip, tma), cfg.plain_max_registers),
                 ):
                     resources = compile_resources(kernel, args, cfg.num_warps, cfg.num_stages, arch, cap)
                     yield name, "tma" if tma else "pointers", clip, cfg, resources
-        merge = compile_resources(kernels.nce_merge_kernel, merge_args(p, dtype, clip), 4, 1, arch)
+        merge = compile_resources(kernels.nce_merge_kernel, merge_args(p, clip), 4, 1, arch)
         yield "merge", "-", clip, None, merge
         factors = compile_resources(kernels.nce_grad_factors_kernel, factors_args(p, clip), 4, 1, arch)
         yield "factors", "-", clip, None, factors
@@ -222,9 +220,9 @@ def main(argv=None):
     ap.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100), 80 (A100)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--problem", default="single", choices=sorted(PROBLEMS))
-    ap.add_argument("--tiles", nargs="+", default=["128,128,64,8,3,128", "128,256,64,8,3"],
-                    help="BLOCK_N,BLOCK_J,BLOCK_K,num_warps,num_stages[,register cap "
-                         "of the forward's plain launch and of the G kernel]")
+    ap.add_argument("--tiles", nargs="+", default=["128,128,64,8,3,128,64", "128,256,64,8,3,0,64"],
+                    help="BLOCK_N,BLOCK_J,BLOCK_K,num_warps,num_stages[,register cap of the forward's "
+                         "plain launch and of the G kernel (0: none)[,the masked launch's BLOCK_J]]")
     ap.add_argument("--clip", choices=["both", "on", "off"], default="both")
     ap.add_argument("--trg-layout", choices=["contiguous", "feature-map"], default="contiguous",
                     help="feature-map: the targets' strides as the trainer passes them, read in place")
@@ -235,7 +233,7 @@ def main(argv=None):
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("unset TRITON_INTERPRET: the interpreter's kernels cannot be compiled")
     dtype = getattr(torch, args.dtype)
-    configs = [launch.TileConfig(*map(int, t.split(","))) for t in args.tiles]
+    configs = [launch.TileConfig(*[int(v) or None for v in t.split(",")]) for t in args.tiles]
     clips = {"both": (True, False), "on": (True,), "off": (False,)}[args.clip]
     p = dataclasses.replace(PROBLEMS[args.problem], trg_layout=args.trg_layout)
     loads = args.loads or ["tma" if args.arch >= 90 else "pointers"]
@@ -248,8 +246,9 @@ def main(argv=None):
     for name, way, clip, cfg, r in rows(p, dtype, configs, args.arch, clips, loads):
         cap = "" if cfg is None or cfg.plain_max_registers is None or name.endswith("masked") else \
             f", maxnreg {cfg.plain_max_registers}"
+        block_j = None if cfg is None else cfg.masked.block_j if name.endswith("masked") else cfg.block_j
         tiles = "-" if cfg is None else \
-            f"({cfg.block_n}, {cfg.block_j}, {cfg.block_k}, {cfg.num_warps}, {cfg.num_stages}{cap})"
+            f"({cfg.block_n}, {block_j}, {cfg.block_k}, {cfg.num_warps}, {cfg.num_stages}{cap})"
         clip_mode = "-" if clip is None else "tclip" if clip else "none"
         print(f"| {name} | {way} | {clip_mode} | {tiles} | {r.registers} | {r.spill_bytes} | "
               f"{r.spill_instructions} | {r.shared_bytes / 1024:.0f} | {r.instructions} | "

@@ -8,6 +8,7 @@ Each candidate is checked against the default config's loss before it is timed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import torch
 from triton.testing import do_bench
@@ -22,9 +23,11 @@ DEFAULT = UNCAPPED + (128,)  # the forward's unmasked launch and the G kernel ca
 # (strategy, chunk parts, forward tiles, backward (G kernel) tiles, operand loads), each tiles
 # (block_n, block_j, block_k, num_warps, num_stages[, register cap as in launch.TileConfig]).
 # The cap lets two programs share an SM; the (128, 256) forward tiles read 25% less per
-# FLOP than (128, 128) and fit in registers without spills since the forward stores no
-# positives; TMA operands (the default from sm_90 on) take fewer registers and instructions
-# than pointers (python -m benchmarks.triton_resources --loads tma pointers).
+# FLOP than (128, 128) and fit in registers without spills in the plain launch; TMA operands
+# (the default from sm_90 on) take fewer registers and instructions than pointers (python -m
+# benchmarks.triton_resources --loads tma pointers). Every forward candidate's masked launch
+# scores 64 columns at a time (`forward_tiles`), the width at which its copy of the
+# positives fits without spills.
 CANDIDATES = [
     ("fused", 8, DEFAULT, DEFAULT, "tma"),
     ("fused", 8, DEFAULT, DEFAULT, "pointers"),
@@ -53,6 +56,12 @@ FP32_CANDIDATES = [
 ]
 
 
+def forward_tiles(tiles: tuple) -> launch.TileConfig:
+    """A forward candidate's TileConfig, its masked launch 64 columns wide (or narrower)."""
+    cfg = launch.TileConfig(*tiles)
+    return dataclasses.replace(cfg, masked_block_j=cfg.masked_block_j or min(64, cfg.block_j))
+
+
 def fwd_bwd(src, trg, pos_idx):
     loss, reg = nce_loss(src, trg, pos_idx, backend="triton")
     return torch.autograd.grad(loss + reg, (src, trg))
@@ -79,7 +88,7 @@ def main(argv=None):
                 CANDIDATES if dtype != torch.float32 else FP32_CANDIDATES
             ):
                 label = f"{strategy}/{parts}, {fwd_tiles}, {grad_tiles}, {loads}"
-                tiles = dict(fwd=launch.TileConfig(*fwd_tiles), grad=launch.TileConfig(*grad_tiles))
+                tiles = dict(fwd=forward_tiles(fwd_tiles), grad=launch.TileConfig(*grad_tiles))
                 try:
                     with launch.pinned(score=strategy, chunks=parts, tiles=tiles, operands=loads):
                         with torch.no_grad():

@@ -37,7 +37,7 @@ SHAPES = [  # (N, M, L, D, pos): odd D, L in 1/25/49/70, M*L off the block size,
     (4, 1, 5, 16, "random"),
     (13, 6, 25, 20, "random"),
     (40, 40, 25, 24, "arange"),  # several splits in the forward and several chunks in the backward
-    (3, 4, 70, 9, "random"),  # L > 64: the merge kernel's positives take two blocks of locations
+    (3, 4, 70, 9, "random"),  # L > 64: the merge kernel's losses take two blocks of locations
 ]
 @pytest.mark.parametrize("options", KERNEL_OPTIONS, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
@@ -51,6 +51,27 @@ def test_triton_float32(shape, options, strategy):
 def test_triton_half_precision(shape, dtype):
     n, m, l, d, pos = shape
     run_case(make_case(n, m, l, d, pos=pos, dtype=dtype, device=DEVICE), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(7, 7, 49, 33, "arange"), (13, 6, 25, 20, "random"), (37, 37, 1, 70, "arange"),
+                                   (3, 4, 70, 9, "random"), (40, 40, 25, 24, "arange")], ids=str)
+def test_triton_positives_are_the_raw_scores(shape, dtype, strategy):
+    """The forward's masked launch copies every positive's raw score out of the tile that
+    holds it (three bfloat16 parts through a selection product): each one is there, to
+    float32's accuracy. The bound: 1e-5 (about 100 float32 ulps) of Cauchy-Schwarz's
+    bound on |a|; a positive never written would be whatever the buffer held."""
+    from amdim_kernels.triton_nce import launch
+
+    n, m, l, d, pos = shape
+    case = make_case(n, m, l, d, pos=pos, dtype=dtype, device=DEVICE)
+    pos_idx = torch.arange(n, device=DEVICE) if case.pos_idx is None else case.pos_idx
+    scale = d ** -0.5
+    stats = launch.forward(case.src, case.trg, pos_idx, 20.0, scale, strategy)
+    src, own = case.src.double(), case.trg[pos_idx].double()
+    truth = scale * torch.einsum("nd,nld->nl", src, own)
+    bound = scale * src.norm(dim=1)[:, None] * own.norm(dim=2)
+    assert ((stats.a_pos.double() - truth).abs() <= 1e-5 * bound).all()
 
 
 @pytest.mark.parametrize("column_bytes", [0, 256, 4096])

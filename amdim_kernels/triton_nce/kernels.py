@@ -12,15 +12,15 @@ are split across programs so that a few hundred programs fill the GPU even when 
 Each program streams its columns tile by tile and keeps three per-row partials: the sum of
 a^2, and the sum of exp(s - shift) over the negatives with its shift (a running maximum, or
 the constant tclip with clipping: s < tclip so exp(s - tclip) <= 1 never overflows).
-The score loop stores nothing per element. A tile that holds none of its rows' own images
-and lies wholly inside the chunk (most tiles, when pos_idx is a run of images as in the
-trainer) needs no mask at all; such tiles and the others go to two launches of the kernel,
-each compiled with its path only, which keeps the unmasked one small (128 registers on
-sm_90). The K-loop's operands come through TMA tensor descriptors where the GPU and their
-alignment allow (launch.operand_loads), else through pointers (_score_tile). The merge
-kernel, one program per row, folds the row's partials in slot order (deterministic),
-computes its L positive scores directly (one dot product of length D each: N*L*D work,
-1/M of the score loop's), and gives
+A tile that holds none of its rows' own images and lies wholly inside the chunk (most
+tiles, when pos_idx is a run of images as in the trainer) needs no mask at all; such tiles
+and the others go to two launches of the kernel, each compiled with its path only, which
+keeps the unmasked one small (128 registers on sm_90). The unmasked tiles store nothing
+per element; the masked ones also copy out the positives' raw scores a (N, L) that lie in
+them (_store_positives), so no pass reads the own images a second time. The K-loop's
+operands come through TMA tensor descriptors where the GPU and their alignment allow
+(launch.operand_loads), else through pointers (_score_tile). The merge kernel, one program
+per row, folds the row's partials in slot order (deterministic) and gives
 
     neg_lse[i] = log sum_{j negative} exp(s[i, j])
     loss[i, l] = -nce[i, l] = log(exp(pos) + exp(neg_lse)) - pos = softplus(neg_lse - pos)
@@ -32,7 +32,7 @@ gradient of loss[i, l], SPEC's gradients become
     dL/ds at a positive (i, (p_i, l)) = -w[i, l] * sig[i, l]                  (gpos)
     dL/ds at a negative (i, j)        = R[i] * exp(s[i, j] - neg_lse[i]),  R[i] = sum_l w * sig
 
-(exp(s - neg_lse) <= 1 for every negative, so neither form can overflow). The merge kernel
+(exp(s - neg_lse) <= 1 for every negative, so neither form can overflow). The forward
 saves the positives' raw scores a (N, L) for this. The factor kernel forms R and G at the
 positives, scale * (gpos * ds/da + 2 grad_sq * a) (N, L): the positives are N*L entries of
 G, so their whole value is made once, here. The tile kernel, one launch per chunk of
@@ -206,16 +206,67 @@ def _score_tile(
 
 
 @triton.jit
+def _select_dot(part, e, acc, UPCAST: tl.constexpr):
+    """acc + part @ e for a bfloat16 part of Y and the 0/1 matrix E (_store_positives)."""
+    if UPCAST:  # the CPU interpreter's dot is wrong on 16-bit tiles; the part is exact in float32
+        return tl.dot(part.to(tl.float32), e.to(tl.float32), acc)
+    return tl.dot(part, e, acc)
+
+
+@triton.jit
+def _store_positives(a, row0, p, j0, chunk_end, N, L, a_pos_ptr,
+                     BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_L: tl.constexpr, UPCAST: tl.constexpr):
+    """Copy the positives that lie in this tile, a[i, (p_i, l)], to a_pos[i, l].
+
+    Stored element by element, the accumulator would leave its MMA layout, and that
+    spills. So the positives come out as a product, as FlashAttention gets P out for P @ V:
+    Y @ E, where Y is a at the row's own image's columns (0 elsewhere) and E[j, l] = 1
+    where column j is location l of its image. Each (i, l) sums one term at most: the
+    product only selects. Y goes in as three bfloat16 parts, hi + mid + lo (each the
+    rounding of what the earlier parts left), which carry float32's 24 bits: the sum of the
+    three products is Y's float32 value. BLOCK_L locations a step (16: no spills at
+    (128, 64) tiles on sm_90, benchmarks/RESULTS.md). A positive lies in exactly one tile,
+    so each is stored once. Offsets are int32 from the row block's first row (N*L < 2^31
+    per block), which keeps the store's addresses out of 64-bit registers.
+    """
+    cols = j0 + tl.arange(0, BLOCK_J)
+    img = cols // L
+    loc = cols - img * L  # column j's location in its image
+    own = img[None, :] == p.to(tl.int32)[:, None]  # (padded rows have p = -1: none)
+    # where row i's positives begin, relative to the tile, kept within int32's range
+    first = tl.minimum(tl.maximum(p.to(tl.int64) * L - j0, -BLOCK_J - L), BLOCK_J).to(tl.int32)
+    width = tl.minimum(BLOCK_J, chunk_end - j0)  # the tile's columns inside the chunk
+    local_rows = tl.arange(0, BLOCK_N)
+    rows_ok = row0 + local_rows < N
+    block_pos = a_pos_ptr + row0.to(tl.int64) * L
+    for l0 in range(0, L, BLOCK_L):
+        ls = l0 + tl.arange(0, BLOCK_L)
+        e = tl.where(loc[:, None] == ls[None, :], 1.0, 0.0).to(tl.bfloat16)
+        y = tl.where(own, a, 0.0)
+        part = y.to(tl.bfloat16)  # hi
+        pos = _select_dot(part, e, tl.zeros((BLOCK_N, BLOCK_L), dtype=tl.float32), UPCAST)
+        y -= part.to(tl.float32)  # exact: what hi left of y
+        part = y.to(tl.bfloat16)  # mid
+        pos = _select_dot(part, e, pos, UPCAST)
+        y -= part.to(tl.float32)
+        pos = _select_dot(y.to(tl.bfloat16), e, pos, UPCAST)  # lo
+        col = first[:, None] + ls[None, :]  # column of positive (i, l), relative to the tile
+        here = rows_ok[:, None] & (ls < L)[None, :] & (col >= 0) & (col < width)
+        tl.store(block_pos + (local_rows[:, None] * L + ls[None, :]), pos, mask=here)
+
+
+@triton.jit
 def _fold_tile(
-    row0, j0, p, sq, neg_sum, shift,
+    row0, j0, p, p_lo, p_hi, sq, neg_sum, shift, a_pos_ptr,
     src, trg, scores_ptr, stride_scores, chunk_begin, chunk_end,
     N, L, D, stride_sn, stride_sd, stride_tm, stride_tl, stride_td, scale, tclip,
     CLIP: tl.constexpr, MASKED: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, FROM_SCORES: tl.constexpr, EVEN_K: tl.constexpr,
     TMA: tl.constexpr,
 ):
-    """Score the tile of columns [j0, j0 + BLOCK_J) and fold it into the row partials."""
+    """Score the tile of columns [j0, j0 + BLOCK_J) and fold it into the row partials; a
+    masked tile that holds own images also stores their positives (_store_positives)."""
     a = _score_tile(
         src, trg, scores_ptr, stride_scores, chunk_begin, chunk_end,
         row0, j0, N, L, D,
@@ -229,11 +280,13 @@ def _fold_tile(
     else:
         x = a  # s = a
     if MASKED:
-        # the row's own image is excluded (its positives are the merge kernel's)
+        # the row's own image is excluded from the negatives (its positives are stored)
         cols = j0 + tl.arange(0, BLOCK_J)
         img = cols // L
         is_neg = (img[None, :] != p[:, None]) & (cols < chunk_end)[None, :]
         neg_sum, shift = _add_negatives(x, is_neg, neg_sum, shift, CLIP, True)
+        if _holds_own_images(j0, tl.minimum(j0 + BLOCK_J, chunk_end), L, p_lo, p_hi):
+            _store_positives(a, row0, p, j0, chunk_end, N, L, a_pos_ptr, BLOCK_N, BLOCK_J, BLOCK_L, UPCAST)
     else:
         # no masks (padded rows score too, but their partials are never stored)
         neg_sum, shift = _add_negatives(x, x, neg_sum, shift, CLIP, False)
@@ -245,6 +298,7 @@ def nce_fwd_kernel(
     src, trg,  # pointers, or with TMA tensor descriptors (_score_tile)
     pos_idx_ptr,
     part_sum_ptr, part_max_ptr, part_sq_ptr,  # (SPLITS, N) float32 out: per-split row partials
+    a_pos_ptr,  # (N, L) float32 out: the positives' raw scores (stored by the masked launch)
     scores_ptr, stride_scores,  # FROM_SCORES: (N, chunk) float32 unscaled dot products
     chunk_begin, chunk_end, split_base,  # this launch's columns, and its first split's index
     N, L, D,
@@ -252,15 +306,19 @@ def nce_fwd_kernel(
     cols_per_split,  # a multiple of BLOCK_J, so no tile straddles two splits
     scale, tclip,
     CLIP: tl.constexpr, MASKED: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr,
+    PLAIN_J: tl.constexpr,  # the plain launch's BLOCK_J: tiles are sorted at this width
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     FROM_SCORES: tl.constexpr, EVEN_K: tl.constexpr, TMA: tl.constexpr,
 ):
-    """Two launches share the chunk's tiles, each compiled with one path only (the two
-    paths in one kernel need 200+ registers; the unmasked one alone fits in 128, leaving
-    room for a second program per SM whose products overlap this one's epilogue):
+    """Two launches share the chunk's tiles of PLAIN_J columns, each compiled with one path
+    only (the two paths in one kernel need 200+ registers; the unmasked one alone fits in
+    128, leaving room for a second program per SM whose products overlap this one's
+    epilogue):
     MASKED = False: the plain tiles (_plain_tile) of the program's contiguous split;
-    MASKED = True: every other tile, dealt out to the splits in turn."""
+    MASKED = True: every other tile, dealt out to the splits in turn, scored BLOCK_J
+    columns at a time (PLAIN_J a multiple of BLOCK_J): narrower tiles leave the registers
+    that copying the positives out takes."""
     row0 = tl.program_id(0) * BLOCK_N
     split = tl.program_id(1)
     rows = row0 + tl.arange(0, BLOCK_N)
@@ -286,12 +344,13 @@ def nce_fwd_kernel(
         t_step = 1
     for t in range(t_begin, t_end, t_step):
         j0 = chunk_begin + t * BLOCK_J
-        if _plain_tile(j0, j0 + BLOCK_J, chunk_end, L, p_lo, p_hi) != MASKED:
+        sort0 = chunk_begin + (t * BLOCK_J // PLAIN_J) * PLAIN_J  # the PLAIN_J tile j0 lies in
+        if _plain_tile(sort0, sort0 + PLAIN_J, chunk_end, L, p_lo, p_hi) != MASKED:
             sq, neg_sum, shift = _fold_tile(
-                row0, j0, p, sq, neg_sum, shift,
+                row0, j0, p, p_lo, p_hi, sq, neg_sum, shift, a_pos_ptr,
                 src, trg, scores_ptr, stride_scores, chunk_begin, chunk_end,
                 N, L, D, stride_sn, stride_sd, stride_tm, stride_tl, stride_td, scale, tclip,
-                CLIP, MASKED, BLOCK_N, BLOCK_J, BLOCK_K, DOT_PRECISION, UPCAST, FROM_SCORES, EVEN_K, TMA,
+                CLIP, MASKED, BLOCK_N, BLOCK_J, BLOCK_K, BLOCK_L, DOT_PRECISION, UPCAST, FROM_SCORES, EVEN_K, TMA,
             )
 
     out = (split_base + split).to(tl.int64) * N + rows
@@ -302,15 +361,13 @@ def nce_fwd_kernel(
 
 @triton.jit
 def nce_merge_kernel(
-    src_ptr, trg_ptr, pos_idx_ptr,
     part_sum_ptr, part_max_ptr, part_sq_ptr,  # (SPLITS, N) float32: the forward's partials
-    a_pos_ptr, loss_ptr,  # (N, L) float32 out: raw positive scores a, softplus(neg_lse - pos)
+    a_pos_ptr,  # (N, L) float32: the positives' raw scores a (the masked launch's)
+    loss_ptr,  # (N, L) float32 out: softplus(neg_lse - pos)
     neg_lse_ptr, sq_ptr,  # (N,) float32 out
-    N, L, D,
-    stride_sn, stride_sd, stride_tm, stride_tl, stride_td,
-    SPLITS, scale, tclip,
+    N, L, SPLITS, tclip,
     CLIP: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     i = tl.program_id(0)  # one row per program
 
@@ -338,33 +395,18 @@ def nce_merge_kernel(
     neg_lse = row_max + tl.log(tl.sum(neg_sum * tl.exp(shift - safe_max), axis=0))
     sq_row = tl.sum(sq, axis=0)
 
-    # The row's positives: pos[i, l] = soft_clip(scale * <src[i], trg[p_i, l]>), L dot
-    # products of length D accumulated in float32 (int64 offsets, as in _score_tile),
-    # BLOCK_L locations at a time.
-    p = tl.load(pos_idx_ptr + i).to(tl.int64)
-    src_row = src_ptr + i.to(tl.int64) * stride_sn
+    # The row's losses from its positives pos = soft_clip(a), BLOCK_L locations at a time
     for l0 in range(0, L, BLOCK_L):
         ls = l0 + tl.arange(0, BLOCK_L)
         l_ok = ls < L
-        trg_img = trg_ptr + p * stride_tm + ls.to(tl.int64)[:, None] * stride_tl
-        dots = tl.zeros((BLOCK_L,), dtype=tl.float32)
-        for k0 in range(0, D, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = k < D
-            x = tl.load(src_row + k.to(tl.int64) * stride_sd, mask=k_ok, other=0.0).to(tl.float32)
-            t = tl.load(trg_img + k.to(tl.int64)[None, :] * stride_td, mask=l_ok[:, None] & k_ok[None, :], other=0.0)
-            dots += tl.sum(t.to(tl.float32) * x[None, :], axis=1)
-        a_pos = dots * scale
-        pos = _soft_clip(a_pos, tclip, CLIP)
-
+        off = i.to(tl.int64) * L + ls
+        pos = _soft_clip(tl.load(a_pos_ptr + off, mask=l_ok, other=0.0), tclip, CLIP)
         x = neg_lse - pos
         # stable softplus; x = -inf gives 0
         loss = tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
         # A non-finite score must give NaN, but tanh maps +-inf to +-tclip; the row's sum of
         # a^2 is finite exactly when all its scores are, and 0 * inf = NaN.
         loss += 0.0 * sq_row
-        off = i.to(tl.int64) * L + ls
-        tl.store(a_pos_ptr + off, a_pos, mask=l_ok)
         tl.store(loss_ptr + off, loss, mask=l_ok)
     tl.store(neg_lse_ptr + i, neg_lse)
     tl.store(sq_ptr + i, sq_row)

@@ -15,6 +15,7 @@ alignment rules (`tma_ready`); else "pointers", per-thread addresses and cp.asyn
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -44,6 +45,9 @@ CHUNK_PARTS = 8
 # on 4 GPUs 1 where they took 2; the single-GPU problem keeps its 8. csrc/nce_cuda.cpp's
 # images_per_chunk applies the same rule.
 MIN_CHUNK_BYTES = 8 << 20
+# Locations a step of the forward's copy of the positives (kernels._store_positives): the
+# product's N, so at least tl.dot's 16; more spills at (128, 64) tiles on sm_90.
+SELECT_LOCATIONS = 16
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,15 @@ class TileConfig:
     # ptxas register cap of the forward's unmasked launch, or of the G kernel (None: ptxas
     # decides); 128 with 256 threads lets two programs share an SM
     plain_max_registers: int | None = None
+    # the forward's masked launch scores its tiles this many columns at a time (a divisor of
+    # block_j; None: block_j): narrower tiles leave the registers that copying the positives
+    # out of them takes (kernels._store_positives)
+    masked_block_j: int | None = None
+
+    @property
+    def masked(self) -> TileConfig:
+        """The tiles of the forward's masked launch."""
+        return dataclasses.replace(self, block_j=self.masked_block_j or self.block_j)
 
 
 # kernel -> TileConfig pinned by a benchmark (`pinned(tiles=...)`); empty: the defaults
@@ -78,12 +91,16 @@ def tile_config(dtype: torch.dtype, d: int, kernel: str) -> TileConfig:
     if kernel in pinned_tiles:
         return pinned_tiles[kernel]
     if triton_interpreting():
-        # the interpreter pays per program and per loop step: few, large tiles
-        return TileConfig(32, 64, min(64, max(16, next_power_of_2(d))), 4, 1)
+        # the interpreter pays per program and per loop step: few, large tiles (the masked
+        # ones scored in halves, as on a GPU)
+        return TileConfig(32, 64, min(64, max(16, next_power_of_2(d))), 4, 1, masked_block_j=32)
     if dtype == torch.float32:
-        return TileConfig(64, 128, 32, 8, 3)
-    # 96 KiB of shared memory and at most 128 registers a thread: two programs per SM
-    return TileConfig(128, 128, 64, 8, 3, plain_max_registers=128)
+        return TileConfig(64, 128, 32, 8, 3, masked_block_j=64)
+    # 96 KiB of shared memory and at most 128 registers a thread: two programs per SM. The
+    # masked launch copies the positives out: at (128, 64) that fits 255 registers without
+    # spills, at (128, 128) it spills (benchmarks/RESULTS.md, session 9; float32 likewise at
+    # (64, 64) against (64, 128))
+    return TileConfig(128, 128, 64, 8, 3, plain_max_registers=128, masked_block_j=64)
 
 
 @contextlib.contextmanager
@@ -231,7 +248,7 @@ def _tile_constants(src: torch.Tensor, cfg: TileConfig, from_scores: bool, tclip
         source_args(src),
         BLOCK_N=cfg.block_n, BLOCK_J=cfg.block_j, BLOCK_K=cfg.block_k,
         DOT_PRECISION=dot_precision(src.dtype),
-        UPCAST=triton_interpreting() and src.dtype != torch.float32,
+        UPCAST=triton_interpreting(),  # 16-bit dots in float32 (a no-op for float32 tiles)
         FROM_SCORES=from_scores, EVEN_K=d % cfg.block_k == 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, scale=scale, **_clip_args(tclip),
     )
@@ -354,13 +371,6 @@ def _location_block(l: int) -> int:
     return min(64, next_power_of_2(l))
 
 
-def merge_blocks(l: int, d: int) -> tuple[int, int]:
-    """(BLOCK_L, BLOCK_K) of the merge kernel, one row a program: its positive dot products
-    take tiles of at most 64 locations and about 4096 elements."""
-    block_l = _location_block(l)
-    return block_l, max(16, min(next_power_of_2(d), 4096 // block_l))
-
-
 def forward(src, trg, pos_idx, tclip: float | None, scale: float, strategy: str) -> ForwardStats:
     n, d = src.shape
     m, l, _ = trg.shape
@@ -380,37 +390,37 @@ def forward(src, trg, pos_idx, tclip: float | None, scale: float, strategy: str)
     splits = [_split(c, row_blocks, cfg, sms) for _, c in chunks]
 
     # each chunk's tiles go to two launches (nce_fwd_kernel): the unmasked tiles, then the
-    # rest; each writes a slot of partials per split
+    # rest, which also store the positives' raw scores in a_pos; each launch writes a slot
+    # of partials per split
     total = 2 * sum(s for s, _ in splits)
     part_sum = torch.empty(total, n, **f32)
     part_max = torch.empty(total, n, **f32)
     part_sq = torch.empty(total, n, **f32)
+    a_pos = torch.empty(n, l, **f32)
     src_desc = _src_descriptor(src, cfg, from_scores)
-    fixed = _tile_constants(src, cfg, from_scores, tclip, scale)
-    register_cap = _register_cap(cfg)
+    fixed = dict(_tile_constants(src, cfg, from_scores, tclip, scale), BLOCK_L=SELECT_LOCATIONS, PLAIN_J=cfg.block_j)
+    launches = ((False, cfg, dict(fixed, **_register_cap(cfg))),
+                (True, cfg.masked, dict(fixed, BLOCK_J=cfg.masked.block_j)))
     split_base = 0
     for (c0, c), (n_splits, per_split) in zip(chunks, splits):
         images = chunk_images(trg, c0, c)
-        operands, own = _chunk_operands(src, src_desc, images, cfg)
         scores = _chunk_scores(src, images) if from_scores else part_sum  # part_sum: unused placeholder
-        for masked in (False, True):
+        for masked, tiles, constants in launches:
+            operands, own = _chunk_operands(src, src_desc, images, tiles)
             nce_fwd_kernel[(row_blocks, n_splits)](
-                *operands, pos_idx, part_sum, part_max, part_sq,
+                *operands, pos_idx, part_sum, part_max, part_sq, a_pos,
                 scores, scores.stride(0), c0, c0 + c, split_base,
-                cols_per_split=per_split, MASKED=masked, **own, **fixed, **({} if masked else register_cap),
+                cols_per_split=per_split, MASKED=masked, **own, **constants,
             )
             split_base += n_splits
         del images, scores, operands
 
-    a_pos = torch.empty(n, l, **f32)
     loss = torch.empty(n, l, **f32)
     neg_lse = torch.empty(n, **f32)
     sq = torch.empty(n, **f32)
-    block_l, block_k = merge_blocks(l, d)
     nce_merge_kernel[(n,)](
-        src, trg, pos_idx, part_sum, part_max, part_sq, a_pos, loss, neg_lse, sq,
-        **shape_args(src, trg), SPLITS=total, scale=scale, **_clip_args(tclip),
-        BLOCK_S=32, BLOCK_L=block_l, BLOCK_K=block_k,
+        part_sum, part_max, part_sq, a_pos, loss, neg_lse, sq, n, l, SPLITS=total, **_clip_args(tclip),
+        BLOCK_S=32, BLOCK_L=_location_block(l),
     )
     return ForwardStats(loss, a_pos, neg_lse, sq)
 
