@@ -74,6 +74,16 @@ def test_triton_positives_are_the_raw_scores(shape, dtype, strategy):
     assert ((stats.a_pos.double() - truth).abs() <= 1e-5 * bound).all()
 
 
+def test_masked_tiles_must_divide_the_sorting_tiles():
+    """The masked launch's narrower tiles must not straddle two of the tiles both launches
+    sort by (kernels.nce_fwd_kernel's PLAIN_J)."""
+    from amdim_kernels.triton_nce import launch
+
+    assert launch.TileConfig(128, 128, 64, 8, 3, masked_block_j=32).masked.block_j == 32
+    with pytest.raises(ValueError, match="masked_block_j must divide block_j = 128, got 48"):
+        launch.TileConfig(128, 128, 64, 8, 3, masked_block_j=48)
+
+
 @pytest.mark.parametrize("column_bytes", [0, 256, 4096])
 @pytest.mark.parametrize("n, m, l", [(200, 200, 49), (128, 1024, 49), (1024, 1024, 49), (5, 3, 7), (64, 1, 1)])
 def test_chunks_are_even_whole_images(n, m, l, column_bytes):

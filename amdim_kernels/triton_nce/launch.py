@@ -65,6 +65,10 @@ class TileConfig:
     # out of them takes (kernels._store_positives)
     masked_block_j: int | None = None
 
+    def __post_init__(self):
+        if self.masked_block_j is not None and self.block_j % self.masked_block_j:
+            raise ValueError(f"masked_block_j must divide block_j = {self.block_j}, got {self.masked_block_j}")
+
     @property
     def masked(self) -> TileConfig:
         """The tiles of the forward's masked launch."""
