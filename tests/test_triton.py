@@ -401,20 +401,50 @@ def test_triton_gpu_operand_loads(shape, dtype, loads):
         run_case(case, dtype, truth=float64_truth(case))
 
 
+@pytest.fixture
+def tf32_settings():
+    """Restores torch's float32 matmul settings (both APIs) after the test."""
+    matmul = torch.backends.cuda.matmul
+    saved = torch.backends.fp32_precision, matmul.fp32_precision
+    yield
+    torch.backends.fp32_precision, matmul.fp32_precision = saved
+
+
+# Ways to switch TF32 on or off for float32 matmuls (torch's legacy and newer APIs), and
+# whether each lets cuBLAS use TF32.
+TF32_SWITCHES = [
+    ("torch.backends.cuda.matmul.allow_tf32 = True", True),
+    ("torch.backends.cuda.matmul.allow_tf32 = False", False),
+    ("torch.set_float32_matmul_precision('high')", True),
+    ("torch.backends.cuda.matmul.fp32_precision = 'tf32'", True),
+    ("torch.backends.cuda.matmul.fp32_precision = 'ieee'", False),
+    ("torch.backends.fp32_precision = 'tf32'", True),
+]
+
+
+@pytest.mark.parametrize("switch, tf32", TF32_SWITCHES, ids=[code for code, _ in TF32_SWITCHES])
+def test_triton_reads_every_tf32_switch(switch, tf32, tf32_settings):
+    """Every way torch offers to set TF32 is read right, and none makes the float32 call
+    fail: once the newer API has set TF32, reading the legacy allow_tf32 raises."""
+    from amdim_kernels.triton_nce import launch
+
+    exec(switch)
+    assert launch.tf32_allowed() == tf32
+    run_case(make_case(5, 5, 3, 17, device=DEVICE), torch.float32)
+
+
 @pytest.mark.gpu
-def test_triton_gpu_tf32_follows_torch_switch():
+@pytest.mark.parametrize("api", ["legacy", "newer"])
+def test_triton_gpu_tf32_follows_torch_switch(api, tf32_settings):
     case = make_case(256, 256, 25, 512, device="cuda")
     truth = float64_truth(case)
-    old = torch.backends.cuda.matmul.allow_tf32
-    try:
-        torch.backends.cuda.matmul.allow_tf32 = True
+    for tf32, err in ((True, 1e-3), (False, 1e-5)):
+        if api == "legacy":
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+        else:
+            torch.backends.cuda.matmul.fp32_precision = "tf32" if tf32 else "ieee"
         got = outputs_and_grads(nce_loss, case, backend="triton")
-        assert rel_err(got[0], truth[0]) < 1e-3
-        torch.backends.cuda.matmul.allow_tf32 = False
-        got = outputs_and_grads(nce_loss, case, backend="triton")
-        assert rel_err(got[0], truth[0]) < 1e-5
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
+        assert rel_err(got[0], truth[0]) < err
 
 
 @pytest.mark.parametrize("options", [dict(), dict(tclip=None, reduction="none")], ids=str)

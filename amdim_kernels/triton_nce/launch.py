@@ -157,9 +157,21 @@ def _num_sms(device: torch.device) -> int:
     return 1  # interpreter: a few splits and chunks exercise the merge without slowing CI
 
 
+def tf32_allowed() -> bool:
+    """Whether torch lets float32 matmuls on CUDA use TF32, as cuBLAS reads it. torch 2.9+
+    has a newer setting (torch.backends.fp32_precision and .cuda.matmul.fp32_precision,
+    "tf32" or "ieee", the matmul one inheriting the global one), and once it has set TF32,
+    reading the legacy allow_tf32 raises. So: the newer one where it is set, else the
+    legacy one."""
+    precision = getattr(torch.backends.cuda.matmul, "fp32_precision", "none")
+    if precision in ("tf32", "ieee"):
+        return precision == "tf32"
+    return torch.backends.cuda.matmul.allow_tf32
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """Triton's dot precision for float32 follows torch's TF32 switch, as cuBLAS does."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not triton_interpreting():
+    if dtype == torch.float32 and not triton_interpreting() and tf32_allowed():
         return "tf32"
     return "ieee"
 
