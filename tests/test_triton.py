@@ -305,6 +305,8 @@ def test_triton_is_deterministic():
         assert torch.equal(a, b)
 
 
+# the interpreter computes with numpy, which warns where inf - inf or inf * 0 makes a NaN
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 @pytest.mark.parametrize("where", ["src", "trg"])
 @pytest.mark.parametrize("tclip", [20.0, None])
