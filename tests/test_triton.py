@@ -405,11 +405,16 @@ def test_triton_gpu_operand_loads(shape, dtype, loads):
 
 @pytest.fixture
 def tf32_settings():
-    """Restores torch's float32 matmul settings (both APIs) after the test."""
+    """Restores torch's float32 matmul settings after the test, in the one order found to
+    leave both APIs consistent (global newer setting, float32 matmul precision, matmul's
+    newer setting): restoring the newer settings alone leaves the legacy flag unreadable."""
     matmul = torch.backends.cuda.matmul
-    saved = torch.backends.fp32_precision, matmul.fp32_precision
+    saved = torch.backends.fp32_precision, torch.get_float32_matmul_precision(), matmul.fp32_precision
     yield
-    torch.backends.fp32_precision, matmul.fp32_precision = saved
+    torch.backends.fp32_precision = saved[0]
+    torch.set_float32_matmul_precision(saved[1])
+    matmul.fp32_precision = saved[2]
+    assert not matmul.allow_tf32 or saved[1] != "highest"  # readable again, and as it was
 
 
 # Ways to switch TF32 on or off for float32 matmuls (torch's legacy and newer APIs), and

@@ -166,7 +166,10 @@ def tf32_allowed() -> bool:
     precision = getattr(torch.backends.cuda.matmul, "fp32_precision", "none")
     if precision in ("tf32", "ieee"):
         return precision == "tf32"
-    return torch.backends.cuda.matmul.allow_tf32
+    try:
+        return torch.backends.cuda.matmul.allow_tf32
+    except RuntimeError:  # the two APIs were mixed and torch refuses to say: full float32
+        return False
 
 
 def dot_precision(dtype: torch.dtype) -> str:
