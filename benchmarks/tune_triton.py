@@ -40,6 +40,7 @@ CANDIDATES = [
     # each (one per SM, though two fit under the cap); 2 chunks give 196, 1 gives 392
     ("fused", 2, DEFAULT, DEFAULT, "tma"),
     ("fused", 1, DEFAULT, DEFAULT, "tma"),
+    ("fused", 8, DEFAULT + (32,), DEFAULT, "tma"),  # the masked launch 32 columns wide
     ("fused", 8, (128, 256, 64, 8, 3), DEFAULT, "tma"),
     ("fused", 8, (128, 256, 64, 8, 4), DEFAULT, "tma"),
     ("fused", 8, (64, 256, 64, 4, 3), DEFAULT, "tma"),
