@@ -23,10 +23,14 @@ _kept: dict[tuple[torch.device, int, int, int], torch.Tensor] = {}
 _kept_elements = 0
 
 
+def capturing(x: torch.Tensor) -> bool:
+    """Whether x is a CUDA tensor and the current stream is capturing a CUDA graph
+    (torch.cuda.graph), where a device-to-host read is an error and kernels do not run."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def _may_keep(like: torch.Tensor) -> bool:
-    if torch.compiler.is_compiling() or type(like) is not torch.Tensor:
-        return False
-    return not (like.is_cuda and torch.cuda.is_current_stream_capturing())
+    return not (torch.compiler.is_compiling() or type(like) is not torch.Tensor or capturing(like))
 
 
 def range_indices(r: range, like: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .indices import range_indices
+from .indices import capturing, range_indices
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 REDUCTIONS = ("mean", "none")
@@ -78,12 +78,6 @@ def _range_indices(pos_idx: range, n: int, m: int, like: torch.Tensor) -> torch.
     return range_indices(pos_idx, like)
 
 
-def _capturing(x: torch.Tensor) -> bool:
-    """Whether x is a CUDA tensor and the current stream is capturing a CUDA graph
-    (torch.cuda.graph), where a device-to-host read is an error."""
-    return x.is_cuda and torch.cuda.is_current_stream_capturing()
-
-
 def validate(
     src: torch.Tensor,
     trg: torch.Tensor,
@@ -122,7 +116,7 @@ def validate(
             raise TypeError(f"pos_idx must have an integer dtype, got {pos_idx.dtype}")
         if pos_idx.device != src.device:
             raise ValueError(f"pos_idx must be on src's device {src.device}, got {pos_idx.device}")
-        if torch.compiler.is_compiling() or _capturing(pos_idx):
+        if torch.compiler.is_compiling() or capturing(pos_idx):
             # neither a compiled graph nor a CUDA graph being captured can read values back to
             # the host: the check runs on the device instead, and fails when the graph runs
             # (RuntimeError, same message)

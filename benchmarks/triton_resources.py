@@ -119,7 +119,7 @@ def compile_resources(kernel, args: dict, num_warps: int, num_stages: int, arch:
 
 
 def _shape_args(p: problems.Problem) -> dict:
-    """launch.shape_args of the problem's inputs as the kernels see them (shapes only: meta
+    """The kernels' size and stride arguments of the problem's inputs as the kernels see them (shapes only: meta
     tensors). launch.py hands them targets whose features are contiguous (copied chunk by
     chunk where they are not); a "feature-map" problem shows what its layout would compile
     to if read in place."""
@@ -128,7 +128,7 @@ def _shape_args(p: problems.Problem) -> dict:
         trg = torch.empty(p.m, p.l, p.d, device="meta")
     else:
         trg = torch.empty(p.m, p.d, p.l, device="meta").transpose(1, 2)
-    return launch.shape_args(src, trg)
+    return dict(launch.source_args(src), **launch.target_args(trg))
 
 
 def _loss_options(p: problems.Problem, clip: bool) -> dict:

@@ -218,11 +218,6 @@ def target_args(trg: torch.Tensor) -> dict:
     return dict(L=trg.shape[1], stride_tm=stride_tm, stride_tl=stride_tl, stride_td=stride_td)
 
 
-def shape_args(src: torch.Tensor, trg: torch.Tensor) -> dict:
-    """The kernels' size and stride arguments (N, L, D, stride_*)."""
-    return dict(source_args(src), **target_args(trg))
-
-
 def operand_loads(device: torch.device) -> str:
     """How the fused K-loop loads src and trg: the pinned way, else "tma" on GPUs of compute
     capability 9.0 and newer (the copy engine that tensor descriptors drive), "pointers"
@@ -418,8 +413,9 @@ def forward(src, trg, pos_idx, tclip: float | None, scale: float, strategy: str)
     a_pos = torch.empty(n, l, **f32)
     src_desc = _src_descriptor(src, cfg, from_scores)
     fixed = dict(_tile_constants(src, cfg, from_scores, tclip, scale), BLOCK_L=SELECT_LOCATIONS, PLAIN_J=cfg.block_j)
+    masked_cfg = cfg.masked
     launches = ((False, cfg, dict(fixed, **_register_cap(cfg))),
-                (True, cfg.masked, dict(fixed, BLOCK_J=cfg.masked.block_j)))
+                (True, masked_cfg, dict(fixed, BLOCK_J=masked_cfg.block_j)))
     split_base = 0
     for (c0, c), (n_splits, per_split) in zip(chunks, splits):
         images = chunk_images(trg, c0, c)
