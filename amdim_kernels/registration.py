@@ -5,7 +5,7 @@ backends "cpp" and "cuda") and the Triton backend's (`amdim_kernels::triton_nce_
 which torch.compile sees):
 
     fwd(src, trg, pos_idx, *options) -> loss (N, L), pos (N, L), neg_lse (N,), sq (N,)
-    bwd(src, trg, pos_idx, pos, neg_lse, grad_loss, grad_sq, *options, need_src, need_trg)
+    bwd(src, trg, pos_idx, pos, neg_lse, sq, grad_loss, grad_sq, *options, need_src, need_trg)
         -> dsrc (N, D) or (0, D), dtrg (M, L, D) or (0, L, D)
 
 `options` are the kernel options (tclip, scale, and for Triton the score strategy). `loss`
@@ -13,7 +13,8 @@ and `sq` (each row's sum of raw scores squared, whose total gives the regularise
 differentiable; `pos` and `neg_lse` are saved statistics, `pos` the positives' scores as
 the pair's bwd reads them: soft-clipped for the C++ ops, raw for Triton's (whose backward
 forms the clip again, and needs the raw score for the regulariser's gradient at the
-positives). With a fake implementation torch.compile traces each op as one opaque call,
+positives). bwd reads `sq` only for float16 inputs, as a bound on each row's |a| (the
+range of its float16 G, triton_nce/gradient_scale). With a fake implementation torch.compile traces each op as one opaque call,
 without a graph break.
 """
 from __future__ import annotations
@@ -31,7 +32,7 @@ def _fake_fwd(src, trg, pos_idx, *options):
     return src.new_empty(n, l, **f32), src.new_empty(n, l, **f32), src.new_empty(n, **f32), src.new_empty(n, **f32)
 
 
-def _fake_bwd(src, trg, pos_idx, pos, neg_lse, grad_loss, grad_sq, *options_and_needs):
+def _fake_bwd(src, trg, pos_idx, pos, neg_lse, sq, grad_loss, grad_sq, *options_and_needs):
     need_src, need_trg = options_and_needs[-2:]
     dsrc = src.new_empty(src.shape if need_src else (0, src.shape[1]))
     dtrg = trg.new_empty(trg.shape if need_trg else (0,) + tuple(trg.shape[1:]))
@@ -44,8 +45,8 @@ def autograd_formula(bwd: Callable) -> tuple[Callable, Callable]:
 
     def setup_context(ctx, inputs, output):
         src, trg, pos_idx, *options = inputs
-        _, pos, neg_lse, _ = output
-        ctx.save_for_backward(src, trg, pos_idx, pos, neg_lse)
+        _, pos, neg_lse, sq = output
+        ctx.save_for_backward(src, trg, pos_idx, pos, neg_lse, sq)
         ctx.options = options
         ctx.mark_non_differentiable(pos, neg_lse)
         # pos and neg_lse never get a gradient, and loss or sq may get none: without this
@@ -53,13 +54,13 @@ def autograd_formula(bwd: Callable) -> tuple[Callable, Callable]:
         ctx.set_materialize_grads(False)
 
     def backward(ctx, grad_loss, _grad_pos, _grad_neg_lse, grad_sq):
-        src, trg, pos_idx, pos, neg_lse = ctx.saved_tensors
+        src, trg, pos_idx, pos, neg_lse, sq = ctx.saved_tensors
         need_src, need_trg = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if grad_loss is None:
             grad_loss = torch.zeros_like(pos)
         if grad_sq is None:
             grad_sq = torch.zeros_like(neg_lse)
-        dsrc, dtrg = bwd(src, trg, pos_idx, pos, neg_lse, grad_loss.float().contiguous(),
+        dsrc, dtrg = bwd(src, trg, pos_idx, pos, neg_lse, sq, grad_loss.float().contiguous(),
                          grad_sq.float().contiguous(), *ctx.options, need_src, need_trg)
         return (dsrc if need_src else None), (dtrg if need_trg else None), None, *([None] * len(ctx.options))
 

@@ -98,7 +98,7 @@ def glue(p: problems.Problem = problems.SINGLE_GPU, reps: int = 200) -> None:
 
                     def backward_chunks():
                         chunks = launch.gradient_chunks(src, trg, pos_idx, per_row, per_row, g_pos, per_row, 20.0,
-                                                        p.d ** -0.5, torch.bfloat16, "fused")
+                                                        p.d ** -0.5, "fused")
                         return sum(1 for _ in chunks)
 
                     count = backward_chunks()
@@ -134,7 +134,7 @@ def python_path(calls: int = 3000) -> None:
         "nce_loss + autograd.grad, cpp": lambda: fwd_bwd(src, trg, None, "cpp"),
         "the two C++ ops called directly": lambda: (
             ops.nce_fwd(src.detach(), trg.detach(), pos_idx, 20.0, 8 ** -0.5),
-            ops.nce_bwd(src.detach(), trg.detach(), pos_idx, pos, neg_lse, *ones, 20.0, 8 ** -0.5, True, True)),
+            ops.nce_bwd(src.detach(), trg.detach(), pos_idx, pos, neg_lse, sq, *ones, 20.0, 8 ** -0.5, True, True)),
         "validate": lambda: validate(src, trg, None, 20.0, 0.05, None, "mean"),
     }
     print("CPU, float32, N = M = 4, L = 2, D = 8, one thread")

@@ -25,7 +25,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from amdim_kernels.triton_nce import function, kernels, launch
+from amdim_kernels.triton_nce import kernels, launch
 
 from . import problems
 
@@ -167,15 +167,14 @@ def forward_args(p: problems.Problem, dtype: torch.dtype, cfg: launch.TileConfig
 
 def grad_args(p: problems.Problem, dtype: torch.dtype, cfg: launch.TileConfig, clip: bool, tma: bool) -> dict:
     """nce_grad_tile_kernel's arguments for launch.gradient_chunks' first chunk."""
-    g_dtype = function.grad_dtype(dtype)
     trg = torch.empty(p.m, p.l, p.d, dtype=dtype, device="meta")
-    per_column = launch.column_bytes(p.n, trg, False, g_dtype)
+    per_column = launch.column_bytes(p.n, trg, False, backward=True)
     c = launch.chunk_columns(p.n, p.m, p.l, cfg, 132, per_column, launch.MIN_CHUNK_BYTES)
     return dict(
         _tile_args(p, dtype, cfg, clip, tma),
         neg_lse_ptr=torch.float32, r_ptr=torch.float32, g_pos_ptr=torch.float32, grad_sq_ptr=torch.float32,
-        g_ptr=g_dtype, stride_gn=c, scores_ptr=g_dtype, stride_scores=c, col_begin=0, C=c,
-        BLOCK_L=Const(launch.positives_block(p.l)),
+        g_ptr=dtype, stride_gn=c, g_scale_ptr=torch.float32, scores_ptr=dtype, stride_scores=c, col_begin=0, C=c,
+        BLOCK_L=Const(launch.positives_block(p.l)), SCALED=Const(dtype == torch.float16),
     )
 
 

@@ -151,8 +151,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> nce_fwd_cpu(const Tensor& src, const 
 }
 
 std::tuple<Tensor, Tensor> nce_bwd_cpu(const Tensor& src, const Tensor& trg, const Tensor& pos_idx,
-                                       const Tensor& pos, const Tensor& neg_lse, const Tensor& grad_loss,
-                                       const Tensor& grad_sq, std::optional<double> tclip_opt, double scale,
+                                       const Tensor& pos, const Tensor& neg_lse,
+                                       const Tensor& /*sq: only the CUDA backward's float16 G needs it*/,
+                                       const Tensor& grad_loss, const Tensor& grad_sq,
+                                       std::optional<double> tclip_opt, double scale,
                                        bool need_src, bool need_trg) {
   check_inputs(src, trg, pos_idx, at::kCPU);
   const NoAutocast no_autocast;  // the op computes in float32 itself; its inner matmuls must not be autocast

@@ -191,8 +191,9 @@ Tensor src_sum_in_tail(const Tensor& dtrg, int64_t N, int64_t D) {
 }  // namespace
 
 std::tuple<Tensor, Tensor> nce_bwd_cuda(const Tensor& src, const Tensor& trg, const Tensor& pos_idx,
-                                        const Tensor& pos, const Tensor& neg_lse, const Tensor& grad_loss,
-                                        const Tensor& grad_sq, std::optional<double> tclip_opt, double scale,
+                                        const Tensor& pos, const Tensor& neg_lse, const Tensor& sq,
+                                        const Tensor& grad_loss, const Tensor& grad_sq,
+                                        std::optional<double> tclip_opt, double scale,
                                         bool need_src, bool need_trg) {
   check_inputs(src, trg, pos_idx, at::kCUDA);
   const NoAutocast no_autocast;  // the op computes in float32 itself; its inner matmuls must not be autocast

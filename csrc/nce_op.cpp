@@ -29,8 +29,9 @@ TORCH_LIBRARY(amdim_kernels, m) {
   m.def("nce_fwd(Tensor src, Tensor trg, Tensor pos_idx, float? tclip, float scale) "
         "-> (Tensor loss, Tensor pos, Tensor neg_lse, Tensor sq)");
   // Gradients of sum(grad_loss * loss) + sum(grad_sq * sq) with respect to src and trg;
-  // an input whose need_* flag is false gets an empty tensor.
-  m.def("nce_bwd(Tensor src, Tensor trg, Tensor pos_idx, Tensor pos, Tensor neg_lse, Tensor grad_loss, "
+  // an input whose need_* flag is false gets an empty tensor. sq (the forward's) bounds each
+  // row's |a|, which the CUDA backward's float16 G needs for its scale.
+  m.def("nce_bwd(Tensor src, Tensor trg, Tensor pos_idx, Tensor pos, Tensor neg_lse, Tensor sq, Tensor grad_loss, "
         "Tensor grad_sq, float? tclip, float scale, bool need_src, bool need_trg) -> (Tensor dsrc, Tensor dtrg)");
 }
 

@@ -1,14 +1,15 @@
 """backend="triton" against the float64 truth, on the CPU interpreter (CI) and on a GPU.
 The criterion is tests/truth.py's assert_matches_truth."""
 import dataclasses
+import math
 
 import pytest
 import torch
 
 from amdim_kernels import available_backends, nce_loss
 from truth import (
-    KERNEL_OPTIONS, assert_captured_graph_matches_eager, assert_cuda_graph_replay_matches_eager, assert_matches_truth, float64_truth, make_case,
-    outputs_and_grads, rel_err)
+    EXTRA_TOL, KERNEL_OPTIONS, assert_captured_graph_matches_eager, assert_cuda_graph_replay_matches_eager, assert_matches_truth, float64_truth, make_case,
+    outputs_and_grads, rel_err, truth_of)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -51,6 +52,69 @@ def test_triton_float32(shape, options, strategy):
 def test_triton_half_precision(shape, dtype):
     n, m, l, d, pos = shape
     run_case(make_case(n, m, l, d, pos=pos, dtype=dtype, device=DEVICE), dtype)
+
+
+def _scaled_loss(factor):
+    """nce_loss with its outputs times `factor`, as a loss scaler scales them."""
+
+    def fn(*args, **kwargs):
+        loss, reg = nce_loss(*args, **kwargs)
+        return loss * factor, reg * factor
+
+    return fn
+
+
+@pytest.mark.parametrize("loss_scale", [2.0 ** -4, 1.0, 2.0 ** 16])
+def test_triton_float16_gradients_under_a_loss_scale(loss_scale):
+    """float16 G is stored times a power of two that the device finds from the gradient's
+    own bound (launch.gradient_scale), so a loss scaler's factor neither overflows G nor,
+    when small, flushes its entries to zero: d src and d trg keep float16's accuracy.
+    (Left unscaled, G's error here is 8e-3 at 2^-4, measured.)"""
+    case = make_case(40, 40, 25, 24, dtype=torch.float16, device=DEVICE)
+    truth = truth_of(case)
+    ref = outputs_and_grads(nce_loss, case, backend="reference")
+    got = outputs_and_grads(_scaled_loss(loss_scale), case, backend="triton")
+    for k in (2, 3):
+        assert torch.isfinite(got[k]).all(), k
+        e_got, e_ref = rel_err(got[k].double() / loss_scale, truth[k]), rel_err(ref[k], truth[k])
+        assert e_got <= e_ref + EXTRA_TOL[torch.float16], (k, e_got, e_ref)
+
+
+def test_triton_float16_g_overflows_only_with_the_gradient():
+    """A loss scale of 2^22 puts G far past float16's 65504 while d trg still fits: d trg
+    comes out finite and accurate (left unscaled, G's infinities make it NaN)."""
+    case = make_case(2, 5, 3, 16, pos="random", dtype=torch.float16, device=DEVICE, spread=2.0 ** -4)
+    truth = truth_of(case)
+    got = outputs_and_grads(_scaled_loss(2.0 ** 22), case, backend="triton", grad_of=("trg",))
+    assert torch.isfinite(got[3]).all()
+    assert rel_err(got[3].double() / 2.0 ** 22, truth[3]) <= 1e-3
+
+
+@pytest.mark.parametrize("need_trg", [False, True])
+def test_triton_gradient_scale_is_the_largest_power_that_fits(need_trg):
+    """2^k is the largest power of two with bound * 2^k <= 2^15, the bound taken over G's
+    entries (kernels.nce_grad_scale_kernel) and, with need_trg, its growth through
+    G^T @ src; a NaN gives NaN, a zero gradient a finite 2^100."""
+    from amdim_kernels.triton_nce import launch
+
+    n, l, d, scale = 37, 25, 70, 0.3
+    src = torch.randn(n, d, device=DEVICE, dtype=torch.float16)
+    g_pos, r, grad_sq = torch.randn(n, l, device=DEVICE), torch.randn(n, device=DEVICE), torch.randn(n, device=DEVICE)
+    sq = torch.rand(n, device=DEVICE) * 100
+    bound = torch.maximum(g_pos.abs().amax(1), scale * (r.abs() + 2 * grad_sq.abs() * sq.sqrt())).max().double()
+    if need_trg:
+        bound *= src.double().abs().sum(0).max().clamp_min(1)
+    g_scale, inverse = launch.gradient_scale(src, g_pos, r, grad_sq, sq, scale, need_trg).tolist()
+    assert g_scale * inverse == 1 and math.log2(g_scale).is_integer()
+    assert bound * g_scale <= 2 ** 15 < bound * g_scale * 2
+
+    for x in (r, g_pos, sq) + ((src,) if need_trg else ()):
+        x_nan = x.clone().view(-1)
+        x_nan[x_nan.numel() // 2] = float("nan")
+        args = [x_nan.view(x.shape) if y is x else y for y in (src, g_pos, r, grad_sq, sq)]
+        assert launch.gradient_scale(*args, scale, need_trg).isnan().all()
+    zero = torch.zeros_like(r)
+    assert launch.gradient_scale(src, g_pos * 0, zero, zero, sq, scale, need_trg)[0].item() == 2.0 ** 100
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -117,7 +181,7 @@ def test_backward_chunks_of_amdim_problems(problem, dtype, chunks):
     no chunk's buffers over the floor where more chunks were allowed; the single-GPU one
     keeps CHUNK_PARTS. Buffers per column: G, cuBLAS's float32 scores for float32 ("gemm"),
     a contiguous copy of the features for feature-map targets."""
-    from amdim_kernels.triton_nce import function, launch
+    from amdim_kernels.triton_nce import launch
     from benchmarks import problems
 
     p = getattr(problems, problem)
@@ -125,7 +189,7 @@ def test_backward_chunks_of_amdim_problems(problem, dtype, chunks):
     if p.trg_layout == "feature-map":
         trg = torch.empty(p.m, p.d, p.l, dtype=dtype, device="meta").transpose(1, 2)
     cfg = launch.TileConfig(128, 128, 64, 8, 3)
-    per_column = launch.column_bytes(p.n, trg, launch.score_strategy(dtype) == "gemm", function.grad_dtype(dtype))
+    per_column = launch.column_bytes(p.n, trg, launch.score_strategy(dtype) == "gemm", backward=True)
     c_max = launch.chunk_columns(p.n, p.m, p.l, cfg, 132, per_column, launch.MIN_CHUNK_BYTES)
     assert len(list(launch._chunks(p.m, p.l, c_max))) == chunks
     if chunks > 1 and chunks < launch.CHUNK_PARTS:
@@ -259,7 +323,7 @@ def _src_sum_placement(n, m, l, d):
 
     cfg = launch.tile_config(torch.float32, d, "grad")
     trg = torch.empty(m, l, d, device="meta")
-    per_column = launch.column_bytes(n, trg, launch.score_strategy(torch.float32) == "gemm", torch.float32)
+    per_column = launch.column_bytes(n, trg, launch.score_strategy(torch.float32) == "gemm", backward=True)
     device = torch.device(DEVICE)
     c_max = launch.chunk_columns(n, m, l, cfg, launch._num_sms(device), per_column, launch.chunk_floor_bytes(device))
     last = list(launch._chunks(m, l, c_max))[-1][1]  # columns of the last chunk

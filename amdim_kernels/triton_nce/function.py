@@ -2,8 +2,9 @@
 
 Saved for backward: the inputs and O(N*L) statistics. The backward recomputes score tiles
 chunk by chunk (a chunk is whole images, about 1/8 of the columns, or fewer and larger
-chunks where those would hold under 8 MiB) into G = scale * dL/da, then d src +=
-G @ trg_chunk and d trg_chunk = G^T @ src run on cuBLAS with float32 accumulation.
+chunks where those would hold under 8 MiB) into G = scale * dL/da, in the inputs' dtype
+(float16 times a power of two), then d src += G @ trg_chunk and d trg_chunk = G^T @ src
+run on cuBLAS with float32 accumulation (on the tensor cores for 16-bit inputs).
 Deterministic: no atomics anywhere, partials merged in a fixed order.
 
 `forward` and `backward` follow the op contract of registration.py, which also gives the
@@ -20,12 +21,6 @@ import torch
 from ..registration import autograd_formula, loss_and_reg, register
 from ..validation import Problem
 from . import launch
-
-
-def grad_dtype(dtype: torch.dtype) -> torch.dtype:
-    # bf16 keeps float32's range; fp16 would flush the smallest gradients (about
-    # 1/(N*L*M*L)) to zero, so fp16 inputs get a float32 G and float32 products.
-    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
 
 
 def forward(src: torch.Tensor, trg: torch.Tensor, pos_idx: torch.Tensor, tclip: float | None, scale: float,
@@ -51,12 +46,21 @@ def _sum_in_tail(dtrg: torch.Tensor, n: int, d: int) -> torch.Tensor | None:
 
 
 def backward(src: torch.Tensor, trg: torch.Tensor, pos_idx: torch.Tensor, pos: torch.Tensor, neg_lse: torch.Tensor,
-             grad_loss: torch.Tensor, grad_sq: torch.Tensor, tclip: float | None, scale: float, strategy: str,
-             need_src: bool, need_trg: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """d src and d trg of sum(grad_loss * loss) + sum(grad_sq * sq): registration.py's bwd."""
+             sq: torch.Tensor, grad_loss: torch.Tensor, grad_sq: torch.Tensor, tclip: float | None, scale: float,
+             strategy: str, need_src: bool, need_trg: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """d src and d trg of sum(grad_loss * loss) + sum(grad_sq * sq): registration.py's bwd.
+
+    G has the inputs' dtype, so both products run on the tensor cores. bfloat16 has
+    float32's range; float16 would flush G's small entries (about 1/(N * M*L) of the
+    upstream gradient) and could overflow under a loss scaler's large one, so float16 G is
+    stored times a power of two found on the device (launch.gradient_scale), and d src's
+    float32 sum and d trg are multiplied back, exactly, by its inverse."""
     n, l = pos.shape
     m, _, d = trg.shape
     g_pos, r = launch.gradient_factors(pos, neg_lse, grad_loss, grad_sq, tclip, scale)
+    g_scale = None
+    if src.dtype == torch.float16:
+        g_scale = launch.gradient_scale(src, g_pos, r, grad_sq, sq, scale, need_trg)
     dtrg = torch.empty(m, l, d, device=trg.device, dtype=trg.dtype) if need_trg else trg.new_empty(0, l, d)
     # d src: a float32 sum over the chunks, kept in d trg's unwritten tail where it fits
     acc = _sum_in_tail(dtrg, n, d) if need_src else None
@@ -65,29 +69,31 @@ def backward(src: torch.Tensor, trg: torch.Tensor, pos_idx: torch.Tensor, pos: t
         acc = torch.empty(n, d, device=src.device, dtype=torch.float32)
     tail_begin = dtrg.numel() * dtrg.element_size() - 4 * n * d  # the tail's first byte
     dsrc = None
-    g_dtype = grad_dtype(src.dtype)
-    src_g = src.to(g_dtype)
+
+    def src_grad(acc: torch.Tensor, copy: bool) -> torch.Tensor:
+        if g_scale is not None:
+            acc.mul_(g_scale[1])
+        return acc.to(src.dtype, copy=copy)
+
     for m0, m1, g, features in launch.gradient_chunks(
-        src, trg, pos_idx, neg_lse, r, g_pos, grad_sq, tclip, scale, g_dtype, strategy
+        src, trg, pos_idx, neg_lse, r, g_pos, grad_sq, tclip, scale, strategy, g_scale
     ):
         if need_src:
-            launch.addmm_f32_(acc, g, features.to(g_dtype), beta=0.0 if m0 == 0 else 1.0)
+            launch.addmm_f32_(acc, g, features, beta=0.0 if m0 == 0 else 1.0)
         if need_trg:
             if in_tail and m1 * l * d * dtrg.element_size() > tail_begin:
                 # this chunk's d trg overwrites the sum: after the last chunk's product
                 # the sum is d src; after an earlier one it moves to memory of its own
                 if m1 == m:
-                    dsrc = acc.to(src.dtype, copy=True)
+                    dsrc = src_grad(acc, copy=True)
                 else:
                     acc = acc.clone()
                 in_tail = False
-            chunk = dtrg[m0:m1].view(-1, d)
-            if g_dtype == trg.dtype:
-                torch.mm(g.t(), src_g, out=chunk)  # cuBLAS accumulates in float32
-            else:
-                chunk.copy_(g.t() @ src_g)
+            torch.mm(g.t(), src, out=dtrg[m0:m1].view(-1, d))  # cuBLAS accumulates in float32
     if need_src and dsrc is None:  # the sum has memory of its own here
-        dsrc = acc.to(src.dtype)
+        dsrc = src_grad(acc, copy=False)
+    if need_trg and g_scale is not None:
+        dtrg.mul_(g_scale[1])  # by a power of two: exact, unless the result is subnormal
     return (dsrc if need_src else src.new_empty(0, d)), dtrg
 
 

@@ -42,6 +42,13 @@ overwrites the few positives that lie in the tile with their values; the caller 
 into d src and d trg with two matrix products. (Overwriting an entry is exact; the forward
 cannot do the same, since taking the positives back out of a row's sum would cancel
 catastrophically when they dominate it, as they do in a trained model.)
+
+G is written in the inputs' dtype, for tensor-core products. float16 G is written times a
+power of two 2^k (`nce_grad_scale_kernel`, one program, between the factor kernel and the
+tile kernels): G's entries run from about 1/N of the upstream gradient down past float16's
+range, and a loss scaler's upstream gradient of 2^16 could overflow it. 2^k is found on the
+device from a bound on |G| (from R, G at the positives, and |a| <= sqrt(sq)), so no sync;
+the caller multiplies the products back by 2^-k, exactly.
 """
 from __future__ import annotations
 
@@ -463,6 +470,68 @@ def nce_grad_factors_kernel(
 
 
 @triton.jit
+def nce_grad_scale_kernel(
+    g_pos_ptr,  # (N, L) float32: G at the positives (nce_grad_factors_kernel)
+    r_ptr, grad_sq_ptr, sq_ptr,  # (N,) float32: R[i], upstream gradient of sq, sq[i] = sum_j a^2
+    col_l1_ptr,  # (D,) float32: sum_i |src[i, d]|, d trg's growth over G (read if COLS)
+    out_ptr,  # (2,) float32 out: 2^k and 2^-k
+    N, L, D, scale,
+    LOG2_TARGET: tl.constexpr, MAX_EXP: tl.constexpr, COLS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """The power of two 2^k that float16 G is stored scaled by (one program): the largest
+    with bound * 2^k <= 2^LOG2_TARGET, where bound bounds |G| and, with COLS, |d trg| / |G|
+    too, so neither G nor the product G^T @ src can leave float16's range.
+
+    |G| at a positive is g_pos; at a negative it is at most scale * (|R[i]| + 2 |grad_sq[i]|
+    sqrt(sq[i])), since exp(s - neg_lse) <= 1, 0 <= ds/da <= 1 and |a[i, j]| <= sqrt(sq[i]).
+    |d trg[j, d]| <= max|G| * col_l1[d]. A NaN anywhere gives a NaN scale (NaN in, NaN out);
+    k is clamped to +-MAX_EXP (a zero gradient gives 2^MAX_EXP, harmlessly)."""
+    bound = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    # tl.max drops NaN; this sum keeps every term, so a NaN (or inf) in it shows
+    seen = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for r0 in range(0, N, BLOCK_N):
+        rows = r0 + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        r = tl.load(r_ptr + rows, mask=row_ok, other=0.0)
+        grad_sq = tl.load(grad_sq_ptr + rows, mask=row_ok, other=0.0)
+        sq = tl.load(sq_ptr + rows, mask=row_ok, other=0.0)
+        row = scale * (tl.abs(r) + 2.0 * tl.abs(grad_sq) * tl.sqrt(sq))
+        seen += row
+        for l0 in range(0, L, BLOCK_L):
+            ls = l0 + tl.arange(0, BLOCK_L)
+            ok = row_ok[:, None] & (ls < L)[None, :]
+            g = tl.abs(tl.load(g_pos_ptr + rows.to(tl.int64)[:, None] * L + ls[None, :], mask=ok, other=0.0))
+            row = tl.maximum(row, tl.max(g, axis=1))
+            seen += tl.sum(g, axis=1)
+        bound = tl.maximum(bound, row)
+    growth = 1.0
+    if COLS:
+        col_max = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        col_seen = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            c = tl.load(col_l1_ptr + cols, mask=cols < D, other=0.0)
+            col_max = tl.maximum(col_max, c)
+            col_seen += c
+        growth = tl.maximum(tl.max(col_max, axis=0), 1.0)
+        seen += tl.sum(col_seen, axis=0)
+    total = tl.max(bound, axis=0) * growth
+    # k = LOG2_TARGET - ceil(log2(total)), read exactly off total's float32 bits: its
+    # exponent, plus one unless the mantissa is 0 (0 and subnormals give k >= 141, inf
+    # -113: both clamped), where an approximate log2 could be off by one at a power of two
+    bits = total.to(tl.int32, bitcast=True)
+    ceil_log2 = ((bits >> 23) & 0xFF) - 127 + ((bits & 0x7FFFFF) != 0).to(tl.int32)
+    k = tl.minimum(tl.maximum(LOG2_TARGET - ceil_log2, -MAX_EXP), MAX_EXP)
+    # 2^k and 2^-k built from their exponent bits: exact, where exp2 may be approximate
+    g_scale = ((k + 127) << 23).to(tl.float32, bitcast=True)
+    inverse = ((127 - k) << 23).to(tl.float32, bitcast=True)
+    nan = tl.sum(seen, axis=0) != tl.sum(seen, axis=0)
+    tl.store(out_ptr, tl.where(nan, float("nan"), g_scale))
+    tl.store(out_ptr + 1, tl.where(nan, float("nan"), inverse))
+
+
+@triton.jit
 def nce_grad_tile_kernel(
     src, trg,  # pointers, or with TMA tensor descriptors (_score_tile)
     pos_idx_ptr,
@@ -470,6 +539,7 @@ def nce_grad_tile_kernel(
     g_pos_ptr,  # (N, L) float32: G at the positives (nce_grad_factors_kernel)
     grad_sq_ptr,  # (N,) float32: upstream gradient of sq[i] = sum_j a^2, so d/da = 2 * grad_sq[i] * a
     g_ptr, stride_gn,  # (N, C) out, G's dtype: scale * d(loss + reg)/da for this chunk
+    g_scale_ptr,  # SCALED: float32, the power of two G is stored times (nce_grad_scale_kernel)
     scores_ptr, stride_scores,  # FROM_SCORES: (N, C) float32 unscaled dot products
     N, L, D,
     stride_sn, stride_sd, stride_tm, stride_tl, stride_td,
@@ -478,7 +548,7 @@ def nce_grad_tile_kernel(
     CLIP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    FROM_SCORES: tl.constexpr, EVEN_K: tl.constexpr, TMA: tl.constexpr,
+    FROM_SCORES: tl.constexpr, EVEN_K: tl.constexpr, TMA: tl.constexpr, SCALED: tl.constexpr,
 ):
     """One program per (row block, column tile) of the chunk, all in one launch: the tile
     is written as if it held negatives only (the forward's unmasked path, which fits 128
@@ -504,6 +574,8 @@ def nce_grad_tile_kernel(
     bias = ((tclip if CLIP else 0.0) - neg_lse) * 1.4426950408889634
     reg_coef = 2.0 * tl.load(grad_sq_ptr + rows, mask=row_ok, other=0.0)
     g = _g_tile(a, r, bias, reg_coef, scale, tclip, CLIP)
+    if SCALED:  # float16 G: times a power of two that keeps it in range
+        g = g * tl.load(g_scale_ptr)
     g_rows = g_ptr + rows.to(tl.int64)[:, None] * stride_gn  # G's rows, at the chunk's column 0
     tl.store(g_rows + local[None, :], g.to(g_ptr.dtype.element_ty), mask=row_ok[:, None] & (local < C)[None, :])
 
@@ -519,4 +591,6 @@ def nce_grad_tile_kernel(
             cols = p[:, None] * L + ls[None, :]  # int64, as pos_idx is
             ok = row_ok[:, None] & (ls < L)[None, :] & (cols >= c0) & (cols < tile_end)
             g_pos = tl.load(g_pos_ptr + rows.to(tl.int64)[:, None] * L + ls[None, :], mask=ok, other=0.0)
+            if SCALED:
+                g_pos = g_pos * tl.load(g_scale_ptr)
             tl.store(g_rows + (cols - col_begin), g_pos.to(g_ptr.dtype.element_ty), mask=ok)

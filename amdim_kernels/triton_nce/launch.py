@@ -25,7 +25,8 @@ import triton
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..backends import triton_interpreting
-from .kernels import nce_fwd_kernel, nce_grad_factors_kernel, nce_grad_tile_kernel, nce_merge_kernel
+from .kernels import (nce_fwd_kernel, nce_grad_factors_kernel, nce_grad_scale_kernel, nce_grad_tile_kernel,
+                      nce_merge_kernel)
 
 STRATEGIES = ("fused", "gemm")
 # None: the measured default per dtype (`score_strategy`); benchmarks and tests may pin one.
@@ -319,17 +320,16 @@ def chunk_columns(n: int, m: int, l: int, cfg: TileConfig, sms: int, bytes_per_c
     return cdiv(m, cdiv(m, images)) * l
 
 
-def column_bytes(n: int, trg: torch.Tensor, from_scores: bool, g_dtype: torch.dtype | None = None) -> int:
+def column_bytes(n: int, trg: torch.Tensor, from_scores: bool, backward: bool = False) -> int:
     """Bytes a chunk holds per column: cuBLAS's float32 scores (N per column) with the
     "gemm" strategy, a copy of the chunk's features (D per column) where trg's are not
-    contiguous or (backward, g_dtype given) must be cast to G's dtype for the products, and
-    in the backward G itself (N per column)."""
+    contiguous, and in the backward G itself (N per column, in the features' dtype)."""
     d, elem = trg.shape[2], trg.element_size()
     per_column = 4 * n if from_scores else 0
     if trg.stride(2) != 1:
         per_column += d * elem
-    if g_dtype is not None:
-        per_column += n * g_dtype.itemsize + (d * g_dtype.itemsize if g_dtype != trg.dtype else 0)
+    if backward:
+        per_column += n * elem
     return per_column
 
 
@@ -463,24 +463,53 @@ def gradient_factors(a_pos: torch.Tensor, neg_lse: torch.Tensor, grad_loss: torc
     return g_pos, r
 
 
+# float16 G is scaled so that |G| and |G^T @ src| stay within 2^15 (float16's largest
+# finite value is 65504). A negative's typical entry is then about 2^15 / (M*L * N) for
+# features of unit size (2^-10 at N = M = 1024, L = 49), inside float16's normal range
+# (from 2^-14), and what flushes to zero lies under 2^-39 of the bound. 2^k is clamped to
+# 2^+-100, well inside float32's range.
+SCALE_LOG2_TARGET = 15
+SCALE_MAX_EXP = 100
+
+
+def gradient_scale(src: torch.Tensor, g_pos: torch.Tensor, r: torch.Tensor, grad_sq: torch.Tensor,
+                   sq: torch.Tensor, scale: float, need_trg: bool) -> torch.Tensor:
+    """(2^k, 2^-k) float32 on the device: the power of two a float16 G is stored times, so
+    that G and (with need_trg) G^T @ src fit float16 (kernels.nce_grad_scale_kernel). No
+    host sync: the products are scaled back on the device."""
+    n, l = g_pos.shape
+    d = src.shape[1]
+    # d trg = G^T @ src grows |G| by at most max_d sum_i |src[i, d]|
+    col_l1 = torch.linalg.vector_norm(src, 1, dim=0, dtype=torch.float32) if need_trg else r
+    out = torch.empty(2, device=src.device, dtype=torch.float32)
+    block_n, block_l = factors_blocks(l)
+    nce_grad_scale_kernel[(1,)](
+        g_pos, r, grad_sq, sq, col_l1, out, n, l, d, scale,
+        LOG2_TARGET=SCALE_LOG2_TARGET, MAX_EXP=SCALE_MAX_EXP, COLS=need_trg,
+        BLOCK_N=block_n, BLOCK_L=block_l, BLOCK_D=1024,
+    )
+    return out
+
+
 def positives_block(l: int) -> int:
     """BLOCK_L of the G kernel's overwrite of the positives: 16 locations of the block's
     rows at a time (8 values a thread at 128 rows and 256 threads)."""
     return min(16, next_power_of_2(l))
 
 
-def gradient_chunks(src, trg, pos_idx, neg_lse, r, g_pos, grad_sq, tclip, scale, g_dtype, strategy):
+def gradient_chunks(src, trg, pos_idx, neg_lse, r, g_pos, grad_sq, tclip, scale, strategy, g_scale=None):
     """Yield (first image, last image + 1, G, features) for consecutive chunks of whole
-    images, where G (N, C) = scale * d(loss + reg)/da on the chunk's C columns and features
-    (C, D) are the chunk's target features (chunk_images: a view or a copy), for the
-    caller's products. G's buffer is reused."""
+    images, where G (N, C) = scale * d(loss + reg)/da on the chunk's C columns, in the
+    inputs' dtype and times g_scale[0] where that is given (float16, `gradient_scale`), and
+    features (C, D) are the chunk's target features (chunk_images: a view or a copy), for
+    the caller's products. G's buffer is reused."""
     n, d = src.shape
     m, l, _ = trg.shape
     cfg = tile_config(src.dtype, d, "grad")
     from_scores = strategy == "gemm"
-    c_max = chunk_columns(n, m, l, cfg, _num_sms(src.device), column_bytes(n, trg, from_scores, g_dtype),
+    c_max = chunk_columns(n, m, l, cfg, _num_sms(src.device), column_bytes(n, trg, from_scores, backward=True),
                           chunk_floor_bytes(src.device))
-    g_buf = torch.empty(n, c_max, device=src.device, dtype=g_dtype)
+    g_buf = torch.empty(n, c_max, device=src.device, dtype=src.dtype)
     src = features_contiguous(src)
     src_desc = _src_descriptor(src, cfg, from_scores)
     fixed = dict(_tile_constants(src, cfg, from_scores, tclip, scale), BLOCK_L=positives_block(l),
@@ -492,8 +521,8 @@ def gradient_chunks(src, trg, pos_idx, neg_lse, r, g_pos, grad_sq, tclip, scale,
         operands, own = _chunk_operands(src, src_desc, images, cfg)
         scores = _chunk_scores(src, images) if from_scores else g  # g: unused placeholder
         nce_grad_tile_kernel[(row_blocks, cdiv(c, cfg.block_j))](
-            *operands, pos_idx, neg_lse, r, g_pos, grad_sq, g, g.stride(0),
-            scores, scores.stride(0), col_begin=c0, C=c, **own, **fixed,
+            *operands, pos_idx, neg_lse, r, g_pos, grad_sq, g, g.stride(0), g if g_scale is None else g_scale,
+            scores, scores.stride(0), col_begin=c0, C=c, SCALED=g_scale is not None, **own, **fixed,
         )
         del scores, operands
         yield c0 // l, (c0 + c) // l, g, images.reshape(c, d)
