@@ -54,16 +54,12 @@ int64_t images_per_chunk(int64_t N, int64_t M, int64_t L, int64_t bytes_per_colu
 
 // Bytes a chunk holds per column: cuBLAS's float32 scores (N per column) unless the WMMA
 // kernels make them, a copy of the chunk's features (D per column) where trg's are not
-// contiguous or (backward, g_type given) must be cast to G's type for the products, and in
-// the backward G itself (N per column).
-int64_t column_bytes(const Tensor& src, const Tensor& trg, bool mma, std::optional<at::ScalarType> g_type) {
+// contiguous, and in the backward G itself (N per column, in the features' dtype).
+int64_t column_bytes(const Tensor& src, const Tensor& trg, bool mma, bool backward) {
   const int64_t N = src.size(0), D = trg.size(2), elem = trg.element_size();
   int64_t bytes = mma ? 0 : 4 * N;
   if (trg.stride(2) != 1) bytes += D * elem;
-  if (g_type) {
-    const int64_t g_size = c10::elementSize(*g_type);
-    bytes += N * g_size + (*g_type != trg.scalar_type() ? D * g_size : 0);
-  }
+  if (backward) bytes += N * elem;
   return bytes;
 }
 
@@ -137,7 +133,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> nce_fwd_cuda(const Tensor& src, const
   const bool mma = use_mma(src, trg);
   const Tensor src_c = mma ? src.contiguous() : src;
   // the fused kernels take the whole target at once when its features are contiguous
-  const int64_t ipc = mma && trg.stride(2) == 1 ? M : images_per_chunk(N, M, L, column_bytes(src, trg, mma, {}));
+  const int64_t ipc = mma && trg.stride(2) == 1 ? M : images_per_chunk(N, M, L, column_bytes(src, trg, mma, false));
   const int64_t sms = sm_count();
   auto splits_of = [&](int64_t C) { return mma ? mma_split(N, C, sms).splits : col_blocks(C); };
 
@@ -177,6 +173,27 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> nce_fwd_cuda(const Tensor& src, const
 }
 
 namespace {
+GradType grad_type(at::ScalarType dtype) {
+  return dtype == at::kBFloat16 ? GradType::kBFloat16 : dtype == at::kHalf ? GradType::kFloat16 : GradType::kFloat32;
+}
+
+// (2^k, 2^-k) float32 on the device: the power of two float16 G is stored times
+// (nce_cuda_kernels.h), from the rows' factors, sq, and for d trg src's column L1 norms.
+Tensor float16_grad_scale(const Tensor& src, const BackwardRows& rows, const Tensor& sq, double scale,
+                          bool need_trg) {
+  const Tensor sq_c = sq.contiguous();
+  // d trg = G^T @ src grows |G| by at most max_d sum_i |src[i, d]|
+  const Tensor col_l1 = need_trg ? at::linalg_vector_norm(src, 1, {0}, false, at::kFloat) : Tensor();
+  Tensor out = at::empty({2}, src.options().dtype(at::kFloat));
+  check_cuda(launch_nce_grad_scale(rows.gpos.data_ptr<float>(), rows.r.data_ptr<float>(),
+                                   rows.reg_coef.data_ptr<float>(), sq_c.data_ptr<float>(),
+                                   need_trg ? col_l1.data_ptr<float>() : nullptr, src.size(0), rows.gpos.size(1),
+                                   src.size(1), static_cast<float>(scale), out.data_ptr<float>(),
+                                   at::cuda::getCurrentCUDAStream()),
+             "nce_grad_scale");
+  return out;
+}
+
 // d src's float32 sum over the chunks, in the last 4*N*D bytes of d trg's buffer where they
 // fit 16-byte aligned, else undefined. The chunks write d trg image by image in order, so
 // those bytes are free until the last chunk's product (or an earlier chunk's that reaches
@@ -204,43 +221,51 @@ std::tuple<Tensor, Tensor> nce_bwd_cuda(const Tensor& src, const Tensor& trg, co
   const Tensor idx = pos_idx.contiguous();
   const bool mma = use_mma(src, trg);
   const Tensor src_c = mma ? src.contiguous() : src;
-  // G in bf16 for bf16 inputs (float32's range); float32 otherwise: fp16 would flush the
-  // smallest gradients, about 1/(N*L*M*L), to zero.
-  const bool g_bf16 = src.scalar_type() == at::kBFloat16;
-  const auto g_type = g_bf16 ? at::kBFloat16 : at::kFloat;
-  const int64_t ipc = images_per_chunk(N, M, L, column_bytes(src, trg, mma, g_type));
-  const Tensor src_g = src.to(g_type);
-  Tensor g_buf = at::empty({N, ipc * L}, src.options().dtype(g_type));
+  // G in the inputs' dtype, so that both products run on the tensor cores for 16-bit inputs:
+  // bf16 has float32's range; fp16 G would flush its small entries, about 1/(N*M*L) of the
+  // upstream gradient, or overflow under a loss scaler's, so it is stored times a power of
+  // two found on the device, and the products are multiplied back by its inverse, exactly
+  const bool half = src.scalar_type() == at::kHalf;
+  const Tensor g_scale = half ? float16_grad_scale(src, rows, sq, scale, need_trg) : Tensor();
+  const float* g_scale_p = half ? g_scale.data_ptr<float>() : nullptr;
+  const int64_t ipc = images_per_chunk(N, M, L, column_bytes(src, trg, mma, true));
+  Tensor g_buf = at::empty({N, ipc * L}, src.options());
   Tensor dtrg = at::empty({need_trg ? M : 0, L, D}, trg.options());
   Tensor dsrc_acc = need_src ? src_sum_in_tail(dtrg, N, D) : Tensor();
   bool in_tail = dsrc_acc.defined();
   if (need_src && !in_tail) dsrc_acc = at::empty({N, D}, src.options().dtype(at::kFloat));
   const int64_t tail_begin = dtrg.numel() * dtrg.element_size() - 4 * N * D;  // the sum's first byte
   Tensor dsrc;
+  // d src in the inputs' dtype from its float32 sum, which float16's scale leaves times 2^k
+  auto src_grad = [&](Tensor& acc, bool copy) {
+    if (half) acc.mul_(g_scale[1]);
+    return acc.to(src.scalar_type(), /*non_blocking=*/false, copy);
+  };
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   for (int64_t m0 = 0; m0 < M; m0 += ipc) {
     const int64_t m1 = std::min(M, m0 + ipc), C = (m1 - m0) * L;
     Tensor g = g_buf.narrow(1, 0, C);
     const Tensor images = mma ? feature_contiguous(trg, m0, m1) : trg.narrow(0, m0, m1 - m0);
     if (mma) {
-      check_cuda(launch_nce_grad_mma(src_c.data_ptr(), N, D, view_of(images, m0), g_bf16, idx.data_ptr<int64_t>(),
-                                     rows.gpos.data_ptr<float>(), rows.r.data_ptr<float>(),
+      check_cuda(launch_nce_grad_mma(src_c.data_ptr(), N, D, view_of(images, m0), src.scalar_type() == at::kBFloat16,
+                                     idx.data_ptr<int64_t>(), rows.gpos.data_ptr<float>(), rows.r.data_ptr<float>(),
                                      rows.neg_lse.data_ptr<float>(), rows.reg_coef.data_ptr<float>(),
-                                     static_cast<float>(scale), tclip, g.data_ptr(), g.stride(0), stream),
+                                     static_cast<float>(scale), tclip, g.data_ptr(), g.stride(0), g_scale_p, stream),
                  "nce_grad_mma");
     } else {
       const Tensor s = chunk_scores(src, trg, m0, m1);
       check_cuda(launch_nce_grad_epilogue(s.data_ptr<float>(), s.stride(0), N, C, L, m0, idx.data_ptr<int64_t>(),
                                           rows.gpos.data_ptr<float>(), rows.r.data_ptr<float>(),
                                           rows.neg_lse.data_ptr<float>(), rows.reg_coef.data_ptr<float>(),
-                                          static_cast<float>(scale), tclip, g.data_ptr(), g.stride(0), g_bf16, stream),
+                                          static_cast<float>(scale), tclip, g.data_ptr(), g.stride(0),
+                                          grad_type(src.scalar_type()), g_scale_p, stream),
                  "nce_grad_epilogue");
     }  // the score chunk is freed before the two products
-    const Tensor tile = images.reshape({C, D}).to(g_type);
+    const Tensor tile = images.reshape({C, D});
     if (need_src) {  // d src += G @ trg_chunk in float32, no temporary; the first chunk's
                      // product writes the sum (beta 0 ignores what the memory held)
       const double beta = m0 == 0 ? 0.0 : 1.0;
-      if (g_bf16) {
+      if (src.scalar_type() != at::kFloat) {
         at::addmm_out(dsrc_acc, dsrc_acc, g, tile, at::kFloat, beta);
       } else {
         dsrc_acc.addmm_(g, tile, beta);
@@ -251,23 +276,20 @@ std::tuple<Tensor, Tensor> nce_bwd_cuda(const Tensor& src, const Tensor& trg, co
         // this chunk's d trg overwrites the sum: after the last chunk's product the sum is
         // d src; after an earlier one it moves to memory of its own
         if (m1 == M) {
-          dsrc = dsrc_acc.to(src.scalar_type(), /*non_blocking=*/false, /*copy=*/true);
+          dsrc = src_grad(dsrc_acc, /*copy=*/true);
         } else {
           dsrc_acc = dsrc_acc.clone();
         }
         in_tail = false;
       }
       Tensor out = dtrg.narrow(0, m0, m1 - m0).view({C, D});
-      if (g_bf16) {
-        at::mm_out(out, g.t(), src_g);  // cuBLAS accumulates in float32, rounds once
-      } else {
-        out.copy_(at::mm(g.t(), src_g));
-      }
+      at::mm_out(out, g.t(), src);  // cuBLAS accumulates in float32, rounds once
     }
   }
   if (!dsrc.defined()) {  // the sum has memory of its own here
-    dsrc = need_src ? dsrc_acc.to(src.scalar_type()) : at::empty({0, D}, src.options());
+    dsrc = need_src ? src_grad(dsrc_acc, /*copy=*/false) : at::empty({0, D}, src.options());
   }
+  if (half && need_trg) dtrg.mul_(g_scale[1]);  // by a power of two: exact unless subnormal
   return {dsrc, dtrg};
 }
 

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 
 namespace amdim_kernels {
 
@@ -22,5 +23,10 @@ template <>
 __device__ __forceinline__ void store_as<float>(float* g, float v) { *g = v; }
 template <>
 __device__ __forceinline__ void store_as<__nv_bfloat16>(__nv_bfloat16* g, float v) { *g = __float2bfloat16(v); }
+template <>
+__device__ __forceinline__ void store_as<__half>(__half* g, float v) { *g = __float2half(v); }
+
+// The power of two a float16 G is stored times (launch_nce_grad_scale), or 1 without one.
+__device__ __forceinline__ float grad_scale_of(const float* g_scale) { return g_scale ? *g_scale : 1.f; }
 
 }  // namespace amdim_kernels

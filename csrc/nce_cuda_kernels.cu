@@ -116,10 +116,10 @@ __global__ void __launch_bounds__(kThreads) nce_grad_epilogue_kernel(
     const float* __restrict__ scores, int64_t ld, int64_t C, int64_t L, int64_t m0,
     const int64_t* __restrict__ pos_idx, const float* __restrict__ gpos, const float* __restrict__ r,
     const float* __restrict__ neg_lse, const float* __restrict__ reg_coef, float scale, float tclip,
-    G* __restrict__ g, int64_t ldg) {
+    G* __restrict__ g, int64_t ldg, const float* __restrict__ g_scale) {
   const int64_t row = blockIdx.x;
   const int64_t p = pos_idx[row];
-  const float lse = neg_lse[row], ri = r[row], ci = reg_coef[row];
+  const float lse = neg_lse[row], ri = r[row], ci = reg_coef[row], gs = grad_scale_of(g_scale);
   const float* srow = scores + row * ld;
   G* grow = g + row * ldg;
   const int64_t col0 = static_cast<int64_t>(blockIdx.y) * kCudaColsPerBlock;
@@ -132,7 +132,50 @@ __global__ void __launch_bounds__(kThreads) nce_grad_epilogue_kernel(
     const int64_t img = m0 + j / L;
     // exp(s - neg_lse) <= 1 at every negative: the row's log-sum-exp bounds each term
     const float dl_ds = img == p ? gpos[row * L + (j - (img - m0) * L)] : ri * expf(s - lse);
-    store_as(grow + j, score_grad(a, s, dl_ds, ci, tclip, scale));
+    store_as(grow + j, gs * score_grad(a, s, dl_ds, ci, tclip, scale));
+  }
+}
+
+// One block: the power of two float16 G is stored times (nce_cuda_kernels.h).
+__global__ void __launch_bounds__(kThreads) nce_grad_scale_kernel(
+    const float* __restrict__ gpos, const float* __restrict__ r, const float* __restrict__ reg_coef,
+    const float* __restrict__ sq, const float* __restrict__ col_l1, int64_t N, int64_t L, int64_t D, float scale,
+    float* __restrict__ out) {
+  __shared__ float shared[kThreads / 32];
+  // fmaxf drops NaN; this sum keeps every term, so a NaN anywhere shows in it
+  float bound = 0.f, seen = 0.f;
+  for (int64_t row = threadIdx.x; row < N; row += kThreads) {
+    float dl_ds = fabsf(r[row]);  // |dL/ds| at the row's negatives is at most |r|
+    for (int64_t l = 0; l < L; ++l) {
+      const float g = fabsf(gpos[row * L + l]);
+      dl_ds = fmaxf(dl_ds, g);
+      seen += g;
+    }
+    const float b = scale * (dl_ds + fabsf(reg_coef[row]) * sqrtf(sq[row]));
+    bound = fmaxf(bound, b);
+    seen += b;
+  }
+  bound = block_max(bound, shared);
+  float growth = 1.f;  // d trg = G^T @ src grows |G| by at most max_d col_l1[d]
+  if (col_l1 != nullptr) {
+    float c = 0.f;
+    for (int64_t d = threadIdx.x; d < D; d += kThreads) {
+      c = fmaxf(c, col_l1[d]);
+      seen += col_l1[d];
+    }
+    growth = fmaxf(block_max(c, shared), 1.f);
+  }
+  seen = block_sum(seen, shared);
+  if (threadIdx.x == 0) {
+    // k = kScaleLog2Target - ceil(log2(total)), read exactly off total's float32 bits: its
+    // exponent, plus one unless the mantissa is 0 (0 and subnormals give k >= 141, inf -113:
+    // both clamped); 2^k and 2^-k are built from exponent bits, so both are exact
+    const int bits = __float_as_int(bound * growth);
+    const int ceil_log2 = ((bits >> 23) & 0xFF) - 127 + ((bits & 0x7FFFFF) != 0 ? 1 : 0);
+    const int k = max(-kScaleMaxExp, min(kScaleMaxExp, kScaleLog2Target - ceil_log2));
+    const bool nan = isnan(seen);
+    out[0] = nan ? NAN : __int_as_float((k + 127) << 23);
+    out[1] = nan ? NAN : __int_as_float((127 - k) << 23);
   }
 }
 
@@ -167,18 +210,32 @@ cudaError_t launch_nce_grad_rows(const float* pos, const float* grad_loss, const
   return cudaGetLastError();
 }
 
+cudaError_t launch_nce_grad_scale(const float* gpos, const float* r, const float* reg_coef, const float* sq,
+                                  const float* col_l1, int64_t N, int64_t L, int64_t D, float scale, float* out,
+                                  cudaStream_t stream) {
+  nce_grad_scale_kernel<<<1, kThreads, 0, stream>>>(gpos, r, reg_coef, sq, col_l1, N, L, D, scale, out);
+  return cudaGetLastError();
+}
+
+namespace {
+template <typename G>
+void grad_epilogue(const float* scores, int64_t ld, int64_t N, int64_t C, int64_t L, int64_t m0,
+                   const int64_t* pos_idx, const float* gpos, const float* r, const float* neg_lse,
+                   const float* reg_coef, float scale, float tclip, void* g, int64_t ldg, const float* g_scale,
+                   cudaStream_t stream) {
+  nce_grad_epilogue_kernel<G><<<chunk_grid(N, C), kThreads, 0, stream>>>(
+      scores, ld, C, L, m0, pos_idx, gpos, r, neg_lse, reg_coef, scale, tclip, static_cast<G*>(g), ldg, g_scale);
+}
+}  // namespace
+
 cudaError_t launch_nce_grad_epilogue(const float* scores, int64_t ld, int64_t N, int64_t C, int64_t L, int64_t m0,
                                      const int64_t* pos_idx, const float* gpos, const float* r, const float* neg_lse,
                                      const float* reg_coef, float scale, float tclip, void* g, int64_t ldg,
-                                     bool g_is_bf16, cudaStream_t stream) {
-  if (g_is_bf16) {
-    nce_grad_epilogue_kernel<__nv_bfloat16><<<chunk_grid(N, C), kThreads, 0, stream>>>(
-        scores, ld, C, L, m0, pos_idx, gpos, r, neg_lse, reg_coef, scale, tclip,
-        static_cast<__nv_bfloat16*>(g), ldg);
-  } else {
-    nce_grad_epilogue_kernel<float><<<chunk_grid(N, C), kThreads, 0, stream>>>(
-        scores, ld, C, L, m0, pos_idx, gpos, r, neg_lse, reg_coef, scale, tclip, static_cast<float*>(g), ldg);
-  }
+                                     GradType g_type, const float* g_scale, cudaStream_t stream) {
+  auto* launch = g_type == GradType::kBFloat16 ? grad_epilogue<__nv_bfloat16>
+                 : g_type == GradType::kFloat16 ? grad_epilogue<__half>
+                                                 : grad_epilogue<float>;
+  launch(scores, ld, N, C, L, m0, pos_idx, gpos, r, neg_lse, reg_coef, scale, tclip, g, ldg, g_scale, stream);
   return cudaGetLastError();
 }
 

@@ -31,12 +31,31 @@ cudaError_t launch_nce_merge(const float* part_sum, const float* part_max, const
 cudaError_t launch_nce_grad_rows(const float* pos, const float* grad_loss, const float* neg_lse, const float* grad_sq,
                                  int64_t N, int64_t L, float* gpos, float* r, float* reg_coef, cudaStream_t stream);
 
+// G's element type: the inputs' dtype, so that its two products run on the tensor cores.
+enum class GradType { kFloat32, kBFloat16, kFloat16 };
+
+// float16 G is stored times 2^k, the largest power of two with |G| 2^k <= 2^kScaleLog2Target
+// and (col_l1 given) |G^T @ src| 2^k <= 2^kScaleLog2Target, so that neither leaves float16's
+// range (65504) whatever the upstream gradient (a loss scaler's 2^16 included), and its small
+// entries, about 1/(N * M*L) of the largest, stay in float16's normal range.
+// k is clamped to +-kScaleMaxExp. As triton_nce/launch.py's SCALE_LOG2_TARGET, SCALE_MAX_EXP.
+constexpr int kScaleLog2Target = 15;
+constexpr int kScaleMaxExp = 100;
+
+// One block: from the rows' factors (nce_op.h's BackwardRows), sq (N,) and, for d trg,
+// col_l1 (D,) = sum_i |src[i, d]| (else nullptr), bound |G| <= scale * (max(|r|, max_l |gpos|)
+// + |reg_coef| sqrt(sq)) (|a| <= sqrt(sq), exp(s - neg_lse) <= 1, 0 <= ds/da <= 1) and write
+// out[0] = 2^k, out[1] = 2^-k, exactly; a NaN anywhere gives NaN for both. No host sync.
+cudaError_t launch_nce_grad_scale(const float* gpos, const float* r, const float* reg_coef, const float* sq,
+                                  const float* col_l1, int64_t N, int64_t L, int64_t D, float scale, float* out,
+                                  cudaStream_t stream);
+
 // Backward epilogue: G = scale * d(loss + reg)/da over one chunk of unscaled scores, written
-// to g (N x C, row stride ldg) as float32 or bfloat16 (g_is_bf16).
+// to g (N x C, row stride ldg) as g_type, times *g_scale where g_scale is not nullptr.
 cudaError_t launch_nce_grad_epilogue(const float* scores, int64_t ld, int64_t N, int64_t C, int64_t L, int64_t m0,
                                      const int64_t* pos_idx, const float* gpos, const float* r, const float* neg_lse,
                                      const float* reg_coef, float scale, float tclip, void* g, int64_t ldg,
-                                     bool g_is_bf16, cudaStream_t stream);
+                                     GradType g_type, const float* g_scale, cudaStream_t stream);
 
 // ---- Fused tensor-core kernels for 16-bit inputs (nce_cuda_mma.cu) ----
 // A target view: columns [0, C) of images m0, m0 + 1, ... (column j is location j % L of image
@@ -71,10 +90,10 @@ cudaError_t launch_nce_fwd_mma(const void* src, int64_t N, int64_t D, const Targ
                                cudaStream_t stream);
 
 // Backward, fused: recomputes the scores of the view's columns and writes G to g (N x C, row
-// stride ldg) as bfloat16 for bfloat16 inputs, float32 for float16 inputs.
+// stride ldg) in the inputs' dtype, times *g_scale where g_scale is not nullptr (float16).
 cudaError_t launch_nce_grad_mma(const void* src, int64_t N, int64_t D, const TargetView& view, bool is_bf16,
                                 const int64_t* pos_idx, const float* gpos, const float* r, const float* neg_lse,
                                 const float* reg_coef, float scale, float tclip, void* g, int64_t ldg,
-                                cudaStream_t stream);
+                                const float* g_scale, cudaStream_t stream);
 
 }  // namespace amdim_kernels

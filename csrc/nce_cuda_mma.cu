@@ -240,14 +240,17 @@ __global__ void __launch_bounds__(kThreads) nce_fwd_mma_kernel(
 #endif
 }
 
-template <typename T, typename G, bool VEC>
+// G in the inputs' type T (float16 times *g_scale)
+template <typename T, bool VEC>
 __global__ void __launch_bounds__(kThreads) nce_grad_mma_kernel(
     const T* __restrict__ src, int64_t N, int64_t D, const TargetView v, const int64_t* __restrict__ pos_idx,
     const float* __restrict__ gpos, const float* __restrict__ r_coef, const float* __restrict__ neg_lse,
-    const float* __restrict__ reg_coef, float scale, float tclip, G* __restrict__ g, int64_t ldg) {
+    const float* __restrict__ reg_coef, float scale, float tclip, T* __restrict__ g, int64_t ldg,
+    const float* __restrict__ g_scale) {
 #if AMDIM_MMA_ARCH
   __shared__ __align__(128) unsigned char smem[kSmemBytes];
   const float* cs = reinterpret_cast<const float*>(smem);
+  const float gs = grad_scale_of(g_scale);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * BM, col0 = static_cast<int64_t>(blockIdx.y) * BN;
   score_tile<T, VEC>(src, N, D, static_cast<const T*>(v.trg), v, row0, col0, smem);
@@ -266,7 +269,7 @@ __global__ void __launch_bounds__(kThreads) nce_grad_mma_kernel(
       const int64_t img = v.m0 + j / v.L;
       // exp(s - neg_lse) <= 1 at every negative: the row's log-sum-exp bounds each term
       const float dl_ds = img == p ? gpos[row * v.L + (j - (img - v.m0) * v.L)] : ri * expf(s - lse);
-      store_as(g + row * ldg + j, score_grad(a, s, dl_ds, ci, tclip, scale));
+      store_as(g + row * ldg + j, gs * score_grad(a, s, dl_ds, ci, tclip, scale));
     }
   }
 #else
@@ -291,14 +294,14 @@ void fwd(const void* src, int64_t N, int64_t D, const TargetView& v, const int64
                                                             part_sum, part_max, part_sq, split_base);
 }
 
-template <typename T, typename G, bool VEC>
+template <typename T, bool VEC>
 void grad(const void* src, int64_t N, int64_t D, const TargetView& v, const int64_t* pos_idx, const float* gpos,
           const float* r, const float* neg_lse, const float* reg_coef, float scale, float tclip, void* g, int64_t ldg,
-          cudaStream_t stream) {
+          const float* g_scale, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>((N + BM - 1) / BM), static_cast<unsigned>((v.C + BN - 1) / BN));
-  nce_grad_mma_kernel<T, G, VEC><<<grid, kThreads, 0, stream>>>(static_cast<const T*>(src), N, D, v, pos_idx,
-                                                                gpos, r, neg_lse, reg_coef, scale, tclip,
-                                                                static_cast<G*>(g), ldg);
+  nce_grad_mma_kernel<T, VEC><<<grid, kThreads, 0, stream>>>(static_cast<const T*>(src), N, D, v, pos_idx,
+                                                             gpos, r, neg_lse, reg_coef, scale, tclip,
+                                                             static_cast<T*>(g), ldg, g_scale);
 }
 
 }  // namespace
@@ -317,13 +320,12 @@ cudaError_t launch_nce_fwd_mma(const void* src, int64_t N, int64_t D, const Targ
 cudaError_t launch_nce_grad_mma(const void* src, int64_t N, int64_t D, const TargetView& view, bool is_bf16,
                                 const int64_t* pos_idx, const float* gpos, const float* r, const float* neg_lse,
                                 const float* reg_coef, float scale, float tclip, void* g, int64_t ldg,
-                                cudaStream_t stream) {
-  // G is bfloat16 for bfloat16 inputs (float32's range), float32 for float16 inputs (float16
-  // would flush the smallest gradients to zero)
+                                const float* g_scale, cudaStream_t stream) {
+  // G has the inputs' dtype: bfloat16 keeps float32's range, float16 comes scaled (g_scale)
   const bool vec = vector_loads(src, D, view);
-  auto* launch = is_bf16 ? (vec ? grad<__nv_bfloat16, __nv_bfloat16, true> : grad<__nv_bfloat16, __nv_bfloat16, false>)
-                         : (vec ? grad<__half, float, true> : grad<__half, float, false>);
-  launch(src, N, D, view, pos_idx, gpos, r, neg_lse, reg_coef, scale, tclip, g, ldg, stream);
+  auto* launch = is_bf16 ? (vec ? grad<__nv_bfloat16, true> : grad<__nv_bfloat16, false>)
+                         : (vec ? grad<__half, true> : grad<__half, false>);
+  launch(src, N, D, view, pos_idx, gpos, r, neg_lse, reg_coef, scale, tclip, g, ldg, g_scale, stream);
   return cudaGetLastError();
 }
 

@@ -1,12 +1,15 @@
 """backend="cpp" (CPU) and backend="cuda" (GPU) — the op library built from csrc/ — against
 the float64 truth, plus the op's registrations: fake tensors, autograd, torch.compile."""
+import contextlib
+
 import pytest
 import torch
 
 from amdim_kernels import available_backends, nce_loss
+from amdim_kernels.backends import cuda_scores
 from truth import (
-    KERNEL_OPTIONS, assert_captured_graph_matches_eager, assert_cuda_graph_replay_matches_eager, assert_matches_truth, float64_truth, make_case,
-    outputs_and_grads)
+    KERNEL_OPTIONS, assert_captured_graph_matches_eager, assert_cuda_graph_replay_matches_eager, assert_float16_g_overflows_only_with_the_gradient,
+    assert_float16_loss_scale, assert_matches_truth, float64_truth, make_case, outputs_and_grads)
 
 BACKENDS = [b for b, dev in (("cpp", "cpu"), ("cuda", "cuda")) if b in available_backends(dev)]
 DEVICE = {"cpp": "cpu", "cuda": "cuda"}
@@ -39,6 +42,27 @@ def test_compiled_float32(backend, shape, options):
 def test_compiled_half_precision(backend, dtype, options):
     case = make_case(9, 5, 25, 20, pos="random", dtype=dtype, device=DEVICE[backend], **options)
     assert_matches_truth(case, dtype, backend)
+
+
+def _score_paths(backend):
+    """The cuda backend's two score paths (its float16 G is made by either's kernel), or the
+    cpp backend's one."""
+    return ("cublas", "mma") if backend == "cuda" else (None,)
+
+
+@pytest.mark.parametrize("loss_scale", [2.0 ** -4, 1.0, 2.0 ** 16])
+def test_compiled_float16_gradients_under_a_loss_scale(backend, loss_scale):
+    """cuda: float16 G is stored times a power of two found on the device
+    (nce_cuda_kernels.h's launch_nce_grad_scale); cpp computes in float32 throughout."""
+    for path in _score_paths(backend):
+        with cuda_scores(path) if path else contextlib.nullcontext():
+            assert_float16_loss_scale(backend, loss_scale, DEVICE[backend])
+
+
+def test_compiled_float16_g_overflows_only_with_the_gradient(backend):
+    for path in _score_paths(backend):
+        with cuda_scores(path) if path else contextlib.nullcontext():
+            assert_float16_g_overflows_only_with_the_gradient(backend, DEVICE[backend])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

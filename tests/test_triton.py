@@ -8,8 +8,8 @@ import torch
 
 from amdim_kernels import available_backends, nce_loss
 from truth import (
-    EXTRA_TOL, KERNEL_OPTIONS, assert_captured_graph_matches_eager, assert_cuda_graph_replay_matches_eager, assert_matches_truth, float64_truth, make_case,
-    outputs_and_grads, rel_err, truth_of)
+    KERNEL_OPTIONS, assert_captured_graph_matches_eager, assert_cuda_graph_replay_matches_eager, assert_float16_g_overflows_only_with_the_gradient,
+    assert_float16_loss_scale, assert_matches_truth, float64_truth, make_case, outputs_and_grads, rel_err)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -54,40 +54,16 @@ def test_triton_half_precision(shape, dtype):
     run_case(make_case(n, m, l, d, pos=pos, dtype=dtype, device=DEVICE), dtype)
 
 
-def _scaled_loss(factor):
-    """nce_loss with its outputs times `factor`, as a loss scaler scales them."""
-
-    def fn(*args, **kwargs):
-        loss, reg = nce_loss(*args, **kwargs)
-        return loss * factor, reg * factor
-
-    return fn
-
-
 @pytest.mark.parametrize("loss_scale", [2.0 ** -4, 1.0, 2.0 ** 16])
 def test_triton_float16_gradients_under_a_loss_scale(loss_scale):
     """float16 G is stored times a power of two that the device finds from the gradient's
-    own bound (launch.gradient_scale), so a loss scaler's factor neither overflows G nor,
-    when small, flushes its entries to zero: d src and d trg keep float16's accuracy.
-    (Left unscaled, G's error here is 8e-3 at 2^-4, measured.)"""
-    case = make_case(40, 40, 25, 24, dtype=torch.float16, device=DEVICE)
-    truth = truth_of(case)
-    ref = outputs_and_grads(nce_loss, case, backend="reference")
-    got = outputs_and_grads(_scaled_loss(loss_scale), case, backend="triton")
-    for k in (2, 3):
-        assert torch.isfinite(got[k]).all(), k
-        e_got, e_ref = rel_err(got[k].double() / loss_scale, truth[k]), rel_err(ref[k], truth[k])
-        assert e_got <= e_ref + EXTRA_TOL[torch.float16], (k, e_got, e_ref)
+    own bound (launch.gradient_scale). Left unscaled, G's error on this case is 8e-3 at 2^-4
+    (measured under the interpreter)."""
+    assert_float16_loss_scale("triton", loss_scale, DEVICE)
 
 
 def test_triton_float16_g_overflows_only_with_the_gradient():
-    """A loss scale of 2^22 puts G far past float16's 65504 while d trg still fits: d trg
-    comes out finite and accurate (left unscaled, G's infinities make it NaN)."""
-    case = make_case(2, 5, 3, 16, pos="random", dtype=torch.float16, device=DEVICE, spread=2.0 ** -4)
-    truth = truth_of(case)
-    got = outputs_and_grads(_scaled_loss(2.0 ** 22), case, backend="triton", grad_of=("trg",))
-    assert torch.isfinite(got[3]).all()
-    assert rel_err(got[3].double() / 2.0 ** 22, truth[3]) <= 1e-3
+    assert_float16_g_overflows_only_with_the_gradient("triton", DEVICE)
 
 
 @pytest.mark.parametrize("need_trg", [False, True])

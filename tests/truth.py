@@ -106,7 +106,8 @@ KERNEL_OPTIONS = [dict(), dict(tclip=None), dict(reg_weight=0.0), dict(reduction
 # Criterion (as Cut Cross-Entropy's tests): a backend's error against the float64 truth is no
 # larger than the reference's error in the same dtype plus a tolerance for what the backend
 # rounds differently: float32 sums in another order (loss, reg), and for the gradients the
-# G tiles, which are bfloat16 for bfloat16 inputs (2^-8 relative) and float32 otherwise.
+# GPU backends' G tiles, which have the inputs' dtype (2^-8 relative for bfloat16, 2^-11 for
+# float16).
 EXTRA_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 LOSS_EXTRA_TOL = 1e-5
 NAMES = ("loss", "reg", "d src", "d trg")
@@ -136,6 +137,42 @@ def assert_matches_truth(case: Case, dtype, backend: str | None = None, grad_of=
         extra = tol if tol is not None else LOSS_EXTRA_TOL if k < 2 else EXTRA_TOL[dtype]
         e_got, e_ref = rel_err(g, t), rel_err(r, t)
         assert e_got <= e_ref + extra, f"{name}: {who} error {e_got:.3g} vs reference {e_ref:.3g}"
+
+
+def scaled_loss(factor):
+    """nce_loss with its outputs times `factor`, as a loss scaler scales them."""
+    from amdim_kernels import nce_loss
+
+    def fn(*args, **kwargs):
+        loss, reg = nce_loss(*args, **kwargs)
+        return loss * factor, reg * factor
+
+    return fn
+
+
+def assert_float16_loss_scale(backend: str, loss_scale: float, device: str):
+    """float16 gradients under a loss scaler's factor keep float16's accuracy: the factor
+    neither overflows the backward's G nor, when small, flushes its entries to zero."""
+    from amdim_kernels import nce_loss
+
+    case = make_case(40, 40, 25, 24, dtype=torch.float16, device=device)
+    truth = truth_of(case)
+    ref = outputs_and_grads(nce_loss, case, backend="reference")
+    got = outputs_and_grads(scaled_loss(loss_scale), case, backend=backend)
+    for k in (2, 3):
+        assert torch.isfinite(got[k]).all(), NAMES[k]
+        e_got, e_ref = rel_err(got[k].double() / loss_scale, truth[k]), rel_err(ref[k], truth[k])
+        assert e_got <= e_ref + EXTRA_TOL[torch.float16], f"{NAMES[k]}: {backend} error {e_got:.3g} vs {e_ref:.3g}"
+
+
+def assert_float16_g_overflows_only_with_the_gradient(backend: str, device: str):
+    """A loss scale of 2^22 puts G far past float16's 65504 while d trg still fits: d trg
+    comes out finite and accurate (an unscaled float16 G's infinities make it NaN)."""
+    case = make_case(2, 5, 3, 16, pos="random", dtype=torch.float16, device=device, spread=2.0 ** -4)
+    truth = truth_of(case)
+    got = outputs_and_grads(scaled_loss(2.0 ** 22), case, backend=backend, grad_of=("trg",))
+    assert torch.isfinite(got[3]).all()
+    assert rel_err(got[3].double() / 2.0 ** 22, truth[3]) <= 1e-3
 
 
 def float64_truth(case: Case):
