@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine: install, run every test (GPU ones included), tune and
 # profile the Triton kernels, run the benchmark sweeps. Logs and CSV/JSON go to $OUT.
-# STEPS picks among (STEPS="" only installs): tests compiled sanitize resources tune run fmap run32 sweep infonce train train_compiled train_layouts train_graphs bench overhead host demo.
+# STEPS picks among (STEPS="" only installs): tests compiled sanitize resources tune run fmap run32 run16 sweep infonce train train_compiled train_layouts train_graphs bench overhead host demo.
 # Peer libraries: run `make peer-wheels` here first and carry wheels/ along.
 set -u
 OUT=${OUT:-/tmp/amdim_out}; mkdir -p "$OUT"
@@ -41,6 +41,8 @@ for step in $STEPS; do
            --out "$OUT" --suffix fmap_bf16 2>&1 | tee "$OUT/run_fmap.log" ;;
     run32) timeout 100 python3 -m benchmarks.run --preset targets --dtypes float32 --impls $IMPLS \
            --out "$OUT" --suffix fp32 2>&1 | tee "$OUT/run_fp32.log" ;;
+    run16) timeout 170 python3 -m benchmarks.run --preset targets --dtypes float16 --impls $IMPLS \
+           --out "$OUT" --suffix fp16 2>&1 | tee "$OUT/run_fp16.log" ;;
     compiled) timeout 120 python3 -m pytest -q -rfE tests/test_compiled.py 2>&1 | tee "$OUT/pytest_compiled.log" | tail -8 ;;
     sanitize) for tool in memcheck racecheck; do
                 timeout 240 compute-sanitizer --tool $tool --print-limit 20 python3 -m benchmarks.sanitize_case 2>&1 \

@@ -3,7 +3,8 @@
   for 16-bit inputs) and both WMMA operand loaders (D = 72: 16-byte copies; D = 70: element
   by element);
 - the Triton backend's fused kernels with TMA operands (D = 72) and with pointers (D = 70,
-  whose rows are not 16-byte multiples), and its cuBLAS-scores strategy.
+  whose rows are not 16-byte multiples), and its cuBLAS-scores strategy;
+- float16 in each, whose backward adds the kernel that finds G's scale.
 
     compute-sanitizer --tool memcheck python -m benchmarks.sanitize_case
 """
@@ -28,11 +29,9 @@ def fwd_bwd(label, dtype, d, tclip, backend):
 for tclip in (20.0, None):
     for scores in ("cublas", "mma"):
         for dtype, d in ((torch.float32, 70), (torch.bfloat16, 70), (torch.bfloat16, 72), (torch.float16, 72)):
-            if scores == "cublas" and dtype == torch.float16:
-                continue
             with cuda_scores(scores):
                 fwd_bwd(scores, dtype, d, tclip, "cuda")
     for strategy, loads in (("fused", "tma"), ("fused", "pointers"), ("gemm", "pointers")):
-        for dtype, d in ((torch.float32, 72), (torch.bfloat16, 70), (torch.bfloat16, 72)):
+        for dtype, d in ((torch.float32, 72), (torch.bfloat16, 70), (torch.bfloat16, 72), (torch.float16, 72)):
             with launch.pinned(score=strategy, operands=loads):
                 fwd_bwd(f"{strategy}/{loads}", dtype, d, tclip, "triton")
