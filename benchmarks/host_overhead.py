@@ -186,7 +186,8 @@ def work_ops(p: problems.Problem = problems.CIFAR) -> None:
         launches = collections.Counter()
         with contextlib.ExitStack() as stack:
             if backend == "triton":
-                for name in ("nce_fwd_kernel", "nce_merge_kernel", "nce_grad_factors_kernel", "nce_grad_tile_kernel"):
+                for name in ("nce_fwd_kernel", "nce_merge_kernel", "nce_grad_factors_kernel", "nce_grad_scale_kernel",
+                             "nce_grad_tile_kernel"):
                     stack.enter_context(mock.patch.object(launch, name, _CountedLaunch(launches, name)))
                 stack.enter_context(mock.patch.object(launch, "triton_interpreting", lambda: False))
                 stack.enter_context(mock.patch.object(launch, "_num_sms", lambda device: 132))
