@@ -17,6 +17,7 @@ import csv
 import os
 import sys
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -60,7 +61,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--milestones", type=int, nargs="*", help="MultiStepLR epochs, gamma 0.2 (default: the dataset's)")
     p.add_argument("--tclip", type=float, default=20.0, help="score clipping; 0 disables it")
     p.add_argument("--backend", default="auto", help=f"nce_loss backend: auto or one of {available_backends()}")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast")
+    p.add_argument("--amp", action="store_true", help="autocast to --amp-dtype")
+    p.add_argument("--amp-dtype", default="bfloat16", choices=["bfloat16", "float16"],
+                   help="--amp's dtype; float16 (GPUs without bf16, as the official apex O2 runs) scales the loss "
+                        "with a GradScaler, whose inf check waits for the device once a step")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the forward pass: encoder, the six NCE calls (one opaque op each) and probes")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend for --compile")
@@ -136,6 +140,10 @@ class Run:
         self.net = DistributedDataParallel(self.model) if self.distributed else self.model
         params = list(self.model.parameters()) + list(self.evaluator.parameters())
         self.optimizer = torch.optim.Adam(params, lr=args.lr, betas=(0.8, 0.999), weight_decay=1e-5, eps=1e-8)
+        self.amp_dtype = getattr(torch, args.amp_dtype)
+        # float16's gradients underflow without loss scaling (the official code: apex's
+        # scale_loss); disabled, the scaler passes everything through
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.amp and self.amp_dtype == torch.float16)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda t: lr_factor(t, self.steps_per_epoch, args.warmup_steps, args.milestones))
         self.epoch, self.step = 0, 0
@@ -168,7 +176,7 @@ class Run:
                               locations=locations)
 
     def _forward_losses(self, x, labels, locations):
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.amp):
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.args.amp):
             features = self.net(x)  # both views in one pass
             losses = self.nce_losses(features, labels.shape[0], locations)
             cls_loss = self.evaluator.loss(features[0], torch.cat([labels, labels]))
@@ -184,9 +192,14 @@ class Run:
         # that --resume replays them exactly with --compile too
         losses, cls_loss = self.forward_losses(x, labels, draw_locations(labels.shape[0]))
         self.optimizer.zero_grad(set_to_none=True)
-        (losses.total + cls_loss).backward()
-        self.optimizer.step()
-        self.scheduler.step()
+        self.scaler.scale(losses.total + cls_loss).backward()
+        self.scaler.step(self.optimizer)  # skipped where the scaled gradients overflowed
+        self.scaler.update()
+        with warnings.catch_warnings():
+            # the schedule counts steps taken or skipped; torch warns when the first is skipped,
+            # as float16's first few are while the scale settles
+            warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before", UserWarning)
+            self.scheduler.step()
         self.step += 1
         return dict(losses.as_dict(), cls=cls_loss.detach(), lr=self.scheduler.get_last_lr()[0])
 
@@ -216,13 +229,16 @@ class Run:
     def state(self) -> dict:
         return dict(model=self.model.state_dict(), evaluator=self.evaluator.state_dict(),
                     optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
-                    epoch=self.epoch, step=self.step, rng=checkpoint.rng_state(), args=vars(self.args))
+                    scaler=self.scaler.state_dict(), epoch=self.epoch, step=self.step, rng=checkpoint.rng_state(),
+                    args=vars(self.args))
 
     def load_state(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.evaluator.load_state_dict(state["evaluator"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler.is_enabled() and state.get("scaler"):  # a disabled scaler saves {}
+            self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step = state["epoch"], state["step"]
         checkpoint.set_rng_state(state["rng"])
 

@@ -39,7 +39,7 @@ def make_run(backend: str, args: argparse.Namespace) -> train.Run:
     if args.batch_size:
         argv += ["--batch-size", str(args.batch_size)]
     if args.amp:
-        argv.append("--amp")
+        argv += ["--amp", "--amp-dtype", args.amp_dtype]
     if args.compile:
         argv.append("--compile")
     if args.compile_mode:
@@ -52,13 +52,13 @@ def make_run(backend: str, args: argparse.Namespace) -> train.Run:
 def loss_only(run: train.Run, views) -> callable:
     """multiscale_nce forward+backward on the features of this batch, detached from the encoder."""
     x = torch.cat(views).to(run.device).contiguous(memory_format=run.memory_format)
-    with torch.no_grad(), torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.args.amp):
+    with torch.no_grad(), torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.args.amp):
         feats = [f.detach() for f in run.net(x)]
     b = views[0].shape[0]
 
     def step():
         leaves = [f.clone().requires_grad_() for f in feats]
-        with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.args.amp):
+        with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.args.amp):
             total = run.nce_losses(leaves, b).total
         total.backward()
 
@@ -98,7 +98,8 @@ class Contender:
                     images_per_s=1e3 * 2 * self.labels.shape[0] / step_ms, loss_ms=loss_ms,
                     loss_share=loss_ms / step_ms, first_loss=self.first_loss, peak_mib=peak / 2**20,
                     rounds=len(self.step_ms), model=f"ndf {a.ndf}, n_rkhs {a.n_rkhs}, depth {a.n_depth}",
-                    amp=self.args.amp, compile=self.args.compile, compile_mode=self.args.compile_mode or "",
+                    amp=self.args.amp, amp_dtype=self.args.amp_dtype if self.args.amp else "",
+                    compile=self.args.compile, compile_mode=self.args.compile_mode or "",
                     channels_last=self.args.channels_last, device=versions(self.args.device)[0],
                     torch=torch.__version__,
                     date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
@@ -110,7 +111,9 @@ def main(argv=None):
     ap.add_argument("--preset", choices=sorted(train.PRESETS), default=None,
                     help="model size (default: the trainer's for the device)")
     ap.add_argument("--batch-size", type=int, default=None, help="images per step (default: the preset's)")
-    ap.add_argument("--amp", action="store_true", help="bf16 autocast, as the trainer's --amp")
+    ap.add_argument("--amp", action="store_true", help="autocast to --amp-dtype, as the trainer's --amp")
+    ap.add_argument("--amp-dtype", default="bfloat16", choices=["bfloat16", "float16"],
+                    help="as the trainer's: float16 also scales the loss (a GradScaler, one sync a step)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the forward, as the trainer's --compile")
     ap.add_argument("--compile-mode", default=None, help="the trainer's --compile-mode (e.g. reduce-overhead)")
     ap.add_argument("--channels-last", action="store_true", help="the trainer's --channels-last")
@@ -138,7 +141,7 @@ def main(argv=None):
         speedup = f"{base / r['step_ms']:.2f}x" if base else "-"
         print(f"| {r['backend']} | {r['batch']} | {r['step_ms']:.1f} | {r['images_per_s']:.0f} | {r['loss_ms']:.1f} | "
               f"{100 * r['loss_share']:.0f}% | {speedup} | {r['first_loss']:.4f} | {r['peak_mib']:.0f} |", flush=True)
-    print(f"model: {rows[0]['model']}, amp {args.amp}, compile {args.compile}, device {rows[0]['device']}, torch {torch.__version__}")
+    print(f"model: {rows[0]['model']}, amp {args.amp_dtype if args.amp else 'off'}, compile {args.compile}, device {rows[0]['device']}, torch {torch.__version__}")
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w", newline="") as f:

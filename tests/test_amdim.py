@@ -179,9 +179,32 @@ def test_synthetic_dataset_splits_share_classes():
 def test_amp_step_runs_in_bf16_autocast(tmp_path):
     args = amdim_train.parse_args(TINY + ["--amp", "--out", str(tmp_path)])
     run = amdim_train.Run(args)
+    assert not run.scaler.is_enabled()
     (v1, v2), labels = next(iter(run.train_loader(0)))
     metrics = amdim_train.read_metrics(run.train_step((v1, v2), labels))
     assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
+
+
+def test_float16_amp_scales_the_loss_and_resumes_the_scale(tmp_path):
+    """--amp-dtype float16 trains under a GradScaler (the official runs' apex loss scaling):
+    the first steps overflow and are skipped while the scale settles (3 here, from 2^16),
+    later ones update the weights, and a checkpoint carries the scale."""
+    common = TINY + ["--amp", "--amp-dtype", "float16", "--warmup-steps", "1"]
+    args = amdim_train.parse_args(common + ["--out", str(tmp_path)])
+    run = amdim_train.Run(args)
+    assert run.scaler.is_enabled()
+    before = [p.detach().clone() for p in run.model.parameters()]
+    (v1, v2), labels = next(iter(run.train_loader(0)))
+    for _ in range(8):
+        metrics = amdim_train.read_metrics(run.train_step((v1, v2), labels))
+        assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
+    assert run.scaler.get_scale() < 2.0 ** 16
+    assert any(not torch.equal(b, p) for b, p in zip(before, run.model.parameters()))
+    run.scaler.update(1024.0)
+    run.save()
+    resumed = amdim_train.Run(amdim_train.parse_args(common + ["--out", str(tmp_path / "next")]))
+    resumed.load_state(torch.load(tmp_path / "last.pt", weights_only=False))
+    assert resumed.scaler.get_scale() == 1024.0
 
 
 @pytest.mark.parametrize("backend", ["reference"] + [b for b in ("cpp",) if b in available_backends("cpu")])
