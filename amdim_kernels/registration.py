@@ -13,9 +13,10 @@ and `sq` (each row's sum of raw scores squared, whose total gives the regularise
 differentiable; `pos` and `neg_lse` are saved statistics, `pos` the positives' scores as
 the pair's bwd reads them: soft-clipped for the C++ ops, raw for Triton's (whose backward
 forms the clip again, and needs the raw score for the regulariser's gradient at the
-positives). bwd reads `sq` only for float16 inputs, as a bound on each row's |a| (the
-range of its float16 G, triton_nce/gradient_scale). With a fake implementation torch.compile traces each op as one opaque call,
-without a graph break.
+positives). bwd reads `sq` only for float16 inputs on a GPU: it bounds each row's |a|, and
+so the range of the float16 G (triton_nce/launch.py's gradient_scale, csrc's
+launch_nce_grad_scale). With a fake implementation torch.compile traces each op as one
+opaque call, without a graph break.
 """
 from __future__ import annotations
 
