@@ -150,6 +150,8 @@ def test_chunks_are_even_whole_images(n, m, l, column_bytes):
     ("CIFAR", torch.bfloat16, 1), ("IMAGENET_4GPU", torch.bfloat16, 1), ("ONE_GPU_SHARE", torch.bfloat16, 2),
     ("SINGLE_GPU", torch.bfloat16, 8), ("SINGLE_GPU", torch.float32, 8), ("CIFAR", torch.float32, 2),
     ("SINGLE_GPU_FEATURE_MAP", torch.bfloat16, 8),
+    # float16 G has the inputs' dtype, as bf16's (before: float32 G and features, 2 and 3 chunks)
+    ("CIFAR", torch.float16, 1), ("ONE_GPU_SHARE", torch.float16, 2),
 ], ids=str)
 def test_backward_chunks_of_amdim_problems(problem, dtype, chunks):
     """The backward's chunk counts on an H100 (132 SMs) for AMDIM's problems: the per-GPU ones
