@@ -236,10 +236,12 @@ std::tuple<Tensor, Tensor> nce_bwd_cuda(const Tensor& src, const Tensor& trg, co
   if (need_src && !in_tail) dsrc_acc = at::empty({N, D}, src.options().dtype(at::kFloat));
   const int64_t tail_begin = dtrg.numel() * dtrg.element_size() - 4 * N * D;  // the sum's first byte
   Tensor dsrc;
-  // d src in the inputs' dtype from its float32 sum, which float16's scale leaves times 2^k
-  auto src_grad = [&](Tensor& acc, bool copy) {
-    if (half) acc.mul_(g_scale[1]);
-    return acc.to(src.scalar_type(), /*non_blocking=*/false, copy);
+  // d src in the inputs' dtype from its float32 sum; float16's is times 2^k, undone in the
+  // same launch that rounds it
+  auto src_grad = [&](const Tensor& acc, bool copy) {
+    if (!half) return acc.to(src.scalar_type(), /*non_blocking=*/false, copy);
+    Tensor out = at::empty({N, D}, src.options());
+    return at::mul_out(out, acc, g_scale[1]);
   };
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   for (int64_t m0 = 0; m0 < M; m0 += ipc) {
