@@ -1,6 +1,5 @@
 """backend="triton" against the float64 truth, on the CPU interpreter (CI) and on a GPU.
 The criterion is tests/truth.py's assert_matches_truth."""
-import dataclasses
 import math
 
 import pytest
