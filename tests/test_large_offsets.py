@@ -1,0 +1,98 @@
+"""Every backend on targets past 2^31 elements (GPU), where an int32 offset would wrap, and
+the zero-padded problems that make such a size checkable (tests/padded.py), on the CPU."""
+import contextlib
+import math
+
+import pytest
+import torch
+
+from amdim_kernels import available_backends, nce_loss
+from amdim_kernels.backends import cuda_scores
+from padded import assert_zero_padded_matches_truth, make_zero_padded_case, zero_padded_truth
+from truth import EXTRA_TOL, KERNEL_OPTIONS, truth_of
+
+CPU_BACKENDS = available_backends("cpu")
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "feature-map"])
+@pytest.mark.parametrize("options", KERNEL_OPTIONS, ids=str)
+def test_zero_padded_truth_is_the_spec(options, layout):
+    """The folded truth equals spec_loss_f64 on the whole problem, every zero column
+    included, and the backends' check passes on it exactly (float64)."""
+    pc = make_zero_padded_case(4, 6, 3, 5, 12, dtype=torch.float64, trg_layout=layout, **options)
+    loss, reg, d_src, d_tail, d_zero = zero_padded_truth(pc)
+    whole = truth_of(pc.case)  # outputs_and_grads draws the same upstream weight
+    for name, got, want in (("loss", loss, whole[0]), ("reg", reg, whole[1]), ("d src", d_src, whole[2]),
+                            ("d tail", d_tail, whole[3][pc.zero_images:])):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15, msg=name)
+    torch.testing.assert_close(whole[3][:pc.zero_images], d_zero.expand(pc.zero_images, 5, 12), rtol=1e-12,
+                               atol=1e-15)
+    assert d_zero.abs().max() > 0  # zero columns are negatives: their gradient is not zero
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("options", [dict(), dict(tclip=None, reduction="none")], ids=str)
+def test_backends_on_a_zero_padded_problem(backend, options):
+    pc = make_zero_padded_case(5, 40, 4, 7, 24, **options)
+    assert_zero_padded_matches_truth(pc, backend, tol=1e-4)
+
+
+class _GradientOneImageOn(torch.autograd.Function):
+    """Identity forward; the backward moves each image's gradient one image further on, as
+    a write through a wrapped offset would misplace it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.roll(grad, 1, 0)
+
+
+def _misplacing_loss(src, trg, pos_idx, **kwargs):
+    return nce_loss(src, _GradientOneImageOn.apply(trg), pos_idx, **kwargs)
+
+
+def test_the_check_catches_a_misplaced_gradient():
+    """The same values, with d trg written one image off: the check fails."""
+    pc = make_zero_padded_case(3, 10, 2, 3, 8)
+    with pytest.raises(AssertionError, match="d trg"):
+        assert_zero_padded_matches_truth(pc, "reference", tol=1e-4, loss_fn=_misplacing_loss)
+
+
+# Past 2^31 elements: N = 5 sources, L = 49, D = 2048 and 21,400 zero images put every
+# tail image's features beyond element 2^31 of trg (4.3 GB at 2 bytes).
+N, L, D, TAIL = 5, 49, 2048, 24
+ZERO_IMAGES = math.ceil(2 ** 31 / (L * D))
+
+
+def _impls():
+    impls = []
+    if "triton" in available_backends("cuda"):
+        impls += ["triton:tma", "triton:pointers"]
+    if "cuda" in available_backends("cuda"):
+        impls += ["cuda:cublas", "cuda:mma"]
+    return impls or ["none"]
+
+
+def _impl_context(impl: str):
+    backend, how = impl.split(":")
+    if backend == "cuda":
+        return cuda_scores(how)
+    from amdim_kernels.triton_nce import launch
+
+    return launch.pinned(operands=how)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,layout", [(torch.bfloat16, "contiguous"), (torch.float16, "contiguous"),
+                                          (torch.bfloat16, "feature-map")], ids=str)
+@pytest.mark.parametrize("impl", _impls())
+def test_targets_past_2_31_elements(impl, dtype, layout):
+    if impl == "none":
+        pytest.skip("no GPU backend is available")
+    pc = make_zero_padded_case(N, ZERO_IMAGES, TAIL, L, D, dtype=dtype, device="cuda", trg_layout=layout)
+    assert pc.case.trg.numel() > 2 ** 31 and pc.zero_images * L * D >= 2 ** 31
+    with _impl_context(impl):
+        assert_zero_padded_matches_truth(pc, impl.split(":")[0], tol=2 * EXTRA_TOL[dtype])
