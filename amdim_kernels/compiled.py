@@ -3,7 +3,8 @@
 The ops are defined once in C++ (`amdim_kernels::nce_fwd`, `amdim_kernels::nce_bwd`) with CPU
 and CUDA kernels; registration.py gives them fake implementations and an autograd formula:
 
-    nce_fwd(src, trg, pos_idx, tclip, scale) -> loss (N, L), pos (N, L), neg_lse (N,), sq (N,)
+    nce_fwd(src, trg, pos_idx, tclip, scale, reg_weight)
+        -> loss (N, L), pos (N, L), neg_lse (N,), sq (N,), mean (), reg ()
 """
 from __future__ import annotations
 
@@ -20,4 +21,4 @@ register("amdim_kernels::nce_fwd", "amdim_kernels::nce_bwd", _ops.nce_bwd)
 
 
 def nce_loss_compiled(p: Problem) -> tuple[torch.Tensor, torch.Tensor]:
-    return loss_and_reg(_ops.nce_fwd(p.src, p.trg, p.pos_idx, p.tclip, p.scale), p)
+    return loss_and_reg(_ops.nce_fwd(p.src, p.trg, p.pos_idx, p.tclip, p.scale, p.reg_weight), p)

@@ -4,19 +4,27 @@ Two op pairs share one contract: the C++ op library's (`amdim_kernels::nce_fwd/n
 backends "cpp" and "cuda") and the Triton backend's (`amdim_kernels::triton_nce_fwd/bwd`,
 which torch.compile sees):
 
-    fwd(src, trg, pos_idx, *options) -> loss (N, L), pos (N, L), neg_lse (N,), sq (N,)
-    bwd(src, trg, pos_idx, pos, neg_lse, sq, grad_loss, grad_sq, *options, need_src, need_trg)
+    fwd(src, trg, pos_idx, tclip, scale, reg_weight, *extra)
+        -> loss (N, L), pos (N, L), neg_lse (N,), sq (N,), mean (), reg ()
+    bwd(src, trg, pos_idx, pos, neg_lse, sq, grad_loss, loss_weight, grad_sq, sq_weight,
+        tclip, scale, *extra, need_src, need_trg)
         -> dsrc (N, D) or (0, D), dtrg (M, L, D) or (0, L, D)
 
-`options` are the kernel options (tclip, scale, and for Triton the score strategy). `loss`
-and `sq` (each row's sum of raw scores squared, whose total gives the regulariser) are
-differentiable; `pos` and `neg_lse` are saved statistics, `pos` the positives' scores as
-the pair's bwd reads them: soft-clipped for the C++ ops, raw for Triton's (whose backward
-forms the clip again, and needs the raw score for the regulariser's gradient at the
-positives). bwd reads `sq` only for float16 inputs on a GPU: it bounds each row's |a|, and
-so the range of the float16 G (triton_nce/launch.py's gradient_scale, csrc's
-launch_nce_grad_scale). With a fake implementation torch.compile traces each op as one
-opaque call, without a graph break.
+`extra` is Triton's score strategy. `loss` (the per-positive losses), `mean` (their mean)
+and `reg` (reg_weight times the mean of a^2 over all N*M*L scores) are differentiable: the
+op makes nce_loss's outputs itself, so no torch op (and no GPU launch) forms them from the
+statistics, forward or backward. `pos`, `neg_lse` and `sq` (each row's sum of raw scores
+squared) are saved statistics; `pos` holds the positives' scores as the pair's bwd reads
+them: soft-clipped for the C++ ops, raw for Triton's (whose backward forms the clip again,
+and needs the raw score for the regulariser's gradient at the positives).
+
+bwd gives the gradients of loss_weight * sum(grad_loss * loss) + sq_weight * sum(grad_sq *
+sq). grad_loss (N, L) and grad_sq (N,) may have any strides, a stride of 0 included: the
+autograd formula hands it the mean's and reg's upstream gradients as broadcast views with
+their factors 1/(N*L) and reg_weight/(N*M*L), which the kernels apply as they read them. bwd
+reads `sq` only for float16 inputs on a GPU: it bounds each row's |a|, and so the range of
+the float16 G (triton_nce/launch.py's gradient_scale, csrc's launch_nce_grad_scale). With a
+fake implementation torch.compile traces each op as one opaque call, without a graph break.
 """
 from __future__ import annotations
 
@@ -30,14 +38,26 @@ from .validation import Problem
 def _fake_fwd(src, trg, pos_idx, *options):
     n, l = src.shape[0], trg.shape[1]
     f32 = dict(dtype=torch.float32, device=src.device)
-    return src.new_empty(n, l, **f32), src.new_empty(n, l, **f32), src.new_empty(n, **f32), src.new_empty(n, **f32)
+    return (src.new_empty(n, l, **f32), src.new_empty(n, l, **f32), src.new_empty(n, **f32), src.new_empty(n, **f32),
+            src.new_empty((), **f32), src.new_empty((), **f32))
 
 
-def _fake_bwd(src, trg, pos_idx, pos, neg_lse, sq, grad_loss, grad_sq, *options_and_needs):
+def _fake_bwd(src, trg, pos_idx, pos, neg_lse, sq, grad_loss, loss_weight, grad_sq, sq_weight, *options_and_needs):
     need_src, need_trg = options_and_needs[-2:]
     dsrc = src.new_empty(src.shape if need_src else (0, src.shape[1]))
     dtrg = trg.new_empty(trg.shape if need_trg else (0,) + tuple(trg.shape[1:]))
     return dsrc, dtrg
+
+
+def _upstream(grad_loss, grad_mean, n: int, l: int, like: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """(grad, weight) with weight * grad the upstream gradient of the (N, L) losses, from that
+    of `loss` and that of `mean`: a view and no launch in the two cases nce_loss makes (one
+    of them, as `reduction` picks)."""
+    if grad_mean is None:
+        return (grad_loss if grad_loss is not None else like.new_zeros(())).float().expand(n, l), 1.0
+    if grad_loss is None:
+        return grad_mean.float().expand(n, l), 1.0 / (n * l)
+    return grad_loss.float() + grad_mean.float() / (n * l), 1.0
 
 
 def autograd_formula(bwd: Callable) -> tuple[Callable, Callable]:
@@ -45,25 +65,26 @@ def autograd_formula(bwd: Callable) -> tuple[Callable, Callable]:
     torch.library.register_autograd and a torch.autograd.Function alike."""
 
     def setup_context(ctx, inputs, output):
-        src, trg, pos_idx, *options = inputs
-        _, pos, neg_lse, sq = output
+        src, trg, pos_idx, tclip, scale, reg_weight, *extra = inputs
+        _, pos, neg_lse, sq, _, _ = output
         ctx.save_for_backward(src, trg, pos_idx, pos, neg_lse, sq)
-        ctx.options = options
-        ctx.mark_non_differentiable(pos, neg_lse)
-        # pos and neg_lse never get a gradient, and loss or sq may get none: without this
-        # autograd would fill a zero tensor for each (two launches per backward on a GPU)
+        ctx.options = tclip, scale, *extra
+        ctx.reg_weight = reg_weight
+        ctx.mark_non_differentiable(pos, neg_lse, sq)
+        # the statistics never get a gradient, and loss, mean or reg may get none: without
+        # this autograd would fill a zero tensor for each (a launch each on a GPU)
         ctx.set_materialize_grads(False)
 
-    def backward(ctx, grad_loss, _grad_pos, _grad_neg_lse, grad_sq):
+    def backward(ctx, grad_loss, _grad_pos, _grad_neg_lse, _grad_sq, grad_mean, grad_reg):
         src, trg, pos_idx, pos, neg_lse, sq = ctx.saved_tensors
+        n, l = pos.shape
         need_src, need_trg = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if grad_loss is None:
-            grad_loss = torch.zeros_like(pos)
-        if grad_sq is None:
-            grad_sq = torch.zeros_like(neg_lse)
-        dsrc, dtrg = bwd(src, trg, pos_idx, pos, neg_lse, sq, grad_loss.float().contiguous(),
-                         grad_sq.float().contiguous(), *ctx.options, need_src, need_trg)
-        return (dsrc if need_src else None), (dtrg if need_trg else None), None, *([None] * len(ctx.options))
+        w, w_weight = _upstream(grad_loss, grad_mean, n, l, pos)
+        grad_reg = grad_reg if grad_reg is not None else pos.new_zeros(())
+        sq_weight = ctx.reg_weight / (n * trg.shape[0] * l)
+        dsrc, dtrg = bwd(src, trg, pos_idx, pos, neg_lse, sq, w, w_weight, grad_reg.float().expand(n), sq_weight,
+                         *ctx.options, need_src, need_trg)
+        return (dsrc if need_src else None), (dtrg if need_trg else None), None, *([None] * (len(ctx.options) + 1))
 
     return setup_context, backward
 
@@ -77,9 +98,6 @@ def register(fwd_name: str, bwd_name: str, bwd: Callable) -> None:
 
 
 def loss_and_reg(outputs, p: Problem) -> tuple[torch.Tensor, torch.Tensor]:
-    """nce_loss's (loss, reg) from a fwd op's outputs."""
-    loss, _, _, sq = outputs
-    # scaled before the sum: its backward then hands the bwd op a contiguous (N,) gradient,
-    # where sum-then-scale hands it an expanded scalar that must be copied to be contiguous
-    reg = (sq * (p.reg_weight / (p.n * p.m * p.l))).sum()
-    return (loss.mean() if p.reduction == "mean" else loss), reg
+    """nce_loss's (loss, reg) from a fwd op's outputs: no launch."""
+    loss, _, _, _, mean, reg = outputs
+    return (mean if p.reduction == "mean" else loss), reg

@@ -85,7 +85,7 @@ def glue(p: problems.Problem = problems.SINGLE_GPU, reps: int = 200) -> None:
     """Microseconds of launch.py's Python per backward chunk (--glue), per chunk count and
     operand loads, with the G kernel's launches stubbed out."""
     src, trg, pos_idx = p.inputs(torch.bfloat16, "cpu")
-    per_row = torch.zeros(p.n)  # stands in for neg_lse, R and grad_sq
+    per_row = torch.zeros(p.n)  # stands in for neg_lse, R and reg_coef
     g_pos = torch.zeros(p.n, p.l)
     print(f"launch.py's Python per backward chunk, launches stubbed, {p.name}, bf16 (CPU)")
     print("| chunk parts | operand loads | us per chunk |")
@@ -119,8 +119,8 @@ def python_path(calls: int = 3000) -> None:
     torch.set_num_threads(1)
     src, trg = torch.randn(4, 8, requires_grad=True), torch.randn(4, 2, 8, requires_grad=True)
     ops, pos_idx = torch.ops.amdim_kernels, torch.arange(4)
-    loss, pos, neg_lse, sq = ops.nce_fwd(src.detach(), trg.detach(), pos_idx, 20.0, 8 ** -0.5)
-    ones = torch.ones_like(pos), torch.ones_like(neg_lse)
+    loss, pos, neg_lse, sq, _, _ = ops.nce_fwd(src.detach(), trg.detach(), pos_idx, 20.0, 8 ** -0.5, 0.05)
+    upstream = torch.ones(()).expand(pos.shape), 1.0 / pos.numel(), torch.ones(()).expand(neg_lse.shape), 0.05 / 32
 
     def us(fn) -> float:
         for _ in range(100):
@@ -133,8 +133,8 @@ def python_path(calls: int = 3000) -> None:
     rows = {
         "nce_loss + autograd.grad, cpp": lambda: fwd_bwd(src, trg, None, "cpp"),
         "the two C++ ops called directly": lambda: (
-            ops.nce_fwd(src.detach(), trg.detach(), pos_idx, 20.0, 8 ** -0.5),
-            ops.nce_bwd(src.detach(), trg.detach(), pos_idx, pos, neg_lse, sq, *ones, 20.0, 8 ** -0.5, True, True)),
+            ops.nce_fwd(src.detach(), trg.detach(), pos_idx, 20.0, 8 ** -0.5, 0.05),
+            ops.nce_bwd(src.detach(), trg.detach(), pos_idx, pos, neg_lse, sq, *upstream, 20.0, 8 ** -0.5, True, True)),
         "validate": lambda: validate(src, trg, None, 20.0, 0.05, None, "mean"),
     }
     print("CPU, float32, N = M = 4, L = 2, D = 8, one thread")
@@ -186,8 +186,7 @@ def work_ops(p: problems.Problem = problems.CIFAR) -> None:
         launches = collections.Counter()
         with contextlib.ExitStack() as stack:
             if backend == "triton":
-                for name in ("nce_fwd_kernel", "nce_merge_kernel", "nce_grad_factors_kernel", "nce_grad_scale_kernel",
-                             "nce_grad_tile_kernel"):
+                for name in [name for name in vars(launch) if name.endswith("_kernel")]:  # every kernel launch.py has
                     stack.enter_context(mock.patch.object(launch, name, _CountedLaunch(launches, name)))
                 stack.enter_context(mock.patch.object(launch, "triton_interpreting", lambda: False))
                 stack.enter_context(mock.patch.object(launch, "_num_sms", lambda device: 132))

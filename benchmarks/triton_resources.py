@@ -172,7 +172,7 @@ def grad_args(p: problems.Problem, dtype: torch.dtype, cfg: launch.TileConfig, c
     c = launch.chunk_columns(p.n, p.m, p.l, cfg, 132, per_column, launch.MIN_CHUNK_BYTES)
     return dict(
         _tile_args(p, dtype, cfg, clip, tma),
-        neg_lse_ptr=torch.float32, r_ptr=torch.float32, g_pos_ptr=torch.float32, grad_sq_ptr=torch.float32,
+        neg_lse_ptr=torch.float32, r_ptr=torch.float32, g_pos_ptr=torch.float32, reg_coef_ptr=torch.float32,
         g_ptr=dtype, stride_gn=c, g_scale_ptr=torch.float32, scores_ptr=dtype, stride_scores=c, col_begin=0, C=c,
         BLOCK_L=Const(launch.positives_block(p.l)), SCALED=Const(dtype == torch.float16),
     )
@@ -187,11 +187,19 @@ def merge_args(p: problems.Problem, clip: bool) -> dict:
     )
 
 
+def totals_args(p: problems.Problem) -> dict:
+    return dict(loss_ptr=torch.float32, sq_ptr=torch.float32, mean_ptr=torch.float32, reg_ptr=torch.float32,
+                NL=p.n * p.l, N=p.n, inv_nl=1.0 / (p.n * p.l), reg_c=0.05 / (p.n * p.m * p.l), BLOCK=Const(1024))
+
+
 def factors_args(p: problems.Problem, clip: bool) -> dict:
     block_n, block_l = launch.factors_blocks(p.l)
-    return dict(a_pos_ptr=torch.float32, grad_loss_ptr=torch.float32, neg_lse_ptr=torch.float32,
-                grad_sq_ptr=torch.float32, g_pos_ptr=torch.float32, r_ptr=torch.float32, N=p.n, L=p.l,
-                **_loss_options(p, clip), BLOCK_N=Const(block_n), BLOCK_L=Const(block_l))
+    # the mean's upstream gradient, one value broadcast (strides 0), as the autograd formula passes it
+    return dict(a_pos_ptr=torch.float32, grad_loss_ptr=torch.float32, stride_wn=0, stride_wl=0,
+                neg_lse_ptr=torch.float32, grad_sq_ptr=torch.float32, stride_sq=0, g_pos_ptr=torch.float32,
+                r_ptr=torch.float32, reg_coef_ptr=torch.float32, N=p.n, L=p.l, **_loss_options(p, clip),
+                loss_weight=1.0 / (p.n * p.l), sq_weight=0.05 / (p.n * p.m * p.l),
+                BLOCK_N=Const(block_n), BLOCK_L=Const(block_l))
 
 
 def rows(p, dtype, tile_configs, arch: int, clips=(True, False), loads=("tma",)):
@@ -212,6 +220,7 @@ def rows(p, dtype, tile_configs, arch: int, clips=(True, False), loads=("tma",))
         yield "merge", "-", clip, None, merge
         factors = compile_resources(kernels.nce_grad_factors_kernel, factors_args(p, clip), 4, 1, arch)
         yield "factors", "-", clip, None, factors
+    yield "totals", "-", None, None, compile_resources(kernels.nce_totals_kernel, totals_args(p), 4, 1, arch)
 
 
 def main(argv=None):

@@ -52,19 +52,26 @@ Tensor score_tile(const Tensor& src_rows32, const Tensor& cols32, double scale) 
   return at::mm(src_rows32, cols32).mul_(scale);
 }
 
-// The backward's per-row factors (nce_op.h's BackwardRows), rows spread over the cores.
-BackwardRows backward_rows(const Tensor& pos, const Tensor& neg_lse, const Tensor& grad_loss, const Tensor& grad_sq) {
+// The backward's per-row factors (nce_op.h's BackwardRows), rows spread over the cores; the
+// upstream gradients read through their strides (0 where one value is broadcast).
+BackwardRows backward_rows(const Tensor& pos, const Tensor& neg_lse, const Upstream& up) {
   const BackwardRows rows = empty_backward_rows(pos, neg_lse);
-  const Tensor pos_c = pos.contiguous(), w = grad_loss.contiguous(), w_sq = grad_sq.contiguous();
+  const Tensor pos_c = pos.contiguous();
   const int64_t L = pos.size(1);
-  const float *pos_p = pos_c.data_ptr<float>(), *w_p = w.data_ptr<float>(), *w_sq_p = w_sq.data_ptr<float>();
+  const int64_t wn = up.grad_loss.stride(0), wl = up.grad_loss.stride(1), sn = up.grad_sq.stride(0);
+  const float w_weight = static_cast<float>(up.loss_weight), sq_weight = static_cast<float>(up.sq_weight);
+  const float *pos_p = pos_c.data_ptr<float>(), *w_p = up.grad_loss.data_ptr<float>();
+  const float* w_sq_p = up.grad_sq.data_ptr<float>();
   const float* lse_p = rows.neg_lse.data_ptr<float>();
   float *gpos_p = rows.gpos.data_ptr<float>(), *r_p = rows.r.data_ptr<float>();
   float* reg_p = rows.reg_coef.data_ptr<float>();
   at::parallel_for(0, pos.size(0), 256, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      r_p[i] = grad_row(pos_p + i * L, w_p + i * L, lse_p[i], L, gpos_p + i * L);
-      reg_p[i] = 2.f * w_sq_p[i];
+      float r = 0.f;  // in l order: deterministic
+      for (int64_t l = 0; l < L; ++l)
+        r += grad_positive(pos_p[i * L + l], w_weight * w_p[i * wn + l * wl], lse_p[i], gpos_p + i * L + l);
+      r_p[i] = r;
+      reg_p[i] = 2.f * sq_weight * w_sq_p[i * sn];
     }
   });
   return rows;
@@ -99,9 +106,10 @@ void gradient_tile(Tensor& a, int64_t m0, int64_t m1, int64_t L, const int64_t* 
 
 }  // namespace
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> nce_fwd_cpu(const Tensor& src, const Tensor& trg,
-                                                       const Tensor& pos_idx, std::optional<double> tclip_opt,
-                                                       double scale) {
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> nce_fwd_cpu(const Tensor& src, const Tensor& trg,
+                                                                       const Tensor& pos_idx,
+                                                                       std::optional<double> tclip_opt, double scale,
+                                                                       double reg_weight) {
   check_inputs(src, trg, pos_idx, at::kCPU);
   const NoAutocast no_autocast;  // the op computes in float32 itself; its inner matmuls must not be autocast
   const int64_t N = src.size(0), M = trg.size(0), L = trg.size(1);
@@ -145,22 +153,31 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> nce_fwd_cpu(const Tensor& src, const 
   const float* lse_p = neg_lse.data_ptr<float>();
   const float* sq_p = sq.data_ptr<float>();
   float* loss_p = loss.data_ptr<float>();
-  for (int64_t i = 0; i < N; ++i)
-    for (int64_t l = 0; l < L; ++l) loss_p[i * L + l] = positive_loss(pos_p[i * L + l], lse_p[i], sq_p[i]);
-  return {loss, pos, neg_lse, sq};
+  // nce_loss's two scalars, summed in float64 in row order (deterministic)
+  double loss_sum = 0.0, sq_sum = 0.0;
+  for (int64_t i = 0; i < N; ++i) {
+    for (int64_t l = 0; l < L; ++l) {
+      loss_p[i * L + l] = positive_loss(pos_p[i * L + l], lse_p[i], sq_p[i]);
+      loss_sum += loss_p[i * L + l];
+    }
+    sq_sum += sq_p[i];
+  }
+  const Tensor mean = at::full({}, loss_sum / static_cast<double>(N * L), f32);
+  const Tensor reg = at::full({}, reg_weight * sq_sum / (static_cast<double>(N) * M * L), f32);
+  return {loss, pos, neg_lse, sq, mean, reg};
 }
 
 std::tuple<Tensor, Tensor> nce_bwd_cpu(const Tensor& src, const Tensor& trg, const Tensor& pos_idx,
                                        const Tensor& pos, const Tensor& neg_lse,
                                        const Tensor& /*sq: only the CUDA backward's float16 G needs it*/,
-                                       const Tensor& grad_loss, const Tensor& grad_sq,
-                                       std::optional<double> tclip_opt, double scale,
+                                       const Tensor& grad_loss, double loss_weight, const Tensor& grad_sq,
+                                       double sq_weight, std::optional<double> tclip_opt, double scale,
                                        bool need_src, bool need_trg) {
   check_inputs(src, trg, pos_idx, at::kCPU);
   const NoAutocast no_autocast;  // the op computes in float32 itself; its inner matmuls must not be autocast
   const int64_t N = src.size(0), M = trg.size(0), L = trg.size(1), D = src.size(1);
   const float tclip = kernel_tclip(tclip_opt);
-  const BackwardRows rows = backward_rows(pos, neg_lse, grad_loss, grad_sq);
+  const BackwardRows rows = backward_rows(pos, neg_lse, {grad_loss, loss_weight, grad_sq, sq_weight});
   const Tensor src32 = src.to(at::kFloat).contiguous();
   const Tensor idx = pos_idx.contiguous();
   const int64_t* p_idx = idx.data_ptr<int64_t>();

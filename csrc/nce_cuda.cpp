@@ -106,23 +106,27 @@ TargetView view_of(const Tensor& images, int64_t m0) {
   return {images.data_ptr(), images.stride(0), images.stride(1), images.size(0) * images.size(1), images.size(1), m0};
 }
 
-// The backward's per-row factors (nce_op.h's BackwardRows) in one launch.
-BackwardRows backward_rows(const Tensor& pos, const Tensor& neg_lse, const Tensor& grad_loss, const Tensor& grad_sq) {
+// The backward's per-row factors (nce_op.h's BackwardRows) in one launch, the upstream
+// gradients read through their strides.
+BackwardRows backward_rows(const Tensor& pos, const Tensor& neg_lse, const Upstream& up) {
   const BackwardRows rows = empty_backward_rows(pos, neg_lse);
-  const Tensor pos_c = pos.contiguous(), w = grad_loss.contiguous(), w_sq = grad_sq.contiguous();
-  check_cuda(launch_nce_grad_rows(pos_c.data_ptr<float>(), w.data_ptr<float>(), rows.neg_lse.data_ptr<float>(),
-                                  w_sq.data_ptr<float>(), pos.size(0), pos.size(1), rows.gpos.data_ptr<float>(),
-                                  rows.r.data_ptr<float>(), rows.reg_coef.data_ptr<float>(),
-                                  at::cuda::getCurrentCUDAStream()),
+  const Tensor pos_c = pos.contiguous();
+  const UpstreamGrads grads{up.grad_loss.data_ptr<float>(), up.grad_loss.stride(0), up.grad_loss.stride(1),
+                            static_cast<float>(up.loss_weight), up.grad_sq.data_ptr<float>(), up.grad_sq.stride(0),
+                            static_cast<float>(up.sq_weight)};
+  check_cuda(launch_nce_grad_rows(pos_c.data_ptr<float>(), grads, rows.neg_lse.data_ptr<float>(), pos.size(0),
+                                  pos.size(1), rows.gpos.data_ptr<float>(), rows.r.data_ptr<float>(),
+                                  rows.reg_coef.data_ptr<float>(), at::cuda::getCurrentCUDAStream()),
              "nce_grad_rows");
   return rows;
 }
 
 }  // namespace
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> nce_fwd_cuda(const Tensor& src, const Tensor& trg,
-                                                        const Tensor& pos_idx, std::optional<double> tclip_opt,
-                                                        double scale) {
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> nce_fwd_cuda(const Tensor& src, const Tensor& trg,
+                                                                        const Tensor& pos_idx,
+                                                                        std::optional<double> tclip_opt, double scale,
+                                                                        double reg_weight) {
   check_inputs(src, trg, pos_idx, at::kCUDA);
   const NoAutocast no_autocast;  // the op computes in float32 itself; its inner matmuls must not be autocast
   const c10::cuda::CUDAGuard guard(src.device());
@@ -169,7 +173,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> nce_fwd_cuda(const Tensor& src, const
                               splits, pos.data_ptr<float>(), N, L, loss.data_ptr<float>(), neg_lse.data_ptr<float>(),
                               sq.data_ptr<float>(), stream),
              "nce_merge");
-  return {loss, pos, neg_lse, sq};
+  Tensor mean = at::empty({}, f32), reg = at::empty({}, f32);
+  check_cuda(launch_nce_totals(loss.data_ptr<float>(), sq.data_ptr<float>(), N, L,
+                               static_cast<float>(reg_weight / (static_cast<double>(N) * M * L)),
+                               mean.data_ptr<float>(), reg.data_ptr<float>(), stream),
+             "nce_totals");
+  return {loss, pos, neg_lse, sq, mean, reg};
 }
 
 namespace {
@@ -209,15 +218,15 @@ Tensor src_sum_in_tail(const Tensor& dtrg, int64_t N, int64_t D) {
 
 std::tuple<Tensor, Tensor> nce_bwd_cuda(const Tensor& src, const Tensor& trg, const Tensor& pos_idx,
                                         const Tensor& pos, const Tensor& neg_lse, const Tensor& sq,
-                                        const Tensor& grad_loss, const Tensor& grad_sq,
-                                        std::optional<double> tclip_opt, double scale,
+                                        const Tensor& grad_loss, double loss_weight, const Tensor& grad_sq,
+                                        double sq_weight, std::optional<double> tclip_opt, double scale,
                                         bool need_src, bool need_trg) {
   check_inputs(src, trg, pos_idx, at::kCUDA);
   const NoAutocast no_autocast;  // the op computes in float32 itself; its inner matmuls must not be autocast
   const c10::cuda::CUDAGuard guard(src.device());
   const int64_t N = src.size(0), M = trg.size(0), L = trg.size(1), D = src.size(1);
   const float tclip = kernel_tclip(tclip_opt);
-  const BackwardRows rows = backward_rows(pos, neg_lse, grad_loss, grad_sq);
+  const BackwardRows rows = backward_rows(pos, neg_lse, {grad_loss, loss_weight, grad_sq, sq_weight});
   const Tensor idx = pos_idx.contiguous();
   const bool mma = use_mma(src, trg);
   const Tensor src_c = mma ? src.contiguous() : src;

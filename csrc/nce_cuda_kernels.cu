@@ -100,15 +100,39 @@ __global__ void nce_merge_kernel(const float* __restrict__ part_sum, const float
   for (int64_t l = 0; l < L; ++l) loss[row * L + l] = positive_loss(pos[row * L + l], lse, sq);
 }
 
-// one thread per row, as the merge: the backward's per-row factors (nce_op.h's BackwardRows)
-__global__ void nce_grad_rows_kernel(const float* __restrict__ pos, const float* __restrict__ grad_loss,
-                                     const float* __restrict__ neg_lse, const float* __restrict__ grad_sq, int64_t N,
-                                     int64_t L, float* __restrict__ gpos, float* __restrict__ r,
-                                     float* __restrict__ reg_coef) {
+// One block: nce_loss's two scalars, the mean of the N*L losses and reg_c * sum_i sq[i].
+// Thread t adds elements t, t + kThreads, ... in order, then one fixed tree adds the threads:
+// deterministic.
+__global__ void __launch_bounds__(kThreads) nce_totals_kernel(const float* __restrict__ loss,
+                                                              const float* __restrict__ sq, int64_t N, int64_t L,
+                                                              float inv_nl, float reg_c, float* __restrict__ mean,
+                                                              float* __restrict__ reg) {
+  __shared__ float shared[kThreads / 32];
+  float acc = 0.f;
+  for (int64_t k = threadIdx.x; k < N * L; k += kThreads) acc += loss[k];
+  acc = block_sum(acc, shared);
+  if (threadIdx.x == 0) *mean = acc * inv_nl;
+  acc = 0.f;
+  for (int64_t k = threadIdx.x; k < N; k += kThreads) acc += sq[k];
+  acc = block_sum(acc, shared);
+  if (threadIdx.x == 0) *reg = acc * reg_c;
+}
+
+// one thread per row, as the merge: the backward's per-row factors (nce_op.h's BackwardRows),
+// from upstream gradients with any strides (0: one value broadcast), times their weights
+__global__ void nce_grad_rows_kernel(const float* __restrict__ pos, UpstreamGrads up,
+                                     const float* __restrict__ neg_lse, int64_t N, int64_t L,
+                                     float* __restrict__ gpos, float* __restrict__ r, float* __restrict__ reg_coef) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (row >= N) return;
-  r[row] = grad_row(pos + row * L, grad_loss + row * L, neg_lse[row], L, gpos + row * L);
-  reg_coef[row] = 2.f * grad_sq[row];
+  const float lse = neg_lse[row];
+  float r_row = 0.f;
+  for (int64_t l = 0; l < L; ++l) {  // in l order: deterministic
+    const float w = up.loss_weight * up.grad_loss[row * up.stride_wn + l * up.stride_wl];
+    r_row += grad_positive(pos[row * L + l], w, lse, gpos + row * L + l);
+  }
+  r[row] = r_row;
+  reg_coef[row] = 2.f * up.sq_weight * up.grad_sq[row * up.stride_sq];
 }
 
 template <typename G>
@@ -202,11 +226,17 @@ cudaError_t launch_nce_merge(const float* part_sum, const float* part_max, const
   return cudaGetLastError();
 }
 
-cudaError_t launch_nce_grad_rows(const float* pos, const float* grad_loss, const float* neg_lse, const float* grad_sq,
-                                 int64_t N, int64_t L, float* gpos, float* r, float* reg_coef, cudaStream_t stream) {
+cudaError_t launch_nce_totals(const float* loss, const float* sq, int64_t N, int64_t L, float reg_c, float* mean,
+                              float* reg, cudaStream_t stream) {
+  nce_totals_kernel<<<1, kThreads, 0, stream>>>(loss, sq, N, L, 1.f / static_cast<float>(N * L), reg_c, mean, reg);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_nce_grad_rows(const float* pos, const UpstreamGrads& up, const float* neg_lse, int64_t N,
+                                 int64_t L, float* gpos, float* r, float* reg_coef, cudaStream_t stream) {
   const int threads = 128;
   nce_grad_rows_kernel<<<static_cast<unsigned>((N + threads - 1) / threads), threads, 0, stream>>>(
-      pos, grad_loss, neg_lse, grad_sq, N, L, gpos, r, reg_coef);
+      pos, up, neg_lse, N, L, gpos, r, reg_coef);
   return cudaGetLastError();
 }
 

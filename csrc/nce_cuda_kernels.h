@@ -25,11 +25,29 @@ cudaError_t launch_nce_merge(const float* part_sum, const float* part_max, const
                              const float* pos, int64_t N, int64_t L, float* loss, float* neg_lse, float* sq,
                              cudaStream_t stream);
 
-// The backward's per-row factors from the clipped positives pos (N, L), their upstream
-// gradients grad_loss (N, L), neg_lse (N,) and grad_sq (N,), all contiguous: gpos (N, L), r
-// (N,) and reg_coef (N,), as nce_op.h's BackwardRows.
-cudaError_t launch_nce_grad_rows(const float* pos, const float* grad_loss, const float* neg_lse, const float* grad_sq,
-                                 int64_t N, int64_t L, float* gpos, float* r, float* reg_coef, cudaStream_t stream);
+// One block: mean = the mean of loss (N, L) and reg = reg_c * sum_i sq[i], reg_c =
+// reg_weight / (N*M*L): nce_loss's two scalars, summed in a fixed order.
+cudaError_t launch_nce_totals(const float* loss, const float* sq, int64_t N, int64_t L, float reg_c, float* mean,
+                              float* reg, cudaStream_t stream);
+
+// The upstream gradients the backward reads: w[i, l] = loss_weight * grad_loss[i * stride_wn
+// + l * stride_wl], that of each positive's loss, and sq_weight * grad_sq[i * stride_sq], that
+// of each row's sum of a^2. The autograd formula passes the mean's and reg's as one value
+// broadcast (strides 0) with weights 1/(N*L) and reg_weight/(N*M*L), so no launch forms them.
+struct UpstreamGrads {
+  const float* grad_loss;
+  int64_t stride_wn, stride_wl;
+  float loss_weight;
+  const float* grad_sq;
+  int64_t stride_sq;
+  float sq_weight;
+};
+
+// The backward's per-row factors from the clipped positives pos (N, L, contiguous), the
+// upstream gradients and neg_lse (N,): gpos (N, L), r (N,) and reg_coef (N,), as nce_op.h's
+// BackwardRows.
+cudaError_t launch_nce_grad_rows(const float* pos, const UpstreamGrads& up, const float* neg_lse, int64_t N,
+                                 int64_t L, float* gpos, float* r, float* reg_coef, cudaStream_t stream);
 
 // G's element type: the inputs' dtype, so that its two products run on the tensor cores.
 enum class GradType { kFloat32, kBFloat16, kFloat16 };

@@ -25,14 +25,17 @@ BackwardRows empty_backward_rows(const at::Tensor& pos, const at::Tensor& neg_ls
 
 TORCH_LIBRARY(amdim_kernels, m) {
   // Returns the per-positive loss (N, L), the clipped positive scores (N, L), the negatives'
-  // log-sum-exp (N,) and each row's sum of raw scores squared (N,), all float32.
-  m.def("nce_fwd(Tensor src, Tensor trg, Tensor pos_idx, float? tclip, float scale) "
-        "-> (Tensor loss, Tensor pos, Tensor neg_lse, Tensor sq)");
-  // Gradients of sum(grad_loss * loss) + sum(grad_sq * sq) with respect to src and trg;
-  // an input whose need_* flag is false gets an empty tensor. sq (the forward's) bounds each
-  // row's |a|, which the CUDA backward's float16 G needs for its scale.
+  // log-sum-exp (N,), each row's sum of raw scores squared (N,), and nce_loss's two scalars:
+  // the mean of the loss and reg = reg_weight * mean(a^2) over all N*M*L scores; all float32.
+  m.def("nce_fwd(Tensor src, Tensor trg, Tensor pos_idx, float? tclip, float scale, float reg_weight) "
+        "-> (Tensor loss, Tensor pos, Tensor neg_lse, Tensor sq, Tensor mean, Tensor reg)");
+  // Gradients of loss_weight * sum(grad_loss * loss) + sq_weight * sum(grad_sq * sq) with
+  // respect to src and trg (grad_loss and grad_sq: any strides, 0 included); an input whose
+  // need_* flag is false gets an empty tensor. sq (the forward's) bounds each row's |a|, which
+  // the CUDA backward's float16 G needs for its scale.
   m.def("nce_bwd(Tensor src, Tensor trg, Tensor pos_idx, Tensor pos, Tensor neg_lse, Tensor sq, Tensor grad_loss, "
-        "Tensor grad_sq, float? tclip, float scale, bool need_src, bool need_trg) -> (Tensor dsrc, Tensor dtrg)");
+        "float loss_weight, Tensor grad_sq, float sq_weight, float? tclip, float scale, bool need_src, "
+        "bool need_trg) -> (Tensor dsrc, Tensor dtrg)");
 }
 
 }  // namespace amdim_kernels

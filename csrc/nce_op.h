@@ -34,8 +34,20 @@ struct BackwardRows {
   at::Tensor gpos, r, reg_coef, neg_lse;
 };
 // The four, uninitialised but for neg_lse (the given one, contiguous), for each device's
-// backward to fill in one pass over the rows with nce_math.h's grad_row: one kernel launch on
-// a GPU, where ATen ops took six.
+// backward to fill in one pass over the rows with nce_math.h's grad_positive: one kernel
+// launch on a GPU, where ATen ops took six.
 BackwardRows empty_backward_rows(const at::Tensor& pos, const at::Tensor& neg_lse);
+
+// The bwd op's upstream gradients (amdim_kernels/registration.py): w = loss_weight * grad_loss
+// (N, L) for the per-positive losses and sq_weight * grad_sq (N,) for the rows' sums of a^2,
+// each float32 with any strides. The autograd formula passes the mean's and reg's gradients as
+// one value broadcast (strides 0) with weights 1/(N*L) and reg_weight/(N*M*L): the kernels
+// apply them as they read, so no launch forms them.
+struct Upstream {
+  at::Tensor grad_loss;
+  double loss_weight;
+  at::Tensor grad_sq;
+  double sq_weight;
+};
 
 }  // namespace amdim_kernels

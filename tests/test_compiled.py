@@ -8,8 +8,9 @@ import torch
 from amdim_kernels import available_backends, nce_loss
 from amdim_kernels.backends import cuda_scores
 from truth import (
-    KERNEL_OPTIONS, assert_captured_graph_matches_eager, assert_cuda_graph_replay_matches_eager, assert_float16_g_overflows_only_with_the_gradient,
-    assert_float16_loss_scale, assert_matches_truth, float64_truth, make_case, outputs_and_grads)
+    KERNEL_OPTIONS, assert_captured_graph_matches_eager, assert_cuda_graph_replay_matches_eager,
+    assert_float16_g_overflows_only_with_the_gradient, assert_float16_loss_scale, assert_gradients_of_each_output,
+    assert_matches_truth, float64_truth, make_case, outputs_and_grads)
 
 BACKENDS = [b for b, dev in (("cpp", "cpu"), ("cuda", "cuda")) if b in available_backends(dev)]
 DEVICE = {"cpp": "cpu", "cuda": "cuda"}
@@ -42,6 +43,14 @@ def test_compiled_float32(backend, shape, options):
 def test_compiled_half_precision(backend, dtype, options):
     case = make_case(9, 5, 25, 20, pos="random", dtype=dtype, device=DEVICE[backend], **options)
     assert_matches_truth(case, dtype, backend)
+
+
+@pytest.mark.parametrize("used", ["loss", "reg", "both"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_compiled_gradients_of_each_output(backend, reduction, used):
+    for path in _score_paths(backend):
+        with cuda_scores(path) if path else contextlib.nullcontext():
+            assert_gradients_of_each_output(backend, DEVICE[backend], reduction, used)
 
 
 def _score_paths(backend):
@@ -101,7 +110,7 @@ def test_op_registrations(backend, tclip):
     case = make_case(6, 4, 3, 8, pos="random", device=DEVICE[backend])
     src = case.src.requires_grad_()
     trg = case.trg.requires_grad_()
-    torch.library.opcheck(torch.ops.amdim_kernels.nce_fwd.default, (src, trg, case.pos_idx, tclip, 0.3))
+    torch.library.opcheck(torch.ops.amdim_kernels.nce_fwd.default, (src, trg, case.pos_idx, tclip, 0.3, 0.05))
 
 
 def test_torch_compile_has_no_graph_break(backend):

@@ -7,8 +7,9 @@ import torch
 
 from amdim_kernels import available_backends, nce_loss
 from truth import (
-    KERNEL_OPTIONS, assert_captured_graph_matches_eager, assert_cuda_graph_replay_matches_eager, assert_float16_g_overflows_only_with_the_gradient,
-    assert_float16_loss_scale, assert_matches_truth, float64_truth, make_case, outputs_and_grads, rel_err)
+    KERNEL_OPTIONS, assert_captured_graph_matches_eager, assert_cuda_graph_replay_matches_eager,
+    assert_float16_g_overflows_only_with_the_gradient, assert_float16_loss_scale, assert_gradients_of_each_output,
+    assert_matches_truth, float64_truth, make_case, outputs_and_grads, rel_err)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -53,6 +54,12 @@ def test_triton_half_precision(shape, dtype):
     run_case(make_case(n, m, l, d, pos=pos, dtype=dtype, device=DEVICE), dtype)
 
 
+@pytest.mark.parametrize("used", ["loss", "reg", "both"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_triton_gradients_of_each_output(reduction, used):
+    assert_gradients_of_each_output("triton", DEVICE, reduction, used)
+
+
 @pytest.mark.parametrize("loss_scale", [2.0 ** -4, 1.0, 2.0 ** 16])
 def test_triton_float16_gradients_under_a_loss_scale(loss_scale):
     """float16 G is stored times a power of two that the device finds from the gradient's
@@ -74,19 +81,19 @@ def test_triton_gradient_scale_is_the_largest_power_that_fits(need_trg):
 
     n, l, d, scale = 37, 25, 70, 0.3
     src = torch.randn(n, d, device=DEVICE, dtype=torch.float16)
-    g_pos, r, grad_sq = torch.randn(n, l, device=DEVICE), torch.randn(n, device=DEVICE), torch.randn(n, device=DEVICE)
+    g_pos, r, reg_coef = torch.randn(n, l, device=DEVICE), torch.randn(n, device=DEVICE), torch.randn(n, device=DEVICE)
     sq = torch.rand(n, device=DEVICE) * 100
-    bound = torch.maximum(g_pos.abs().amax(1), scale * (r.abs() + 2 * grad_sq.abs() * sq.sqrt())).max().double()
+    bound = torch.maximum(g_pos.abs().amax(1), scale * (r.abs() + reg_coef.abs() * sq.sqrt())).max().double()
     if need_trg:
         bound *= src.double().abs().sum(0).max().clamp_min(1)
-    g_scale, inverse = launch.gradient_scale(src, g_pos, r, grad_sq, sq, scale, need_trg).tolist()
+    g_scale, inverse = launch.gradient_scale(src, g_pos, r, reg_coef, sq, scale, need_trg).tolist()
     assert g_scale * inverse == 1 and math.log2(g_scale).is_integer()
     assert bound * g_scale <= 2 ** 15 < bound * g_scale * 2
 
     for x in (r, g_pos, sq) + ((src,) if need_trg else ()):
         x_nan = x.clone().view(-1)
         x_nan[x_nan.numel() // 2] = float("nan")
-        args = [x_nan.view(x.shape) if y is x else y for y in (src, g_pos, r, grad_sq, sq)]
+        args = [x_nan.view(x.shape) if y is x else y for y in (src, g_pos, r, reg_coef, sq)]
         assert launch.gradient_scale(*args, scale, need_trg).isnan().all()
     zero = torch.zeros_like(r)
     assert launch.gradient_scale(src, g_pos * 0, zero, zero, sq, scale, need_trg)[0].item() == 2.0 ** 100
@@ -106,7 +113,7 @@ def test_triton_positives_are_the_raw_scores(shape, dtype, strategy):
     case = make_case(n, m, l, d, pos=pos, dtype=dtype, device=DEVICE)
     pos_idx = torch.arange(n, device=DEVICE) if case.pos_idx is None else case.pos_idx
     scale = d ** -0.5
-    stats = launch.forward(case.src, case.trg, pos_idx, 20.0, scale, strategy)
+    stats = launch.forward(case.src, case.trg, pos_idx, 20.0, scale, 0.05, strategy)
     src, own = case.src.double(), case.trg[pos_idx].double()
     truth = scale * torch.einsum("nd,nld->nl", src, own)
     bound = scale * src.norm(dim=1)[:, None] * own.norm(dim=2)
@@ -406,7 +413,7 @@ def test_triton_op_registrations(tclip):
     case = make_case(6, 4, 3, 8, pos="random", device=DEVICE)
     src, trg = case.src.requires_grad_(), case.trg.requires_grad_()
     torch.library.opcheck(torch.ops.amdim_kernels.triton_nce_fwd.default,
-                          (src, trg, case.pos_idx, tclip, 0.3, "fused"))
+                          (src, trg, case.pos_idx, tclip, 0.3, 0.05, "fused"))
 
 
 # ---- GPU: realistic sizes and the tensor-core paths (skipped without a GPU) ----

@@ -139,6 +139,26 @@ def assert_matches_truth(case: Case, dtype, backend: str | None = None, grad_of=
         assert e_got <= e_ref + extra, f"{name}: {who} error {e_got:.3g} vs reference {e_ref:.3g}"
 
 
+def assert_gradients_of_each_output(backend: str, device: str, reduction: str, used: str):
+    """The gradients through `loss` alone, `reg` alone, or both, match the reference's. The
+    ops form both outputs themselves and read their upstream gradients as autograd hands them
+    over: none for an output left unused, the mean's as one value broadcast, and here, for
+    reduction "none", a transposed (N, L) gradient (the backward of loss.t())."""
+    from amdim_kernels import nce_loss
+
+    case = make_case(9, 7, 5, 12, pos="random", device=device, reduction=reduction)
+    weight = torch.rand(9, 5, device=device) + 0.5
+    grads = {}
+    for name in ("reference", backend):
+        src, trg = case.src.clone().requires_grad_(), case.trg.clone().requires_grad_()
+        loss, reg = nce_loss(src, trg, case.pos_idx, backend=name, **case.kwargs())
+        of_loss = 3.0 * loss if reduction == "mean" else (loss.t() * weight.t()).sum()
+        total = {"loss": of_loss, "reg": 5.0 * reg, "both": of_loss + 5.0 * reg}[used]
+        grads[name] = torch.autograd.grad(total, (src, trg))
+    for got, want, what in zip(grads[backend], grads["reference"], ("d src", "d trg")):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6 * want.abs().max().item(), msg=what)
+
+
 def scaled_loss(factor):
     """nce_loss with its outputs times `factor`, as a loss scaler scales them."""
     from amdim_kernels import nce_loss

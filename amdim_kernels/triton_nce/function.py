@@ -24,12 +24,13 @@ from . import launch
 
 
 def forward(src: torch.Tensor, trg: torch.Tensor, pos_idx: torch.Tensor, tclip: float | None, scale: float,
-            strategy: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """loss (N, L), pos (N, L), neg_lse (N,), sq (N,): registration.py's fwd, with pos the
-    positives' raw scores a (their clip is formed again from them, and the regulariser's
-    gradient there needs a itself)."""
-    stats = launch.forward(src, trg, pos_idx, tclip, scale, strategy)
-    return stats.loss, stats.a_pos, stats.neg_lse, stats.sq
+            reg_weight: float, strategy: str
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """loss (N, L), pos (N, L), neg_lse (N,), sq (N,), mean (), reg (): registration.py's fwd,
+    with pos the positives' raw scores a (their clip is formed again from them, and the
+    regulariser's gradient there needs a itself)."""
+    stats = launch.forward(src, trg, pos_idx, tclip, scale, reg_weight, strategy)
+    return stats.loss, stats.a_pos, stats.neg_lse, stats.sq, stats.mean, stats.reg
 
 
 def _sum_in_tail(dtrg: torch.Tensor, n: int, d: int) -> torch.Tensor | None:
@@ -46,9 +47,11 @@ def _sum_in_tail(dtrg: torch.Tensor, n: int, d: int) -> torch.Tensor | None:
 
 
 def backward(src: torch.Tensor, trg: torch.Tensor, pos_idx: torch.Tensor, pos: torch.Tensor, neg_lse: torch.Tensor,
-             sq: torch.Tensor, grad_loss: torch.Tensor, grad_sq: torch.Tensor, tclip: float | None, scale: float,
-             strategy: str, need_src: bool, need_trg: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """d src and d trg of sum(grad_loss * loss) + sum(grad_sq * sq): registration.py's bwd.
+             sq: torch.Tensor, grad_loss: torch.Tensor, loss_weight: float, grad_sq: torch.Tensor, sq_weight: float,
+             tclip: float | None, scale: float, strategy: str, need_src: bool,
+             need_trg: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """d src and d trg of loss_weight * sum(grad_loss * loss) + sq_weight * sum(grad_sq * sq):
+    registration.py's bwd.
 
     G has the inputs' dtype, so both products run on the tensor cores. bfloat16 has
     float32's range; float16 would flush G's small entries (about 1/(N * M*L) of the
@@ -57,10 +60,11 @@ def backward(src: torch.Tensor, trg: torch.Tensor, pos_idx: torch.Tensor, pos: t
     float32 sum and d trg are multiplied back, exactly, by its inverse."""
     n, l = pos.shape
     m, _, d = trg.shape
-    g_pos, r = launch.gradient_factors(pos, neg_lse, grad_loss, grad_sq, tclip, scale)
+    g_pos, r, reg_coef = launch.gradient_factors(pos, neg_lse, grad_loss, loss_weight, grad_sq, sq_weight, tclip,
+                                                 scale)
     g_scale = None
     if src.dtype == torch.float16:
-        g_scale = launch.gradient_scale(src, g_pos, r, grad_sq, sq, scale, need_trg)
+        g_scale = launch.gradient_scale(src, g_pos, r, reg_coef, sq, scale, need_trg)
     dtrg = torch.empty(m, l, d, device=trg.device, dtype=trg.dtype) if need_trg else trg.new_empty(0, l, d)
     # d src: a float32 sum over the chunks, kept in d trg's unwritten tail where it fits
     acc = _sum_in_tail(dtrg, n, d) if need_src else None
@@ -77,7 +81,7 @@ def backward(src: torch.Tensor, trg: torch.Tensor, pos_idx: torch.Tensor, pos: t
         return torch.mul(acc, g_scale[1], out=torch.empty(n, d, device=src.device, dtype=src.dtype))
 
     for m0, m1, g, features in launch.gradient_chunks(
-        src, trg, pos_idx, neg_lse, r, g_pos, grad_sq, tclip, scale, strategy, g_scale
+        src, trg, pos_idx, neg_lse, r, g_pos, reg_coef, tclip, scale, strategy, g_scale
     ):
         if need_src:
             launch.addmm_f32_(acc, g, features, beta=0.0 if m0 == 0 else 1.0)
@@ -113,6 +117,6 @@ register("amdim_kernels::triton_nce_fwd", "amdim_kernels::triton_nce_bwd", torch
 
 
 def nce_loss_triton(p: Problem) -> tuple[torch.Tensor, torch.Tensor]:
-    args = (p.src, p.trg, p.pos_idx, p.tclip, p.scale, launch.score_strategy(p.src.dtype))
+    args = (p.src, p.trg, p.pos_idx, p.tclip, p.scale, p.reg_weight, launch.score_strategy(p.src.dtype))
     outputs = _fwd_op(*args) if torch.compiler.is_compiling() else _NCELossTriton.apply(*args)
     return loss_and_reg(outputs, p)

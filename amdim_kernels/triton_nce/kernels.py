@@ -25,6 +25,9 @@ per row, folds the row's partials in slot order (deterministic) and gives
     neg_lse[i] = log sum_{j negative} exp(s[i, j])
     loss[i, l] = -nce[i, l] = log(exp(pos) + exp(neg_lse)) - pos = softplus(neg_lse - pos)
 
+and `nce_totals_kernel`, one program, the two scalars nce_loss returns: the mean of the
+losses and reg = reg_weight * mean(a^2).
+
 Backward (`nce_grad_factors_kernel`, then `nce_grad_tile_kernel` per chunk): with
 sig[i, l] = sigmoid(neg_lse[i] - pos[i, l]) = 1 - exp(pos)/Z and w[i, l] the upstream
 gradient of loss[i, l], SPEC's gradients become
@@ -34,12 +37,13 @@ gradient of loss[i, l], SPEC's gradients become
 
 (exp(s - neg_lse) <= 1 for every negative, so neither form can overflow). The forward
 saves the positives' raw scores a (N, L) for this. The factor kernel forms R and G at the
-positives, scale * (gpos * ds/da + 2 grad_sq * a) (N, L): the positives are N*L entries of
-G, so their whole value is made once, here. The tile kernel, one launch per chunk of
-columns, recomputes a tile of scores and writes G = scale * d(loss + reg)/da for it taking
-every column as a negative (no masks, no gather: the forward's unmasked path), then
-overwrites the few positives that lie in the tile with their values; the caller turns G
-into d src and d trg with two matrix products. (Overwriting an entry is exact; the forward
+positives, scale * (gpos * ds/da + reg_coef * a) (N, L), where reg_coef[i] * a is the
+regulariser's gradient (reg_coef is twice the upstream gradient of row i's sum of a^2): the
+positives are N*L entries of G, so their whole value is made once, here. The tile kernel,
+one launch per chunk of columns, recomputes a tile of scores and writes G = scale * d(loss
++ reg)/da for it taking every column as a negative (no masks, no gather: the forward's
+unmasked path), then overwrites the few positives that lie in the tile with their
+values; the caller turns G into d src and d trg with two matrix products. (Overwriting an entry is exact; the forward
 cannot do the same, since taking the positives back out of a row's sum would cancel
 catastrophically when they dominate it, as they do in a trained model.)
 
@@ -420,6 +424,29 @@ def nce_merge_kernel(
 
 
 @triton.jit
+def nce_totals_kernel(
+    loss_ptr,  # (N*L,) float32: the per-positive losses (nce_merge_kernel)
+    sq_ptr,  # (N,) float32: each row's sum of a^2
+    mean_ptr, reg_ptr,  # () float32 out: the mean loss, and reg = reg_c * sum_i sq[i]
+    NL, N, inv_nl, reg_c,  # reg_c = reg_weight / (N*M*L)
+    BLOCK: tl.constexpr,
+):
+    """nce_loss's two scalars in one program, where torch ops took three launches (mean,
+    scale, sum). Lane b adds elements b, b + BLOCK, ... in order, then one fixed tree adds
+    the lanes: deterministic."""
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i0 in range(0, NL, BLOCK):
+        idx = i0 + tl.arange(0, BLOCK)
+        acc += tl.load(loss_ptr + idx, mask=idx < NL, other=0.0)
+    tl.store(mean_ptr, tl.sum(acc, axis=0) * inv_nl)
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i0 in range(0, N, BLOCK):
+        idx = i0 + tl.arange(0, BLOCK)
+        acc += tl.load(sq_ptr + idx, mask=idx < N, other=0.0)
+    tl.store(reg_ptr, tl.sum(acc, axis=0) * reg_c)
+
+
+@triton.jit
 def _g_tile(a, r, bias, reg_coef, scale, tclip, CLIP: tl.constexpr):
     """G = scale * d(loss + reg)/da on a tile of raw scores a (module docstring), every
     score taken as a negative: dL/ds = R[i] exp(s - neg_lse[i]), times ds/da, plus the
@@ -438,27 +465,34 @@ def _g_tile(a, r, bias, reg_coef, scale, tclip, CLIP: tl.constexpr):
 
 @triton.jit
 def nce_grad_factors_kernel(
-    a_pos_ptr, grad_loss_ptr,  # (N, L) float32: the positives' raw scores, upstream gradient w
-    neg_lse_ptr, grad_sq_ptr,  # (N,) float32: the negatives' log-sum-exp, upstream gradient of sq
-    g_pos_ptr,  # (N, L) float32 out: G at the positives, scale * (gpos * ds/da + 2 grad_sq * a)
+    a_pos_ptr,  # (N, L) float32: the positives' raw scores
+    grad_loss_ptr, stride_wn, stride_wl,  # (N, L) float32, any strides (0: one value for all)
+    neg_lse_ptr,  # (N,) float32: the negatives' log-sum-exp
+    grad_sq_ptr, stride_sq,  # (N,) float32, any stride
+    g_pos_ptr,  # (N, L) float32 out: G at the positives, scale * (gpos * ds/da + reg_coef * a)
     r_ptr,  # (N,) float32 out: R[i] = sum_l w * sig
-    N, L, scale, tclip,
+    reg_coef_ptr,  # (N,) float32 out: d(reg)/da = reg_coef[i] * a, reg_coef = 2 sq_weight grad_sq
+    N, L, scale, tclip, loss_weight, sq_weight,
     CLIP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     """The backward's per-row factors (module docstring), sig = sigmoid(neg_lse - pos),
     in one launch; sigmoid(-inf) = 0 where a row has no negatives. pos is formed from a
-    as the merge kernel formed it."""
+    as the merge kernel formed it. The upstream gradients come as the autograd formula
+    holds them: w = loss_weight * grad_loss (the mean's 1/(N*L) over one value broadcast
+    with stride 0, or reduction "none"'s (N, L)), and the gradient of each row's sum of a^2
+    sq_weight * grad_sq (reg's reg_weight/(N*M*L) over one value): no launch forms them."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     neg_lse = tl.load(neg_lse_ptr + rows, mask=row_ok, other=0.0)
-    reg_coef = 2.0 * tl.load(grad_sq_ptr + rows, mask=row_ok, other=0.0)
+    reg_coef = 2.0 * sq_weight * tl.load(grad_sq_ptr + rows * stride_sq, mask=row_ok, other=0.0)
     r = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for l0 in range(0, L, BLOCK_L):
         ls = l0 + tl.arange(0, BLOCK_L)
         ok = row_ok[:, None] & (ls < L)[None, :]
         off = rows.to(tl.int64)[:, None] * L + ls[None, :]
         a = tl.load(a_pos_ptr + off, mask=ok, other=0.0)
-        w = tl.load(grad_loss_ptr + off, mask=ok, other=0.0)
+        w_off = rows.to(tl.int64)[:, None] * stride_wn + ls[None, :] * stride_wl
+        w = loss_weight * tl.load(grad_loss_ptr + w_off, mask=ok, other=0.0)
         w_sig = w * tl.sigmoid(neg_lse[:, None] - _soft_clip(a, tclip, CLIP))
         if CLIP:
             _, ds_da = _clip_pieces(a, tclip)
@@ -467,12 +501,13 @@ def nce_grad_factors_kernel(
         tl.store(g_pos_ptr + off, scale * (-w_sig * ds_da + reg_coef[:, None] * a), mask=ok)
         r += tl.sum(w_sig, axis=1)
     tl.store(r_ptr + rows, r, mask=row_ok)
+    tl.store(reg_coef_ptr + rows, reg_coef, mask=row_ok)
 
 
 @triton.jit
 def nce_grad_scale_kernel(
     g_pos_ptr,  # (N, L) float32: G at the positives (nce_grad_factors_kernel)
-    r_ptr, grad_sq_ptr, sq_ptr,  # (N,) float32: R[i], upstream gradient of sq, sq[i] = sum_j a^2
+    r_ptr, reg_coef_ptr, sq_ptr,  # (N,) float32: R[i], reg_coef[i] (factor kernel), sq[i] = sum_j a^2
     col_l1_ptr,  # (D,) float32: sum_i |src[i, d]|, d trg's growth over G (read if COLS)
     out_ptr,  # (2,) float32 out: 2^k and 2^-k
     N, L, D, scale,
@@ -483,7 +518,7 @@ def nce_grad_scale_kernel(
     with bound * 2^k <= 2^LOG2_TARGET, where bound bounds |G| and, with COLS, |d trg| / |G|
     too, so neither G nor the product G^T @ src can leave float16's range.
 
-    |G| at a positive is g_pos; at a negative it is at most scale * (|R[i]| + 2 |grad_sq[i]|
+    |G| at a positive is g_pos; at a negative it is at most scale * (|R[i]| + |reg_coef[i]|
     sqrt(sq[i])), since exp(s - neg_lse) <= 1, 0 <= ds/da <= 1 and |a[i, j]| <= sqrt(sq[i]).
     |d trg[j, d]| <= max|G| * col_l1[d]. A NaN anywhere gives a NaN scale (NaN in, NaN out);
     k is clamped to +-MAX_EXP (a zero gradient gives 2^MAX_EXP, harmlessly)."""
@@ -494,9 +529,9 @@ def nce_grad_scale_kernel(
         rows = r0 + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         r = tl.load(r_ptr + rows, mask=row_ok, other=0.0)
-        grad_sq = tl.load(grad_sq_ptr + rows, mask=row_ok, other=0.0)
+        reg_coef = tl.load(reg_coef_ptr + rows, mask=row_ok, other=0.0)
         sq = tl.load(sq_ptr + rows, mask=row_ok, other=0.0)
-        row = scale * (tl.abs(r) + 2.0 * tl.abs(grad_sq) * tl.sqrt(sq))
+        row = scale * (tl.abs(r) + tl.abs(reg_coef) * tl.sqrt(sq))
         seen += row
         for l0 in range(0, L, BLOCK_L):
             ls = l0 + tl.arange(0, BLOCK_L)
@@ -537,7 +572,7 @@ def nce_grad_tile_kernel(
     pos_idx_ptr,
     neg_lse_ptr, r_ptr,  # (N,) float32: log-sum-exp of the negatives, R[i] = sum_l w * sig
     g_pos_ptr,  # (N, L) float32: G at the positives (nce_grad_factors_kernel)
-    grad_sq_ptr,  # (N,) float32: upstream gradient of sq[i] = sum_j a^2, so d/da = 2 * grad_sq[i] * a
+    reg_coef_ptr,  # (N,) float32: the regulariser's d/da = reg_coef[i] * a (nce_grad_factors_kernel)
     g_ptr, stride_gn,  # (N, C) out, G's dtype: scale * d(loss + reg)/da for this chunk
     g_scale_ptr,  # SCALED: float32, the power of two G is stored times (nce_grad_scale_kernel)
     scores_ptr, stride_scores,  # FROM_SCORES: (N, C) float32 unscaled dot products
@@ -572,7 +607,7 @@ def nce_grad_tile_kernel(
     r = tl.load(r_ptr + rows, mask=row_ok, other=0.0)
     # log2 exp(s - neg_lse) = log2 exp(s - shift) + bias[i], shift = tclip (clip) or 0
     bias = ((tclip if CLIP else 0.0) - neg_lse) * 1.4426950408889634
-    reg_coef = 2.0 * tl.load(grad_sq_ptr + rows, mask=row_ok, other=0.0)
+    reg_coef = tl.load(reg_coef_ptr + rows, mask=row_ok, other=0.0)
     g = _g_tile(a, r, bias, reg_coef, scale, tclip, CLIP)
     if SCALED:  # float16 G: times a power of two that keeps it in range
         g = g * tl.load(g_scale_ptr)

@@ -25,7 +25,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..backends import triton_interpreting
 from .kernels import (nce_fwd_kernel, nce_grad_factors_kernel, nce_grad_scale_kernel, nce_grad_tile_kernel,
-                      nce_merge_kernel)
+                      nce_merge_kernel, nce_totals_kernel)
 
 STRATEGIES = ("fused", "gemm")
 # None: the measured default per dtype (`score_strategy`); benchmarks and tests may pin one.
@@ -368,6 +368,8 @@ class ForwardStats:
     a_pos: torch.Tensor  # (N, L) raw positive scores (the backward forms the clip from them)
     neg_lse: torch.Tensor  # (N,) log-sum-exp of each row's negatives
     sq: torch.Tensor  # (N,) sum over the row of a^2
+    mean: torch.Tensor  # () the mean of loss
+    reg: torch.Tensor  # () reg_weight * mean(a^2)
 
 
 def _split(cols: int, row_blocks: int, cfg: TileConfig, sms: int) -> tuple[int, int]:
@@ -384,7 +386,7 @@ def _location_block(l: int) -> int:
     return min(64, next_power_of_2(l))
 
 
-def forward(src, trg, pos_idx, tclip: float | None, scale: float, strategy: str) -> ForwardStats:
+def forward(src, trg, pos_idx, tclip: float | None, scale: float, reg_weight: float, strategy: str) -> ForwardStats:
     n, d = src.shape
     m, l, _ = trg.shape
     cfg = tile_config(src.dtype, d, "fwd")
@@ -436,7 +438,10 @@ def forward(src, trg, pos_idx, tclip: float | None, scale: float, strategy: str)
         part_sum, part_max, part_sq, a_pos, loss, neg_lse, sq, n, l, SPLITS=total, **_clip_args(tclip),
         BLOCK_S=32, BLOCK_L=_location_block(l),
     )
-    return ForwardStats(loss, a_pos, neg_lse, sq)
+    mean = torch.empty((), **f32)
+    reg = torch.empty((), **f32)
+    nce_totals_kernel[(1,)](loss, sq, mean, reg, n * l, n, 1.0 / (n * l), reg_weight / (n * m * l), BLOCK=1024)
+    return ForwardStats(loss, a_pos, neg_lse, sq, mean, reg)
 
 
 def factors_blocks(l: int) -> tuple[int, int]:
@@ -446,20 +451,25 @@ def factors_blocks(l: int) -> tuple[int, int]:
     return max(1, 1024 // block_l), block_l
 
 
-def gradient_factors(a_pos: torch.Tensor, neg_lse: torch.Tensor, grad_loss: torch.Tensor, grad_sq: torch.Tensor,
-                     tclip: float | None, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(G at the positives (N, L), R (N,)) of the backward: scale * (gpos * ds/da + 2 grad_sq
-    * a) and R = sum_l w * sig, with gpos = -w * sig, sig = sigmoid(neg_lse - pos), pos the
-    clipped a_pos and w the upstream gradient of the per-positive loss."""
+def gradient_factors(a_pos: torch.Tensor, neg_lse: torch.Tensor, grad_loss: torch.Tensor, loss_weight: float,
+                     grad_sq: torch.Tensor, sq_weight: float, tclip: float | None,
+                     scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(G at the positives (N, L), R (N,), reg_coef (N,)) of the backward: scale * (gpos *
+    ds/da + reg_coef * a), R = sum_l w * sig and reg_coef = 2 * sq_weight * grad_sq, with
+    gpos = -w * sig, sig = sigmoid(neg_lse - pos), pos the clipped a_pos and w =
+    loss_weight * grad_loss the upstream gradient of the per-positive loss. grad_loss (N, L)
+    and grad_sq (N,) may have any strides: a broadcast scalar is read in place."""
     n, l = a_pos.shape
     g_pos = torch.empty_like(a_pos)
     r = torch.empty_like(neg_lse)
+    reg_coef = torch.empty_like(neg_lse)
     block_n, block_l = factors_blocks(l)
     nce_grad_factors_kernel[(cdiv(n, block_n),)](
-        a_pos, grad_loss, neg_lse, grad_sq, g_pos, r, n, l, scale=scale, **_clip_args(tclip),
-        BLOCK_N=block_n, BLOCK_L=block_l,
+        a_pos, grad_loss, grad_loss.stride(0), grad_loss.stride(1), neg_lse, grad_sq, grad_sq.stride(0),
+        g_pos, r, reg_coef, n, l, scale=scale, loss_weight=loss_weight, sq_weight=sq_weight,
+        **_clip_args(tclip), BLOCK_N=block_n, BLOCK_L=block_l,
     )
-    return g_pos, r
+    return g_pos, r, reg_coef
 
 
 # float16 G is scaled so that |G| and |G^T @ src| stay within 2^15 (float16's largest
@@ -471,7 +481,7 @@ SCALE_LOG2_TARGET = 15
 SCALE_MAX_EXP = 100
 
 
-def gradient_scale(src: torch.Tensor, g_pos: torch.Tensor, r: torch.Tensor, grad_sq: torch.Tensor,
+def gradient_scale(src: torch.Tensor, g_pos: torch.Tensor, r: torch.Tensor, reg_coef: torch.Tensor,
                    sq: torch.Tensor, scale: float, need_trg: bool) -> torch.Tensor:
     """(2^k, 2^-k) float32 on the device: the power of two a float16 G is stored times, so
     that G and (with need_trg) G^T @ src fit float16 (kernels.nce_grad_scale_kernel). No
@@ -483,7 +493,7 @@ def gradient_scale(src: torch.Tensor, g_pos: torch.Tensor, r: torch.Tensor, grad
     out = torch.empty(2, device=src.device, dtype=torch.float32)
     block_n, block_l = factors_blocks(l)
     nce_grad_scale_kernel[(1,)](
-        g_pos, r, grad_sq, sq, col_l1, out, n, l, d, scale,
+        g_pos, r, reg_coef, sq, col_l1, out, n, l, d, scale,
         LOG2_TARGET=SCALE_LOG2_TARGET, MAX_EXP=SCALE_MAX_EXP, COLS=need_trg,
         BLOCK_N=block_n, BLOCK_L=block_l, BLOCK_D=1024,
     )
@@ -496,7 +506,7 @@ def positives_block(l: int) -> int:
     return min(16, next_power_of_2(l))
 
 
-def gradient_chunks(src, trg, pos_idx, neg_lse, r, g_pos, grad_sq, tclip, scale, strategy, g_scale=None):
+def gradient_chunks(src, trg, pos_idx, neg_lse, r, g_pos, reg_coef, tclip, scale, strategy, g_scale=None):
     """Yield (first image, last image + 1, G, features) for consecutive chunks of whole
     images, where G (N, C) = scale * d(loss + reg)/da on the chunk's C columns, in the
     inputs' dtype and times g_scale[0] where that is given (float16, `gradient_scale`), and
@@ -520,7 +530,7 @@ def gradient_chunks(src, trg, pos_idx, neg_lse, r, g_pos, grad_sq, tclip, scale,
         operands, own = _chunk_operands(src, src_desc, images, cfg)
         scores = _chunk_scores(src, images) if from_scores else g  # g: unused placeholder
         nce_grad_tile_kernel[(row_blocks, cdiv(c, cfg.block_j))](
-            *operands, pos_idx, neg_lse, r, g_pos, grad_sq, g, g.stride(0), g if g_scale is None else g_scale,
+            *operands, pos_idx, neg_lse, r, g_pos, reg_coef, g, g.stride(0), g if g_scale is None else g_scale,
             scores, scores.stride(0), col_begin=c0, C=c, SCALED=g_scale is not None, **own, **fixed,
         )
         del scores, operands
