@@ -67,10 +67,7 @@ BackwardRows backward_rows(const Tensor& pos, const Tensor& neg_lse, const Upstr
   float* reg_p = rows.reg_coef.data_ptr<float>();
   at::parallel_for(0, pos.size(0), 256, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      float r = 0.f;  // in l order: deterministic
-      for (int64_t l = 0; l < L; ++l)
-        r += grad_positive(pos_p[i * L + l], w_weight * w_p[i * wn + l * wl], lse_p[i], gpos_p + i * L + l);
-      r_p[i] = r;
+      r_p[i] = grad_row(pos_p + i * L, w_p + i * wn, wl, w_weight, lse_p[i], L, gpos_p + i * L);
       reg_p[i] = 2.f * sq_weight * w_sq_p[i * sn];
     }
   });

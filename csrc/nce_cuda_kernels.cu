@@ -125,13 +125,8 @@ __global__ void nce_grad_rows_kernel(const float* __restrict__ pos, UpstreamGrad
                                      float* __restrict__ gpos, float* __restrict__ r, float* __restrict__ reg_coef) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (row >= N) return;
-  const float lse = neg_lse[row];
-  float r_row = 0.f;
-  for (int64_t l = 0; l < L; ++l) {  // in l order: deterministic
-    const float w = up.loss_weight * up.grad_loss[row * up.stride_wn + l * up.stride_wl];
-    r_row += grad_positive(pos[row * L + l], w, lse, gpos + row * L + l);
-  }
-  r[row] = r_row;
+  r[row] = grad_row(pos + row * L, up.grad_loss + row * up.stride_wn, up.stride_wl, up.loss_weight, neg_lse[row], L,
+                    gpos + row * L);
   reg_coef[row] = 2.f * up.sq_weight * up.grad_sq[row * up.stride_sq];
 }
 

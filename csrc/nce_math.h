@@ -40,14 +40,19 @@ NCE_HD float positive_loss(float pos, float neg_lse, float row_sq) {
 // 1 / (1 + exp(-x)): sigmoid(-inf) = 0 (a row with no negatives), NaN stays NaN.
 NCE_HD float sigmoid(float x) { return 1.f / (1.f + expf(-x)); }
 
-// The backward's factors at one positive (nce_op.h's BackwardRows) from its clipped score
-// pos, its upstream gradient w and the row's neg_lse: writes *gpos = -w sig and returns w sig,
-// sig = sigmoid(neg_lse - pos), the positive's term of the row's r = sum_l w sig (summed in l
-// order by the callers: deterministic).
-NCE_HD float grad_positive(float pos, float w, float neg_lse, float* gpos) {
-  const float w_sig = w * sigmoid(neg_lse - pos);
-  *gpos = -w_sig;
-  return w_sig;
+// The backward's factors of one row (nce_op.h's BackwardRows) from its L positives' clipped
+// scores pos, their upstream gradients w_weight * w[l * w_stride] (stride 0: one value for
+// all) and the row's neg_lse: writes gpos[l] = -w sig and returns r = sum_l w sig, sig =
+// sigmoid(neg_lse - pos), summed in l order (deterministic).
+NCE_HD float grad_row(const float* pos, const float* w, int64_t w_stride, float w_weight, float neg_lse, int64_t L,
+                      float* gpos) {
+  float r = 0.f;
+  for (int64_t l = 0; l < L; ++l) {
+    const float w_sig = w_weight * w[l * w_stride] * sigmoid(neg_lse - pos[l]);
+    gpos[l] = -w_sig;
+    r += w_sig;
+  }
+  return r;
 }
 
 // G = scale * d(loss + reg)/da at one score. dl_ds is the loss gradient at the clipped score

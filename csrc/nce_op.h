@@ -34,8 +34,8 @@ struct BackwardRows {
   at::Tensor gpos, r, reg_coef, neg_lse;
 };
 // The four, uninitialised but for neg_lse (the given one, contiguous), for each device's
-// backward to fill in one pass over the rows with nce_math.h's grad_positive: one kernel
-// launch on a GPU, where ATen ops took six.
+// backward to fill in one pass over the rows with nce_math.h's grad_row: one kernel launch
+// on a GPU, where ATen ops took six.
 BackwardRows empty_backward_rows(const at::Tensor& pos, const at::Tensor& neg_lse);
 
 // The bwd op's upstream gradients (amdim_kernels/registration.py): w = loss_weight * grad_loss

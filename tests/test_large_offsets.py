@@ -86,6 +86,7 @@ def _impl_context(impl: str):
 
 
 @pytest.mark.gpu
+@pytest.mark.xdist_group("past_2_31")  # about 13 GB of GPU memory each: one at a time under xdist
 @pytest.mark.parametrize("dtype,layout", [(torch.bfloat16, "contiguous"), (torch.float16, "contiguous"),
                                           (torch.bfloat16, "feature-map")], ids=str)
 @pytest.mark.parametrize("impl", _impls())
