@@ -62,38 +62,43 @@ def test_the_check_catches_a_misplaced_gradient():
 
 
 # Past 2^31 elements: N = 5 sources, L = 49, D = 2048 and 21,400 zero images put every
-# tail image's features beyond element 2^31 of trg (4.3 GB at 2 bytes).
+# tail image's features beyond element 2^31 of trg (4.3 GB at 2 bytes, 8.6 GB at 4).
 N, L, D, TAIL = 5, 49, 2048, 24
 ZERO_IMAGES = math.ceil(2 ** 31 / (L * D))
 
 
-def _impls():
-    impls = []
+def _cases() -> list[tuple[str, torch.dtype, str]]:
+    """(backend:path, dtype, trg layout): each score path of each GPU backend on bf16 and
+    float16 targets, on the trainer's feature-map layout, and float32 (cuBLAS scores)."""
+    paths = []
     if "triton" in available_backends("cuda"):
-        impls += ["triton:tma", "triton:pointers"]
+        paths += ["triton:tma", "triton:pointers"]
     if "cuda" in available_backends("cuda"):
-        impls += ["cuda:cublas", "cuda:mma"]
-    return impls or ["none"]
+        paths += ["cuda:cublas", "cuda:mma"]
+    cases = [(path, dtype, layout) for path in paths for dtype, layout in
+             ((torch.bfloat16, "contiguous"), (torch.float16, "contiguous"), (torch.bfloat16, "feature-map"))]
+    cases += [(path, torch.float32, "contiguous") for path in ("triton:gemm", "cuda:cublas")
+              if path.split(":")[0] in available_backends("cuda")]
+    return cases or [("none", torch.float32, "contiguous")]
 
 
-def _impl_context(impl: str):
+def _path(impl: str):
+    """Pins the score path of `impl` (backend:path) for the calls inside."""
     backend, how = impl.split(":")
     if backend == "cuda":
         return cuda_scores(how)
     from amdim_kernels.triton_nce import launch
 
-    return launch.pinned(operands=how)
+    return launch.pinned(score="gemm") if how == "gemm" else launch.pinned(score="fused", operands=how)
 
 
 @pytest.mark.gpu
-@pytest.mark.xdist_group("past_2_31")  # about 13 GB of GPU memory each: one at a time under xdist
-@pytest.mark.parametrize("dtype,layout", [(torch.bfloat16, "contiguous"), (torch.float16, "contiguous"),
-                                          (torch.bfloat16, "feature-map")], ids=str)
-@pytest.mark.parametrize("impl", _impls())
+@pytest.mark.xdist_group("past_2_31")  # 9-17 GB of GPU memory each: one at a time under xdist
+@pytest.mark.parametrize("impl,dtype,layout", _cases(), ids=lambda v: str(v).replace("torch.", ""))
 def test_targets_past_2_31_elements(impl, dtype, layout):
     if impl == "none":
         pytest.skip("no GPU backend is available")
     pc = make_zero_padded_case(N, ZERO_IMAGES, TAIL, L, D, dtype=dtype, device="cuda", trg_layout=layout)
     assert pc.case.trg.numel() > 2 ** 31 and pc.zero_images * L * D >= 2 ** 31
-    with _impl_context(impl):
+    with _path(impl):
         assert_zero_padded_matches_truth(pc, impl.split(":")[0], tol=2 * EXTRA_TOL[dtype])
