@@ -77,7 +77,11 @@ def test_multiscale_objective_formula():
     means = [(out[k][0] + out[k + 1][0]) / 2 for k in (0, 2, 4)]
     reg = sum(o[1] for o in out)
     torch.testing.assert_close(got.total, sum(means) + 0.5 * reg)
-    torch.testing.assert_close(got.loss_1t7, means[1])
+    figures = got.figures()
+    for k, name in enumerate(("loss_1t5", "loss_1t7", "loss_5t5")):
+        torch.testing.assert_close(figures[name], means[k])
+    torch.testing.assert_close(figures["reg"], reg)
+    assert set(got.as_dict()) == {"total", "loss_1t5", "loss_1t7", "loss_5t5", "reg"}
 
 
 def test_training_steps_reduce_the_loss(tmp_path):
