@@ -106,8 +106,15 @@ _setup_context, _backward = autograd_formula(backward)
 
 
 class _NCELossTriton(torch.autograd.Function):
-    forward = staticmethod(forward)
-    setup_context = staticmethod(_setup_context)
+    # forward takes ctx itself, with no separate setup_context: where a Function defines
+    # setup_context, every apply binds its arguments through inspect.signature (about 30 us
+    # of host time per call on this project's CPU)
+    @staticmethod
+    def forward(ctx, *args):
+        outputs = forward(*args)
+        _setup_context(ctx, args, outputs)
+        return outputs
+
     backward = staticmethod(_backward)
 
 
