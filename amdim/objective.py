@@ -76,8 +76,8 @@ _FIGURE_WEIGHTS = torch.tensor([[0.5, 0.5] + [0.0] * 10,
 
 
 @functools.cache
-def _figure_weights(device: torch.device) -> torch.Tensor:
-    return _FIGURE_WEIGHTS.to(device)
+def _figure_weights(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return _FIGURE_WEIGHTS.to(device, dtype)
 
 
 @dataclass
@@ -89,7 +89,7 @@ class Losses:
         """loss_1t5, loss_1t7, loss_5t5 and reg (the sum of the six regularisers), detached,
         on the device, from one launch (in float32 under any autocast)."""
         with torch.autocast(self.parts.device.type, enabled=False):
-            figures = torch.mv(_figure_weights(self.parts.device), self.parts)
+            figures = torch.mv(_figure_weights(self.parts.device, self.parts.dtype), self.parts)
         return dict(zip(_FIGURES, figures.unbind()))
 
     def as_dict(self) -> dict[str, torch.Tensor]:
