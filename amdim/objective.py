@@ -119,10 +119,13 @@ def multiscale_nce(view1, view2, *, tclip: float | None = 20.0, backend: str = "
     s5_a = t5_a[rows, loc_a]
     s5_b = t5_b[rows, loc_b]
 
-    def nce(src, trg):
-        trg_all, pos_idx = gather_targets(trg)
-        return nce_loss(src, trg_all, pos_idx, tclip=tclip, backend=backend)
+    # each view's 5x5 targets serve two calls: gathered once (one all-gather, and one
+    # reduce-scatter of their summed gradient, where a gather per call made two of each)
+    (g5_a, pos_idx), (g5_b, _), (g7_a, _), (g7_b, _) = (gather_targets(t) for t in (t5_a, t5_b, t7_a, t7_b))
 
-    calls = [nce(r1_a, t5_b), nce(r1_b, t5_a), nce(r1_a, t7_b), nce(r1_b, t7_a), nce(s5_a, t5_b), nce(s5_b, t5_a)]
+    def nce(src, trg):
+        return nce_loss(src, trg, pos_idx, tclip=tclip, backend=backend)
+
+    calls = [nce(r1_a, g5_b), nce(r1_b, g5_a), nce(r1_a, g7_b), nce(r1_b, g7_a), nce(s5_a, g5_b), nce(s5_b, g5_a)]
     parts = torch.stack([loss for loss, _ in calls] + [reg for _, reg in calls])
     return Losses(parts.sum() * 0.5, parts.detach())

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from amdim import objective
 from amdim import train as amdim_train
 from amdim.data import SPECS, TwoViews, build_datasets
 from amdim.model import AMDIM, ConvResNxN
@@ -136,9 +137,16 @@ def _rank_loss_and_grads(rank: int, world: int, port: int, b: int, d: int, out: 
     part = slice(rank * b, (rank + 1) * b)
     leaves = [t[part].clone().requires_grad_() for t in (*v1, *v2)]
     local_locs = (locs[0][part], locs[1][part])
-    losses = multiscale_nce(tuple(leaves[:3]), tuple(leaves[3:]), backend="reference", locations=local_locs)
+    gathers = []
+    gather = objective._AllGatherWithGrad
+    apply = gather.apply
+    gather.apply = lambda x: gathers.append(x.shape) or apply(x)  # counts the all-gathers
+    try:
+        losses = multiscale_nce(tuple(leaves[:3]), tuple(leaves[3:]), backend="reference", locations=local_locs)
+    finally:
+        del gather.apply  # torch.autograd.Function's again
     losses.total.backward()
-    out[rank] = (losses.total.detach(), [t.grad for t in leaves])
+    out[rank] = (losses.total.detach(), [t.grad for t in leaves], len(gathers))
     dist.destroy_process_group()
 
 
@@ -154,6 +162,7 @@ def test_two_processes_match_one_on_the_concatenated_batch():
     one = multiscale_nce(tuple(leaves[:3]), tuple(leaves[3:]), backend="reference", locations=locs)
     one.total.backward()
     torch.testing.assert_close(sum(out[r][0] for r in range(world)) / world, one.total.detach())
+    assert [out[r][2] for r in range(world)] == [4] * world  # each view's r5 and r7 targets, gathered once
     for rank in range(world):
         for g_rank, leaf in zip(out[rank][1], leaves):
             torch.testing.assert_close(g_rank / world, leaf.grad[rank * b:(rank + 1) * b])
