@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from truth import Case, rel_err
+from truth import Case, rel_err, upstream_weight
 
 
 @dataclass
@@ -41,12 +41,6 @@ def make_zero_padded_case(n: int, zero_images: int, tail_images: int, l: int, d:
     trg[zero_images:] = torch.randn(tail_images, l, d, device=device).to(dtype)
     pos_idx = torch.randint(zero_images, m, (n,), device=device)
     return PaddedCase(Case(src, trg, pos_idx, **options), zero_images)
-
-
-def upstream_weight(shape) -> torch.Tensor:
-    """The random weight per positive (outputs_and_grads' draw) that the gradients are of."""
-    gen = torch.Generator().manual_seed(1234)
-    return torch.rand(shape, generator=gen) + 0.5
 
 
 def spec_loss_f64_zero_padded(src, tail, zero, pos_idx, zero_images, tclip, reg_weight, scale, reduction):

@@ -72,6 +72,13 @@ def make_case(n, m, l, d, *, dtype=torch.float32, device="cpu", pos="arange", sp
     return Case(src, trg, pos_idx, **options)
 
 
+def upstream_weight(shape) -> torch.Tensor:
+    """The random weight per positive that the tested gradients are of (the same draw every
+    time, on the CPU)."""
+    gen = torch.Generator().manual_seed(1234)
+    return torch.rand(shape, generator=gen) + 0.5
+
+
 def outputs_and_grads(fn, case: Case, backend=None, grad_of=("src", "trg")):
     """(loss, reg, d src, d trg) of fn on the case; the gradient of loss.sum() + reg,
     with a random weight per positive for reduction='none'."""
@@ -79,9 +86,7 @@ def outputs_and_grads(fn, case: Case, backend=None, grad_of=("src", "trg")):
     trg = case.trg.detach().clone().requires_grad_("trg" in grad_of)
     kwargs = case.kwargs() if backend is None else dict(case.kwargs(), backend=backend)
     loss, reg = fn(src, trg, case.pos_idx, **kwargs)
-    gen = torch.Generator().manual_seed(1234)
-    weight = (torch.rand(loss.shape, generator=gen) + 0.5).to(loss.device, loss.dtype)
-    total = (loss * weight).sum() + 3.0 * reg
+    total = (loss * upstream_weight(loss.shape).to(loss.device, loss.dtype)).sum() + 3.0 * reg
     total.backward()
     return loss.detach(), reg.detach(), src.grad, trg.grad
 
