@@ -21,7 +21,6 @@ import contextlib
 import csv
 import datetime
 import json
-import math
 import os
 import platform
 from dataclasses import asdict, dataclass
