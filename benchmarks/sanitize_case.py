@@ -4,7 +4,9 @@
   by element);
 - the Triton backend's fused kernels with TMA operands (D = 72) and with pointers (D = 70,
   whose rows are not 16-byte multiples), and its cuBLAS-scores strategy;
-- float16 in each, whose backward adds the kernel that finds G's scale.
+- float16 in each, whose backward adds the kernel that finds G's scale;
+- without clipping, reduction "none" under a transposed upstream gradient, which the
+  backward's row kernels read through its strides (with clipping: the mean's, broadcast).
 
     compute-sanitizer --tool memcheck python -m benchmarks.sanitize_case
 """
@@ -19,10 +21,13 @@ def fwd_bwd(label, dtype, d, tclip, backend):
     src = (3 * torch.randn(37, d, device="cuda")).to(dtype).requires_grad_()
     trg = torch.randn(23, 25, d, device="cuda").to(dtype).requires_grad_()
     pos_idx = torch.randint(0, 23, (37,), device="cuda")
-    loss, reg = nce_loss(src, trg, pos_idx, tclip=tclip, backend=backend)
+    reduction = "mean" if tclip else "none"
+    loss, reg = nce_loss(src, trg, pos_idx, tclip=tclip, reduction=reduction, backend=backend)
+    if reduction == "none":  # the losses' gradient reaches the op transposed: strides (1, N)
+        loss = (loss.t() * torch.rand(loss.shape[1], loss.shape[0], device="cuda")).sum()
     (loss + reg).backward()
     torch.cuda.synchronize()
-    print(backend, label, dtype, d, tclip, f"loss {loss.item():.5f} reg {reg.item():.5f}", "grads finite:",
+    print(backend, label, dtype, d, tclip, reduction, f"loss {loss.item():.5f} reg {reg.item():.5f}", "grads finite:",
           bool(src.grad.isfinite().all() and trg.grad.isfinite().all()))
 
 
