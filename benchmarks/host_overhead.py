@@ -120,7 +120,9 @@ def python_path(calls: int = 3000) -> None:
     src, trg = torch.randn(4, 8, requires_grad=True), torch.randn(4, 2, 8, requires_grad=True)
     ops, pos_idx = torch.ops.amdim_kernels, torch.arange(4)
     loss, pos, neg_lse, sq, _, _ = ops.nce_fwd(src.detach(), trg.detach(), pos_idx, 20.0, 8 ** -0.5, 0.05)
-    upstream = torch.ones(()).expand(pos.shape), 1.0 / pos.numel(), torch.ones(()).expand(neg_lse.shape), 0.05 / 32
+    # as the autograd formula passes them: the mean's and reg's gradients broadcast, with their weights
+    upstream = (torch.ones(()).expand(pos.shape), 1.0 / pos.numel(), torch.ones(()).expand(neg_lse.shape),
+                0.05 / (src.shape[0] * trg.shape[0] * trg.shape[1]))
 
     def us(fn) -> float:
         for _ in range(100):

@@ -45,33 +45,32 @@ def test_compiled_half_precision(backend, dtype, options):
     assert_matches_truth(case, dtype, backend)
 
 
+def _each_score_path(backend):
+    """Yields once inside each of the backend's score paths: the cuda backend's two (its
+    float16 G is made by either's kernel), or the cpp backend's one."""
+    for path in ("cublas", "mma") if backend == "cuda" else (None,):
+        with cuda_scores(path) if path else contextlib.nullcontext():
+            yield
+
+
 @pytest.mark.parametrize("used", ["loss", "reg", "both"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_compiled_gradients_of_each_output(backend, reduction, used):
-    for path in _score_paths(backend):
-        with cuda_scores(path) if path else contextlib.nullcontext():
-            assert_gradients_of_each_output(backend, DEVICE[backend], reduction, used)
-
-
-def _score_paths(backend):
-    """The cuda backend's two score paths (its float16 G is made by either's kernel), or the
-    cpp backend's one."""
-    return ("cublas", "mma") if backend == "cuda" else (None,)
+    for _ in _each_score_path(backend):
+        assert_gradients_of_each_output(backend, DEVICE[backend], reduction, used)
 
 
 @pytest.mark.parametrize("loss_scale", [2.0 ** -4, 1.0, 2.0 ** 16])
 def test_compiled_float16_gradients_under_a_loss_scale(backend, loss_scale):
     """cuda: float16 G is stored times a power of two found on the device
     (nce_cuda_kernels.h's launch_nce_grad_scale); cpp computes in float32 throughout."""
-    for path in _score_paths(backend):
-        with cuda_scores(path) if path else contextlib.nullcontext():
-            assert_float16_loss_scale(backend, loss_scale, DEVICE[backend])
+    for _ in _each_score_path(backend):
+        assert_float16_loss_scale(backend, loss_scale, DEVICE[backend])
 
 
 def test_compiled_float16_g_overflows_only_with_the_gradient(backend):
-    for path in _score_paths(backend):
-        with cuda_scores(path) if path else contextlib.nullcontext():
-            assert_float16_g_overflows_only_with_the_gradient(backend, DEVICE[backend])
+    for _ in _each_score_path(backend):
+        assert_float16_g_overflows_only_with_the_gradient(backend, DEVICE[backend])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

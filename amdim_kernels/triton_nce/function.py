@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from ..registration import autograd_formula, loss_and_reg, register
+from ..registration import fwd_call, loss_and_reg, register
 from ..validation import Problem
 from . import launch
 
@@ -102,28 +102,12 @@ def backward(src: torch.Tensor, trg: torch.Tensor, pos_idx: torch.Tensor, pos: t
     return (dsrc if need_src else src.new_empty(0, d)), dtrg
 
 
-_setup_context, _backward = autograd_formula(backward)
-
-
-class _NCELossTriton(torch.autograd.Function):
-    # forward takes ctx itself, with no separate setup_context: where a Function defines
-    # setup_context, every apply binds its arguments through inspect.signature (about 30 us
-    # of host time per call on this project's CPU)
-    @staticmethod
-    def forward(ctx, *args):
-        outputs = forward(*args)
-        _setup_context(ctx, args, outputs)
-        return outputs
-
-    backward = staticmethod(_backward)
-
-
 _fwd_op = torch.library.custom_op("amdim_kernels::triton_nce_fwd", forward, mutates_args=())
 torch.library.custom_op("amdim_kernels::triton_nce_bwd", backward, mutates_args=())
 register("amdim_kernels::triton_nce_fwd", "amdim_kernels::triton_nce_bwd", torch.ops.amdim_kernels.triton_nce_bwd)
+_fwd = fwd_call(_fwd_op, forward, backward)
 
 
 def nce_loss_triton(p: Problem) -> tuple[torch.Tensor, torch.Tensor]:
-    args = (p.src, p.trg, p.pos_idx, p.tclip, p.scale, p.reg_weight, launch.score_strategy(p.src.dtype))
-    outputs = _fwd_op(*args) if torch.compiler.is_compiling() else _NCELossTriton.apply(*args)
-    return loss_and_reg(outputs, p)
+    return loss_and_reg(_fwd(p.src, p.trg, p.pos_idx, p.tclip, p.scale, p.reg_weight,
+                             launch.score_strategy(p.src.dtype)), p)
