@@ -1,15 +1,16 @@
 """AMDIM's multiscale NCE objective through amdim_kernels.nce_loss (SPEC.md section 2).
 
-Six calls per step: 1->5, 1->7 and 5->5, each in both directions (view 1's sources against
+Six losses per step: 1->5, 1->7 and 5->5, each in both directions (view 1's sources against
 view 2's targets and the reverse). A 5->5 source is one uniformly random location of r5 per
-image, drawn independently per view. With several processes the targets are all-gathered
+image, drawn independently per view. 1->5 and 5->5 of one direction share their targets and
+are scored in one call, so a step makes four calls. With several processes the targets are all-gathered
 with their gradient, so every rank scores its own sources against the whole batch (the
 official DataParallel semantics), and pos_idx is offset by the rank.
 
     total = loss_1t5 + loss_1t7 + loss_5t5 + 0.5 * (sum of the six regularisers)
 
-loss_k is the mean of its two directions. All twelve scalars are stacked, and total is half
-their sum (see `parts`).
+loss_k is the mean of its two directions. The losses and regularisers are gathered in one
+tensor, and total is one dot product of it (see `parts`).
 """
 from __future__ import annotations
 
@@ -62,34 +63,40 @@ def gather_targets(trg: torch.Tensor) -> tuple[torch.Tensor, range | None]:
     return _AllGatherWithGrad.apply(trg), range(dist.get_rank() * n, (dist.get_rank() + 1) * n)
 
 
-# The six calls' twelve scalars, in the order `parts` holds them: the losses of 1->5, 1->7 and
-# 5->5, each as (view 1 -> view 2, view 2 -> view 1), then their regularisers in that order.
+# The objective's ten scalars, in the order `parts` holds them. Each view's r1 and its 5->5
+# sources share the other view's 5x5 targets, so one call scores both groups (see
+# `multiscale_nce`): its per-positive losses give two means, and its regulariser is the mean
+# of the two calls' regularisers. So `parts` holds
+#   0-3  loss 1->5 and 5->5 of view 1 -> view 2, then of view 2 -> view 1,
+#   4-5  loss 1->7 of view 1 -> view 2 and of view 2 -> view 1,
+#   6-7  the 1->5 + 5->5 calls' regulariser (half the sum of the two), per direction,
+#   8-9  the 1->7 regulariser per direction.
 # Each figure is a fixed combination of them (loss_k: its two directions' mean; reg: the six
 # regularisers' sum), and so is the objective: total = loss_1t5 + loss_1t7 + loss_5t5 + 0.5 *
-# reg = (the sum of all twelve) / 2. Forming it so takes one stack and one sum (and one launch
-# back), where adding the figures up by name took about twenty launches a step.
+# reg, one dot product with _TOTAL_WEIGHTS.
 _FIGURES = ("loss_1t5", "loss_1t7", "loss_5t5", "reg")
-_FIGURE_WEIGHTS = torch.tensor([[0.5, 0.5] + [0.0] * 10,
-                                [0.0] * 2 + [0.5, 0.5] + [0.0] * 8,
-                                [0.0] * 4 + [0.5, 0.5] + [0.0] * 6,
-                                [0.0] * 6 + [1.0] * 6])
+_FIGURE_WEIGHTS = torch.tensor([[0.5, 0.0, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+                                [0.0, 0.0, 0.0, 0.0, 0.5, 0.5, 0.0, 0.0, 0.0, 0.0],
+                                [0.0, 0.5, 0.0, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+                                [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 2.0, 2.0, 1.0, 1.0]])
+_TOTAL_WEIGHTS = torch.tensor([1.0, 1.0, 1.0, 0.5]) @ _FIGURE_WEIGHTS
 
 
 @functools.cache
-def _figure_weights(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    return _FIGURE_WEIGHTS.to(device, dtype)
+def _weights(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    return _FIGURE_WEIGHTS.to(device, dtype), _TOTAL_WEIGHTS.to(device, dtype)
 
 
 @dataclass
 class Losses:
     total: torch.Tensor
-    parts: torch.Tensor  # (12,), detached: the six calls' losses, then their regularisers
+    parts: torch.Tensor  # (10,), detached: the losses and regularisers laid out as above
 
     def figures(self) -> dict[str, torch.Tensor]:
         """loss_1t5, loss_1t7, loss_5t5 and reg (the sum of the six regularisers), detached,
         on the device, from one launch (in float32 under any autocast)."""
         with torch.autocast(self.parts.device.type, enabled=False):
-            figures = torch.mv(_figure_weights(self.parts.device, self.parts.dtype), self.parts)
+            figures = torch.mv(_weights(self.parts.device, self.parts.dtype)[0], self.parts)
         return dict(zip(_FIGURES, figures.unbind()))
 
     def as_dict(self) -> dict[str, torch.Tensor]:
@@ -122,10 +129,23 @@ def multiscale_nce(view1, view2, *, tclip: float | None = 20.0, backend: str = "
     # each view's 5x5 targets serve two calls: gathered once (one all-gather, and one
     # reduce-scatter of their summed gradient, where a gather per call made two of each)
     (g5_a, pos_idx), (g5_b, _), (g7_a, _), (g7_b, _) = (gather_targets(t) for t in (t5_a, t5_b, t7_a, t7_b))
+    if pos_idx is None:
+        pos_idx = range(b)
 
-    def nce(src, trg):
-        return nce_loss(src, trg, pos_idx, tclip=tclip, backend=backend)
+    def nce(src, trg, pos_idx, reduction="mean"):
+        return nce_loss(src, trg, pos_idx, tclip=tclip, reduction=reduction, backend=backend)
 
-    calls = [nce(r1_a, g5_b), nce(r1_b, g5_a), nce(r1_a, g7_b), nce(r1_b, g7_a), nce(s5_a, g5_b), nce(s5_b, g5_a)]
-    parts = torch.stack([loss for loss, _ in calls] + [reg for _, reg in calls])
-    return Losses(parts.sum() * 0.5, parts.detach())
+    # 1->5 and 5->5 of a direction score B sources each against the same targets: one call of
+    # 2B sources reads the targets once, forward and backward, and makes their gradient in
+    # one product, where two calls read them twice and autograd added two gradients. Each
+    # group's mean comes from the (2B, L) per-positive losses; the regulariser, a mean over
+    # the 2B rows, is the mean of the two calls' regularisers.
+    x5_a, reg5_a = nce(torch.cat([r1_a, s5_a]), g5_b, (pos_idx, pos_idx), "none")
+    x5_b, reg5_b = nce(torch.cat([r1_b, s5_b]), g5_a, (pos_idx, pos_idx), "none")
+    l7_a, reg7_a = nce(r1_a, g7_b, pos_idx)
+    l7_b, reg7_b = nce(r1_b, g7_a, pos_idx)
+    means = torch.cat([x5_a, x5_b]).unflatten(0, (4, b)).mean((1, 2))  # 1->5, 5->5 per direction
+    parts = torch.cat([means] + [x.view(1) for x in (l7_a, l7_b, reg5_a, reg5_b, reg7_a, reg7_b)])
+    with torch.autocast(parts.device.type, enabled=False):
+        total = torch.dot(parts, _weights(parts.device, parts.dtype)[1])
+    return Losses(total, parts.detach())

@@ -66,7 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="--amp's dtype; float16 (GPUs without bf16, as the official apex O2 runs) scales the loss "
                         "with a GradScaler, whose inf check waits for the device once a step")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the forward pass: encoder, the six NCE calls (one opaque op each) and probes")
+                   help="torch.compile the forward pass: encoder, the four NCE calls (one opaque op each) and probes")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend for --compile")
     p.add_argument("--compile-mode", default=None, choices=["default", "reduce-overhead", "max-autotune"],
                    help="torch.compile mode for --compile; reduce-overhead replays CUDA graphs (no launch overhead)")

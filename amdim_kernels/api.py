@@ -10,7 +10,7 @@ from .validation import validate
 def nce_loss(
     src: torch.Tensor,
     trg: torch.Tensor,
-    pos_idx: torch.Tensor | range | None = None,
+    pos_idx: torch.Tensor | range | tuple[range, ...] | None = None,
     *,
     tclip: float | None = 20.0,
     reg_weight: float = 0.05,
@@ -27,8 +27,11 @@ def nce_loss(
             each source. Defaults to ``arange(N)``, which requires N == M. A tensor's range
             is checked with one read back from its device per call (on the device instead
             under torch.compile or CUDA graph capture); a Python ``range`` of N indices
-            (e.g. ``range(rank * N, rank * N + N)``) is checked on the host, with no sync.
-            The index tensors of None and of ranges are made once per device and kept.
+            (e.g. ``range(rank * N, rank * N + N)``) is checked on the host, with no sync;
+            so is a tuple of ranges, their indices one after another (e.g. two groups of
+            B sources that share the targets, ``(range(B), range(B))``: one call where two
+            would read trg twice). The index tensors of None and of ranges are made once
+            per device and kept.
         tclip: soft clipping ``tclip * tanh(a / tclip)`` of the scores; None disables it.
         reg_weight: weight of the regulariser ``reg_weight * mean(a**2)``.
         scale: multiplies every dot product; None means ``1 / sqrt(D)``.

@@ -1,7 +1,9 @@
-"""The index tensors of ranges (pos_idx None or a Python range), made once per device.
+"""The index tensors of ranges (pos_idx None, a Python range or a tuple of ranges), made once
+per device.
 
-Every call with pos_idx None (arange(N)) or a range (a rank's range(rank * N, rank * N + N))
-needs the indices as an int64 tensor on the inputs' device. Made afresh, that is one kernel
+Every call with pos_idx None (arange(N)), a range (a rank's range(rank * N, rank * N + N)) or
+a tuple of ranges (several groups of sources against the same targets, concatenated) needs
+the indices as an int64 tensor on the inputs' device. Made afresh, that is one kernel
 launch per call, and AMDIM's training step makes six calls on host-bound per-GPU problems.
 So they are kept, under four rules:
 - never evicted: a CUDA graph captured with one holds its address (past CACHE_ELEMENTS
@@ -19,7 +21,7 @@ import torch
 
 CACHE_ELEMENTS = 1 << 20  # 8 MiB of int64 indices over all devices and ranges
 
-_kept: dict[tuple[torch.device, int, int, int], torch.Tensor] = {}
+_kept: dict[tuple[torch.device, tuple[tuple[int, int, int], ...]], torch.Tensor] = {}
 _kept_elements = 0
 
 
@@ -33,22 +35,30 @@ def _may_keep(like: torch.Tensor) -> bool:
     return not (torch.compiler.is_compiling() or type(like) is not torch.Tensor or capturing(like))
 
 
-def range_indices(r: range, like: torch.Tensor) -> torch.Tensor:
-    """The int64 tensor of r's values on like's device: a kept one, or a fresh one (kept
-    where the rules allow)."""
+def _arange(ranges: tuple[range, ...], device: torch.device) -> torch.Tensor:
+    # kernels only, no copy from the host: safe while a CUDA graph is being captured
+    parts = [torch.arange(r.start, r.stop, r.step, device=device) for r in ranges]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def range_indices(ranges: range | tuple[range, ...], like: torch.Tensor) -> torch.Tensor:
+    """The int64 tensor of the values of a range, or of several ranges one after another, on
+    like's device: a kept one, or a fresh one (kept where the rules allow)."""
     global _kept_elements
+    ranges = (ranges,) if isinstance(ranges, range) else tuple(ranges)
     device = like.device
     if not _may_keep(like):
-        return torch.arange(r.start, r.stop, r.step, device=device)
-    key = (device, r.start, r.stop, r.step)
+        return _arange(ranges, device)
+    key = (device, tuple((r.start, r.stop, r.step) for r in ranges))
     kept = _kept.get(key)
     if kept is not None:
         return kept
     with torch.inference_mode(False):
-        indices = torch.arange(r.start, r.stop, r.step, device=device)
-    if _kept_elements + len(r) <= CACHE_ELEMENTS:
+        indices = _arange(ranges, device)
+    size = indices.numel()
+    if _kept_elements + size <= CACHE_ELEMENTS:
         if indices.is_cuda:
             torch.cuda.current_stream(device).synchronize()
         _kept[key] = indices
-        _kept_elements += len(r)
+        _kept_elements += size
     return indices

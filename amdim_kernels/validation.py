@@ -66,22 +66,28 @@ def _finite(x: float) -> bool:
     return abs(x) < math.inf
 
 
-def _range_indices(pos_idx: range, n: int, m: int, like: torch.Tensor) -> torch.Tensor:
-    """A range's N image indices as an int64 tensor on like's device (indices.py), its bounds
-    checked on the host: unlike a tensor's, no read back from the device (e.g. a rank's
-    range(rank * N, rank * N + N) in data-parallel training)."""
-    if len(pos_idx) != n:
-        raise ValueError(f"pos_idx must hold N = {n} indices, got {pos_idx} of length {len(pos_idx)}")
-    lo, hi = min(pos_idx), max(pos_idx)
-    if lo < 0 or hi >= m:
-        raise ValueError(f"pos_idx values must lie in [0, M) = [0, {m}), got {pos_idx}")
-    return range_indices(pos_idx, like)
+def _range_indices(pos_idx: range | tuple | list, n: int, m: int, like: torch.Tensor) -> torch.Tensor:
+    """The N image indices of a range, or of a tuple or list of ranges one after another, as
+    an int64 tensor on like's device (indices.py), their bounds checked on the host: unlike a
+    tensor's, no read back from the device (e.g. a rank's range(rank * N, rank * N + N), or
+    two groups of sources against the same targets, (range(B), range(B)))."""
+    ranges = (pos_idx,) if isinstance(pos_idx, range) else tuple(pos_idx)
+    if not ranges or not all(isinstance(r, range) for r in ranges):
+        kinds = ", ".join(type(r).__name__ for r in ranges) or "nothing"
+        raise TypeError(f"pos_idx as a {type(pos_idx).__name__} must hold Python ranges, got {kinds}")
+    length = sum(len(r) for r in ranges)
+    if length != n:
+        raise ValueError(f"pos_idx must hold N = {n} indices, got {pos_idx} of length {length}")
+    for r in ranges:
+        if len(r) and (min(r) < 0 or max(r) >= m):
+            raise ValueError(f"pos_idx values must lie in [0, M) = [0, {m}), got {pos_idx}")
+    return range_indices(ranges, like)
 
 
 def validate(
     src: torch.Tensor,
     trg: torch.Tensor,
-    pos_idx: torch.Tensor | range | None,
+    pos_idx: torch.Tensor | range | tuple[range, ...] | list[range] | None,
     tclip: float | None,
     reg_weight: float,
     scale: float | None,
@@ -105,11 +111,13 @@ def validate(
                 f"pos_idx is required when N != M (src has N = {n} rows, trg has M = {m} images)"
             )
         pos_idx = range_indices(range(n), src)
-    elif isinstance(pos_idx, range):
+    elif isinstance(pos_idx, (range, tuple, list)):
         pos_idx = _range_indices(pos_idx, n, m, src)
     else:
         if not isinstance(pos_idx, torch.Tensor):
-            raise TypeError(f"pos_idx must be a torch.Tensor of shape (N,) or a range, got {type(pos_idx).__name__}")
+            raise TypeError(
+                f"pos_idx must be a torch.Tensor of shape (N,), a range or a tuple of ranges, got {type(pos_idx).__name__}"
+            )
         if pos_idx.dim() != 1 or pos_idx.shape[0] != n:
             raise ValueError(f"pos_idx must have shape (N,) = ({n},), got {tuple(pos_idx.shape)}")
         if pos_idx.dtype.is_floating_point or pos_idx.dtype.is_complex or pos_idx.dtype == torch.bool:

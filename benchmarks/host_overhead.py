@@ -7,7 +7,7 @@ the pos_idx range check (one device sync) cost on the GPU, and how much CUDA gra
     python -m benchmarks.host_overhead --trace   # which ops take that host time
     python -m benchmarks.host_overhead --glue    # no GPU needed
     python -m benchmarks.host_overhead --python-path    # no GPU needed
-    python -m benchmarks.host_overhead --ops    # no GPU needed
+    python -m benchmarks.host_overhead --ops    # no GPU needed; also the trainer's objective
 
 --glue times launch.py's own Python per backward chunk (views, operands, tensor
 descriptors, arguments) with the Triton launches replaced by no-ops, on CPU tensors of the
@@ -202,6 +202,32 @@ def work_ops(p: problems.Problem = problems.CIFAR) -> None:
         print(f"| {backend} | {sum(ops.values())} | {of_which} |", flush=True)
 
 
+def objective_ops(b: int = 8, d: int = 32) -> None:
+    """The ops one fwd+bwd of the trainer's objective (amdim.objective.multiscale_nce, backend
+    cpp) dispatches that launch work on a GPU, counted as --ops counts them: the nce ops and
+    the rest (gathers, concatenations, the means, the gradients' accumulation)."""
+    from amdim.objective import multiscale_nce
+
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(b, d), (b, d, 5, 5), (b, d, 7, 7)] * 2
+    feats = [torch.randn(s, generator=gen).requires_grad_() for s in shapes]
+    locations = (torch.randint(0, 25, (b,), generator=gen), torch.randint(0, 25, (b,), generator=gen))
+
+    def step():
+        total = multiscale_nce(tuple(feats[:3]), tuple(feats[3:]), backend="cpp", locations=locations).total
+        torch.autograd.grad(total, feats)
+
+    step()
+    with _WorkOps() as counted:
+        step()
+    nce = sum(k for name, k in counted.ops.items() if name.startswith("nce_"))
+    rest = ", ".join(f"{name} {k}" for name, k in sorted(counted.ops.items()) if not name.startswith("nce_"))
+    print(f"ops of one multiscale_nce fwd+bwd that launch GPU work, cpp, B = {b}, D = {d} (CPU, float32)")
+    print("| nce ops | the rest | in all | the rest, by op |")
+    print("|---|---|---|---|")
+    print(f"| {nce} | {counted.ops.total() - nce} | {counted.ops.total()} | {rest} |", flush=True)
+
+
 def trace(calls: int = 20) -> None:
     """Where the host time of fwd+bwd goes on the GPU machine (--trace): torch.profiler with
     CPU and CUDA activities over `calls` calls per backend on the CIFAR problem (bf16), the
@@ -338,6 +364,7 @@ if __name__ == "__main__":
         trace()
     elif args.ops:
         work_ops()
+        objective_ops()
     elif args.split:
         split()
     else:

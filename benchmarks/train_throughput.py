@@ -3,7 +3,7 @@
     python -m benchmarks.train_throughput                  # the trainer's default model for this device
     python -m benchmarks.train_throughput --preset official --amp --backends reference triton cuda cuda:mma
 
-Times amdim.train.Run.train_step itself (both views through the encoder, the six NCE calls,
+Times amdim.train.Run.train_step itself (both views through the encoder, the four NCE calls,
 the online probes, Adam; the losses stay on the device, as the trainer leaves them between
 log steps) on one fixed batch of generated 32 px images, so data loading is left out. Every
 backend starts from the same weights. Per backend: the median step time and images/s (2

@@ -64,24 +64,37 @@ def test_grey_dataset_views_have_three_channels():
     assert v1.shape == v2.shape == (3, 32, 32)
 
 
-def test_multiscale_objective_formula():
-    torch.manual_seed(0)
-    b, d = 6, 16
-    view = lambda: (torch.randn(b, d), torch.randn(b, d, 5, 5), torch.randn(b, d, 7, 7))  # noqa: E731
-    v1, v2 = view(), view()
-    locs = (torch.randint(0, 25, (b,)), torch.randint(0, 25, (b,)))
-    got = multiscale_nce(v1, v2, backend="reference", locations=locs)
-    rows = torch.arange(b)
+def _six_call_objective(v1, v2, locs, tclip):
+    """SPEC section 2 written out: six reference calls, one per loss, and the formula."""
+    rows = torch.arange(v1[0].shape[0])
     s5 = (as_targets(v1[1])[rows, locs[0]], as_targets(v2[1])[rows, locs[1]])
     calls = [(v1[0], v2[1]), (v2[0], v1[1]), (v1[0], v2[2]), (v2[0], v1[2]), (s5[0], v2[1]), (s5[1], v1[1])]
-    out = [nce_loss(s, as_targets(t), backend="reference") for s, t in calls]
+    out = [nce_loss(s, as_targets(t), tclip=tclip, backend="reference") for s, t in calls]
     means = [(out[k][0] + out[k + 1][0]) / 2 for k in (0, 2, 4)]
     reg = sum(o[1] for o in out)
-    torch.testing.assert_close(got.total, sum(means) + 0.5 * reg)
+    return sum(means) + 0.5 * reg, dict(zip(("loss_1t5", "loss_1t7", "loss_5t5"), means), reg=reg)
+
+
+@pytest.mark.parametrize("tclip", [20.0, None])
+@pytest.mark.parametrize("backend", [b for b in ("reference", "cpp", "triton") if b in available_backends()])
+def test_multiscale_objective_formula(backend, tclip):
+    """Four calls (1->5 and 5->5 of a direction in one) give SPEC's six-loss objective, its
+    figures and its gradient with respect to every feature map."""
+    b, d = 6, 16
+    view = lambda: tuple(t.requires_grad_() for t in (torch.randn(b, d), torch.randn(b, d, 5, 5),  # noqa: E731
+                                                      torch.randn(b, d, 7, 7)))
+    v1, v2 = view(), view()
+    locs = (torch.randint(0, 25, (b,)), torch.randint(0, 25, (b,)))
+    got = multiscale_nce(v1, v2, tclip=tclip, backend=backend, locations=locs)
+    grads = torch.autograd.grad(got.total, v1 + v2)
+    want, want_figures = _six_call_objective(v1, v2, locs, tclip)
+    want_grads = torch.autograd.grad(want, v1 + v2)
+    torch.testing.assert_close(got.total, want)
     figures = got.figures()
-    for k, name in enumerate(("loss_1t5", "loss_1t7", "loss_5t5")):
-        torch.testing.assert_close(figures[name], means[k])
-    torch.testing.assert_close(figures["reg"], reg)
+    for name, value in want_figures.items():
+        torch.testing.assert_close(figures[name], value, msg=name)
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g, w)
     assert set(got.as_dict()) == {"total", "loss_1t5", "loss_1t7", "loss_5t5", "reg"}
 
 

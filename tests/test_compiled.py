@@ -166,13 +166,16 @@ def test_torch_compile_with_given_pos_idx(backend):
             compiled(case.src, case.trg, bad)
 
 
-def test_torch_compile_with_range_pos_idx(backend):
-    """A range pos_idx (the data-parallel trainer's rank * N + arange(N)) traces without a
-    graph break and gives what eager gives."""
+@pytest.mark.parametrize("groups", [1, 2])
+def test_torch_compile_with_range_pos_idx(backend, groups):
+    """A range pos_idx (the data-parallel trainer's rank * N + arange(N)), or a tuple of them
+    (its 1->5 and 5->5 sources in one call), traces without a graph break and gives what
+    eager gives."""
     case = make_case(6, 9, 4, 16, pos="random", device=DEVICE[backend])
 
     def step(src, trg, first):
-        loss, reg = nce_loss(src, trg, range(first, first + 6), backend=backend)
+        n = 6 // groups
+        loss, reg = nce_loss(src, trg, (range(first, first + n),) * groups, backend=backend)
         return loss + reg
 
     torch._dynamo.reset()

@@ -72,6 +72,19 @@ def test_values_and_cap(monkeypatch):
     assert indices._kept_elements == 4
 
 
+def test_tuples_of_ranges_are_kept_by_their_ranges():
+    """A tuple of ranges keeps the ranges' values one after another, under a key of its own:
+    not the key of its first range, nor of the same values split otherwise."""
+    like = torch.zeros(1)
+    pair = indices.range_indices((range(3), range(3)), like)
+    assert pair.tolist() == [0, 1, 2, 0, 1, 2]
+    assert indices.range_indices((range(3), range(3)), like) is pair
+    assert indices.range_indices([range(3), range(3)], like) is pair  # a list: the same ranges
+    assert indices.range_indices(range(3), like).tolist() == [0, 1, 2]
+    assert indices.range_indices((range(2), range(2, 3), range(3)), like).tolist() == [0, 1, 2, 0, 1, 2]
+    assert indices._kept_elements == 6 + 3 + 6
+
+
 def test_fake_and_compiled_calls_keep_nothing():
     """Fake tensors get fake indices and nothing is kept; a compiled call keeps nothing."""
     from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode

@@ -33,7 +33,12 @@ BAD = [  # (argument changes, exception, regex the message must match)
     (dict(pos_idx=torch.tensor([True, False, True, False])), TypeError, r"pos_idx must have an integer dtype"),
     (dict(pos_idx=torch.tensor([0, 1, 2, 4])), ValueError, r"pos_idx values must lie in \[0, M\) = \[0, 4\), got values in \[0, 4\]"),
     (dict(pos_idx=torch.tensor([-1, 1, 2, 3])), ValueError, r"pos_idx values must lie in \[0, M\)"),
-    (dict(pos_idx=[0, 1, 2, 3]), TypeError, r"pos_idx must be a torch.Tensor of shape \(N,\) or a range, got list"),
+    (dict(pos_idx=[0, 1, 2, 3]), TypeError, r"pos_idx as a list must hold Python ranges, got int, int, int, int"),
+    (dict(pos_idx=()), TypeError, r"pos_idx as a tuple must hold Python ranges, got nothing"),
+    (dict(pos_idx=(range(2), torch.arange(2))), TypeError, r"pos_idx as a tuple must hold Python ranges, got range, Tensor"),
+    (dict(pos_idx={0, 1, 2, 3}), TypeError, r"pos_idx must be a torch.Tensor of shape \(N,\), a range or a tuple of ranges, got set"),
+    (dict(pos_idx=(range(2), range(1))), ValueError, r"pos_idx must hold N = 4 indices, got \(range\(0, 2\), range\(0, 1\)\) of length 3"),
+    (dict(pos_idx=(range(2), range(3, 5))), ValueError, r"pos_idx values must lie in \[0, M\) = \[0, 4\), got \(range\(0, 2\), range\(3, 5\)\)"),
     (dict(pos_idx=range(3)), ValueError, r"pos_idx must hold N = 4 indices, got range\(0, 3\) of length 3"),
     (dict(pos_idx=range(1, 5)), ValueError, r"pos_idx values must lie in \[0, M\) = \[0, 4\), got range\(1, 5\)"),
     (dict(pos_idx=range(2, -2, -1)), ValueError, r"pos_idx values must lie in \[0, M\) = \[0, 4\), got range\(2, -2, -1\)"),
@@ -90,17 +95,21 @@ def test_int32_pos_idx_is_accepted():
     torch.testing.assert_close(loss32, loss64)
 
 
+@pytest.mark.parametrize("ranges, values", [(range(4, 7), [4, 5, 6]), ((range(5, 7), range(6, 3, -1)), [5, 6, 6, 5, 4]),
+                                            ([range(2), range(0), range(2)], [0, 1, 0, 1])],
+                         ids=["range", "tuple", "list"])
 @pytest.mark.parametrize("backend", available_backends("cpu"))
-def test_range_pos_idx_equals_its_tensor_and_reads_nothing_back(backend):
-    """A range is checked on the host: the call never reads a tensor back (no device sync on a
-    GPU), and it gives what the same indices as a tensor give."""
-    src, trg = torch.randn(3, 8, requires_grad=True), torch.randn(7, 5, 8, requires_grad=True)
+def test_range_pos_idx_equals_its_tensor_and_reads_nothing_back(backend, ranges, values):
+    """A range, or a tuple or list of ranges, is checked on the host: the call never reads a
+    tensor back (no device sync on a GPU), and it gives what the same indices as a tensor give."""
+    src, trg = torch.randn(len(values), 8, requires_grad=True), torch.randn(7, 5, 8, requires_grad=True)
     with mock.patch.object(torch.Tensor, "tolist", side_effect=AssertionError("read back")), \
             mock.patch.object(torch.Tensor, "item", side_effect=AssertionError("read back")):
-        got = nce_loss(src, trg, range(4, 7), backend=backend)
-    want = nce_loss(src, trg, torch.tensor([4, 5, 6]), backend=backend)
+        got = nce_loss(src, trg, ranges, reduction="none", backend=backend)
+    want = nce_loss(src, trg, torch.tensor(values), reduction="none", backend=backend)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
-    grads = [torch.autograd.grad(sum(out), (src, trg)) for out in (got, want)]
+    weight = torch.rand_like(want[0])
+    grads = [torch.autograd.grad((loss * weight).sum() + reg, (src, trg)) for loss, reg in (got, want)]
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
 
 
