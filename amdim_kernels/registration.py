@@ -60,6 +60,24 @@ def _upstream(grad_loss, grad_mean, n: int, l: int, like: torch.Tensor) -> tuple
     return grad_loss.float() + grad_mean.float() / (n * l), 1.0
 
 
+class _FirstOrderOnly(torch.autograd.Function):
+    """The fused gradients under backward(create_graph=True): the same values, tied to the
+    inputs, so that differentiating them again raises here rather than silently giving a
+    second derivative without nce_loss's part (a gradient penalty on other terms of the same
+    graph still works)."""
+
+    @staticmethod
+    def forward(ctx, dsrc, dtrg, src, trg):
+        return dsrc.view_as(dsrc), dtrg.view_as(dtrg)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            "nce_loss's fused backends (cpp, cuda, triton) give first derivatives only: the "
+            "gradient of its gradient (double backward) needs backend='reference'"
+        )
+
+
 def autograd_formula(bwd: Callable) -> tuple[Callable, Callable]:
     """(setup_context, backward) of a fwd op, its gradients computed by `bwd`; they serve
     torch.library.register_autograd and a torch.autograd.Function alike."""
@@ -82,8 +100,11 @@ def autograd_formula(bwd: Callable) -> tuple[Callable, Callable]:
         w, w_weight = _upstream(grad_loss, grad_mean, n, l, pos)
         grad_reg = grad_reg if grad_reg is not None else pos.new_zeros(())
         sq_weight = ctx.reg_weight / (n * trg.shape[0] * l)
-        dsrc, dtrg = bwd(src, trg, pos_idx, pos, neg_lse, sq, w, w_weight, grad_reg.float().expand(n), sq_weight,
-                         *ctx.options, need_src, need_trg)
+        with torch.no_grad():  # the kernels' gradients are not differentiable themselves
+            dsrc, dtrg = bwd(src, trg, pos_idx, pos, neg_lse, sq, w, w_weight, grad_reg.float().expand(n),
+                             sq_weight, *ctx.options, need_src, need_trg)
+        if torch.is_grad_enabled():  # backward(create_graph=True)
+            dsrc, dtrg = _FirstOrderOnly.apply(dsrc, dtrg, src, trg)
         return (dsrc if need_src else None), (dtrg if need_trg else None), None, *([None] * (len(ctx.options) + 1))
 
     return setup_context, backward

@@ -122,3 +122,23 @@ def test_build_info_reports_what_can_run():
     assert info["auto"]["cpu"] in info["available_backends"]["cpu"]
     if "cpp" in available_backends("cpu"):
         assert "cpu" in info["extension_built_for"]
+
+
+@pytest.mark.parametrize("backend", [b for b in available_backends("cpu") if b != "reference"])
+def test_double_backward_is_a_clear_error(backend):
+    """The fused backends give first derivatives only. Under create_graph=True their gradients
+    keep their values, a gradient penalty on another leaf of the same graph still works, and
+    differentiating their own gradients raises, naming the way out, rather than silently
+    leaving nce_loss's part out."""
+    src, trg = torch.randn(4, 8, requires_grad=True), torch.randn(5, 3, 8, requires_grad=True)
+    y = torch.randn(6, requires_grad=True)
+    pos_idx = torch.tensor([4, 0, 2, 2])
+    want = torch.autograd.grad(sum(nce_loss(src, trg, pos_idx, backend=backend)), (src, trg))
+    loss, reg = nce_loss(src, trg, pos_idx, backend=backend)
+    d_src, d_trg, d_y = torch.autograd.grad(loss + reg + y.sin().square().sum(), (src, trg, y), create_graph=True)
+    torch.testing.assert_close((d_src, d_trg), want, rtol=0, atol=0)
+    penalty, = torch.autograd.grad(d_y.square().sum(), y, retain_graph=True)  # d/dy of sin(2y)^2
+    torch.testing.assert_close(penalty, 2 * torch.sin(2 * y) * torch.cos(2 * y) * 2)
+    for grad, leaf in ((d_src, src), (d_trg, trg)):
+        with pytest.raises(RuntimeError, match=r"first derivatives only.*backend='reference'"):
+            torch.autograd.grad(grad.square().sum(), leaf, retain_graph=True)
