@@ -43,12 +43,16 @@ int64_t sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcess
 
 // Images per chunk: about 1/kChunkParts of them, but no more chunks than it takes to keep each
 // chunk's buffers (bytes_per_column) within kMinChunkBytes, and at least ~16 blocks of columns
-// per SM row-sweep so that small problems still fill the GPU; then evened out over the chunks
-// that makes, so that the last is not a sliver.
-int64_t images_per_chunk(int64_t N, int64_t M, int64_t L, int64_t bytes_per_column) {
+// per SM row-sweep so that small problems still fill the GPU, but no more columns than a
+// launch's grid holds (its second axis, tiles of cols_per_tile columns, is capped at 65,535:
+// 8.4M columns at the WMMA kernels' 128, reached only where M*L passes 67M with small N);
+// then evened out over the chunks that makes, so that the last is not a sliver.
+int64_t images_per_chunk(int64_t N, int64_t M, int64_t L, int64_t bytes_per_column, int64_t cols_per_tile) {
+  constexpr int64_t kGridYMax = 65535;
   const int64_t parts = std::clamp<int64_t>(ceil_div(M * L * bytes_per_column, kMinChunkBytes), 1, kChunkParts);
   const int64_t fill_cols = std::max<int64_t>(1, 4 * sm_count() / std::max<int64_t>(N, 1)) * kCudaColsPerBlock;
-  const int64_t images = std::min(M, std::max(ceil_div(M, parts), ceil_div(fill_cols, L)));
+  const int64_t grid_images = std::max<int64_t>(1, kGridYMax * cols_per_tile / L);
+  const int64_t images = std::min({M, std::max(ceil_div(M, parts), ceil_div(fill_cols, L)), grid_images});
   return ceil_div(M, ceil_div(M, images));
 }
 
@@ -137,7 +141,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> nce_fwd_cuda(const Te
   const bool mma = use_mma(src, trg);
   const Tensor src_c = mma ? src.contiguous() : src;
   // the fused kernels take the whole target at once when its features are contiguous
-  const int64_t ipc = mma && trg.stride(2) == 1 ? M : images_per_chunk(N, M, L, column_bytes(src, trg, mma, false));
+  // (the WMMA forward's grid is (row blocks, splits); the epilogue's, (rows, column blocks))
+  const int64_t ipc = mma && trg.stride(2) == 1
+                          ? M
+                          : images_per_chunk(N, M, L, column_bytes(src, trg, mma, false), kCudaColsPerBlock);
   const int64_t sms = sm_count();
   auto splits_of = [&](int64_t C) { return mma ? mma_split(N, C, sms).splits : col_blocks(C); };
 
@@ -237,7 +244,7 @@ std::tuple<Tensor, Tensor> nce_bwd_cuda(const Tensor& src, const Tensor& trg, co
   const bool half = src.scalar_type() == at::kHalf;
   const Tensor g_scale = half ? float16_grad_scale(src, rows, sq, scale, need_trg) : Tensor();
   const float* g_scale_p = half ? g_scale.data_ptr<float>() : nullptr;
-  const int64_t ipc = images_per_chunk(N, M, L, column_bytes(src, trg, mma, true));
+  const int64_t ipc = images_per_chunk(N, M, L, column_bytes(src, trg, mma, true), mma ? kMmaCols : kCudaColsPerBlock);
   Tensor g_buf = at::empty({N, ipc * L}, src.options());
   Tensor dtrg = at::empty({need_trg ? M : 0, L, D}, trg.options());
   Tensor dsrc_acc = need_src ? src_sum_in_tail(dtrg, N, D) : Tensor();

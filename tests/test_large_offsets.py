@@ -1,5 +1,6 @@
 """Every backend on targets past 2^31 elements (GPU), where an int32 offset would wrap, and
-the zero-padded problems that make such a size checkable (tests/padded.py), on the CPU."""
+on more target columns than one launch's grid axis holds (GPU); the zero-padded problems
+that make such sizes checkable (tests/padded.py), on the CPU."""
 import math
 
 import pytest
@@ -66,14 +67,20 @@ N, L, D, TAIL = 5, 49, 2048, 24
 ZERO_IMAGES = math.ceil(2 ** 31 / (L * D))
 
 
-def _cases() -> list[tuple[str, torch.dtype, str]]:
-    """(backend:path, dtype, trg layout): each score path of each GPU backend on bf16 and
-    float16 targets, on the trainer's feature-map layout, and float32 (cuBLAS scores)."""
+def _gpu_paths() -> list[str]:
+    """backend:path for each score path of each GPU backend built here."""
     paths = []
     if "triton" in available_backends("cuda"):
         paths += ["triton:tma", "triton:pointers"]
     if "cuda" in available_backends("cuda"):
         paths += ["cuda:cublas", "cuda:mma"]
+    return paths
+
+
+def _cases() -> list[tuple[str, torch.dtype, str]]:
+    """(backend:path, dtype, trg layout): each score path of each GPU backend on bf16 and
+    float16 targets, on the trainer's feature-map layout, and float32 (cuBLAS scores)."""
+    paths = _gpu_paths()
     cases = [(path, dtype, layout) for path in paths for dtype, layout in
              ((torch.bfloat16, "contiguous"), (torch.float16, "contiguous"), (torch.bfloat16, "feature-map"))]
     cases += [(path, torch.float32, "contiguous") for path in ("triton:gemm", "cuda:cublas")
@@ -101,3 +108,21 @@ def test_targets_past_2_31_elements(impl, dtype, layout):
     assert pc.case.trg.numel() > 2 ** 31 and pc.zero_images * L * D >= 2 ** 31
     with _path(impl):
         assert_zero_padded_matches_truth(pc, impl.split(":")[0], tol=2 * EXTRA_TOL[dtype])
+
+
+# More columns than a grid axis holds: the backward kernels' grids are (row blocks, column
+# tiles of a chunk), and CUDA caps the second axis at 65,535. 70M columns in 8 chunks would be
+# 68k tiles of 128; the chunk plans take more chunks instead. L = 1 and D = 16 keep trg at
+# 2.2 GB of bf16.
+WIDE_ZERO_IMAGES = 70_000_000
+
+
+@pytest.mark.gpu
+@pytest.mark.xdist_group("past_2_31")  # several GB each: one at a time under xdist
+@pytest.mark.parametrize("impl", _gpu_paths() or ["none"])
+def test_more_column_tiles_than_a_grid_axis_holds(impl):
+    if impl == "none":
+        pytest.skip("no GPU backend is available")
+    pc = make_zero_padded_case(3, WIDE_ZERO_IMAGES, TAIL, 1, 16, dtype=torch.bfloat16, device="cuda")
+    with _path(impl):
+        assert_zero_padded_matches_truth(pc, impl.split(":")[0], tol=2 * EXTRA_TOL[torch.bfloat16])

@@ -152,6 +152,29 @@ def test_chunks_are_even_whole_images(n, m, l, column_bytes):
     assert all(c == c_max for _, c in chunks[:-1]) and c_max - chunks[-1][1] < len(chunks) * l
 
 
+@pytest.mark.parametrize("n, m, l", [(5, 70_000_000, 1), (2, 2_000_000, 49), (1024, 1_500_000, 49)])
+def test_chunks_fit_the_grid_axis(n, m, l):
+    """A chunk's G launch has one program per column tile on the grid's second axis, which
+    CUDA caps at 65,535: past 67M columns the plan takes more chunks than CHUNK_PARTS rather
+    than a launch that fails."""
+    from amdim_kernels.triton_nce import launch
+
+    cfg = launch.TileConfig(128, 128, 64, 8, 3)
+    c_max = launch.chunk_columns(n, m, l, cfg, 132, 2 * n, launch.MIN_CHUNK_BYTES)
+    assert launch.cdiv(c_max, cfg.block_j) <= launch.GRID_Y_MAX and c_max % l == 0
+    assert launch.cdiv(m * l, c_max) > launch.CHUNK_PARTS
+
+
+@pytest.mark.parametrize("grid_y_max", [1, 3])
+def test_triton_backward_under_a_small_grid_axis_cap(grid_y_max, monkeypatch):
+    """With the grid's cap lowered to 1 or 3 column tiles, the backward takes chunks of one
+    or a few images each and still gives the reference's gradients."""
+    from amdim_kernels.triton_nce import launch
+
+    monkeypatch.setattr(launch, "GRID_Y_MAX", grid_y_max)
+    run_case(make_case(6, 9, 70, 24, pos="random", device=DEVICE), torch.float32)
+
+
 @pytest.mark.parametrize("problem, dtype, chunks", [
     ("CIFAR", torch.bfloat16, 1), ("IMAGENET_4GPU", torch.bfloat16, 1), ("ONE_GPU_SHARE", torch.bfloat16, 2),
     ("SINGLE_GPU", torch.bfloat16, 8), ("SINGLE_GPU", torch.float32, 8), ("CIFAR", torch.float32, 2),

@@ -45,6 +45,10 @@ CHUNK_PARTS = 8
 # on 4 GPUs 1 where they took 2; the single-GPU problem keeps its 8. csrc/nce_cuda.cpp's
 # images_per_chunk applies the same rule.
 MIN_CHUNK_BYTES = 8 << 20
+# CUDA's cap on a grid's second axis. The G kernel's grid is (row blocks, column tiles of its
+# chunk), so a chunk holds at most this many column tiles (8.4M columns at 128 a tile;
+# reached only where M*L passes 67M with small N).
+GRID_Y_MAX = 65535
 # Locations a step of the forward's copy of the positives (kernels._store_positives): the
 # product's N, so at least tl.dot's 16; more spills at (128, 64) tiles on sm_90.
 SELECT_LOCATIONS = 16
@@ -310,12 +314,13 @@ def chunk_columns(n: int, m: int, l: int, cfg: TileConfig, sms: int, bytes_per_c
     """Columns per chunk: whole images, about 1/CHUNK_PARTS of all columns, but no more
     chunks than it takes to keep each chunk's buffers (bytes_per_column) within
     floor_bytes, and enough columns that one chunk's grid of (row block x column tile)
-    programs gives every SM a program; then evened out over the chunks that makes, so that
-    the last is not a sliver (e.g. 200 images in chunks of 100 and 100 rather than 173 and
-    27: the same launches, a smaller buffer, no launch that leaves most SMs idle)."""
+    programs gives every SM a program, but no more than GRID_Y_MAX column tiles; then evened
+    out over the chunks that makes, so that the last is not a sliver (e.g. 200 images in
+    chunks of 100 and 100 rather than 173 and 27: the same launches, a smaller buffer, no
+    launch that leaves most SMs idle)."""
     parts = min(CHUNK_PARTS, max(1, cdiv(m * l * bytes_per_column, max(floor_bytes, 1))))
     fill = cdiv(sms, cdiv(n, cfg.block_n)) * cfg.block_j
-    images = min(m, max(cdiv(m, parts), cdiv(fill, l)))
+    images = min(m, max(cdiv(m, parts), cdiv(fill, l)), max(1, GRID_Y_MAX * cfg.block_j // l))
     return cdiv(m, cdiv(m, images)) * l
 
 
