@@ -111,10 +111,13 @@ def draw_locations(b: int, n_locations: int = 25) -> tuple[torch.Tensor, torch.T
 
 
 def multiscale_nce(view1, view2, *, tclip: float | None = 20.0, backend: str = "auto",
-                   locations: tuple[torch.Tensor, torch.Tensor] | None = None) -> Losses:
+                   locations: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   share_targets: bool = True) -> Losses:
     """view1, view2: (r1 (B, D), r5 (B, D, 5, 5), r7 (B, D, 7, 7)) of the two views.
     locations: the 5->5 source location per image of each view (default: uniform draws from
-    the CPU RNG, as the official code)."""
+    the CPU RNG, as the official code). share_targets: 1->5 and 5->5 of a direction in one
+    call (four calls a step); False makes SPEC's six calls one by one, the same objective,
+    for comparison (benchmarks.host_overhead --objective)."""
     (r1_a, r5_a, r7_a), (r1_b, r5_b, r7_b) = view1, view2
     t5_a, t5_b, t7_a, t7_b = as_targets(r5_a), as_targets(r5_b), as_targets(r7_a), as_targets(r7_b)
     b = r1_a.shape[0]
@@ -140,11 +143,17 @@ def multiscale_nce(view1, view2, *, tclip: float | None = 20.0, backend: str = "
     # one product, where two calls read them twice and autograd added two gradients. Each
     # group's mean comes from the (2B, L) per-positive losses; the regulariser, a mean over
     # the 2B rows, is the mean of the two calls' regularisers.
-    x5_a, reg5_a = nce(torch.cat([r1_a, s5_a]), g5_b, (pos_idx, pos_idx), "none")
-    x5_b, reg5_b = nce(torch.cat([r1_b, s5_b]), g5_a, (pos_idx, pos_idx), "none")
+    if share_targets:
+        x5_a, reg5_a = nce(torch.cat([r1_a, s5_a]), g5_b, (pos_idx, pos_idx), "none")
+        x5_b, reg5_b = nce(torch.cat([r1_b, s5_b]), g5_a, (pos_idx, pos_idx), "none")
+        means = torch.cat([x5_a, x5_b]).unflatten(0, (4, b)).mean((1, 2))  # 1->5, 5->5 per direction
+    else:
+        (l15_a, r15_a), (l55_a, r55_a), (l15_b, r15_b), (l55_b, r55_b) = (
+            nce(src, trg, pos_idx) for src, trg in ((r1_a, g5_b), (s5_a, g5_b), (r1_b, g5_a), (s5_b, g5_a)))
+        means = torch.stack([l15_a, l55_a, l15_b, l55_b])
+        reg5_a, reg5_b = (r15_a + r55_a) / 2, (r15_b + r55_b) / 2
     l7_a, reg7_a = nce(r1_a, g7_b, pos_idx)
     l7_b, reg7_b = nce(r1_b, g7_a, pos_idx)
-    means = torch.cat([x5_a, x5_b]).unflatten(0, (4, b)).mean((1, 2))  # 1->5, 5->5 per direction
     parts = torch.cat([means] + [x.view(1) for x in (l7_a, l7_b, reg5_a, reg5_b, reg7_a, reg7_b)])
     with torch.autocast(parts.device.type, enabled=False):
         total = torch.dot(parts, _weights(parts.device, parts.dtype)[1])

@@ -50,7 +50,7 @@ for step in $STEPS; do
                   | tee "$OUT/sanitize_$tool.log" | grep -E "ERROR SUMMARY|loss|Error" | head -8
               done ;;
     overhead) timeout 300 python3 -m benchmarks.host_overhead 2>&1 | tee "$OUT/host_overhead.log" | tail -30 ;;
-    host) for flag in --split --trace; do
+    host) for flag in --split --objective --trace; do
             timeout 240 python3 -m benchmarks.host_overhead $flag 2>&1 | tee "$OUT/host${flag#--}.log" | tail -60
           done ;;
     resources) timeout 120 env -u TRITON_INTERPRET python3 -m benchmarks.triton_resources --arch 90 \

@@ -5,6 +5,7 @@ the pos_idx range check (one device sync) cost on the GPU, and how much CUDA gra
     python -m benchmarks.host_overhead
     python -m benchmarks.host_overhead --split   # host time against GPU kernel time per call
     python -m benchmarks.host_overhead --trace   # which ops take that host time
+    python -m benchmarks.host_overhead --objective   # the trainer's objective: four calls against six
     python -m benchmarks.host_overhead --glue    # no GPU needed
     python -m benchmarks.host_overhead --python-path    # no GPU needed
     python -m benchmarks.host_overhead --ops    # no GPU needed; also the trainer's objective
@@ -287,6 +288,37 @@ def _graph_ms(fn) -> float:
     return do_bench(graph.replay, warmup=50, rep=200, return_mode="median")
 
 
+def objective(dtype=torch.bfloat16) -> None:
+    """The trainer's objective (amdim.objective.multiscale_nce) fwd+bwd with 1->5 and 5->5
+    of a direction in one call (four calls a step) against SPEC's six calls one by one
+    (--objective, GPU): host ms, GPU kernel ms and kernels per step, and do_bench's median,
+    on one GPU's features (CIFAR's B = 200, D = 1024, and ImageNet's B = 480, D = 1536,
+    r5/r7 as the encoder leaves them, NCHW)."""
+    from amdim.objective import multiscale_nce
+
+    print(f"multiscale_nce fwd+bwd, {dtype}, features NCHW")
+    print("| B, D | backend | calls | host ms per step | GPU kernels ms per step | kernels per step | do_bench ms |")
+    print("|---|---|---|---|---|---|---|")
+    for b, d in ((200, 1024), (480, 1536)):
+        shapes = [(b, d), (b, d, 5, 5), (b, d, 7, 7)] * 2
+        feats = [torch.randn(s, device="cuda", dtype=dtype, requires_grad=True) for s in shapes]
+        locations = (torch.randint(0, 25, (b,)), torch.randint(0, 25, (b,)))
+        for impl in ["triton"] + _cuda_impls():
+            for share in (False, True):
+                def step(impl=impl, share=share):
+                    total = multiscale_nce(tuple(feats[:3]), tuple(feats[3:]), backend=impl.split(":")[0],
+                                           locations=locations, share_targets=share).total
+                    torch.autograd.grad(total, feats)
+
+                with impl_context(impl):
+                    step()
+                    host = _host_ms(step)
+                    kernel_ms, kernels = _kernel_stats(step)
+                    bench = do_bench(step, warmup=20, rep=200, return_mode="median")
+                print(f"| {b}, {d} | {impl} | {4 if share else 6} | {host:.3f} | {kernel_ms:.3f} | {kernels:.0f} | "
+                      f"{bench:.3f} |", flush=True)
+
+
 def split() -> None:
     """Host time against GPU kernel time per fwd+bwd (--split): where host > GPU, the GPU
     waits for the host and do_bench's median is the host's time, not the kernels'. The last
@@ -355,6 +387,8 @@ if __name__ == "__main__":
     ap.add_argument("--python-path", action="store_true", help="the Python path around the cpp kernels (CPU)")
     ap.add_argument("--trace", action="store_true", help="profiler table of the host time per backend (GPU)")
     ap.add_argument("--ops", action="store_true", help="ops per fwd+bwd that launch GPU work (CPU)")
+    ap.add_argument("--objective", action="store_true",
+                    help="the trainer's objective, four calls (shared targets) against six (GPU)")
     args = ap.parse_args()
     if args.glue:
         glue()
@@ -367,6 +401,8 @@ if __name__ == "__main__":
         objective_ops()
     elif args.split:
         split()
+    elif args.objective:
+        objective()
     else:
         main()
         cuda_graphs()

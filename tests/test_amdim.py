@@ -75,17 +75,18 @@ def _six_call_objective(v1, v2, locs, tclip):
     return sum(means) + 0.5 * reg, dict(zip(("loss_1t5", "loss_1t7", "loss_5t5"), means), reg=reg)
 
 
+@pytest.mark.parametrize("share_targets", [True, False], ids=["four calls", "six calls"])
 @pytest.mark.parametrize("tclip", [20.0, None])
 @pytest.mark.parametrize("backend", [b for b in ("reference", "cpp", "triton") if b in available_backends()])
-def test_multiscale_objective_formula(backend, tclip):
-    """Four calls (1->5 and 5->5 of a direction in one) give SPEC's six-loss objective, its
-    figures and its gradient with respect to every feature map."""
+def test_multiscale_objective_formula(backend, tclip, share_targets):
+    """Four calls (1->5 and 5->5 of a direction in one), or six, give SPEC's six-loss
+    objective, its figures and its gradient with respect to every feature map."""
     b, d = 6, 16
     view = lambda: tuple(t.requires_grad_() for t in (torch.randn(b, d), torch.randn(b, d, 5, 5),  # noqa: E731
                                                       torch.randn(b, d, 7, 7)))
     v1, v2 = view(), view()
     locs = (torch.randint(0, 25, (b,)), torch.randint(0, 25, (b,)))
-    got = multiscale_nce(v1, v2, tclip=tclip, backend=backend, locations=locs)
+    got = multiscale_nce(v1, v2, tclip=tclip, backend=backend, locations=locs, share_targets=share_targets)
     grads = torch.autograd.grad(got.total, v1 + v2)
     want, want_figures = _six_call_objective(v1, v2, locs, tclip)
     want_grads = torch.autograd.grad(want, v1 + v2)

@@ -146,3 +146,16 @@ def test_host_work_ops(capsys):
     assert "nce_fwd 1" in rows["cpp"][1] and "nce_bwd 1" in rows["cpp"][1]
     assert "nce_fwd_kernel 2" in rows["triton"][1] and "nce_merge_kernel 1" in rows["triton"][1]
     assert launch.nce_fwd_kernel is kernel
+
+
+def test_objective_work_ops(capsys):
+    """host_overhead --ops also counts the trainer's objective: its four nce calls are 8 ops
+    (a fwd and a bwd each), and nothing fills zero gradients."""
+    if "cpp" not in available_backends("cpu"):
+        pytest.skip("the compiled extension is not built")
+    host_overhead.objective_ops(b=4, d=8)
+    lines = capsys.readouterr().out.splitlines()
+    nce, rest, total, by_op = lines[lines.index("|---|---|---|---|") + 1].split("|")[1:-1]
+    assert int(nce) == 8 and int(nce) + int(rest) == int(total)
+    counts = {name: int(k) for name, k in (item.rsplit(" ", 1) for item in by_op.strip().split(", "))}
+    assert sum(counts.values()) == int(rest) and "zeros" not in counts
