@@ -22,7 +22,7 @@ class Problem:
 
     src: torch.Tensor  # (N, D)
     trg: torch.Tensor  # (M, L, D)
-    pos_idx: torch.Tensor  # (N,) int64 in [0, M)
+    pos_idx: torch.Tensor  # (N,) int64 in [0, M), contiguous
     tclip: float | None
     reg_weight: float
     scale: float
@@ -133,7 +133,7 @@ def validate(
             lo, hi = torch.stack(torch.aminmax(pos_idx)).tolist()  # one device sync for both bounds
             if lo < 0 or hi >= m:
                 raise ValueError(f"pos_idx values must lie in [0, M) = [0, {m}), got values in [{lo}, {hi}]")
-        pos_idx = pos_idx.to(torch.int64)
+        pos_idx = pos_idx.to(torch.int64).contiguous()  # the kernels read it as a packed array
 
     if tclip is not None:
         tclip = float(tclip)

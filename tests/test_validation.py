@@ -95,6 +95,20 @@ def test_int32_pos_idx_is_accepted():
     torch.testing.assert_close(loss32, loss64)
 
 
+@pytest.mark.parametrize("backend", available_backends("cpu"))
+def test_strided_pos_idx_equals_its_packed_copy(backend):
+    """A pos_idx with stride 2 (every other entry of a longer tensor) gives what its packed
+    copy gives: the kernels read a packed array, so the call packs it first."""
+    src, trg = torch.randn(4, 8, requires_grad=True), torch.randn(6, 3, 8, requires_grad=True)
+    strided = torch.randint(0, 6, (8,))[::2]
+    assert strided.stride() == (2,)
+    got, want = (nce_loss(src, trg, p, reduction="none", backend=backend) for p in (strided, strided.contiguous()))
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    weight = torch.rand_like(want[0])
+    grads = [torch.autograd.grad((loss * weight).sum() + reg, (src, trg)) for loss, reg in (got, want)]
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("ranges, values", [(range(4, 7), [4, 5, 6]), ((range(5, 7), range(6, 3, -1)), [5, 6, 6, 5, 4]),
                                             ([range(2), range(0), range(2)], [0, 1, 0, 1])],
                          ids=["range", "tuple", "list"])
