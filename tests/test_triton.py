@@ -312,6 +312,35 @@ def test_triton_tma_not_for_targets_with_gaps(tma_loads):
     assert not tma_loads
 
 
+def test_launches_follow_the_inputs_device(monkeypatch):
+    """Triton launches on the current CUDA device: inputs on another one switch it for the
+    call, and inputs on the current device or the CPU (the interpreter) leave it be."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from amdim_kernels.triton_nce import launch
+
+    entered = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: entered.append(device) or contextlib.nullcontext())
+    for index in (1, 0):
+        x = SimpleNamespace(is_cuda=True, device=torch.device("cuda", index))
+        with launch.on_device_of(x):
+            pass
+    with launch.on_device_of(torch.zeros(1)):
+        pass
+    assert entered == [torch.device("cuda", 1)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_triton_on_a_device_that_is_not_current():
+    """Inputs on cuda:1 while cuda:0 is current: the reference's loss and gradients."""
+    case = make_case(6, 6, 5, 40, dtype=torch.bfloat16, device="cuda:1")
+    with torch.cuda.device(0):
+        run_case(case, torch.bfloat16)
+
+
 @pytest.mark.parametrize("grad_of", [("src",), ("trg",), ()], ids=str)
 def test_triton_partial_requires_grad(grad_of):
     case = make_case(5, 5, 3, 17, device=DEVICE)

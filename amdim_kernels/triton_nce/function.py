@@ -29,7 +29,8 @@ def forward(src: torch.Tensor, trg: torch.Tensor, pos_idx: torch.Tensor, tclip: 
     """loss (N, L), pos (N, L), neg_lse (N,), sq (N,), mean (), reg (): registration.py's fwd,
     with pos the positives' raw scores a (their clip is formed again from them, and the
     regulariser's gradient there needs a itself)."""
-    stats = launch.forward(src, trg, pos_idx, tclip, scale, reg_weight, strategy)
+    with launch.on_device_of(src):
+        stats = launch.forward(src, trg, pos_idx, tclip, scale, reg_weight, strategy)
     return stats.loss, stats.a_pos, stats.neg_lse, stats.sq, stats.mean, stats.reg
 
 
@@ -58,6 +59,13 @@ def backward(src: torch.Tensor, trg: torch.Tensor, pos_idx: torch.Tensor, pos: t
     upstream gradient) and could overflow under a loss scaler's large one, so float16 G is
     stored times a power of two found on the device (launch.gradient_scale), and d src's
     float32 sum and d trg are multiplied back, exactly, by its inverse."""
+    with launch.on_device_of(src):
+        return _backward(src, trg, pos_idx, pos, neg_lse, sq, grad_loss, loss_weight, grad_sq, sq_weight, tclip,
+                         scale, strategy, need_src, need_trg)
+
+
+def _backward(src, trg, pos_idx, pos, neg_lse, sq, grad_loss, loss_weight, grad_sq, sq_weight, tclip, scale, strategy,
+              need_src, need_trg):
     n, l = pos.shape
     m, _, d = trg.shape
     g_pos, r, reg_coef = launch.gradient_factors(pos, neg_lse, grad_loss, loss_weight, grad_sq, sq_weight, tclip,

@@ -161,6 +161,15 @@ def _num_sms(device: torch.device) -> int:
     return 1  # interpreter: a few splits and chunks exercise the merge without slowing CI
 
 
+def on_device_of(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """x's CUDA device made current for the calls inside, where it is not already: Triton
+    launches on the current device (torch ops and cuBLAS follow their tensors), so inputs
+    on cuda:1 with cuda:0 current would hand it pointers of the wrong device."""
+    if x.is_cuda and x.device.index != torch.cuda.current_device():
+        return torch.cuda.device(x.device)
+    return contextlib.nullcontext()
+
+
 def tf32_allowed() -> bool:
     """Whether torch lets float32 matmuls on CUDA use TF32, as cuBLAS reads it. torch 2.9+
     has a newer setting (torch.backends.fp32_precision and .cuda.matmul.fp32_precision,
