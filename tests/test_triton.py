@@ -312,6 +312,44 @@ def test_triton_tma_not_for_targets_with_gaps(tma_loads):
     assert not tma_loads
 
 
+def test_tma_ready_rules():
+    """The copy engine takes features contiguous, 16-byte aligned base and row stride, and
+    rows that are not all the same memory (stride 0 takes pointers)."""
+    from amdim_kernels.triton_nce import launch
+
+    x = torch.zeros(6, 16, dtype=torch.bfloat16)
+    assert launch.tma_ready(x)
+    assert not launch.tma_ready(x[:1].expand(6, 16))  # stride 0
+    assert not launch.tma_ready(torch.zeros(6, 9, dtype=torch.bfloat16))  # 18-byte rows
+    assert not launch.tma_ready(x.view(-1)[1:81].view(5, 16))  # base 2 bytes past alignment
+    assert not launch.tma_ready(x.t())  # features strided
+
+
+# inputs whose memory is laid out as no test problem's: (src shape, trg shape, their views)
+ODD_LAYOUTS = {
+    "trg expanded over M": ((4, 64), (1, 3, 64), lambda s, t: (s, t.expand(5, 3, 64))),
+    "trg expanded over L": ((4, 64), (5, 1, 64), lambda s, t: (s, t.expand(5, 3, 64))),
+    "src expanded over N": ((1, 64), (5, 3, 64), lambda s, t: (s.expand(4, 64), t)),
+    "slices off alignment": ((5, 65), (7, 3, 65), lambda s, t: (s[1:, 1:], t[1:6, :, 1:])),
+}
+
+
+@pytest.mark.parametrize("layout", list(ODD_LAYOUTS))
+def test_triton_odd_layouts(layout):
+    """Expanded (stride 0) and misaligned views: the reference's loss and gradients (with
+    respect to the tensors they are views of) on the operand loads the device picks."""
+    src_shape, trg_shape, views = ODD_LAYOUTS[layout]
+    base = (torch.randn(src_shape, device=DEVICE), torch.randn(trg_shape, device=DEVICE))
+    pos_idx = torch.tensor([0, 4, 2, 2], device=DEVICE)
+    out = {}
+    for backend in ("reference", "triton"):
+        leaves = [b.clone().requires_grad_() for b in base]
+        loss, reg = nce_loss(*views(*leaves), pos_idx, backend=backend)
+        out[backend] = (loss, reg, *torch.autograd.grad(loss + reg, leaves))
+    for got, want in zip(out["triton"], out["reference"]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_launches_follow_the_inputs_device(monkeypatch):
     """Triton launches on the current CUDA device: inputs on another one switch it for the
     call, and inputs on the current device or the CPU (the interpreter) leave it be."""

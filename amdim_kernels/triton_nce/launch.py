@@ -245,8 +245,11 @@ def operand_loads(device: torch.device) -> str:
 def tma_ready(x: torch.Tensor) -> bool:
     """Whether a (rows, features) operand meets the copy engine's rules: features
     contiguous, base address and row stride multiples of 16 bytes (D a multiple of 8 in
-    16-bit, of 4 in float32)."""
-    return x.stride(1) == 1 and x.data_ptr() % 16 == 0 and x.stride(0) * x.element_size() % 16 == 0
+    16-bit, of 4 in float32). Rows of stride 0 (an expanded tensor: every row the same
+    memory) take pointers, which read them as they are, rather than a tensor map whose
+    driver rules do not promise to accept them."""
+    return (x.stride(1) == 1 and x.stride(0) > 0 and x.data_ptr() % 16 == 0
+            and x.stride(0) * x.element_size() % 16 == 0)
 
 
 def _src_descriptor(src: torch.Tensor, cfg: TileConfig,
