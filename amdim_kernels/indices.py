@@ -4,7 +4,7 @@ per device.
 Every call with pos_idx None (arange(N)), a range (a rank's range(rank * N, rank * N + N)) or
 a tuple of ranges (several groups of sources against the same targets, concatenated) needs
 the indices as an int64 tensor on the inputs' device. Made afresh, that is one kernel
-launch per call, and AMDIM's training step makes six calls on host-bound per-GPU problems.
+launch per call, and AMDIM's training step makes four calls on host-bound per-GPU problems.
 So they are kept, under four rules:
 - never evicted: a CUDA graph captured with one holds its address (past CACHE_ELEMENTS
   indices in all, ranges get fresh tensors instead);
