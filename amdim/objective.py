@@ -3,9 +3,9 @@
 Six losses per step: 1->5, 1->7 and 5->5, each in both directions (view 1's sources against
 view 2's targets and the reverse). A 5->5 source is one uniformly random location of r5 per
 image, drawn independently per view. 1->5 and 5->5 of one direction share their targets and
-are scored in one call, so a step makes four calls. With several processes the targets are all-gathered
-with their gradient, so every rank scores its own sources against the whole batch (the
-official DataParallel semantics), and pos_idx is offset by the rank.
+are scored in one call, so a step makes four calls. With several processes the targets are
+all-gathered with their gradient, so every rank scores its own sources against the whole
+batch (the official DataParallel semantics), and pos_idx is offset by the rank.
 
     total = loss_1t5 + loss_1t7 + loss_5t5 + 0.5 * (sum of the six regularisers)
 

@@ -42,10 +42,10 @@ regulariser's gradient (reg_coef is twice the upstream gradient of row i's sum o
 positives are N*L entries of G, so their whole value is made once, here. The tile kernel,
 one launch per chunk of columns, recomputes a tile of scores and writes G = scale * d(loss
 + reg)/da for it taking every column as a negative (no masks, no gather: the forward's
-unmasked path), then overwrites the few positives that lie in the tile with their
-values; the caller turns G into d src and d trg with two matrix products. (Overwriting an entry is exact; the forward
-cannot do the same, since taking the positives back out of a row's sum would cancel
-catastrophically when they dominate it, as they do in a trained model.)
+unmasked path), then overwrites the few positives that lie in the tile with their values;
+the caller turns G into d src and d trg with two matrix products. (Overwriting an entry is
+exact; the forward cannot do the same, since taking the positives back out of a row's sum
+would cancel catastrophically when they dominate it, as they do in a trained model.)
 
 G is written in the inputs' dtype, for tensor-core products. float16 G is written times a
 power of two 2^k (`nce_grad_scale_kernel`, one program, between the factor kernel and the

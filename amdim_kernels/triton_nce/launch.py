@@ -47,7 +47,8 @@ CHUNK_PARTS = 8
 MIN_CHUNK_BYTES = 8 << 20
 # CUDA's cap on a grid's second axis. The G kernel's grid is (row blocks, column tiles of its
 # chunk), so a chunk holds at most this many column tiles (8.4M columns at 128 a tile;
-# reached only where M*L passes 67M with small N).
+# reached only where M*L passes 67M with small N). csrc/nce_cuda.cpp's images_per_chunk
+# applies the same cap.
 GRID_Y_MAX = 65535
 # Locations a step of the forward's copy of the positives (kernels._store_positives): the
 # product's N, so at least tl.dot's 16; more spills at (128, 64) tiles on sm_90.
