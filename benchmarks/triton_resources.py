@@ -131,10 +131,11 @@ def _shape_args(p: problems.Problem) -> dict:
     return dict(launch.source_args(src), **launch.target_args(trg))
 
 
-def _loss_options(p: problems.Problem, clip: bool) -> dict:
+def _loss_options(p: problems.Problem, clip: bool, tile: bool = False) -> dict:
     """The kernels' scale and clip arguments: the default scale 1/sqrt(D), and the
-    problem's tclip or no clipping."""
-    return dict(scale=p.d ** -0.5, **launch._clip_args(p.tclip if clip else None))
+    problem's tclip or no clipping (tile: as the tile kernels take them, with SHIFT_TCLIP)."""
+    clip_args = launch._tile_clip_args if tile else launch._clip_args
+    return dict(scale=p.d ** -0.5, **clip_args(p.tclip if clip else None))
 
 
 def _tile_args(p: problems.Problem, dtype: torch.dtype, cfg: launch.TileConfig, clip: bool, tma: bool) -> dict:
@@ -145,7 +146,7 @@ def _tile_args(p: problems.Problem, dtype: torch.dtype, cfg: launch.TileConfig, 
     else:
         operands = dict(src=dtype, trg=dtype)
     return dict(
-        operands, pos_idx_ptr=torch.int64, **_shape_args(p), TMA=tma, **_loss_options(p, clip),
+        operands, pos_idx_ptr=torch.int64, **_shape_args(p), TMA=tma, **_loss_options(p, clip, tile=True),
         BLOCK_N=Const(cfg.block_n), BLOCK_J=Const(cfg.block_j), BLOCK_K=Const(cfg.block_k),
         DOT_PRECISION=Const(launch.dot_precision(dtype)), UPCAST=False, FROM_SCORES=False,
         EVEN_K=p.d % cfg.block_k == 0,

@@ -5,7 +5,7 @@
 // are cache-resident; nothing of size N x M*L is allocated.
 //
 // Forward: per-row sum of a^2 and the negatives' sum of exp(s - shift) (shift = tclip with
-// clipping; else an online maximum), the positives copied out. Backward: per tile, G =
+// clipping up to tclip = 40; else an online maximum), the positives copied out. Backward: per tile, G =
 // scale * dL/da, then d trg_tile = G^T @ src (the tile owns those rows) and d src += G @
 // trg_tile in float32, tiles in order: three products like eager autograd, deterministic.
 #include <ATen/ATen.h>
@@ -120,10 +120,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> nce_fwd_cpu(const Ten
   float* pos_p = pos.data_ptr<float>();
   const int64_t ipt = images_per_tile(N, L);
   // Per-row state. Tiles are reduced in float32 (ATen's vectorised kernels, pairwise sums);
-  // their partials accumulate across tiles in float64: the shift (tclip with clipping, as s <
-  // tclip; else a running maximum), the negatives' sum of exp(s - shift), and the sum of a^2.
+  // their partials accumulate across tiles in float64: the shift (tclip where shift_by_tclip,
+  // nce_math.h; else a running maximum), the negatives' sum of exp(s - shift), and the sum of
+  // a^2.
   const auto d64 = src.options().dtype(at::kDouble);
-  Tensor shift = at::full({N, 1}, tclip > 0.f ? tclip : -kInf, f32);
+  const bool fixed_shift = shift_by_tclip(tclip);
+  Tensor shift = at::full({N, 1}, fixed_shift ? tclip : -kInf, f32);
   Tensor sum = at::zeros({N, 1}, d64), sqsum = at::zeros({N}, d64);
   for (int64_t m0 = 0; m0 < M; m0 += ipt) {
     const int64_t m1 = std::min(M, m0 + ipt);
@@ -135,7 +137,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> nce_fwd_cpu(const Ten
       std::copy(seg, seg + L, pos_p + i * L);
       std::fill(seg, seg + L, -kInf);
     });
-    if (tclip <= 0.f) {  // online log-sum-exp: rescale the running sums to the new maximum
+    if (!fixed_shift) {  // online log-sum-exp: rescale the running sums to the new maximum
       const Tensor new_shift = at::maximum(shift, a.amax(1, true));
       const Tensor safe = new_shift.masked_fill(new_shift == -kInf, 0.f);  // no exp(-inf - -inf)
       sum.mul_((shift - safe).exp_()).add_(a.sub_(safe).exp_().sum(1, true));

@@ -62,8 +62,8 @@ __global__ void __launch_bounds__(kThreads) nce_fwd_epilogue_kernel(
     if (in && img == p) pos[row * L + (j - (img - m0) * L)] = s[k];
     if (neg[k]) local_max = fmaxf(local_max, s[k]);
   }
-  // the shift: tclip when clipping (s < tclip, so exp never overflows), else the block's max
-  const float shift = tclip > 0.f ? tclip : block_max(local_max, shared);
+  // the shift: tclip where shift_by_tclip (nce_math.h), else the block's max
+  const float shift = shift_by_tclip(tclip) ? tclip : block_max(local_max, shared);
   float sum = 0.f;
 #pragma unroll
   for (int k = 0; k < kPerThread; ++k)

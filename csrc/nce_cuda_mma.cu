@@ -8,7 +8,7 @@
 //
 //   forward:  grid (row blocks, splits); a block walks its split's column tiles in order and
 //             keeps, per row, sum a^2 and the negatives' sum of exp(s - shift) (shift = tclip
-//             with clipping, else a running maximum per lane); the positives are written out.
+//             with clipping up to tclip = 40, else a running maximum per lane); the positives are written out.
 //             nce_merge_kernel (nce_cuda_kernels.cu) folds the splits in a fixed order.
 //   backward: grid (row blocks, column tiles of one chunk); G = scale * d(loss + reg)/da.
 //
@@ -180,13 +180,14 @@ __global__ void __launch_bounds__(kThreads) nce_fwd_mma_kernel(
   const int64_t tile_end = tile_begin + tiles_per_split < tiles ? tile_begin + tiles_per_split : tiles;
 
   // per row this lane has seen: sum a^2, the negatives' sum of exp(s - mx), and mx (tclip
-  // when clipping: s < tclip, so exp never overflows; else the lane's running maximum)
+  // where shift_by_tclip, nce_math.h; else the lane's running maximum)
+  const bool fixed_shift = shift_by_tclip(tclip);
   float sq[kRowsPerWarp], sum[kRowsPerWarp], mx[kRowsPerWarp];
 #pragma unroll
   for (int r = 0; r < kRowsPerWarp; ++r) {
     sq[r] = 0.f;
     sum[r] = 0.f;
-    mx[r] = tclip > 0.f ? tclip : -INFINITY;
+    mx[r] = fixed_shift ? tclip : -INFINITY;
   }
   for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
     const int64_t col0 = tile * BN;
@@ -206,7 +207,7 @@ __global__ void __launch_bounds__(kThreads) nce_fwd_mma_kernel(
         const int64_t img = v.m0 + j / v.L;
         if (img == p) {  // each positive lies in exactly one tile of one split: a plain store
           pos[row * v.L + (j - (img - v.m0) * v.L)] = s;
-        } else if (tclip > 0.f) {
+        } else if (fixed_shift) {
           sum[r] += expf(s - tclip);
         } else if (s > mx[r]) {  // online log-sum-exp; NaN fails the test and poisons sum below
           sum[r] = sum[r] * expf(mx[r] - s) + 1.f;
@@ -223,7 +224,7 @@ __global__ void __launch_bounds__(kThreads) nce_fwd_mma_kernel(
     const int64_t row = row0 + warp * kRowsPerWarp + r;
     if (row >= N) continue;
     const float row_sq = warp_sum(sq[r]);
-    const float shift = tclip > 0.f ? tclip : warp_max(mx[r]);
+    const float shift = fixed_shift ? tclip : warp_max(mx[r]);
     // rescale each lane's sum to the common shift; a lane without negatives holds sum 0 and
     // mx -inf, which must not become exp(-inf - -inf) = NaN
     const float lane_sum = mx[r] == -INFINITY ? 0.f : sum[r] * expf(mx[r] - shift);

@@ -8,9 +8,9 @@ import torch
 from amdim_kernels import available_backends, nce_loss
 from amdim_kernels.backends import cuda_scores
 from truth import (
-    KERNEL_OPTIONS, assert_captured_graph_matches_eager, assert_cuda_graph_replay_matches_eager,
+    FAR_BELOW_TCLIP, FAR_BELOW_TCLIP_TOL, KERNEL_OPTIONS, assert_captured_graph_matches_eager, assert_cuda_graph_replay_matches_eager,
     assert_float16_g_overflows_only_with_the_gradient, assert_float16_loss_scale, assert_gradients_of_each_output,
-    assert_matches_truth, float64_truth, make_case, outputs_and_grads)
+    assert_matches_truth, far_below_tclip_case, float64_truth, make_case, outputs_and_grads)
 
 BACKENDS = [b for b, dev in (("cpp", "cpu"), ("cuda", "cuda")) if b in available_backends(dev)]
 DEVICE = {"cpp": "cpu", "cuda": "cuda"}
@@ -36,6 +36,15 @@ SHAPES = [  # (N, M, L, D, pos)
 def test_compiled_float32(backend, shape, options):
     n, m, l, d, pos = shape
     assert_matches_truth(make_case(n, m, l, d, pos=pos, device=DEVICE[backend], **options), torch.float32, backend)
+
+
+@pytest.mark.parametrize("tclip, depth", FAR_BELOW_TCLIP, ids=str)
+def test_compiled_scores_far_below_tclip(backend, tclip, depth):
+    """Before the running maximum past kMaxShiftTclip, tclip = 100 gave a loss of 0 and NaN
+    gradients here. (130, 70, 25): several tiles and, on the GPU, splits."""
+    for _ in _each_score_path(backend):
+        case = far_below_tclip_case(130, 70, 25, 20, tclip, depth, device=DEVICE[backend])
+        assert_matches_truth(case, torch.float32, backend, tol=FAR_BELOW_TCLIP_TOL)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)

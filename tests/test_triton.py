@@ -7,9 +7,9 @@ import torch
 
 from amdim_kernels import available_backends, nce_loss
 from truth import (
-    KERNEL_OPTIONS, assert_captured_graph_matches_eager, assert_cuda_graph_replay_matches_eager,
+    FAR_BELOW_TCLIP, FAR_BELOW_TCLIP_TOL, KERNEL_OPTIONS, assert_captured_graph_matches_eager, assert_cuda_graph_replay_matches_eager,
     assert_float16_g_overflows_only_with_the_gradient, assert_float16_loss_scale, assert_gradients_of_each_output,
-    assert_matches_truth, float64_truth, make_case, outputs_and_grads, rel_err)
+    assert_matches_truth, far_below_tclip_case, float64_truth, make_case, outputs_and_grads, rel_err)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -45,6 +45,15 @@ SHAPES = [  # (N, M, L, D, pos): odd D, L in 1/25/49/70, M*L off the block size,
 def test_triton_float32(shape, options, strategy):
     n, m, l, d, pos = shape
     run_case(make_case(n, m, l, d, pos=pos, device=DEVICE, **options), torch.float32)
+
+
+@pytest.mark.parametrize("tclip, depth", FAR_BELOW_TCLIP, ids=str)
+def test_triton_scores_far_below_tclip(tclip, depth, strategy):
+    """Before the running maximum past MAX_SHIFT_TCLIP, tclip = 100 gave a loss of 0 and
+    NaN gradients here, and tclip = 1e30 lost every score to the clip's rounding. Several
+    splits and chunks: the running maxima are merged."""
+    case = far_below_tclip_case(40, 40, 25, 24, tclip, depth, pos="arange", device=DEVICE)
+    assert_matches_truth(case, torch.float32, "triton", tol=FAR_BELOW_TCLIP_TOL)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)

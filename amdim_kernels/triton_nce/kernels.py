@@ -11,7 +11,8 @@ Forward (`nce_fwd_kernel`, then `nce_merge_kernel`): programs tile the rows, and
 are split across programs so that a few hundred programs fill the GPU even when N is ~128.
 Each program streams its columns tile by tile and keeps three per-row partials: the sum of
 a^2, and the sum of exp(s - shift) over the negatives with its shift (a running maximum, or
-the constant tclip with clipping: s < tclip so exp(s - tclip) <= 1 never overflows).
+with clipping up to tclip = 40, SHIFT_TCLIP, the constant tclip: s < tclip so exp(s -
+tclip) <= 1 never overflows, and s > -tclip keeps it a normal float32).
 A tile that holds none of its rows' own images and lies wholly inside the chunk (most
 tiles, when pos_idx is a run of images as in the trainer) needs no mask at all; such tiles
 and the others go to two launches of the kernel, each compiled with its path only, which
@@ -62,10 +63,17 @@ import triton.language as tl
 
 @triton.jit
 def _tanh(x):
-    # tanh from one exp: t = exp(-2|x|) lies in [0, 1], so nothing overflows;
-    # +-inf gives +-1 and NaN stays NaN. Absolute error ~1 ulp of 1.
-    t = tl.exp(-2.0 * tl.abs(x))
+    # |x| >= 1/4: tanh from one exp, t = exp(-2|x|) in [0, 1], so nothing overflows; +-inf
+    # gives +-1 and NaN stays NaN. Absolute error ~1 ulp of 1, so under 4e-7 relative here.
+    # |x| < 1/4, where 1 - t would cancel (a large tclip's s = tclip tanh(a / tclip) would
+    # lose all of a): the odd Taylor series to x^9, within 1e-8 relative (the next term is
+    # 1382/155925 x^11).
+    ax = tl.abs(x)
+    t = tl.exp(-2.0 * ax)
     y = (1.0 - t) / (1.0 + t)
+    x2 = ax * ax
+    series = ax * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0)))))
+    y = tl.where(ax < 0.25, series, y)
     return tl.where(x < 0, -y, y)
 
 
@@ -104,15 +112,15 @@ def _clip_pieces(a, tclip):
 
 
 @triton.jit
-def _add_negatives(x, is_neg, neg_sum, shift, CLIP: tl.constexpr, MASKED: tl.constexpr):
+def _add_negatives(x, is_neg, neg_sum, shift, SHIFT_TCLIP: tl.constexpr, MASKED: tl.constexpr):
     """Fold a tile's negatives into the row partials: neg_sum = sum exp(s - shift).
 
-    With clipping x = exp(s - tclip) and the shift is the constant tclip (s < tclip, so
-    x <= 1); without it x = s and an online log-sum-exp rescales the running sum to the
+    SHIFT_TCLIP: x = exp(s - tclip) and the shift is the constant tclip (s < tclip, so
+    x <= 1); otherwise x = s and an online log-sum-exp rescales the running sum to the
     new row maximum. MASKED: only where is_neg; otherwise every score of the tile is a
     negative.
     """
-    if CLIP:
+    if SHIFT_TCLIP:
         if MASKED:
             x = tl.where(is_neg, x, 0.0)
         return neg_sum + tl.sum(x, axis=1), shift
@@ -271,7 +279,7 @@ def _fold_tile(
     row0, j0, p, p_lo, p_hi, sq, neg_sum, shift, a_pos_ptr,
     src, trg, scores_ptr, stride_scores, chunk_begin, chunk_end,
     N, L, D, stride_sn, stride_sd, stride_tm, stride_tl, stride_td, scale, tclip,
-    CLIP: tl.constexpr, MASKED: tl.constexpr,
+    CLIP: tl.constexpr, SHIFT_TCLIP: tl.constexpr, MASKED: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, FROM_SCORES: tl.constexpr, EVEN_K: tl.constexpr,
     TMA: tl.constexpr,
@@ -285,22 +293,22 @@ def _fold_tile(
         BLOCK_N, BLOCK_J, BLOCK_K, DOT_PRECISION, UPCAST, FROM_SCORES, EVEN_K, TMA,
     )
     sq += tl.sum(a * a, axis=1)  # padded rows/columns score 0 and add nothing
-    if CLIP:
+    if SHIFT_TCLIP:
         log2_gap, _ = _clip_pieces(a, tclip)
         x = tl.exp2(log2_gap)  # exp(s - tclip)
     else:
-        x = a  # s = a
+        x = _soft_clip(a, tclip, CLIP)  # s
     if MASKED:
         # the row's own image is excluded from the negatives (its positives are stored)
         cols = j0 + tl.arange(0, BLOCK_J)
         img = cols // L
         is_neg = (img[None, :] != p[:, None]) & (cols < chunk_end)[None, :]
-        neg_sum, shift = _add_negatives(x, is_neg, neg_sum, shift, CLIP, True)
+        neg_sum, shift = _add_negatives(x, is_neg, neg_sum, shift, SHIFT_TCLIP, True)
         if _holds_own_images(j0, tl.minimum(j0 + BLOCK_J, chunk_end), L, p_lo, p_hi):
             _store_positives(a, row0, p, j0, chunk_end, N, L, a_pos_ptr, BLOCK_N, BLOCK_J, BLOCK_L, UPCAST)
     else:
         # no masks (padded rows score too, but their partials are never stored)
-        neg_sum, shift = _add_negatives(x, x, neg_sum, shift, CLIP, False)
+        neg_sum, shift = _add_negatives(x, x, neg_sum, shift, SHIFT_TCLIP, False)
     return sq, neg_sum, shift
 
 
@@ -316,7 +324,7 @@ def nce_fwd_kernel(
     stride_sn, stride_sd, stride_tm, stride_tl, stride_td,
     cols_per_split,  # a multiple of BLOCK_J, so no tile straddles two splits
     scale, tclip,
-    CLIP: tl.constexpr, MASKED: tl.constexpr,
+    CLIP: tl.constexpr, SHIFT_TCLIP: tl.constexpr, MASKED: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr,
     PLAIN_J: tl.constexpr,  # the plain launch's BLOCK_J: tiles are sorted at this width
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -338,7 +346,7 @@ def nce_fwd_kernel(
 
     sq = tl.zeros((BLOCK_N,), dtype=tl.float32)
     neg_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    if CLIP:
+    if SHIFT_TCLIP:
         shift = tl.zeros((BLOCK_N,), dtype=tl.float32) + tclip
     else:
         shift = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
@@ -361,7 +369,8 @@ def nce_fwd_kernel(
                 row0, j0, p, p_lo, p_hi, sq, neg_sum, shift, a_pos_ptr,
                 src, trg, scores_ptr, stride_scores, chunk_begin, chunk_end,
                 N, L, D, stride_sn, stride_sd, stride_tm, stride_tl, stride_td, scale, tclip,
-                CLIP, MASKED, BLOCK_N, BLOCK_J, BLOCK_K, BLOCK_L, DOT_PRECISION, UPCAST, FROM_SCORES, EVEN_K, TMA,
+                CLIP, SHIFT_TCLIP, MASKED, BLOCK_N, BLOCK_J, BLOCK_K, BLOCK_L, DOT_PRECISION, UPCAST, FROM_SCORES,
+                EVEN_K, TMA,
             )
 
     out = (split_base + split).to(tl.int64) * N + rows
@@ -447,14 +456,18 @@ def nce_totals_kernel(
 
 
 @triton.jit
-def _g_tile(a, r, bias, reg_coef, scale, tclip, CLIP: tl.constexpr):
+def _g_tile(a, r, bias, reg_coef, scale, tclip, CLIP: tl.constexpr, SHIFT_TCLIP: tl.constexpr):
     """G = scale * d(loss + reg)/da on a tile of raw scores a (module docstring), every
     score taken as a negative: dL/ds = R[i] exp(s - neg_lse[i]), times ds/da, plus the
-    regulariser's reg_coef[i] * a. bias[i] = (shift - neg_lse[i]) log2 e. At a positive
-    this is not its value (it may even overflow): the caller overwrites those.
+    regulariser's reg_coef[i] * a. bias[i] = (shift - neg_lse[i]) log2 e, shift = tclip
+    (SHIFT_TCLIP) or 0. At a positive this is not its value (it may even overflow): the
+    caller overwrites those.
     """
-    if CLIP:
+    if SHIFT_TCLIP:
         log2_gap, ds_da = _clip_pieces(a, tclip)  # log2 exp(s - tclip), 1 - (s/tclip)^2
+    elif CLIP:  # a tclip past MAX_SHIFT_TCLIP: s - tclip would lose s to rounding
+        _, ds_da = _clip_pieces(a, tclip)
+        log2_gap = _soft_clip(a, tclip, CLIP) * 1.4426950408889634
     else:
         log2_gap = a * 1.4426950408889634
         ds_da = 1.0
@@ -580,7 +593,7 @@ def nce_grad_tile_kernel(
     stride_sn, stride_sd, stride_tm, stride_tl, stride_td,
     col_begin, C,  # this chunk's columns: [col_begin, col_begin + C)
     scale, tclip,
-    CLIP: tl.constexpr,
+    CLIP: tl.constexpr, SHIFT_TCLIP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     FROM_SCORES: tl.constexpr, EVEN_K: tl.constexpr, TMA: tl.constexpr, SCALED: tl.constexpr,
@@ -605,10 +618,10 @@ def nce_grad_tile_kernel(
     )
     neg_lse = tl.load(neg_lse_ptr + rows, mask=row_ok, other=0.0)
     r = tl.load(r_ptr + rows, mask=row_ok, other=0.0)
-    # log2 exp(s - neg_lse) = log2 exp(s - shift) + bias[i], shift = tclip (clip) or 0
-    bias = ((tclip if CLIP else 0.0) - neg_lse) * 1.4426950408889634
+    # log2 exp(s - neg_lse) = log2 exp(s - shift) + bias[i], shift = tclip (SHIFT_TCLIP) or 0
+    bias = ((tclip if SHIFT_TCLIP else 0.0) - neg_lse) * 1.4426950408889634
     reg_coef = tl.load(reg_coef_ptr + rows, mask=row_ok, other=0.0)
-    g = _g_tile(a, r, bias, reg_coef, scale, tclip, CLIP)
+    g = _g_tile(a, r, bias, reg_coef, scale, tclip, CLIP, SHIFT_TCLIP)
     if SCALED:  # float16 G: times a power of two that keeps it in range
         g = g * tl.load(g_scale_ptr)
     g_rows = g_ptr + rows.to(tl.int64)[:, None] * stride_gn  # G's rows, at the chunk's column 0

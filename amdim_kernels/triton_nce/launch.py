@@ -50,6 +50,9 @@ MIN_CHUNK_BYTES = 8 << 20
 # reached only where M*L passes 67M with small N). csrc/nce_cuda.cpp's images_per_chunk
 # applies the same cap.
 GRID_Y_MAX = 65535
+# The largest tclip whose constant shift the tile kernels take (exp(s - tclip) >= exp(-80), a
+# normal float32); a larger one takes the running maximum. csrc/nce_math.h's kMaxShiftTclip.
+MAX_SHIFT_TCLIP = 40.0
 # Locations a step of the forward's copy of the positives (kernels._store_positives): the
 # product's N, so at least tl.dot's 16; more spills at (128, 64) tiles on sm_90.
 SELECT_LOCATIONS = 16
@@ -269,11 +272,17 @@ def _clip_args(tclip: float | None) -> dict:
     return dict(tclip=0.0 if tclip is None else tclip, CLIP=tclip is not None)
 
 
+def _tile_clip_args(tclip: float | None) -> dict:
+    """The tile kernels' clip arguments: _clip_args and the SHIFT_TCLIP switch (the constant
+    shift tclip up to MAX_SHIFT_TCLIP, else a running maximum)."""
+    return dict(_clip_args(tclip), SHIFT_TCLIP=tclip is not None and tclip <= MAX_SHIFT_TCLIP)
+
+
 def _tile_constants(src: torch.Tensor, cfg: TileConfig, from_scores: bool, tclip: float | None,
                     scale: float) -> dict:
     """The tile kernels' keyword arguments that all chunks of a call share (the sources'
-    shape and strides, tiles, precision, scale and clip), made once per call: on small
-    problems the chunk loop's host time is what the GPU waits on."""
+    shape and strides, tiles, precision, scale, clip and shift), made once per call: on
+    small problems the chunk loop's host time is what the GPU waits on."""
     d = src.shape[1]
     return dict(
         source_args(src),
@@ -281,7 +290,7 @@ def _tile_constants(src: torch.Tensor, cfg: TileConfig, from_scores: bool, tclip
         DOT_PRECISION=dot_precision(src.dtype),
         UPCAST=triton_interpreting(),  # 16-bit dots in float32 (a no-op for float32 tiles)
         FROM_SCORES=from_scores, EVEN_K=d % cfg.block_k == 0,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, scale=scale, **_clip_args(tclip),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, scale=scale, **_tile_clip_args(tclip),
     )
 
 
