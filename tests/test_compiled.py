@@ -8,9 +8,9 @@ import torch
 from amdim_kernels import available_backends, nce_loss
 from amdim_kernels.backends import cuda_scores
 from truth import (
-    FAR_BELOW_TCLIP, FAR_BELOW_TCLIP_TOL, KERNEL_OPTIONS, assert_captured_graph_matches_eager, assert_cuda_graph_replay_matches_eager,
+    FAR_BELOW_TCLIP, FAR_BELOW_TCLIP_TOL, KERNEL_OPTIONS, ODD_LAYOUTS, assert_captured_graph_matches_eager, assert_cuda_graph_replay_matches_eager,
     assert_float16_g_overflows_only_with_the_gradient, assert_float16_loss_scale, assert_gradients_of_each_output,
-    assert_matches_truth, far_below_tclip_case, float64_truth, make_case, outputs_and_grads)
+    assert_matches_truth, assert_odd_layout_matches_reference, far_below_tclip_case, float64_truth, make_case, outputs_and_grads)
 
 BACKENDS = [b for b, dev in (("cpp", "cpu"), ("cuda", "cuda")) if b in available_backends(dev)]
 DEVICE = {"cpp": "cpu", "cuda": "cuda"}
@@ -45,6 +45,15 @@ def test_compiled_scores_far_below_tclip(backend, tclip, depth):
     for _ in _each_score_path(backend):
         case = far_below_tclip_case(130, 70, 25, 20, tclip, depth, device=DEVICE[backend])
         assert_matches_truth(case, torch.float32, backend, tol=FAR_BELOW_TCLIP_TOL)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", list(ODD_LAYOUTS))
+def test_compiled_odd_layouts(backend, layout, dtype):
+    """On the GPU both score paths; the WMMA path (16-bit) checks the operands' alignment
+    itself and falls back to plain loads where the vector loads cannot go."""
+    for _ in _each_score_path(backend):
+        assert_odd_layout_matches_reference(backend, DEVICE[backend], layout, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)

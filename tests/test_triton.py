@@ -7,9 +7,9 @@ import torch
 
 from amdim_kernels import available_backends, nce_loss
 from truth import (
-    FAR_BELOW_TCLIP, FAR_BELOW_TCLIP_TOL, KERNEL_OPTIONS, assert_captured_graph_matches_eager, assert_cuda_graph_replay_matches_eager,
+    FAR_BELOW_TCLIP, FAR_BELOW_TCLIP_TOL, KERNEL_OPTIONS, ODD_LAYOUTS, assert_captured_graph_matches_eager, assert_cuda_graph_replay_matches_eager,
     assert_float16_g_overflows_only_with_the_gradient, assert_float16_loss_scale, assert_gradients_of_each_output,
-    assert_matches_truth, far_below_tclip_case, float64_truth, make_case, outputs_and_grads, rel_err)
+    assert_matches_truth, assert_odd_layout_matches_reference, far_below_tclip_case, float64_truth, make_case, outputs_and_grads, rel_err)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -334,29 +334,12 @@ def test_tma_ready_rules():
     assert not launch.tma_ready(x.t())  # features strided
 
 
-# inputs whose memory is laid out as no test problem's: (src shape, trg shape, their views)
-ODD_LAYOUTS = {
-    "trg expanded over M": ((4, 64), (1, 3, 64), lambda s, t: (s, t.expand(5, 3, 64))),
-    "trg expanded over L": ((4, 64), (5, 1, 64), lambda s, t: (s, t.expand(5, 3, 64))),
-    "src expanded over N": ((1, 64), (5, 3, 64), lambda s, t: (s.expand(4, 64), t)),
-    "slices off alignment": ((5, 65), (7, 3, 65), lambda s, t: (s[1:, 1:], t[1:6, :, 1:])),
-}
-
-
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("layout", list(ODD_LAYOUTS))
-def test_triton_odd_layouts(layout):
-    """Expanded (stride 0) and misaligned views: the reference's loss and gradients (with
-    respect to the tensors they are views of) on the operand loads the device picks."""
-    src_shape, trg_shape, views = ODD_LAYOUTS[layout]
-    base = (torch.randn(src_shape, device=DEVICE), torch.randn(trg_shape, device=DEVICE))
-    pos_idx = torch.tensor([0, 4, 2, 2], device=DEVICE)
-    out = {}
-    for backend in ("reference", "triton"):
-        leaves = [b.clone().requires_grad_() for b in base]
-        loss, reg = nce_loss(*views(*leaves), pos_idx, backend=backend)
-        out[backend] = (loss, reg, *torch.autograd.grad(loss + reg, leaves))
-    for got, want in zip(out["triton"], out["reference"]):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+def test_triton_odd_layouts(layout, dtype):
+    if dtype != torch.float32 and DEVICE == "cpu":
+        pytest.skip("the interpreter's bfloat16 tl.dot is wrong (ENV.md)")
+    assert_odd_layout_matches_reference("triton", DEVICE, layout, dtype)
 
 
 def test_launches_follow_the_inputs_device(monkeypatch):

@@ -101,6 +101,35 @@ def far_below_tclip_case(n, m, l, d, tclip, depth, *, pos="random", device="cpu"
     return case
 
 
+# inputs whose memory is laid out as no test problem's: (src shape, trg shape, their views)
+ODD_LAYOUTS = {
+    "trg expanded over M": ((4, 64), (1, 3, 64), lambda s, t: (s, t.expand(5, 3, 64))),
+    "trg expanded over L": ((4, 64), (5, 1, 64), lambda s, t: (s, t.expand(5, 3, 64))),
+    "src expanded over N": ((1, 64), (5, 3, 64), lambda s, t: (s.expand(4, 64), t)),
+    "slices off alignment": ((5, 65), (7, 3, 65), lambda s, t: (s[1:, 1:], t[1:6, :, 1:])),
+}
+
+
+def assert_odd_layout_matches_reference(backend: str, device: str, layout: str, dtype=torch.float32):
+    """Expanded (stride 0) and misaligned views (ODD_LAYOUTS): the reference's loss and
+    gradients with respect to the tensors they are views of, on the same rounded inputs, to
+    1e-5 relative (float32 sums in another order) plus EXTRA_TOL for the gradients."""
+    from amdim_kernels import nce_loss
+
+    src_shape, trg_shape, views = ODD_LAYOUTS[layout]
+    base = (torch.randn(src_shape, device=device).to(dtype), torch.randn(trg_shape, device=device).to(dtype))
+    pos_idx = torch.tensor([0, 4, 2, 2], device=device)
+    out = {}
+    for name in ("reference", backend):
+        leaves = [b.clone().requires_grad_() for b in base]
+        loss, reg = nce_loss(*views(*leaves), pos_idx, backend=name)
+        out[name] = (loss, reg, *torch.autograd.grad(loss + reg, leaves))
+    for k, (got, want) in enumerate(zip(out[backend], out["reference"])):
+        tol = LOSS_EXTRA_TOL + (EXTRA_TOL[dtype] if k >= 2 else 0.0)
+        assert got.dtype == want.dtype and got.shape == want.shape, NAMES[k]
+        assert rel_err(got, want) <= tol, f"{NAMES[k]}: {backend} off the reference by {rel_err(got, want):.3g}"
+
+
 def upstream_weight(shape) -> torch.Tensor:
     """The random weight per positive that the tested gradients are of (the same draw every
     time, on the CPU)."""
