@@ -233,6 +233,9 @@ def main(argv=None):
                     help="BLOCK_N,BLOCK_J,BLOCK_K,num_warps,num_stages[,register cap of the forward's "
                          "plain launch and of the G kernel (0: none)[,the masked launch's BLOCK_J]]")
     ap.add_argument("--clip", choices=["both", "on", "off"], default="both")
+    ap.add_argument("--tclip", type=float, default=None,
+                    help="the clip's tclip (default: the problem's); past 40 the tile kernels keep a running "
+                         "maximum instead of the constant shift (launch.MAX_SHIFT_TCLIP)")
     ap.add_argument("--trg-layout", choices=["contiguous", "feature-map"], default="contiguous",
                     help="feature-map: the targets' strides as the trainer passes them, read in place")
     ap.add_argument("--loads", nargs="+", choices=launch.LOADS, default=None,
@@ -245,10 +248,13 @@ def main(argv=None):
     configs = [launch.TileConfig(*[int(v) or None for v in t.split(",")]) for t in args.tiles]
     clips = {"both": (True, False), "on": (True,), "off": (False,)}[args.clip]
     p = dataclasses.replace(PROBLEMS[args.problem], trg_layout=args.trg_layout)
+    if args.tclip is not None:
+        p = dataclasses.replace(p, tclip=args.tclip)
     loads = args.loads or ["tma" if args.arch >= 90 else "pointers"]
     if p.trg_layout != "contiguous" and "tma" in loads:
         raise SystemExit("--loads tma needs contiguous targets: feature-map targets are read through pointers")
-    print(f"sm_{args.arch}, triton {triton.__version__}, {args.dtype}, {p.name}, {p.trg_layout} targets")
+    print(f"sm_{args.arch}, triton {triton.__version__}, {args.dtype}, {p.name}, {p.trg_layout} targets, "
+          f"tclip {p.tclip}")
     print("| kernel | loads | clip | tiles (BN, BJ, BK, warps, stages) | registers | spill bytes | spill instr | "
           "shared KiB | SASS instr | tensor-core instr | LDG | LDGSTS | UTMALDG |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")

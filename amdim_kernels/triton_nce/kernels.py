@@ -465,9 +465,11 @@ def _g_tile(a, r, bias, reg_coef, scale, tclip, CLIP: tl.constexpr, SHIFT_TCLIP:
     """
     if SHIFT_TCLIP:
         log2_gap, ds_da = _clip_pieces(a, tclip)  # log2 exp(s - tclip), 1 - (s/tclip)^2
-    elif CLIP:  # a tclip past MAX_SHIFT_TCLIP: s - tclip would lose s to rounding
-        _, ds_da = _clip_pieces(a, tclip)
-        log2_gap = _soft_clip(a, tclip, CLIP) * 1.4426950408889634
+    elif CLIP:  # a tclip past MAX_SHIFT_TCLIP: from s itself, as s - tclip would lose s to rounding
+        s = _soft_clip(a, tclip, CLIP)
+        log2_gap = s * 1.4426950408889634
+        u = s * (1.0 / tclip)
+        ds_da = 1.0 - u * u  # as the reference's autograd forms it
     else:
         log2_gap = a * 1.4426950408889634
         ds_da = 1.0
