@@ -18,9 +18,10 @@ IMPLS=${IMPLS:-"reference triton:fused triton:gemm cuda:cublas cuda:mma"}
 for step in $STEPS; do
   case $step in
     # pytest-xdist, where installed (the GPU machine's image has it), spreads Triton's JIT compiles over the cores;
-    # loadgroup keeps each xdist_group in one worker (the 2^31-element cases, 9-17 GB each, run one at a time)
-    tests) workers=$(python3 -c "import xdist; print('-n 8 --dist loadgroup')" 2>/dev/null)
-           timeout 330 python3 -m pytest -q -rfE $workers tests 2>&1 | tee "$OUT/pytest.log" | tail -25 ;;
+    # loadgroup keeps each xdist_group in one worker (the 2^31-element cases, 9-17 GB each, run one at a time).
+    # Session 7's 586 tests took 222 s with 8 workers; the suite has grown since (run this step alone in a call).
+    tests) workers=$(python3 -c "import xdist; print('-n 12 --dist loadgroup')" 2>/dev/null)
+           timeout 480 python3 -m pytest -q -rfE --durations=20 $workers tests 2>&1 | tee "$OUT/pytest.log" | tail -45 ;;
     run) timeout 170 python3 -m benchmarks.run --preset targets --dtypes bfloat16 --impls $IMPLS --compile \
            --out "$OUT" --suffix bf16 2>&1 | tee "$OUT/run_bf16.log" ;;
     infonce) timeout 540 python3 -m benchmarks.run --preset infonce --dtypes bfloat16 --compile \
