@@ -74,12 +74,15 @@ def _range_indices(pos_idx: range | tuple | list, n: int, m: int, like: torch.Te
     ranges = (pos_idx,) if isinstance(pos_idx, range) else tuple(pos_idx)
     if not ranges or not all(isinstance(r, range) for r in ranges):
         kinds = ", ".join(type(r).__name__ for r in ranges) or "nothing"
-        raise TypeError(f"pos_idx as a {type(pos_idx).__name__} must hold Python ranges, got {kinds}")
+        ints = ranges and all(isinstance(r, int) for r in ranges)
+        hint = "; indices go in a tensor, torch.tensor(pos_idx)" if ints else ""
+        raise TypeError(f"pos_idx as a {type(pos_idx).__name__} must hold Python ranges, got {kinds}{hint}")
     length = sum(len(r) for r in ranges)
     if length != n:
         raise ValueError(f"pos_idx must hold N = {n} indices, got {pos_idx} of length {length}")
     for r in ranges:
-        if len(r) and (min(r) < 0 or max(r) >= m):
+        # a range's extremes are its ends (min() and max() would walk it: 30 us at N = 1024)
+        if len(r) and (min(r[0], r[-1]) < 0 or max(r[0], r[-1]) >= m):
             raise ValueError(f"pos_idx values must lie in [0, M) = [0, {m}), got {pos_idx}")
     return range_indices(ranges, like)
 

@@ -7,9 +7,10 @@ import torch
 
 from amdim_kernels import available_backends, nce_loss
 from truth import (
-    FAR_BELOW_TCLIP, FAR_BELOW_TCLIP_TOL, KERNEL_OPTIONS, ODD_LAYOUTS, assert_captured_graph_matches_eager, assert_cuda_graph_replay_matches_eager,
-    assert_float16_g_overflows_only_with_the_gradient, assert_float16_loss_scale, assert_gradients_of_each_output,
-    assert_matches_truth, assert_odd_layout_matches_reference, far_below_tclip_case, float64_truth, make_case, outputs_and_grads, rel_err)
+    FAR_BELOW_TCLIP, FAR_BELOW_TCLIP_TOL, KERNEL_OPTIONS, ODD_LAYOUTS, assert_captured_graph_matches_eager,
+    assert_cuda_graph_replay_matches_eager, assert_float16_g_overflows_only_with_the_gradient,
+    assert_float16_loss_scale, assert_gradients_of_each_output, assert_matches_truth,
+    assert_odd_layout_matches_reference, far_below_tclip_case, float64_truth, make_case, outputs_and_grads, rel_err)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

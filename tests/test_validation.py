@@ -33,7 +33,7 @@ BAD = [  # (argument changes, exception, regex the message must match)
     (dict(pos_idx=torch.tensor([True, False, True, False])), TypeError, r"pos_idx must have an integer dtype"),
     (dict(pos_idx=torch.tensor([0, 1, 2, 4])), ValueError, r"pos_idx values must lie in \[0, M\) = \[0, 4\), got values in \[0, 4\]"),
     (dict(pos_idx=torch.tensor([-1, 1, 2, 3])), ValueError, r"pos_idx values must lie in \[0, M\)"),
-    (dict(pos_idx=[0, 1, 2, 3]), TypeError, r"pos_idx as a list must hold Python ranges, got int, int, int, int"),
+    (dict(pos_idx=[0, 1, 2, 3]), TypeError, r"pos_idx as a list must hold Python ranges, got int, int, int, int; indices go in a tensor, torch.tensor\(pos_idx\)"),
     (dict(pos_idx=()), TypeError, r"pos_idx as a tuple must hold Python ranges, got nothing"),
     (dict(pos_idx=(range(2), torch.arange(2))), TypeError, r"pos_idx as a tuple must hold Python ranges, got range, Tensor"),
     (dict(pos_idx={0, 1, 2, 3}), TypeError, r"pos_idx must be a torch.Tensor of shape \(N,\), a range or a tuple of ranges, got set"),
