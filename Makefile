@@ -7,9 +7,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-# Building the CUDA extension here: see ../shared/ENV.md
+# Building the CUDA extension here: see ../shared/ENV.md. TORCH_CUDA_ARCH_LIST: setup.py's
+# default (8.0;9.0+PTX) unless set.
 export CUDA_HOME ?= /usr/local/cuda
-export TORCH_CUDA_ARCH_LIST ?= 9.0
 export MAX_JOBS ?= 2
 
 .PHONY: demo data loss-demo test bench peer-wheels clean

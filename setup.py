@@ -7,7 +7,8 @@ backends) and compiles the extension amdim_kernels._C from csrc/:
 AMDIM_KERNELS_FORCE_CUDA=1 builds the CUDA kernels even where no GPU or nvcc check passes
 (and fails loudly if it cannot). AMDIM_KERNELS_SKIP_BUILD=1 installs without the extension.
 Where torch cannot be imported at build time the package installs without the extension.
-Arch list: TORCH_CUDA_ARCH_LIST, default "8.0;9.0". Parallel jobs: MAX_JOBS.
+Arch list: TORCH_CUDA_ARCH_LIST, default "8.0;9.0+PTX" (cubins for A100 and H100/H200
+and their families, and PTX that newer GPUs compile when first loaded). Parallel jobs: MAX_JOBS.
 """
 import os
 import shutil
@@ -52,7 +53,7 @@ def _extension():
     cxx = ["-O3"]  # the C++ standard: torch's helper picks the one its headers need
     kwargs = dict(include_dirs=[os.path.abspath("csrc")])
     if with_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")  # without a visible GPU torch needs a list
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")  # without a visible GPU torch needs a list
         sources += ["csrc/nce_cuda.cpp", "csrc/nce_cuda_kernels.cu", "csrc/nce_cuda_mma.cu"]
         try:  # CUDAContext.h needs the cuBLAS/cuSPARSE headers of torch's own nvidia wheels
             import nvidia

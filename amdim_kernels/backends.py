@@ -69,7 +69,7 @@ def unavailable_reason(name: str, device: torch.device) -> str | None:
     if name == "cuda":
         if device.type != "cuda":
             return f"the 'cuda' backend needs CUDA tensors, got tensors on {device} (use 'cpp' on the CPU)"
-        return _extension_reason() or _extension_lacks("cuda")
+        return _extension_reason() or _extension_lacks("cuda") or _kernel_image_reason(device)
     if name == "cpp":
         if device.type != "cpu":
             return f"the 'cpp' backend needs CPU tensors, got tensors on {device} (use 'cuda' or 'triton')"
@@ -81,6 +81,30 @@ def _extension_lacks(kind: str) -> str | None:
     if kind in _EXTENSION.BUILT_FOR:
         return None
     return f"the compiled extension was built without {kind} kernels"
+
+
+# Per CUDA device index: why it cannot load the extension's CUDA kernels ("" when it can),
+# asked once per device (compiled.kernel_image_error).
+_KERNEL_IMAGE_ERRORS: dict[int, str] = {}
+
+
+def _kernel_image_reason(device: torch.device) -> str | None:
+    """Why the GPU cannot run the cuda backend's kernels: an extension built for other
+    architectures (the Makefile builds for 9.0 only) would fail at its first launch, so
+    `auto` moves on to Triton instead. A compiled graph takes the answer of an eager call
+    on the device, or assumes it can (it cannot call into the extension while tracing)."""
+    index = torch.cuda.current_device() if device.index is None else device.index
+    if index not in _KERNEL_IMAGE_ERRORS:
+        if torch.compiler.is_compiling():
+            return None
+        _KERNEL_IMAGE_ERRORS[index] = _EXTENSION.kernel_image_error(index)
+    error = _KERNEL_IMAGE_ERRORS[index]
+    if not error:
+        return None
+    major, minor = torch.cuda.get_device_capability(index)
+    return (f"the compiled extension has no CUDA kernels that this GPU (compute capability {major}.{minor}) can "
+            f"load: {error}. Rebuild it for this GPU, e.g. TORCH_CUDA_ARCH_LIST={major}.{minor} pip install -e . "
+            "--no-build-isolation")
 
 
 def build_info() -> dict:

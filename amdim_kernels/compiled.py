@@ -17,6 +17,12 @@ from .validation import Problem
 _ops = torch.ops.amdim_kernels
 BUILT_FOR: tuple[str, ...] = tuple(_C.BUILT_FOR)  # the devices the extension has kernels for
 
+
+def kernel_image_error(device_index: int) -> str:
+    """Why CUDA device `device_index` cannot load the extension's CUDA kernels ("" when it
+    can): built for other architectures (TORCH_CUDA_ARCH_LIST) with no PTX it could compile."""
+    return _C.kernel_image_error(device_index) if "cuda" in BUILT_FOR else "the extension has no CUDA kernels"
+
 register("amdim_kernels::nce_fwd", "amdim_kernels::nce_bwd", _ops.nce_bwd)
 
 

@@ -311,6 +311,12 @@ std::tuple<Tensor, Tensor> nce_bwd_cuda(const Tensor& src, const Tensor& trg, co
   return {dsrc, dtrg};
 }
 
+std::string cuda_kernel_image_error(int64_t device) {
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  const cudaError_t err = nce_kernel_image_status();
+  return err == cudaSuccess ? std::string() : std::string(cudaGetErrorString(err));
+}
+
 TORCH_LIBRARY_IMPL(amdim_kernels, CUDA, m) {
   m.impl("nce_fwd", &nce_fwd_cuda);
   m.impl("nce_bwd", &nce_bwd_cuda);

@@ -212,6 +212,13 @@ cudaError_t launch_nce_fwd_epilogue(const float* scores, int64_t ld, int64_t N, 
   return cudaGetLastError();
 }
 
+cudaError_t nce_kernel_image_status() {
+  cudaFuncAttributes attr;
+  const cudaError_t err = cudaFuncGetAttributes(&attr, nce_merge_kernel);
+  if (err != cudaSuccess) cudaGetLastError();  // not a sticky error: clear it for the caller's next check
+  return err;
+}
+
 cudaError_t launch_nce_merge(const float* part_sum, const float* part_max, const float* part_sq, int64_t splits,
                              const float* pos, int64_t N, int64_t L, float* loss, float* neg_lse, float* sq,
                              cudaStream_t stream) {

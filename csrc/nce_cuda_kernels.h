@@ -20,6 +20,12 @@ cudaError_t launch_nce_fwd_epilogue(const float* scores, int64_t ld, int64_t N, 
                                     const int64_t* pos_idx, float scale, float tclip, float* pos, float* part_sum,
                                     float* part_max, float* part_sq, int64_t split_base, cudaStream_t stream);
 
+// cudaSuccess when the current device can load this library's kernels (a cubin built for
+// its architecture family, or PTX that the driver compiles for it); else the error a launch
+// would fail with, cudaErrorNoKernelImageForDevice. Both .cu files are built for the same
+// TORCH_CUDA_ARCH_LIST, so one kernel answers for all.
+cudaError_t nce_kernel_image_status();
+
 // Merge the partials of every row in split order; write loss (N, L), neg_lse (N,), sq (N,).
 cudaError_t launch_nce_merge(const float* part_sum, const float* part_max, const float* part_sq, int64_t splits,
                              const float* pos, int64_t N, int64_t L, float* loss, float* neg_lse, float* sq,

@@ -4,6 +4,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <exception>
+
 #include "nce_op.h"
 
 namespace amdim_kernels {
@@ -40,10 +42,32 @@ TORCH_LIBRARY(amdim_kernels, m) {
 
 }  // namespace amdim_kernels
 
+#ifdef AMDIM_WITH_CUDA
+// _C.kernel_image_error(device: int) -> str: amdim_kernels::cuda_kernel_image_error.
+static PyObject* kernel_image_error(PyObject* /*module*/, PyObject* arg) {
+  const long long device = PyLong_AsLongLong(arg);
+  if (device == -1 && PyErr_Occurred()) return nullptr;
+  try {
+    return PyUnicode_FromString(amdim_kernels::cuda_kernel_image_error(device).c_str());
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+}
+
+static PyMethodDef methods[] = {
+    {"kernel_image_error", kernel_image_error, METH_O,
+     "kernel_image_error(device) -> str: why that CUDA device cannot load this build's kernels, '' if it can"},
+    {nullptr, nullptr, 0, nullptr}};
+#else
+static PyMethodDef methods[] = {{nullptr, nullptr, 0, nullptr}};
+#endif
+
 // A plain Python module (no pybind11): importing amdim_kernels._C loads the library above.
-// BUILT_FOR names the devices this build has kernels for.
+// BUILT_FOR names the devices this build has kernels for; with CUDA kernels,
+// kernel_image_error says whether a GPU can load them.
 extern "C" PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   PyObject* module = PyModule_Create(&module_def);
   if (module == nullptr) return nullptr;
 #ifdef AMDIM_WITH_CUDA

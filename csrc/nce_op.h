@@ -7,6 +7,7 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <optional>
+#include <string>
 #include <tuple>
 
 namespace amdim_kernels {
@@ -49,5 +50,11 @@ struct Upstream {
   at::Tensor grad_sq;
   double sq_weight;
 };
+
+#ifdef AMDIM_WITH_CUDA
+// Why CUDA device `device` cannot load the CUDA kernels of this build ("" when it can): an
+// architecture TORCH_CUDA_ARCH_LIST left out, with no PTX the driver could compile instead.
+std::string cuda_kernel_image_error(int64_t device);
+#endif
 
 }  // namespace amdim_kernels

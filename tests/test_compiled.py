@@ -229,6 +229,18 @@ def test_autocast_passes_features_through(backend):
 
 
 @pytest.mark.gpu
+def test_this_gpu_loads_the_cuda_kernels():
+    """A CUDA build this GPU cannot load makes the cuda backend unavailable, which would skip
+    every cuda test here: this one fails instead."""
+    from amdim_kernels import compiled
+
+    if "cuda" not in compiled.BUILT_FOR:
+        pytest.skip("the extension was built without CUDA kernels")
+    assert compiled.kernel_image_error(torch.cuda.current_device()) == ""
+    assert "cuda" in BACKENDS
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", [(128, 256, 49, 256), (200, 200, 25, 1024), (129, 67, 49, 520)], ids=str)
 def test_cuda_large(shape, dtype):

@@ -88,6 +88,38 @@ def test_available_backends_and_auto():
     torch.testing.assert_close(loss_auto, loss_ref)
 
 
+def test_gpu_without_a_kernel_image_is_not_cuda(monkeypatch):
+    """A GPU the extension was not built for (e.g. the Makefile's 9.0-only build on an A100)
+    makes backend 'cuda' unavailable with the reason and a rebuild command, so `auto` takes
+    the next backend, rather than failing at the first launch. The device is asked once;
+    mocks stand in for the GPU and the extension."""
+    from types import SimpleNamespace
+
+    from amdim_kernels import backends
+
+    asked = []
+
+    def kernel_image_error(index):
+        asked.append(index)
+        return "no kernel image is available for execution on the device" if index == 1 else ""
+
+    extension = SimpleNamespace(BUILT_FOR=("cpu", "cuda"), kernel_image_error=kernel_image_error)
+    monkeypatch.setattr(backends, "_EXTENSION", extension)
+    monkeypatch.setattr(backends, "_KERNEL_IMAGE_ERRORS", {})
+    monkeypatch.setattr(backends, "_TRITON_INSTALLED", True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (8, 0))
+    a100, h100 = torch.device("cuda", 1), torch.device("cuda", 0)
+    for _ in range(2):
+        assert backends.resolve("auto", h100) == "cuda"
+        assert backends.resolve("auto", a100) == "triton"
+    assert asked == [0, 1]
+    with pytest.raises(RuntimeError, match=r"backend 'cuda' is not available: the compiled extension has no CUDA "
+                                           r"kernels that this GPU \(compute capability 8.0\) can load: no kernel "
+                                           r"image .* TORCH_CUDA_ARCH_LIST=8.0 pip install"):
+        backends.resolve("cuda", a100)
+
+
 def test_int32_pos_idx_is_accepted():
     kw = good()
     loss32, _ = nce_loss(kw["src"], kw["trg"], kw["pos_idx"].int(), backend="reference")
