@@ -90,8 +90,8 @@ _KERNEL_IMAGE_ERRORS: dict[int, str] = {}
 
 def _kernel_image_reason(device: torch.device) -> str | None:
     """Why the GPU cannot run the cuda backend's kernels: an extension built for other
-    architectures (the Makefile builds for 9.0 only) would fail at its first launch, so
-    `auto` moves on to Triton instead. A compiled graph takes the answer of an eager call
+    architectures (e.g. TORCH_CUDA_ARCH_LIST=9.0 on an A100) would fail at its first launch,
+    so `auto` moves on to Triton instead. A compiled graph takes the answer of an eager call
     on the device, or assumes it can (it cannot call into the extension while tracing)."""
     index = torch.cuda.current_device() if device.index is None else device.index
     if index not in _KERNEL_IMAGE_ERRORS:

@@ -89,7 +89,7 @@ def test_available_backends_and_auto():
 
 
 def test_gpu_without_a_kernel_image_is_not_cuda(monkeypatch):
-    """A GPU the extension was not built for (e.g. the Makefile's 9.0-only build on an A100)
+    """A GPU the extension was not built for (e.g. a build for 9.0 only, on an A100)
     makes backend 'cuda' unavailable with the reason and a rebuild command, so `auto` takes
     the next backend, rather than failing at the first launch. The device is asked once;
     mocks stand in for the GPU and the extension."""
