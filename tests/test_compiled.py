@@ -8,10 +8,11 @@ import torch
 from amdim_kernels import available_backends, nce_loss
 from amdim_kernels.backends import cuda_scores
 from truth import (
-    FAR_BELOW_TCLIP, FAR_BELOW_TCLIP_TOL, KERNEL_OPTIONS, ODD_LAYOUTS, assert_captured_graph_matches_eager,
+    FAR_BELOW_TCLIP, KERNEL_OPTIONS, ODD_LAYOUTS, assert_captured_graph_matches_eager,
     assert_cuda_graph_replay_matches_eager, assert_float16_g_overflows_only_with_the_gradient,
     assert_float16_loss_scale, assert_gradients_of_each_output, assert_matches_truth,
-    assert_odd_layout_matches_reference, far_below_tclip_case, float64_truth, make_case, outputs_and_grads)
+    assert_odd_layout_matches_reference, far_below_tclip_case, far_below_tclip_tol, float64_truth, make_case,
+    outputs_and_grads)
 
 BACKENDS = [b for b, dev in (("cpp", "cpu"), ("cuda", "cuda")) if b in available_backends(dev)]
 DEVICE = {"cpp": "cpu", "cuda": "cuda"}
@@ -39,13 +40,15 @@ def test_compiled_float32(backend, shape, options):
     assert_matches_truth(make_case(n, m, l, d, pos=pos, device=DEVICE[backend], **options), torch.float32, backend)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("tclip, depth", FAR_BELOW_TCLIP, ids=str)
-def test_compiled_scores_far_below_tclip(backend, tclip, depth):
+def test_compiled_scores_far_below_tclip(backend, tclip, depth, dtype):
     """Before the running maximum past kMaxShiftTclip, tclip = 100 gave a loss of 0 and NaN
-    gradients here. (130, 70, 25): several tiles and, on the GPU, splits."""
+    gradients here. (130, 70, 25): several tiles and, on the GPU, splits; bfloat16 takes the
+    WMMA path there."""
     for _ in _each_score_path(backend):
-        case = far_below_tclip_case(130, 70, 25, 20, tclip, depth, device=DEVICE[backend])
-        assert_matches_truth(case, torch.float32, backend, tol=FAR_BELOW_TCLIP_TOL)
+        case = far_below_tclip_case(130, 70, 25, 20, tclip, depth, device=DEVICE[backend], dtype=dtype)
+        assert_matches_truth(case, dtype, backend, tol=far_below_tclip_tol(dtype))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

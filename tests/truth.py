@@ -76,14 +76,18 @@ def make_case(n, m, l, d, *, dtype=torch.float32, device="cpu", pos="arange", sp
 # term exp(s - tclip) >= exp(-80), a normal float32); past it the kernels take a running
 # maximum, and the clip must not lose a to rounding (tclip = 1e30: s = a).
 FAR_BELOW_TCLIP = [(20.0, 18.0), (40.0, 38.0), (100.0, 90.0), (1e30, 30.0)]
-# The extra error allowed there (every output): the GPU kernels form G at a score s from s -
-# tclip, up to 2 tclip = 80 in magnitude, where the reference forms s - neg_lse: about twice
-# its rounding, which d src's cancellation multiplies (Triton: 4e-5 against the reference's
-# 3e-5 at tclip 100, under the interpreter). A lost row is off by 1.
-FAR_BELOW_TCLIP_TOL = 1e-4
 
 
-def far_below_tclip_case(n, m, l, d, tclip, depth, *, pos="random", device="cpu") -> Case:
+def far_below_tclip_tol(dtype) -> float:
+    """The extra error allowed there (every output). float32: 1e-4, as the GPU kernels form G
+    at a score s from s - tclip, up to 2 tclip = 80 in magnitude, where the reference forms s
+    - neg_lse: about twice its rounding, which d src's cancellation multiplies (Triton: 4e-5
+    against the reference's 3e-5 at tclip 100, under the interpreter). 16-bit: EXTRA_TOL, G's
+    own rounding. A lost row is off by 1."""
+    return 1e-4 if dtype == torch.float32 else EXTRA_TOL[dtype]
+
+
+def far_below_tclip_case(n, m, l, d, tclip, depth, *, pos="random", device="cpu", dtype=torch.float32) -> Case:
     """Every score about -depth, positives included: a row's terms exp(s - tclip) are then all
     about exp(-depth - tclip), which float32 flushes to 0 past exp(-104) (GPUs past
     exp(-87)). A constant shift by tclip would lose the whole row there: a loss of 0 where
@@ -93,11 +97,10 @@ def far_below_tclip_case(n, m, l, d, tclip, depth, *, pos="random", device="cpu"
 
     The case is ill-conditioned for d src: each row's G sums to about 0 against targets that
     share one large direction, so d src is a small difference of large terms, and even the
-    float32 reference is off by up to 3e-5 (measured). Its tests take FAR_BELOW_TCLIP_TOL."""
+    float32 reference is off by up to 3e-5 (measured). Its tests take far_below_tclip_tol."""
     case = make_case(n, m, l, d, pos=pos, device=device, spread=0.3, tclip=tclip, reduction="none")
-    case.src += 1.0
-    case.trg *= 3.0
-    case.trg += -depth / math.sqrt(d)
+    case.src = (case.src + 1.0).to(dtype)
+    case.trg = (3.0 * case.trg - depth / math.sqrt(d)).to(dtype)
     return case
 
 
