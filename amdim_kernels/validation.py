@@ -60,6 +60,15 @@ def _check_float_tensor(name: str, x: object, ndim: int, layout: str) -> torch.T
     return x
 
 
+def _check_number(name: str, x: object) -> None:
+    """The float options are Python numbers: a tensor would be read back to the host on every
+    call, and a gradient to it silently dropped."""
+    if isinstance(x, torch.Tensor):
+        hint = (" (a learnable scale multiplies the sources: nce_loss(src * scale, trg, ..., scale=1.0)"
+                " carries its gradient)" if name == "scale" else "")
+        raise TypeError(f"{name} must be a Python number, got a tensor{hint}")
+
+
 def _finite(x: float) -> bool:
     # not math.isfinite: under torch.compile a float argument can be symbolic, and a
     # comparison is what the compiler can guard on (NaN fails it too)
@@ -138,6 +147,8 @@ def validate(
                 raise ValueError(f"pos_idx values must lie in [0, M) = [0, {m}), got values in [{lo}, {hi}]")
         pos_idx = pos_idx.to(torch.int64).contiguous()  # the kernels read it as a packed array
 
+    for name, value in (("tclip", tclip), ("reg_weight", reg_weight), ("scale", scale)):
+        _check_number(name, value)
     if tclip is not None:
         tclip = float(tclip)
         if not (tclip > 0 and _finite(tclip)):

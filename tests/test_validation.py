@@ -37,6 +37,10 @@ BAD = [  # (argument changes, exception, regex the message must match)
     (dict(pos_idx=()), TypeError, r"pos_idx as a tuple must hold Python ranges, got nothing"),
     (dict(pos_idx=(range(2), torch.arange(2))), TypeError, r"pos_idx as a tuple must hold Python ranges, got range, Tensor"),
     (dict(pos_idx={0, 1, 2, 3}), TypeError, r"pos_idx must be a torch.Tensor of shape \(N,\), a range or a tuple of ranges, got set"),
+    (dict(scale=torch.tensor(0.5, requires_grad=True)), TypeError,
+     r"scale must be a Python number, got a tensor \(a learnable scale multiplies the sources: nce_loss\(src \* scale"),
+    (dict(tclip=torch.tensor(20.0)), TypeError, r"tclip must be a Python number, got a tensor$"),
+    (dict(reg_weight=torch.tensor(0.05)), TypeError, r"reg_weight must be a Python number, got a tensor$"),
     (dict(pos_idx=(range(2), range(1))), ValueError, r"pos_idx must hold N = 4 indices, got \(range\(0, 2\), range\(0, 1\)\) of length 3"),
     (dict(pos_idx=(range(2), range(3, 5))), ValueError, r"pos_idx values must lie in \[0, M\) = \[0, 4\), got \(range\(0, 2\), range\(3, 5\)\)"),
     (dict(pos_idx=range(3)), ValueError, r"pos_idx must hold N = 4 indices, got range\(0, 3\) of length 3"),
@@ -118,6 +122,22 @@ def test_gpu_without_a_kernel_image_is_not_cuda(monkeypatch):
                                            r"kernels that this GPU \(compute capability 8.0\) can load: no kernel "
                                            r"image .* TORCH_CUDA_ARCH_LIST=8.0 pip install"):
         backends.resolve("cuda", a100)
+
+
+@pytest.mark.parametrize("backend", available_backends("cpu"))
+def test_a_learnable_scale_through_the_sources(backend):
+    """What the error for a tensor scale advises: src * t with scale=1.0 gives the loss of
+    scale=t and carries t's gradient, d/dt = <src, d src> / t (a scales with t)."""
+    src, trg = torch.randn(5, 8, requires_grad=True), torch.randn(5, 3, 8)
+    t = torch.tensor(0.7, requires_grad=True)
+    loss, reg = nce_loss(src * t, trg, scale=1.0, backend=backend)
+    (loss + reg).backward()
+    want_loss, want_reg = nce_loss(src, trg, scale=0.7, backend="reference")
+    torch.testing.assert_close((loss, reg), (want_loss, want_reg))
+    src_again = src.detach().requires_grad_()
+    loss, reg = nce_loss(src_again, trg, scale=0.7, backend="reference")
+    (loss + reg).backward()
+    torch.testing.assert_close(t.grad, (src.detach() * src_again.grad).sum() / 0.7, rtol=1e-5, atol=1e-6)
 
 
 def test_int32_pos_idx_is_accepted():
