@@ -203,21 +203,29 @@ def work_ops(p: problems.Problem = problems.CIFAR) -> None:
         print(f"| {backend} | {sum(ops.values())} | {of_which} |", flush=True)
 
 
+def _objective_step(b: int, d: int, backend: str, share_targets: bool = True, generator=None, **tensor_kw):
+    """One fwd+bwd of the trainer's objective (amdim.objective.multiscale_nce) on fresh
+    features of both views, (r1, r5, r7) each as the encoder leaves them (NCHW), with fixed
+    5->5 locations: a closure, so that every call repeats the same step."""
+    from amdim.objective import multiscale_nce
+
+    shapes = [(b, d), (b, d, 5, 5), (b, d, 7, 7)] * 2
+    feats = [torch.randn(s, generator=generator).to(**tensor_kw).requires_grad_() for s in shapes]
+    locations = tuple(torch.randint(0, 25, (b,), generator=generator) for _ in range(2))
+
+    def step():
+        total = multiscale_nce(tuple(feats[:3]), tuple(feats[3:]), backend=backend, locations=locations,
+                               share_targets=share_targets).total
+        torch.autograd.grad(total, feats)
+
+    return step
+
+
 def objective_ops(b: int = 8, d: int = 32) -> None:
     """The ops one fwd+bwd of the trainer's objective (amdim.objective.multiscale_nce, backend
     cpp) dispatches that launch work on a GPU, counted as --ops counts them: the nce ops and
     the rest (gathers, concatenations, the means, the gradients' accumulation)."""
-    from amdim.objective import multiscale_nce
-
-    gen = torch.Generator().manual_seed(0)
-    shapes = [(b, d), (b, d, 5, 5), (b, d, 7, 7)] * 2
-    feats = [torch.randn(s, generator=gen).requires_grad_() for s in shapes]
-    locations = (torch.randint(0, 25, (b,), generator=gen), torch.randint(0, 25, (b,), generator=gen))
-
-    def step():
-        total = multiscale_nce(tuple(feats[:3]), tuple(feats[3:]), backend="cpp", locations=locations).total
-        torch.autograd.grad(total, feats)
-
+    step = _objective_step(b, d, "cpp", generator=torch.Generator().manual_seed(0))
     step()
     with _WorkOps() as counted:
         step()
@@ -294,22 +302,13 @@ def objective(dtype=torch.bfloat16) -> None:
     (--objective, GPU): host ms, GPU kernel ms and kernels per step, and do_bench's median,
     on one GPU's features (CIFAR's B = 200, D = 1024, and ImageNet's B = 480, D = 1536,
     r5/r7 as the encoder leaves them, NCHW)."""
-    from amdim.objective import multiscale_nce
-
     print(f"multiscale_nce fwd+bwd, {dtype}, features NCHW")
     print("| B, D | backend | calls | host ms per step | GPU kernels ms per step | kernels per step | do_bench ms |")
     print("|---|---|---|---|---|---|---|")
     for b, d in ((200, 1024), (480, 1536)):
-        shapes = [(b, d), (b, d, 5, 5), (b, d, 7, 7)] * 2
-        feats = [torch.randn(s, device="cuda", dtype=dtype, requires_grad=True) for s in shapes]
-        locations = (torch.randint(0, 25, (b,)), torch.randint(0, 25, (b,)))
         for impl in ["triton"] + _cuda_impls():
             for share in (False, True):
-                def step(impl=impl, share=share):
-                    total = multiscale_nce(tuple(feats[:3]), tuple(feats[3:]), backend=impl.split(":")[0],
-                                           locations=locations, share_targets=share).total
-                    torch.autograd.grad(total, feats)
-
+                step = _objective_step(b, d, impl.split(":")[0], share, device="cuda", dtype=dtype)
                 with impl_context(impl):
                     step()
                     host = _host_ms(step)
