@@ -7,6 +7,12 @@ from . import backends
 from .validation import validate
 
 
+def _under_torch_func() -> bool:
+    """True inside a torch.func transform (grad, vjp, vmap, ...); False in a compiled graph,
+    whose tracing need not see the check."""
+    return not torch.compiler.is_compiling() and torch._C._functorch.maybe_current_level() is not None
+
+
 def nce_loss(
     src: torch.Tensor,
     trg: torch.Tensor,
@@ -45,4 +51,11 @@ def nce_loss(
     """
     problem = validate(src, trg, pos_idx, tclip, reg_weight, scale, reduction)
     name = backends.resolve(backend, src.device)
+    if name != "reference" and _under_torch_func():
+        # their autograd Functions are not functorch-aware: torch.func.grad would fail
+        # inside the backward, vmap at the first kernel, each with torch's own message
+        raise RuntimeError(
+            f"backend {name!r} does not support torch.func transforms (grad, vjp, vmap, ...): take "
+            "gradients with torch.autograd (loss.backward(), torch.autograd.grad), or use backend='reference'"
+        )
     return backends.implementation(name)(problem)

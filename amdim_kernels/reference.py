@@ -21,8 +21,14 @@ def nce_loss_reference(
     """Reference loss on validated inputs (see ``amdim_kernels.nce_loss`` for the API).
 
     Computes in float32 (or float64 when given float64, which gradcheck uses) after the
-    dot product, whatever the input dtype.
+    dot product, whatever the input dtype, and under autocast too: autocast would round the
+    scores to its 16-bit dtype and keep the rest there. The features come as they are.
     """
+    with torch.autocast(src.device.type, enabled=False):
+        return _nce_loss(src, trg, pos_idx, tclip, reg_weight, scale, reduction)
+
+
+def _nce_loss(src, trg, pos_idx, tclip, reg_weight, scale, reduction):
     n, _ = src.shape
     m, l, _ = trg.shape
     compute = torch.promote_types(src.dtype, torch.float32)

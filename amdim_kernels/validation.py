@@ -48,6 +48,7 @@ class Problem:
 def _check_float_tensor(name: str, x: object, ndim: int, layout: str) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape {layout}, got {type(x).__name__}")
+    _check_dense(name, x)
     if x.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions {layout}, got shape {tuple(x.shape)}")
     if x.dtype not in SUPPORTED_DTYPES:
@@ -58,6 +59,16 @@ def _check_float_tensor(name: str, x: object, ndim: int, layout: str) -> torch.T
         if size == 0:
             raise ValueError(f"{name} has {dim_name} = 0 (shape {tuple(x.shape)}); every dimension must be positive")
     return x
+
+
+def _check_dense(name: str, x: torch.Tensor) -> None:
+    """The kernels read strided memory: a sparse or nested tensor is refused by name (it
+    would otherwise fail inside a backend, each with its own message)."""
+    if x.is_nested:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got a nested tensor; pass one padded or "
+                        "concatenated tensor")
+    if x.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {x.layout}; call .to_dense() first")
 
 
 def _check_number(name: str, x: object) -> None:
@@ -130,6 +141,7 @@ def validate(
             raise TypeError(
                 f"pos_idx must be a torch.Tensor of shape (N,), a range or a tuple of ranges, got {type(pos_idx).__name__}"
             )
+        _check_dense("pos_idx", pos_idx)
         if pos_idx.dim() != 1 or pos_idx.shape[0] != n:
             raise ValueError(f"pos_idx must have shape (N,) = ({n},), got {tuple(pos_idx.shape)}")
         if pos_idx.dtype.is_floating_point or pos_idx.dtype.is_complex or pos_idx.dtype == torch.bool:

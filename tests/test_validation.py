@@ -22,6 +22,10 @@ BAD = [  # (argument changes, exception, regex the message must match)
     (dict(src=torch.randn(8)), ValueError, r"src must have 2 dimensions"),
     (dict(trg=torch.randn(4, 8)), ValueError, r"trg must have 3 dimensions \(M, L, D\)"),
     (dict(src=[[1.0]]), TypeError, r"src must be a torch.Tensor"),
+    (dict(src=torch.randn(4, 8).to_sparse()), TypeError,
+     r"src must be a dense \(strided\) tensor, got layout torch.sparse_coo; call .to_dense\(\) first"),
+    (dict(trg=torch.randn(4, 3, 8).to_sparse()), TypeError, r"trg must be a dense \(strided\) tensor"),
+    (dict(pos_idx=torch.arange(4).to_sparse()), TypeError, r"pos_idx must be a dense \(strided\) tensor"),
     (dict(trg=torch.randn(4, 3, 9)), ValueError, r"trg's last dimension must equal src's D = 8"),
     (dict(src=torch.randn(0, 8), pos_idx=torch.zeros(0, dtype=torch.long)), ValueError, r"src has N = 0"),
     (dict(trg=torch.randn(0, 3, 8)), ValueError, r"trg has M = 0"),
@@ -122,6 +126,66 @@ def test_gpu_without_a_kernel_image_is_not_cuda(monkeypatch):
                                            r"kernels that this GPU \(compute capability 8.0\) can load: no kernel "
                                            r"image .* TORCH_CUDA_ARCH_LIST=8.0 pip install"):
         backends.resolve("cuda", a100)
+
+
+# every backend that runs here, with its device; the reference's backward only after the
+# autocast block (inside it, autocast rounds the reference's backward products)
+AUTOCAST_CASES = [
+    pytest.param(backend, device, inside, marks=[pytest.mark.gpu] if device == "cuda" else [],
+                 id=f"{backend}-{device}-backward {'inside' if inside else 'after'}")
+    for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for backend in available_backends(device)
+    for inside in ([False] if backend == "reference" else [False, True])]
+
+
+@pytest.mark.parametrize("backend, device, backward_inside", AUTOCAST_CASES)
+def test_autocast_passes_features_through(backend, device, backward_inside):
+    """Under autocast every backend takes float32 features as they come and returns float32,
+    with the values and gradients it gives without autocast (the reference too, whose score
+    product autocast would round to bfloat16). The fused backends' backward gives them also
+    when it runs inside the autocast block, which PyTorch advises against."""
+    leaves = torch.randn(6, 16, device=device), torch.randn(6, 4, 16, device=device)
+    out = []
+    for enabled in (False, True):
+        src, trg = (x.clone().requires_grad_() for x in leaves)
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=enabled):
+            loss, reg = nce_loss(src, trg, backend=backend)
+            if backward_inside:
+                (loss + reg).backward()
+        if not backward_inside:
+            (loss + reg).backward()
+        out.append((loss, reg, src.grad, trg.grad))
+    assert all(x.dtype == torch.float32 for x in out[1])
+    torch.testing.assert_close(out[1], out[0])
+
+
+@pytest.mark.parametrize("backend", available_backends("cpu"))
+def test_torch_func_transforms_need_the_reference(backend):
+    """torch.func.grad of the reference is autograd's gradient; the fused backends, whose
+    autograd Functions are not functorch-aware, refuse every transform before any kernel
+    runs, naming the way out."""
+    src, trg = torch.randn(5, 8), torch.randn(5, 3, 8)
+
+    def total(s, t):
+        return sum(nce_loss(s, t, backend=backend))
+
+    if backend == "reference":
+        leaves = src.clone().requires_grad_(), trg.clone().requires_grad_()
+        want = torch.autograd.grad(total(*leaves), leaves)
+        torch.testing.assert_close(torch.func.grad(total, argnums=(0, 1))(src, trg), want)
+        return
+    transforms = (torch.func.grad(total), lambda s, t: torch.func.vjp(total, s, t),
+                  lambda s, t: torch.func.vmap(total)(s.expand(2, 5, 8), t.expand(2, 5, 3, 8)))
+    for transform in transforms:
+        with pytest.raises(RuntimeError, match=rf"backend '{backend}' does not support torch.func transforms.*"
+                                               r"torch.autograd.*backend='reference'"):
+            transform(src, trg)
+
+
+def test_nested_tensors_are_refused():
+    nested = torch.nested.nested_tensor([torch.randn(4, 8)], layout=torch.jagged)
+    with pytest.raises(TypeError, match=r"src must be a dense \(strided\) tensor, got a nested tensor"):
+        call(src=nested)
 
 
 @pytest.mark.parametrize("backend", available_backends("cpu"))
