@@ -25,7 +25,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from amdim_kernels.triton_nce import kernels, launch
+from amdim_kernels.triton_nce import backward_kernels, forward_kernels, launch
 
 from . import problems
 
@@ -210,18 +210,18 @@ def rows(p, dtype, tile_configs, arch: int, clips=(True, False), loads=("tma",))
         for tma in (way == "tma" for way in loads):
             for cfg in tile_configs:
                 for name, kernel, args, cap in (
-                    ("fwd plain", kernels.nce_fwd_kernel, forward_args(p, dtype, cfg, clip, tma, False),
+                    ("fwd plain", forward_kernels.nce_fwd_kernel, forward_args(p, dtype, cfg, clip, tma, False),
                      cfg.plain_max_registers),
-                    ("fwd masked", kernels.nce_fwd_kernel, forward_args(p, dtype, cfg, clip, tma, True), None),
-                    ("grad", kernels.nce_grad_tile_kernel, grad_args(p, dtype, cfg, clip, tma), cfg.plain_max_registers),
+                    ("fwd masked", forward_kernels.nce_fwd_kernel, forward_args(p, dtype, cfg, clip, tma, True), None),
+                    ("grad", backward_kernels.nce_grad_tile_kernel, grad_args(p, dtype, cfg, clip, tma), cfg.plain_max_registers),
                 ):
                     resources = compile_resources(kernel, args, cfg.num_warps, cfg.num_stages, arch, cap)
                     yield name, "tma" if tma else "pointers", clip, cfg, resources
-        merge = compile_resources(kernels.nce_merge_kernel, merge_args(p, clip), 4, 1, arch)
+        merge = compile_resources(forward_kernels.nce_merge_kernel, merge_args(p, clip), 4, 1, arch)
         yield "merge", "-", clip, None, merge
-        factors = compile_resources(kernels.nce_grad_factors_kernel, factors_args(p, clip), 4, 1, arch)
+        factors = compile_resources(backward_kernels.nce_grad_factors_kernel, factors_args(p, clip), 4, 1, arch)
         yield "factors", "-", clip, None, factors
-    yield "totals", "-", None, None, compile_resources(kernels.nce_totals_kernel, totals_args(p), 4, 1, arch)
+    yield "totals", "-", None, None, compile_resources(forward_kernels.nce_totals_kernel, totals_args(p), 4, 1, arch)
 
 
 def main(argv=None):

@@ -87,7 +87,7 @@ def test_triton_float16_g_overflows_only_with_the_gradient():
 @pytest.mark.parametrize("need_trg", [False, True])
 def test_triton_gradient_scale_is_the_largest_power_that_fits(need_trg):
     """2^k is the largest power of two with bound * 2^k <= 2^15, the bound taken over G's
-    entries (kernels.nce_grad_scale_kernel) and, with need_trg, its growth through
+    entries (backward_kernels.nce_grad_scale_kernel) and, with need_trg, its growth through
     G^T @ src; a NaN gives NaN, a zero gradient a finite 2^100."""
     from amdim_kernels.triton_nce import launch
 
@@ -134,7 +134,7 @@ def test_triton_positives_are_the_raw_scores(shape, dtype, strategy):
 
 def test_masked_tiles_must_divide_the_sorting_tiles():
     """The masked launch's narrower tiles must not straddle two of the tiles both launches
-    sort by (kernels.nce_fwd_kernel's PLAIN_J)."""
+    sort by (forward_kernels.nce_fwd_kernel's PLAIN_J)."""
     from amdim_kernels.triton_nce import launch
 
     assert launch.TileConfig(128, 128, 64, 8, 3, masked_block_j=32).masked.block_j == 32

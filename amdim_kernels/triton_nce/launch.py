@@ -24,8 +24,8 @@ import torch
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..backends import triton_interpreting
-from .kernels import (nce_fwd_kernel, nce_grad_factors_kernel, nce_grad_scale_kernel, nce_grad_tile_kernel,
-                      nce_merge_kernel, nce_totals_kernel)
+from .backward_kernels import nce_grad_factors_kernel, nce_grad_scale_kernel, nce_grad_tile_kernel
+from .forward_kernels import nce_fwd_kernel, nce_merge_kernel, nce_totals_kernel
 
 STRATEGIES = ("fused", "gemm")
 # None: the measured default per dtype (`score_strategy`); benchmarks and tests may pin one.
@@ -53,7 +53,7 @@ GRID_Y_MAX = 65535
 # The largest tclip whose constant shift the tile kernels take (exp(s - tclip) >= exp(-80), a
 # normal float32); a larger one takes the running maximum. csrc/nce_math.h's kMaxShiftTclip.
 MAX_SHIFT_TCLIP = 40.0
-# Locations a step of the forward's copy of the positives (kernels._store_positives): the
+# Locations a step of the forward's copy of the positives (forward_kernels._store_positives): the
 # product's N, so at least tl.dot's 16; more spills at (128, 64) tiles on sm_90.
 SELECT_LOCATIONS = 16
 
@@ -70,7 +70,7 @@ class TileConfig:
     plain_max_registers: int | None = None
     # the forward's masked launch scores its tiles this many columns at a time (a divisor of
     # block_j; None: block_j): narrower tiles leave the registers that copying the positives
-    # out of them takes (kernels._store_positives)
+    # out of them takes (forward_kernels._store_positives)
     masked_block_j: int | None = None
 
     def __post_init__(self):
