@@ -48,6 +48,9 @@ def nce_loss(
     Returns:
         ``(loss, reg)``: float32 tensors; the trainer adds them. ``loss`` is a scalar, or
         (N, L) with ``reduction="none"``; ``reg`` is always a scalar.
+
+    Differentiate with torch.autograd: the fused backends give first derivatives, and
+    refuse torch.func transforms (grad, vjp, vmap); ``backend="reference"`` supports both.
     """
     problem = validate(src, trg, pos_idx, tclip, reg_weight, scale, reduction)
     name = backends.resolve(backend, src.device)
