@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from .autocast_off import autocast_off
+
 
 def nce_loss_reference(
     src: torch.Tensor,
@@ -24,7 +26,7 @@ def nce_loss_reference(
     dot product, whatever the input dtype, and under autocast too: autocast would round the
     scores to its 16-bit dtype and keep the rest there. The features come as they are.
     """
-    with torch.autocast(src.device.type, enabled=False):
+    with autocast_off(src.device):
         return _nce_loss(src, trg, pos_idx, tclip, reg_weight, scale, reduction)
 
 

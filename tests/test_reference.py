@@ -77,3 +77,14 @@ def test_non_finite_input_gives_nan(bad, where, tclip):
     (case.src if where == "src" else case.trg).view(-1)[5] = bad
     loss, _ = nce_loss(case.src, case.trg, tclip=tclip, backend="reference")
     assert torch.isnan(loss)
+
+
+@pytest.mark.parametrize("reduction, shape", [("mean", ()), ("none", (6, 3))])
+def test_meta_tensors_give_the_output_shapes(reduction, shape):
+    """The reference runs on meta tensors (shapes and dtypes, no data): for sizing a problem
+    without memory, and for tracers that need no kernel."""
+    src = torch.empty(6, 8, device="meta", dtype=torch.bfloat16)
+    trg = torch.empty(9, 3, 8, device="meta", dtype=torch.bfloat16)
+    loss, reg = nce_loss(src, trg, range(6), reduction=reduction, backend="reference")
+    assert (loss.device.type, loss.shape, loss.dtype) == ("meta", shape, torch.float32)
+    assert (reg.device.type, reg.shape, reg.dtype) == ("meta", (), torch.float32)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from ..autocast_off import autocast_off
 from ..registration import fwd_call, loss_and_reg, register
 from ..validation import Problem
 from . import launch
@@ -29,7 +30,7 @@ def forward(src: torch.Tensor, trg: torch.Tensor, pos_idx: torch.Tensor, tclip: 
     """loss (N, L), pos (N, L), neg_lse (N,), sq (N,), mean (), reg (): registration.py's fwd,
     with pos the positives' raw scores a (their clip is formed again from them, and the
     regulariser's gradient there needs a itself)."""
-    with launch.on_device_of(src), launch.without_autocast(src):
+    with launch.on_device_of(src), autocast_off(src.device):
         stats = launch.forward(src, trg, pos_idx, tclip, scale, reg_weight, strategy)
     return stats.loss, stats.a_pos, stats.neg_lse, stats.sq, stats.mean, stats.reg
 
@@ -59,7 +60,7 @@ def backward(src: torch.Tensor, trg: torch.Tensor, pos_idx: torch.Tensor, pos: t
     upstream gradient) and could overflow under a loss scaler's large one, so float16 G is
     stored times a power of two found on the device (launch.gradient_scale), and d src's
     float32 sum and d trg are multiplied back, exactly, by its inverse."""
-    with launch.on_device_of(src), launch.without_autocast(src):
+    with launch.on_device_of(src), autocast_off(src.device):
         return _backward(src, trg, pos_idx, pos, neg_lse, sq, grad_loss, loss_weight, grad_sq, sq_weight, tclip,
                          scale, strategy, need_src, need_trg)
 

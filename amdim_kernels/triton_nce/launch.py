@@ -174,15 +174,6 @@ def on_device_of(x: torch.Tensor) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def without_autocast(x: torch.Tensor) -> contextlib.AbstractContextManager:
-    """Autocast off for the calls inside, where it is on for x's device: the features come as
-    they are, and the score and gradient products keep their dtype and float32 output
-    (autocast would round a float32 product to its 16-bit dtype)."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.autocast(x.device.type, enabled=False)
-    return contextlib.nullcontext()
-
-
 def tf32_allowed() -> bool:
     """Whether torch lets float32 matmuls on CUDA use TF32, as cuBLAS reads it. torch 2.9+
     has a newer setting (torch.backends.fp32_precision and .cuda.matmul.fp32_precision,
