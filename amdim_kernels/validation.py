@@ -1,7 +1,7 @@
 """Checks on the arguments of ``nce_loss``, run before any kernel.
 
-Each failure raises ``ValueError`` (bad value or shape) or ``TypeError`` (bad dtype) with a
-message naming the argument and what was expected.
+Each failure raises ``ValueError`` (bad value, shape or device) or ``TypeError`` (bad type,
+dtype or layout) with a message naming the argument and what was expected.
 """
 from __future__ import annotations
 

@@ -213,7 +213,8 @@ def rows(p, dtype, tile_configs, arch: int, clips=(True, False), loads=("tma",))
                     ("fwd plain", forward_kernels.nce_fwd_kernel, forward_args(p, dtype, cfg, clip, tma, False),
                      cfg.plain_max_registers),
                     ("fwd masked", forward_kernels.nce_fwd_kernel, forward_args(p, dtype, cfg, clip, tma, True), None),
-                    ("grad", backward_kernels.nce_grad_tile_kernel, grad_args(p, dtype, cfg, clip, tma), cfg.plain_max_registers),
+                    ("grad", backward_kernels.nce_grad_tile_kernel, grad_args(p, dtype, cfg, clip, tma),
+                     cfg.plain_max_registers),
                 ):
                     resources = compile_resources(kernel, args, cfg.num_warps, cfg.num_stages, arch, cap)
                     yield name, "tma" if tma else "pointers", clip, cfg, resources

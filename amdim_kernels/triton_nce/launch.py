@@ -53,8 +53,8 @@ GRID_Y_MAX = 65535
 # The largest tclip whose constant shift the tile kernels take (exp(s - tclip) >= exp(-80), a
 # normal float32); a larger one takes the running maximum. csrc/nce_math.h's kMaxShiftTclip.
 MAX_SHIFT_TCLIP = 40.0
-# Locations a step of the forward's copy of the positives (forward_kernels._store_positives): the
-# product's N, so at least tl.dot's 16; more spills at (128, 64) tiles on sm_90.
+# Locations a step of the forward's copy of the positives (forward_kernels._store_positives):
+# the product's N, so at least tl.dot's 16; more spills at (128, 64) tiles on sm_90.
 SELECT_LOCATIONS = 16
 
 
