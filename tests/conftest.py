@@ -1,4 +1,5 @@
 import os
+import random
 
 import pytest
 import torch
@@ -7,6 +8,14 @@ import torch
 # switched on before any kernel is decorated, i.e. before amdim_kernels.triton_nce is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_configure(config):
+    """One seed per run for the tests that draw their problems (test_random_problems.py),
+    unless AMDIM_TEST_SEED is set; xdist's workers inherit it from this process, so they
+    collect the same problems."""
+    if not hasattr(config, "workerinput"):  # the main process, not an xdist worker
+        os.environ.setdefault("AMDIM_TEST_SEED", str(random.SystemRandom().randrange(2 ** 31)))
 
 
 def pytest_collection_modifyitems(config, items):
