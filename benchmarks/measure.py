@@ -7,12 +7,11 @@ import time
 from collections.abc import Callable
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 
 def median_ms(fn: Callable[[], object], device: str, reps: int = 20, warmup: int = 3) -> float:
     """Median wall time of fn() in milliseconds, warm-up excluded; CUDA events on a GPU."""
-    if device == "cpu":
-        _malloc_mode(precise_rss=False)
     for _ in range(warmup):
         fn()
     times = []
@@ -33,49 +32,38 @@ def median_ms(fn: Callable[[], object], device: str, reps: int = 20, warmup: int
     return statistics.median(times)
 
 
-# glibc's malloc decides whether a freed CPU tensor goes back to the OS, which matters both
-# ways on the CPU: timings must see the allocator as a long-running process does, and the
-# peak-RSS reading must see every large allocation of the call.
+# glibc's malloc decides whether a freed CPU tensor goes back to the OS, and so whether the
+# next allocation faults its pages in again: timings must see the allocator as a
+# long-running process does. Its dynamic threshold would settle at the largest freed block,
+# at most 32 MiB, and freed heap memory stays for reuse; these settings start it there (a
+# small fixed threshold would make every large temporary fault its pages in again, slowing
+# eager PyTorch the most).
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-try:
-    _libc = ctypes.CDLL("libc.so.6")
-except OSError:
-    _libc = None
 
 
-def _malloc_mode(precise_rss: bool) -> None:
-    """precise_rss: blocks over 64 KiB are mapped and unmapped one by one, so each one
-    raises the resident set (and its peak) when allocated and lowers it when freed; the free
-    memory the heap holds is handed back first (malloc_trim), so that a block reused from it
-    faults its pages in again and counts too. Else
-    glibc's steady state in a loop: its dynamic threshold settles at the largest freed block,
-    at most 32 MiB, and freed heap memory stays for reuse (a fixed small threshold would make
-    every large temporary fault its pages in again, slowing eager PyTorch the most)."""
-    if _libc is None:
+def _steady_state_malloc() -> None:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
         return
-    mmap_threshold = 64 * 1024 if precise_rss else 32 * 2**20
-    _libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)
-    _libc.mallopt(_M_TRIM_THRESHOLD, 2 * mmap_threshold)
-    if precise_rss:
-        _libc.malloc_trim(0)
+    libc.mallopt(_M_MMAP_THRESHOLD, 32 * 2**20)
+    libc.mallopt(_M_TRIM_THRESHOLD, 64 * 2**20)
 
 
-_malloc_mode(precise_rss=False)
-
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
+_steady_state_malloc()
 
 
 def peak_extra_bytes(fn: Callable[[], object], device: str) -> int:
-    """Peak memory fn() allocates beyond what is live when it starts (outputs included).
+    """Peak memory of the tensors fn() allocates beyond those live when it starts (its
+    outputs included).
 
-    GPU: torch.cuda.max_memory_allocated. CPU: peak resident set (VmHWM, reset through
-    /proc/self/clear_refs) over the resident set at the start.
+    GPU: torch.cuda.max_memory_allocated. CPU: the same count, from the profiler's record of
+    every tensor allocation and free (profile_memory=True), summed in time order: what the
+    call's tensors hold at their peak, the C++ ops' included, and nothing else. The resident
+    set, read before (until session 14), also took in what the call does not own (MKL's
+    buffers, pages the heap kept from an earlier call), so its reading depended on what ran
+    before: cpp's workspace at N = M = 256, D = 256 read 2.4 MiB alone and 7-11 MiB after
+    the reference, where this count gives 3.2 MiB either way.
     """
     if device == "cuda":
         torch.cuda.synchronize()
@@ -84,12 +72,13 @@ def peak_extra_bytes(fn: Callable[[], object], device: str) -> int:
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
-    _malloc_mode(precise_rss=True)
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the high-water mark to the current resident set
-        base = _rss_kib("VmRSS")
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-        return 1024 * max(0, _rss_kib("VmHWM") - base)
-    finally:
-        _malloc_mode(precise_rss=False)
+    # a "[memory]" event per allocation (bytes > 0) and free (bytes < 0)
+    changes = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                     if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in changes:
+        live += nbytes
+        peak = max(peak, live)
+    return peak

@@ -9,8 +9,8 @@ log steps) on one fixed batch of generated 32 px images, so data loading is left
 backend starts from the same weights. Per backend: the median step time and images/s (2
 views x batch, as the trainer counts them); the loss's own time, from multiscale_nce
 forward+backward alone on the encoder's detached features; the first step's loss, which
-must agree across backends; and the step's peak extra memory (CUDA allocator on a GPU,
-resident set on the CPU). The backends' runs live side by side and are timed in
+must agree across backends; and the step's peak extra memory (its tensors at their peak:
+the CUDA allocator's count on a GPU, the profiler's on the CPU). The backends' runs live side by side and are timed in
 interleaved rounds, in alternating order, so that warm-up and order effects (10% on a
 shared CPU) fall on all of them alike.
 """

@@ -14,10 +14,26 @@ import torch
 
 from amdim_kernels import available_backends
 from benchmarks import host_overhead, problems, run, train_throughput
+from benchmarks.measure import peak_extra_bytes
 from benchmarks.peers import available_peers
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_BACKENDS = [b for b in available_backends("cpu") if b != "triton"]  # the interpreter is too slow to time
+
+
+def test_cpu_peak_counts_the_tensors_a_call_holds():
+    """The CPU's peak extra memory is that of the call's tensors at their peak, outputs
+    included, and nothing of what was live before: 1 MiB kept plus 3 MiB freed inside, while
+    the 2 MiB made before the call do not count."""
+    live_before = torch.ones(2 * 2**20, dtype=torch.uint8)
+
+    def call():
+        kept = torch.ones(2**20, dtype=torch.uint8)
+        temporary = torch.ones(3 * 2**20, dtype=torch.uint8)  # freed as the call returns
+        return kept.add_(temporary[0])
+
+    assert peak_extra_bytes(call, "cpu") == 4 * 2**20
+    assert live_before.numel() == 2 * 2**20
 
 
 def test_sweep_rows_and_files(tmp_path):
