@@ -74,7 +74,8 @@ def peak_extra_bytes(fn: Callable[[], object], device: str) -> int:
         return torch.cuda.max_memory_allocated() - base
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    # a "[memory]" event per allocation (bytes > 0) and free (bytes < 0)
+    # a "[memory]" event per allocation (bytes > 0) and free (bytes < 0), from the raw event
+    # list: prof.events() (torch 2.14) keeps too few of them to follow the live bytes
     changes = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
                      if e.name() == "[memory]")
     live = peak = 0

@@ -19,7 +19,7 @@ from truth import assert_matches_truth, float64_truth, make_case
 # conftest.py draws it once per run and passes it to pytest-xdist's workers, which must all
 # collect the same problems
 SEED = int(os.environ["AMDIM_TEST_SEED"])
-PROBLEMS = 10  # per backend and device: about 5 s for Triton under the interpreter
+PROBLEMS = 10  # per backend and device: 3-23 s in all here, most of it Triton's interpreter
 
 # Sizes around the kernels' blocks (row blocks of 16-128, column tiles of 32-128, K steps
 # of 16-64) and the edge cases (one row, one image, one location, one feature).
