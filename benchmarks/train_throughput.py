@@ -10,9 +10,9 @@ backend starts from the same weights. Per backend: the median step time and imag
 views x batch, as the trainer counts them); the loss's own time, from multiscale_nce
 forward+backward alone on the encoder's detached features; the first step's loss, which
 must agree across backends; and the step's peak extra memory (its tensors at their peak:
-the CUDA allocator's count on a GPU, the profiler's on the CPU). The backends' runs live side by side and are timed in
-interleaved rounds, in alternating order, so that warm-up and order effects (10% on a
-shared CPU) fall on all of them alike.
+the CUDA allocator's count on a GPU, the profiler's on the CPU). The backends' runs live
+side by side and are timed in interleaved rounds, in alternating order, so that warm-up
+and order effects (10% on a shared CPU) fall on all of them alike.
 """
 from __future__ import annotations
 

@@ -8,7 +8,8 @@
 //
 //   forward:  grid (row blocks, splits); a block walks its split's column tiles in order and
 //             keeps, per row, sum a^2 and the negatives' sum of exp(s - shift) (shift = tclip
-//             with clipping up to tclip = 40, else a running maximum per lane); the positives are written out.
+//             with clipping up to tclip = 40, else a running maximum per lane); the positives
+//             are written out.
 //             nce_merge_kernel (nce_cuda_kernels.cu) folds the splits in a fixed order.
 //   backward: grid (row blocks, column tiles of one chunk); G = scale * d(loss + reg)/da.
 //

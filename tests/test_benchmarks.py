@@ -33,7 +33,7 @@ def test_cpu_peak_counts_the_tensors_a_call_holds():
         return kept.add_(temporary[0])
 
     assert peak_extra_bytes(call, "cpu") == 4 * 2**20
-    assert live_before.numel() == 2 * 2**20
+    del live_before  # live through the call
 
 
 def test_sweep_rows_and_files(tmp_path):

@@ -13,8 +13,7 @@ import random
 import pytest
 import torch
 
-from amdim_kernels import available_backends
-from truth import assert_matches_truth, float64_truth, make_case
+from truth import assert_matches_truth, backends_here, float64_truth, make_case
 
 # conftest.py draws it once per run and passes it to pytest-xdist's workers, which must all
 # collect the same problems
@@ -59,15 +58,11 @@ def _describe(problem: dict) -> str:
 
 def _cases():
     rng = random.Random(SEED)
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    for device in devices:
-        for backend in available_backends(device):
-            if backend == "reference":
-                continue
-            for _ in range(PROBLEMS):
-                problem = draw(rng)
-                marks = [pytest.mark.gpu] if device == "cuda" else []
-                yield pytest.param(backend, device, problem, marks=marks, id=f"{backend}-{device}-{_describe(problem)}")
+    for here in backends_here(fused_only=True):
+        backend, device = here.values
+        for _ in range(PROBLEMS):
+            problem = draw(rng)
+            yield pytest.param(backend, device, problem, marks=here.marks, id=f"{backend}-{device}-{_describe(problem)}")
 
 
 @pytest.mark.parametrize("backend, device, problem", list(_cases()))

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from amdim_kernels import available_backends, nce_loss
+from truth import backends_here
 
 
 def good():
@@ -131,10 +132,9 @@ def test_gpu_without_a_kernel_image_is_not_cuda(monkeypatch):
 # every backend that runs here, with its device; the reference's backward only after the
 # autocast block (inside it, autocast rounds the reference's backward products)
 AUTOCAST_CASES = [
-    pytest.param(backend, device, inside, marks=[pytest.mark.gpu] if device == "cuda" else [],
+    pytest.param(backend, device, inside, marks=here.marks,
                  id=f"{backend}-{device}-backward {'inside' if inside else 'after'}")
-    for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    for backend in available_backends(device)
+    for here in backends_here() for backend, device in [here.values]
     for inside in ([False] if backend == "reference" else [False, True])]
 
 

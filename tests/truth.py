@@ -49,6 +49,19 @@ class Case:
         return dict(tclip=self.tclip, reg_weight=self.reg_weight, scale=self.scale, reduction=self.reduction)
 
 
+def backends_here(fused_only: bool = False) -> list:
+    """(backend, device) for every backend that runs on this machine, the CPU's first, each as
+    a pytest.param marked `gpu` on a CUDA device; fused_only leaves the reference out."""
+    import pytest
+
+    from amdim_kernels import available_backends
+
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    return [pytest.param(backend, device, marks=[pytest.mark.gpu] if device == "cuda" else [])
+            for device in devices for backend in available_backends(device)
+            if not (fused_only and backend == "reference")]
+
+
 def make_case(n, m, l, d, *, dtype=torch.float32, device="cpu", pos="arange", spread=4.0,
               trg_layout="contiguous", src_layout="contiguous", **options) -> Case:
     """Fresh random inputs; `spread` scales src so that scores reach the tanh's bend.
