@@ -12,6 +12,7 @@ import os
 import shutil
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 from torchvision import datasets
@@ -81,6 +82,30 @@ class TwoViews:
     def __call__(self, img):
         img = self.prepare(img)
         return self.view(img), self.view(img)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of one sample's augmentation: (seed, epoch, index) mixed by numpy's SeedSequence,
+    so that nearby triples give unrelated streams."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint64)[0])
+
+
+class SeededAugmentation(Dataset):
+    """`dataset` whose sample `index` is augmented from its own seed, sample_seed(seed, epoch,
+    index), inside torch.random.fork_rng: the views of a sample depend on neither the order nor
+    the process that fetches them (DataLoader workers, a run resumed mid-epoch), and fetching
+    leaves the caller's RNG as it was."""
+
+    def __init__(self, dataset: Dataset, seed: int, epoch: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        with torch.random.fork_rng(devices=()):  # the CPU RNG only: the transforms draw from it
+            torch.manual_seed(sample_seed(self.seed, self.epoch, index))
+            return self.dataset[index]
 
 
 def test_transform(spec: DatasetSpec) -> v2.Compose:
