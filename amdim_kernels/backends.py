@@ -138,7 +138,8 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
 
 
 def resolve(name: str, device: torch.device) -> str:
-    """The backend that runs for `name` ('auto' or a backend) on `device`; raises if unavailable."""
+    """The backend that runs for `name` ('auto' or a backend) on `device`; an unavailable one
+    is a ValueError, as every other bad argument of nce_loss, naming why it cannot run."""
     if name == "auto":
         for candidate in AUTO_ORDER.get(device.type, ("reference",)):
             if unavailable_reason(candidate, device) is None:
@@ -146,7 +147,7 @@ def resolve(name: str, device: torch.device) -> str:
         return "reference"
     reason = unavailable_reason(name, device)
     if reason is not None:
-        raise RuntimeError(f"backend {name!r} is not available: {reason}")
+        raise ValueError(f"backend {name!r} is not available: {reason}")
     return name
 
 

@@ -6,6 +6,7 @@ dtype or layout) with a message naming the argument and what was expected.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -71,13 +72,20 @@ def _check_dense(name: str, x: torch.Tensor) -> None:
         raise TypeError(f"{name} must be a dense (strided) tensor, got layout {x.layout}; call .to_dense() first")
 
 
-def _check_number(name: str, x: object) -> None:
-    """The float options are Python numbers: a tensor would be read back to the host on every
-    call, and a gradient to it silently dropped."""
+def _check_number(name: str, x: object, none_means: str | None = None) -> None:
+    """The float options are Python numbers (None too, where `none_means` says what it
+    means): a tensor would be read back to the host on every call and a gradient to it
+    silently dropped; a string or a bool would be silently reinterpreted as a number."""
+    if x is None and none_means is not None:
+        return
+    expected = f"a Python number{f' or None ({none_means})' if none_means else ''}"
     if isinstance(x, torch.Tensor):
         hint = (" (a learnable scale multiplies the sources: nce_loss(src * scale, trg, ..., scale=1.0)"
                 " carries its gradient)" if name == "scale" else "")
-        raise TypeError(f"{name} must be a Python number, got a tensor{hint}")
+        raise TypeError(f"{name} must be {expected}, got a tensor{hint}")
+    # SymFloat and SymInt: the symbolic numbers of a torch.compile'd caller
+    if isinstance(x, bool) or not isinstance(x, (numbers.Real, torch.SymFloat, torch.SymInt)):
+        raise TypeError(f"{name} must be {expected}, got {type(x).__name__} {x!r}")
 
 
 def _finite(x: float) -> bool:
@@ -159,8 +167,9 @@ def validate(
                 raise ValueError(f"pos_idx values must lie in [0, M) = [0, {m}), got values in [{lo}, {hi}]")
         pos_idx = pos_idx.to(torch.int64).contiguous()  # the kernels read it as a packed array
 
-    for name, value in (("tclip", tclip), ("reg_weight", reg_weight), ("scale", scale)):
-        _check_number(name, value)
+    _check_number("tclip", tclip, none_means="no clipping")
+    _check_number("reg_weight", reg_weight)
+    _check_number("scale", scale, none_means="1/sqrt(D)")
     if tclip is not None:
         tclip = float(tclip)
         if not (tclip > 0 and _finite(tclip)):

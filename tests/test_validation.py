@@ -1,6 +1,7 @@
 """Every bad input is refused before any kernel runs, with a message naming the argument."""
 from unittest import mock
 
+import numpy as np
 import pytest
 import torch
 
@@ -43,9 +44,16 @@ BAD = [  # (argument changes, exception, regex the message must match)
     (dict(pos_idx=(range(2), torch.arange(2))), TypeError, r"pos_idx as a tuple must hold Python ranges, got range, Tensor"),
     (dict(pos_idx={0, 1, 2, 3}), TypeError, r"pos_idx must be a torch.Tensor of shape \(N,\), a range or a tuple of ranges, got set"),
     (dict(scale=torch.tensor(0.5, requires_grad=True)), TypeError,
-     r"scale must be a Python number, got a tensor \(a learnable scale multiplies the sources: nce_loss\(src \* scale"),
-    (dict(tclip=torch.tensor(20.0)), TypeError, r"tclip must be a Python number, got a tensor$"),
+     r"scale must be a Python number or None \(1/sqrt\(D\)\), got a tensor \(a learnable scale multiplies the sources: nce_loss\(src \* scale"),
+    (dict(tclip=torch.tensor(20.0)), TypeError, r"tclip must be a Python number or None \(no clipping\), got a tensor$"),
     (dict(reg_weight=torch.tensor(0.05)), TypeError, r"reg_weight must be a Python number, got a tensor$"),
+    (dict(tclip="abc"), TypeError, r"tclip must be a Python number or None \(no clipping\), got str 'abc'$"),
+    (dict(tclip="20"), TypeError, r"tclip must be a Python number or None \(no clipping\), got str '20'$"),
+    (dict(tclip=True), TypeError, r"tclip must be a Python number or None \(no clipping\), got bool True$"),
+    (dict(reg_weight=None), TypeError, r"reg_weight must be a Python number, got NoneType None$"),
+    (dict(reg_weight="0.05"), TypeError, r"reg_weight must be a Python number, got str '0.05'$"),
+    (dict(scale="0.25"), TypeError, r"scale must be a Python number or None \(1/sqrt\(D\)\), got str '0.25'$"),
+    (dict(scale=[0.25]), TypeError, r"scale must be a Python number or None \(1/sqrt\(D\)\), got list \[0.25\]$"),
     (dict(pos_idx=(range(2), range(1))), ValueError, r"pos_idx must hold N = 4 indices, got \(range\(0, 2\), range\(0, 1\)\) of length 3"),
     (dict(pos_idx=(range(2), range(3, 5))), ValueError, r"pos_idx values must lie in \[0, M\) = \[0, 4\), got \(range\(0, 2\), range\(3, 5\)\)"),
     (dict(pos_idx=range(3)), ValueError, r"pos_idx must hold N = 4 indices, got range\(0, 3\) of length 3"),
@@ -72,6 +80,17 @@ def test_bad_input_is_refused(changes, exc, match):
         call(**changes)
 
 
+@pytest.mark.parametrize("options", [dict(tclip=20, reg_weight=0, scale=1), dict(
+    tclip=np.float32(20.0), reg_weight=np.float64(0.05), scale=np.float32(0.25))], ids=["int", "numpy"])
+def test_numbers_of_any_real_type_are_taken(options):
+    """ints and numpy scalars are Python numbers (numbers.Real) and mean their value."""
+    as_float = {k: float(v) for k, v in options.items()}
+    inputs = good()
+    for got, want in zip(call(**inputs, **options, backend="reference"),
+                         call(**inputs, **as_float, backend="reference")):
+        assert torch.equal(got, want)
+
+
 def test_meta_tensors_on_other_device_are_refused():
     with pytest.raises(ValueError, match=r"src and trg must be on the same device, got src on cpu and trg on meta"):
         call(trg=torch.randn(4, 3, 8, device="meta"))
@@ -81,9 +100,9 @@ def test_meta_tensors_on_other_device_are_refused():
 
 def test_unavailable_backend_says_why():
     if "cpp" not in available_backends("cpu"):
-        with pytest.raises(RuntimeError, match=r"backend 'cpp' is not available: .*not built"):
+        with pytest.raises(ValueError, match=r"backend 'cpp' is not available: .*not built"):
             call(backend="cpp")
-    with pytest.raises(RuntimeError, match=r"backend 'cuda' is not available: .*needs CUDA tensors"):
+    with pytest.raises(ValueError, match=r"backend 'cuda' is not available: .*needs CUDA tensors"):
         call(backend="cuda")
 
 
@@ -123,7 +142,7 @@ def test_gpu_without_a_kernel_image_is_not_cuda(monkeypatch):
         assert backends.resolve("auto", h100) == "cuda"
         assert backends.resolve("auto", a100) == "triton"
     assert asked == [0, 1]
-    with pytest.raises(RuntimeError, match=r"backend 'cuda' is not available: the compiled extension has no CUDA "
+    with pytest.raises(ValueError, match=r"backend 'cuda' is not available: the compiled extension has no CUDA "
                                            r"kernels that this GPU \(compute capability 8.0\) can load: no kernel "
                                            r"image .* TORCH_CUDA_ARCH_LIST=8.0 pip install"):
         backends.resolve("cuda", a100)
