@@ -39,8 +39,17 @@ def _nce_loss(src, trg, pos_idx, tclip, reg_weight, scale, reduction):
     # a[i, m, l] = scale * <src[i], trg[m, l]>   (N, M, L)
     a = scale * torch.einsum("nd,mld->nml", src.to(compute), trg.to(compute))
 
-    # reg = reg_weight * mean(a^2) over all N*M*L entries, before clipping
-    reg = reg_weight * a.square().mean()
+    # A non-finite score (from a NaN or Inf in an input, or a dot product past the float32
+    # range) poisons its row: its L losses, reg, and every entry of the row's gradient are
+    # NaN, although tanh maps +-inf to a finite +-tclip. The poison is 0 for a finite row
+    # and NaN for the others, a constant: adding poison * (the row's sum of a) changes no
+    # finite row's value (0 * a = 0 for every finite a, where 0 * a^2 could overflow) or
+    # gradient, and gives each poisoned row's scores a NaN gradient.
+    poison = torch.where(torch.isfinite(a).flatten(1).all(1, keepdim=True), 0.0, float("nan")).to(compute)  # (N, 1)
+
+    # reg = reg_weight * mean(a^2) over all N*M*L entries, before clipping; exactly 0 (or the
+    # poison) for reg_weight 0, where 0 * mean(a^2) would be NaN once a^2 overflows
+    reg = (reg_weight * a.square().mean() if reg_weight else a.new_zeros(())) + poison.sum()
 
     # s = tclip * tanh(a / tclip)
     s = a if tclip is None else tclip * torch.tanh(a / tclip)
@@ -54,11 +63,7 @@ def _nce_loss(src, trg, pos_idx, tclip, reg_weight, scale, reduction):
 
     # nce[i, l] = s_pos - log(exp(s_pos) + sum_neg exp(s))
     nce = pos - torch.logaddexp(pos, neg_lse)
-
-    # SPEC: a non-finite score must give NaN, but tanh maps +-inf to a finite +-tclip.
-    # A row's sum of a^2 is finite exactly when all its scores are, so adding 0 * it
-    # poisons the rows that saw a non-finite score (0 * inf = NaN) and changes nothing else.
-    per_positive = -nce + 0.0 * a.square().flatten(1).sum(1, keepdim=True)
+    per_positive = -nce + (poison * a.flatten(1)).sum(1, keepdim=True)
 
     loss = per_positive.mean() if reduction == "mean" else per_positive
     return loss, reg

@@ -7,9 +7,10 @@
 // The sources are scaled once per call (src_s = scale * src), so that a tile's product is its
 // scores a themselves. Forward: per-row sum of a^2 and the negatives' sum of exp(s - shift)
 // (shift = tclip with clipping up to tclip = 40; else an online maximum), the positives
-// copied out. Backward: per tile, g = dL/da, then d trg_tile = g^T @ src_s (the tile owns
-// those rows) and d src += g @ trg_tile in float32, tiles in order, times scale at the end:
-// three products like eager autograd, deterministic. Each step is one ATen op over the tile
+// copied out. Backward: per tile, g = scale * dL/da (scale folded into the rows' factors, as
+// the GPU kernels form G, so that no product is 1/scale larger than its result), then
+// d trg_tile = g^T @ src (the tile owns those rows) and d src += g @ trg_tile in float32,
+// tiles in order: three products like eager autograd, deterministic. Each step is one ATen op over the tile
 // where it can be (an op is a pass over the tile).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -57,14 +58,16 @@ Tensor target_cols(const Tensor& trg, int64_t m0, int64_t m1) {
 // src as the tiles' products take it: float32, times scale, contiguous (a copy of its own).
 Tensor scaled_sources(const Tensor& src, double scale) { return at::mul(src.to(at::kFloat), scale).contiguous(); }
 
-// The backward's per-row factors (nce_op.h's BackwardRows), rows spread over the cores; the
-// upstream gradients read through their strides (0 where one value is broadcast).
-BackwardRows backward_rows(const Tensor& pos, const Tensor& neg_lse, const Upstream& up) {
+// The backward's per-row factors (nce_op.h's BackwardRows) times `scale`, rows spread over
+// the cores; the upstream gradients read through their strides (0 where one value is
+// broadcast).
+BackwardRows backward_rows(const Tensor& pos, const Tensor& neg_lse, const Upstream& up, double scale) {
   const BackwardRows rows = empty_backward_rows(pos, neg_lse);
   const Tensor pos_c = pos.contiguous();
   const int64_t L = pos.size(1);
   const int64_t wn = up.grad_loss.stride(0), wl = up.grad_loss.stride(1), sn = up.grad_sq.stride(0);
-  const float w_weight = static_cast<float>(up.loss_weight), sq_weight = static_cast<float>(up.sq_weight);
+  const float w_weight = static_cast<float>(up.loss_weight * scale);
+  const float sq_weight = static_cast<float>(up.sq_weight * scale);
   const float *pos_p = pos_c.data_ptr<float>(), *w_p = up.grad_loss.data_ptr<float>();
   const float* w_sq_p = up.grad_sq.data_ptr<float>();
   const float* lse_p = rows.neg_lse.data_ptr<float>();
@@ -79,6 +82,29 @@ BackwardRows backward_rows(const Tensor& pos, const Tensor& neg_lse, const Upstr
   return rows;
 }
 
+// Each row's sum of a^2 over the (N x C) score tile, in float64. One pass in float32, the
+// squared 2-norm (no tile-sized temporary), where it is finite; a row where it is not is
+// summed again in float64, whose range holds any sum of float32 squares: its sum is then
+// NaN exactly when one of its scores is not finite (square_or_nan, the row's poison) and
+// finite otherwise, so reg stays exact where float32's sum would overflow.
+Tensor row_squares(const Tensor& a) {
+  Tensor sq = at::linalg_vector_norm(a, 2, {1}, false, std::nullopt).square_().to(at::kDouble);
+  if (at::isfinite(sq).all().item<bool>()) return sq;
+  const int64_t C = a.size(1);
+  const float* a_p = a.data_ptr<float>();
+  double* sq_p = sq.data_ptr<double>();
+  for (int64_t i = 0; i < a.size(0); ++i) {
+    if (std::isfinite(sq_p[i])) continue;
+    double acc = 0.0;
+    for (int64_t j = 0; j < C; ++j) {
+      const float v = a_p[i * C + j];
+      acc += static_cast<double>(v) * v + static_cast<double>(v - v);
+    }
+    sq_p[i] = acc;
+  }
+  return sq;
+}
+
 // Calls f(i, seg) for each row i whose positive image p lies in [m0, m1); seg points at
 // that image's L columns of row i in the (N x C) tile.
 template <typename F>
@@ -90,8 +116,9 @@ void for_positive_segments(float* tile, int64_t N, int64_t m0, int64_t m1, int64
   }
 }
 
-// Overwrites the (N x C) score tile `a` of images [m0, m1) with g = d(loss + reg)/da, in
-// five ATen ops without clipping and nine with it.
+// Overwrites the (N x C) score tile `a` of images [m0, m1) with g = d(loss + reg)/da times
+// the scale the rows' factors carry (backward_rows), in five ATen ops without clipping and
+// nine with it.
 void gradient_tile(Tensor& a, int64_t m0, int64_t m1, int64_t L, const int64_t* pos_idx, const BackwardRows& rows,
                    float tclip) {
   const Tensor neg_lse = rows.neg_lse.unsqueeze(1);
@@ -141,8 +168,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> nce_fwd_cpu(const Ten
   for (int64_t m0 = 0; m0 < M; m0 += ipt) {
     const int64_t m1 = std::min(M, m0 + ipt);
     Tensor a = at::mm(src_s, target_cols(trg, m0, m1));  // the scores
-    // sum a^2 per row in one pass: the squared 2-norm (no tile-sized temporary)
-    sqsum.add_(at::linalg_vector_norm(a, 2, {1}, false, std::nullopt).square_());
+    sqsum.add_(row_squares(a));
     if (tclip > 0.f) a.div_(tclip).tanh_().mul_(tclip);
     // positives: store them, then set them to -inf so that exp() drops them from the sums
     for_positive_segments(a.data_ptr<float>(), N, m0, m1, L, p_idx, [&](int64_t i, float* seg) {
@@ -161,20 +187,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> nce_fwd_cpu(const Ten
   // log(0) = -inf when the row has no negatives (M == 1): its loss is then 0
   neg_lse.copy_((shift + sum.log()).squeeze(1));
   sq.copy_(sqsum);
-  const float* lse_p = neg_lse.data_ptr<float>();
-  const float* sq_p = sq.data_ptr<float>();
+  float* lse_p = neg_lse.data_ptr<float>();
+  const double* sq_p = sqsum.data_ptr<double>();
   float* loss_p = loss.data_ptr<float>();
   // nce_loss's two scalars, summed in float64 in row order (deterministic)
   double loss_sum = 0.0, sq_sum = 0.0;
   for (int64_t i = 0; i < N; ++i) {
+    lse_p[i] = row_lse(lse_p[i], static_cast<float>(sq_p[i]));  // NaN where a score is not finite
     for (int64_t l = 0; l < L; ++l) {
-      loss_p[i * L + l] = positive_loss(pos_p[i * L + l], lse_p[i], sq_p[i]);
+      loss_p[i * L + l] = positive_loss(pos_p[i * L + l], lse_p[i]);
       loss_sum += loss_p[i * L + l];
     }
     sq_sum += sq_p[i];
   }
   const Tensor mean = at::full({}, loss_sum / static_cast<double>(N * L), f32);
-  const Tensor reg = at::full({}, reg_weight * sq_sum / (static_cast<double>(N) * M * L), f32);
+  // rounded to float32 here: a reg past float32's range is +inf (at::full would refuse it)
+  const auto reg_value = static_cast<float>(reg_weight * sq_sum / (static_cast<double>(N) * M * L));
+  const Tensor reg = at::full({}, reg_value, f32);
   return {loss, pos, neg_lse, sq, mean, reg};
 }
 
@@ -188,8 +217,9 @@ std::tuple<Tensor, Tensor> nce_bwd_cpu(const Tensor& src, const Tensor& trg, con
   const NoAutocast no_autocast;  // the op computes in float32 itself; its inner matmuls must not be autocast
   const int64_t N = src.size(0), M = trg.size(0), L = trg.size(1), D = src.size(1);
   const float tclip = kernel_tclip(tclip_opt);
-  const BackwardRows rows = backward_rows(pos, neg_lse, {grad_loss, loss_weight, grad_sq, sq_weight});
+  const BackwardRows rows = backward_rows(pos, neg_lse, {grad_loss, loss_weight, grad_sq, sq_weight}, scale);
   const Tensor src_s = scaled_sources(src, scale);
+  const Tensor src_f = src.to(at::kFloat).contiguous();  // d trg's operand: a view for float32
   const Tensor idx = pos_idx.contiguous();
   const int64_t* p_idx = idx.data_ptr<int64_t>();
   const int64_t ipt = images_per_tile(N, L);
@@ -198,20 +228,20 @@ std::tuple<Tensor, Tensor> nce_bwd_cpu(const Tensor& src, const Tensor& trg, con
   for (int64_t m0 = 0; m0 < M; m0 += ipt) {
     const int64_t m1 = std::min(M, m0 + ipt);
     const Tensor cols = target_cols(trg, m0, m1);
-    Tensor g = at::mm(src_s, cols);  // the scores, overwritten with g = dL/da
+    Tensor g = at::mm(src_s, cols);  // the scores, overwritten with g = scale * dL/da
     gradient_tile(g, m0, m1, L, p_idx, rows, tclip);
-    if (need_trg) {  // owned rows (g^T @ src_s = scale g^T @ src), written in place when dtrg is
-                     // float32, else rounded once
+    if (need_trg) {  // owned rows, g^T @ src, written in place when dtrg is float32, else
+                     // rounded once
       Tensor rows_out = dtrg.narrow(0, m0, m1 - m0).view({-1, D});
       if (dtrg.scalar_type() == at::kFloat) {
-        at::mm_out(rows_out, g.t(), src_s);
+        at::mm_out(rows_out, g.t(), src_f);
       } else {
-        rows_out.copy_(at::mm(g.t(), src_s));
+        rows_out.copy_(at::mm(g.t(), src_f));
       }
     }
     if (need_src) dsrc_acc.addmm_(g, cols.t());  // float32, tiles in order
   }
-  Tensor dsrc = dsrc_acc.mul_(scale).to(src.scalar_type());  // d src = scale * sum_tiles g @ trg_tile
+  Tensor dsrc = dsrc_acc.to(src.scalar_type());  // d src = sum_tiles g @ trg_tile
   return {dsrc, dtrg};
 }
 

@@ -55,7 +55,7 @@ __global__ void __launch_bounds__(kThreads) nce_fwd_epilogue_kernel(
     const int64_t j = col0 + k * kThreads + threadIdx.x;  // consecutive threads, consecutive columns
     const bool in = j < C;
     const float a = in ? scale * srow[j] : 0.f;
-    sq += a * a;
+    sq += square_or_nan(a);
     s[k] = soft_clip(a, tclip);
     const int64_t img = m0 + j / L;
     neg[k] = in && img != p;
@@ -94,10 +94,11 @@ __global__ void nce_merge_kernel(const float* __restrict__ part_sum, const float
     sum = sum * expf(shift - safe) + ps * expf(m - safe);
     shift = new_shift;
   }
-  const float lse = shift + logf(sum);  // -inf when the row has no negatives (M == 1)
+  // -inf when the row has no negatives (M == 1); NaN where one of its scores is not finite
+  const float lse = row_lse(shift + logf(sum), sq);
   neg_lse[row] = lse;
   sq_out[row] = sq;
-  for (int64_t l = 0; l < L; ++l) loss[row * L + l] = positive_loss(pos[row * L + l], lse, sq);
+  for (int64_t l = 0; l < L; ++l) loss[row * L + l] = positive_loss(pos[row * L + l], lse);
 }
 
 // One block: nce_loss's two scalars, the mean of the N*L losses and reg_c * sum_i sq[i].
@@ -115,7 +116,9 @@ __global__ void __launch_bounds__(kThreads) nce_totals_kernel(const float* __res
   acc = 0.f;
   for (int64_t k = threadIdx.x; k < N; k += kThreads) acc += sq[k];
   acc = block_sum(acc, shared);
-  if (threadIdx.x == 0) *reg = acc * reg_c;
+  // reg_c = 0 gives 0 where the sum of squares overflowed to +inf, NaN where it is NaN (a
+  // poisoned row)
+  if (threadIdx.x == 0) *reg = (reg_c == 0.f && acc == acc) ? 0.f : acc * reg_c;
 }
 
 // one thread per row, as the merge: the backward's per-row factors (nce_op.h's BackwardRows),
@@ -161,30 +164,27 @@ __global__ void __launch_bounds__(kThreads) nce_grad_scale_kernel(
     const float* __restrict__ sq, const float* __restrict__ col_l1, int64_t N, int64_t L, int64_t D, float scale,
     float* __restrict__ out) {
   __shared__ float shared[kThreads / 32];
-  // fmaxf drops NaN; this sum keeps every term, so a NaN anywhere shows in it
-  float bound = 0.f, seen = 0.f;
+  // A row whose bound is not finite is left out: a NaN row is a poisoned one (a non-finite
+  // score, row_lse in nce_math.h), whose G is NaN at any scale, and an infinite one has an
+  // infinite upstream gradient, which stays infinite at any scale; either would otherwise
+  // take every other row's G to NaN or to 0. (b < INFINITY is false for NaN.)
+  float bound = 0.f;
   for (int64_t row = threadIdx.x; row < N; row += kThreads) {
     float dl_ds = fabsf(r[row]);  // |dL/ds| at the row's negatives is at most |r|
-    for (int64_t l = 0; l < L; ++l) {
-      const float g = fabsf(gpos[row * L + l]);
-      dl_ds = fmaxf(dl_ds, g);
-      seen += g;
-    }
+    for (int64_t l = 0; l < L; ++l) dl_ds = fmaxf(dl_ds, fabsf(gpos[row * L + l]));
     const float b = scale * (dl_ds + fabsf(reg_coef[row]) * sqrtf(sq[row]));
-    bound = fmaxf(bound, b);
-    seen += b;
+    if (b < INFINITY) bound = fmaxf(bound, b);
   }
   bound = block_max(bound, shared);
   float growth = 1.f;  // d trg = G^T @ src grows |G| by at most max_d col_l1[d]
   if (col_l1 != nullptr) {
+    // a non-finite column norm comes from a non-finite source, whose row is poisoned, and
+    // then every column of d trg is NaN anyway: it must not rescale the other rows' G
     float c = 0.f;
-    for (int64_t d = threadIdx.x; d < D; d += kThreads) {
-      c = fmaxf(c, col_l1[d]);
-      seen += col_l1[d];
-    }
+    for (int64_t d = threadIdx.x; d < D; d += kThreads)
+      if (col_l1[d] < INFINITY) c = fmaxf(c, col_l1[d]);
     growth = fmaxf(block_max(c, shared), 1.f);
   }
-  seen = block_sum(seen, shared);
   if (threadIdx.x == 0) {
     // k = kScaleLog2Target - ceil(log2(total)), read exactly off total's float32 bits: its
     // exponent, plus one unless the mantissa is 0 (0 and subnormals give k >= 141, inf -113:
@@ -192,9 +192,8 @@ __global__ void __launch_bounds__(kThreads) nce_grad_scale_kernel(
     const int bits = __float_as_int(bound * growth);
     const int ceil_log2 = ((bits >> 23) & 0xFF) - 127 + ((bits & 0x7FFFFF) != 0 ? 1 : 0);
     const int k = max(-kScaleMaxExp, min(kScaleMaxExp, kScaleLog2Target - ceil_log2));
-    const bool nan = isnan(seen);
-    out[0] = nan ? NAN : __int_as_float((k + 127) << 23);
-    out[1] = nan ? NAN : __int_as_float((127 - k) << 23);
+    out[0] = __int_as_float((k + 127) << 23);
+    out[1] = __int_as_float((127 - k) << 23);
   }
 }
 

@@ -69,7 +69,8 @@ constexpr int kScaleMaxExp = 100;
 // One block: from the rows' factors (nce_op.h's BackwardRows), sq (N,) and, for d trg,
 // col_l1 (D,) = sum_i |src[i, d]| (else nullptr), bound |G| <= scale * (max(|r|, max_l |gpos|)
 // + |reg_coef| sqrt(sq)) (|a| <= sqrt(sq), exp(s - neg_lse) <= 1, 0 <= ds/da <= 1) and write
-// out[0] = 2^k, out[1] = 2^-k, exactly; a NaN anywhere gives NaN for both. No host sync.
+// out[0] = 2^k, out[1] = 2^-k, exactly. Rows and columns whose bound is not finite are left
+// out of it (a poisoned row's G is NaN at any scale). No host sync.
 cudaError_t launch_nce_grad_scale(const float* gpos, const float* r, const float* reg_coef, const float* sq,
                                   const float* col_l1, int64_t N, int64_t L, int64_t D, float scale, float* out,
                                   cudaStream_t stream);

@@ -203,7 +203,7 @@ __global__ void __launch_bounds__(kThreads) nce_fwd_mma_kernel(
         const int64_t j = col0 + lane + 32 * q;
         if (j >= v.C) continue;
         const float a = scale * cs[(warp * kRowsPerWarp + r) * LDC + lane + 32 * q];
-        sq[r] += a * a;
+        sq[r] += square_or_nan(a);
         const float s = soft_clip(a, tclip);
         const int64_t img = v.m0 + j / v.L;
         if (img == p) {  // each positive lies in exactly one tile of one split: a plain store

@@ -38,12 +38,20 @@ NCE_HD float softplus(float x) {
   return fmaxf(x, 0.f) + log1pf(expf(-fabsf(x)));
 }
 
-// Per-positive loss -nce = log(exp(pos) + exp(neg_lse)) - pos = softplus(neg_lse - pos),
-// plus 0 * (the row's sum of a^2): a non-finite score must give NaN even though tanh maps
-// +-inf to a finite +-tclip, and that sum is finite exactly when all the row's scores are.
-NCE_HD float positive_loss(float pos, float neg_lse, float row_sq) {
-  return softplus(neg_lse - pos) + 0.f * row_sq;
-}
+// A score's term in its row's sum of squares: a * a exactly where a is finite (a - a = 0),
+// NaN where a is +-inf or NaN (inf - inf). The row's sum is then NaN exactly when one of its
+// scores is not finite, and +inf only where the squares of finite scores overflow float32;
+// row_lse turns the first case into the row's poison.
+NCE_HD float square_or_nan(float a) { return a * a + (a - a); }
+
+// The row's neg_lse as the losses and the backward read it: NaN where one of the row's raw
+// scores is not finite (row_sq NaN, square_or_nan), although tanh maps +-inf to a finite
+// +-tclip. A NaN neg_lse makes each of the row's L losses NaN and, in the backward, every
+// entry of the row's G (its sigmoids, R and exp(s - neg_lse) are NaN), and nothing else.
+NCE_HD float row_lse(float neg_lse, float row_sq) { return row_sq != row_sq ? NAN : neg_lse; }
+
+// Per-positive loss -nce = log(exp(pos) + exp(neg_lse)) - pos = softplus(neg_lse - pos).
+NCE_HD float positive_loss(float pos, float neg_lse) { return softplus(neg_lse - pos); }
 
 // 1 / (1 + exp(-x)): sigmoid(-inf) = 0 (a row with no negatives), NaN stays NaN.
 NCE_HD float sigmoid(float x) { return 1.f / (1.f + expf(-x)); }

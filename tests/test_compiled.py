@@ -116,6 +116,28 @@ def test_compiled_is_deterministic(backend):
         assert torch.equal(a, b)
 
 
+def test_cpp_thread_count_changes_at_most_the_last_bits_of_the_gradients():
+    """README's contract for cpp across thread counts: the forward's outputs are the same bits
+    for 1 and 2 threads (its reductions run along each row, in one order); the backward's
+    products are MKL's, which may split a sum over the threads, so the gradients agree to
+    float32's rounding of those sums (1e-6 relative here), not always bit for bit."""
+    if "cpp" not in available_backends("cpu"):
+        pytest.skip("cpp is not built")
+    case = make_case(300, 130, 25, 24, pos="random", reduction="none")
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append(outputs_and_grads(nce_loss, case, backend="cpp"))
+    finally:
+        torch.set_num_threads(threads)
+    (loss1, reg1, *grads1), (loss2, reg2, *grads2) = results
+    assert torch.equal(loss1, loss2) and torch.equal(reg1, reg2)
+    for a, b in zip(grads1, grads2):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6 * b.abs().max().item())
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 @pytest.mark.parametrize("tclip", [20.0, None])
 def test_compiled_non_finite_input_gives_nan(backend, bad, tclip):

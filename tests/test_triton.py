@@ -88,25 +88,36 @@ def test_triton_float16_g_overflows_only_with_the_gradient():
 def test_triton_gradient_scale_is_the_largest_power_that_fits(need_trg):
     """2^k is the largest power of two with bound * 2^k <= 2^15, the bound taken over G's
     entries (backward_kernels.nce_grad_scale_kernel) and, with need_trg, its growth through
-    G^T @ src; a NaN gives NaN, a zero gradient a finite 2^100."""
+    G^T @ src; a row (or a column of src) whose bound is not finite is left out of it (a
+    poisoned row's G is NaN at any scale), and a zero gradient gives a finite 2^100."""
     from amdim_kernels.triton_nce import launch
 
     n, l, d, scale = 37, 25, 70, 0.3
     src = torch.randn(n, d, device=DEVICE, dtype=torch.float16)
     g_pos, r, reg_coef = torch.randn(n, l, device=DEVICE), torch.randn(n, device=DEVICE), torch.randn(n, device=DEVICE)
     sq = torch.rand(n, device=DEVICE) * 100
-    bound = torch.maximum(g_pos.abs().amax(1), scale * (r.abs() + reg_coef.abs() * sq.sqrt())).max().double()
-    if need_trg:
-        bound *= src.double().abs().sum(0).max().clamp_min(1)
-    g_scale, inverse = launch.gradient_scale(src, g_pos, r, reg_coef, sq, scale, need_trg).tolist()
-    assert g_scale * inverse == 1 and math.log2(g_scale).is_integer()
-    assert bound * g_scale <= 2 ** 15 < bound * g_scale * 2
 
-    for x in (r, g_pos, sq) + ((src,) if need_trg else ()):
-        x_nan = x.clone().view(-1)
-        x_nan[x_nan.numel() // 2] = float("nan")
-        args = [x_nan.view(x.shape) if y is x else y for y in (src, g_pos, r, reg_coef, sq)]
-        assert launch.gradient_scale(*args, scale, need_trg).isnan().all()
+    def bound_of(src, g_pos, r, reg_coef, sq):
+        rows = torch.maximum(g_pos.abs().amax(1), scale * (r.abs() + reg_coef.abs() * sq.sqrt())).double()
+        bound = rows[rows.isfinite()].max()
+        if need_trg:
+            cols = src.double().abs().sum(0)
+            bound *= cols[cols.isfinite()].max().clamp_min(1)
+        return bound
+
+    def assert_fits(*args):
+        g_scale, inverse = launch.gradient_scale(*args, scale, need_trg).tolist()
+        assert g_scale * inverse == 1 and math.log2(g_scale).is_integer()
+        bound = bound_of(*args)
+        assert bound * g_scale <= 2 ** 15 < bound * g_scale * 2
+
+    assert_fits(src, g_pos, r, reg_coef, sq)
+    # a NaN (a poisoned row) or an infinite upstream gradient in a row, or a non-finite source
+    for x in (r, sq) + ((src,) if need_trg else ()):
+        for bad in (float("nan"), float("inf")):
+            x_bad = x.clone()
+            x_bad.view(-1)[x_bad.numel() // 2] = bad
+            assert_fits(*[x_bad if y is x else y for y in (src, g_pos, r, reg_coef, sq)])
     zero = torch.zeros_like(r)
     assert launch.gradient_scale(src, g_pos * 0, zero, zero, sq, scale, need_trg)[0].item() == 2.0 ** 100
 

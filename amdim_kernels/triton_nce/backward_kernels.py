@@ -36,25 +36,29 @@ from .score_tiles import clip_pieces, holds_own_images, own_images, score_tile, 
 
 
 @triton.jit
-def _g_tile(a, r, bias, reg_coef, scale, tclip, CLIP: tl.constexpr, SHIFT_TCLIP: tl.constexpr):
+def _g_tile(a, r, neg_lse, reg_coef, scale, tclip, CLIP: tl.constexpr, SHIFT_TCLIP: tl.constexpr):
     """G = scale * d(loss + reg)/da on a tile of raw scores a (module docstring), every
     score taken as a negative: dL/ds = R[i] exp(s - neg_lse[i]), times ds/da, plus the
-    regulariser's reg_coef[i] * a. bias[i] = (shift - neg_lse[i]) log2 e, shift = tclip
-    (SHIFT_TCLIP) or 0. At a positive this is not its value (it may even overflow): the
-    caller overwrites those.
+    regulariser's reg_coef[i] * a. At a positive this is not its value (it may even
+    overflow): the caller overwrites those.
     """
     if SHIFT_TCLIP:
         log2_gap, ds_da = clip_pieces(a, tclip)  # log2 exp(s - tclip), 1 - (s/tclip)^2
-    elif CLIP:  # a tclip past MAX_SHIFT_TCLIP: from s itself, as s - tclip would lose s to rounding
-        s = soft_clip(a, tclip, CLIP)
-        log2_gap = s * 1.4426950408889634
-        u = s * (1.0 / tclip)
-        ds_da = 1.0 - u * u  # as the reference's autograd forms it
+        # |s|, tclip <= 40: the bias (tclip - neg_lse) log2 e adds no rounding that matters
+        log2_e = log2_gap + ((tclip - neg_lse) * 1.4426950408889634)[:, None]
     else:
-        log2_gap = a * 1.4426950408889634
-        ds_da = 1.0
+        if CLIP:  # a tclip past MAX_SHIFT_TCLIP: from s itself, as s - tclip would lose s to rounding
+            s = soft_clip(a, tclip, CLIP)
+            u = s * (1.0 / tclip)
+            ds_da = 1.0 - u * u  # as the reference's autograd forms it
+        else:
+            s = a
+            ds_da = 1.0
+        # s - neg_lse first: s and neg_lse may be large (thousands without clipping), and
+        # s log2 e - neg_lse log2 e would round each term to their size before cancelling
+        log2_e = (s - neg_lse[:, None]) * 1.4426950408889634
     # log2 exp(s - neg_lse) <= 0 at every negative: exp2 of it never overflows there
-    dl_ds = r[:, None] * tl.exp2(log2_gap + bias[:, None])
+    dl_ds = r[:, None] * tl.exp2(log2_e)
     return scale * (dl_ds * ds_da + reg_coef[:, None] * a)
 
 
@@ -115,11 +119,12 @@ def nce_grad_scale_kernel(
 
     |G| at a positive is g_pos; at a negative it is at most scale * (|R[i]| + |reg_coef[i]|
     sqrt(sq[i])), since exp(s - neg_lse) <= 1, 0 <= ds/da <= 1 and |a[i, j]| <= sqrt(sq[i]).
-    |d trg[j, d]| <= max|G| * col_l1[d]. A NaN anywhere gives a NaN scale (NaN in, NaN out);
-    k is clamped to +-MAX_EXP (a zero gradient gives 2^MAX_EXP, harmlessly)."""
+    |d trg[j, d]| <= max|G| * col_l1[d]. A row whose bound is not finite is left out: a NaN
+    row is a poisoned one (a non-finite score, nce_merge_kernel), whose G is NaN at any
+    scale, and an infinite one has an infinite upstream gradient, which stays infinite;
+    either would otherwise take every other row's G to NaN or to 0. k is clamped to
+    +-MAX_EXP (a zero gradient gives 2^MAX_EXP, harmlessly)."""
     bound = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    # tl.max drops NaN; this sum keeps every term, so a NaN (or inf) in it shows
-    seen = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for r0 in range(0, N, BLOCK_N):
         rows = r0 + tl.arange(0, BLOCK_N)
         row_ok = rows < N
@@ -127,25 +132,22 @@ def nce_grad_scale_kernel(
         reg_coef = tl.load(reg_coef_ptr + rows, mask=row_ok, other=0.0)
         sq = tl.load(sq_ptr + rows, mask=row_ok, other=0.0)
         row = scale * (tl.abs(r) + tl.abs(reg_coef) * tl.sqrt(sq))
-        seen += row
         for l0 in range(0, L, BLOCK_L):
             ls = l0 + tl.arange(0, BLOCK_L)
             ok = row_ok[:, None] & (ls < L)[None, :]
             g = tl.abs(tl.load(g_pos_ptr + rows.to(tl.int64)[:, None] * L + ls[None, :], mask=ok, other=0.0))
-            row = tl.maximum(row, tl.max(g, axis=1))
-            seen += tl.sum(g, axis=1)
-        bound = tl.maximum(bound, row)
+            row = tl.maximum(row, tl.max(g, axis=1))  # a NaN in g comes with a NaN R[i]
+        bound = tl.maximum(bound, tl.where(row < float("inf"), row, 0.0))  # NaN < inf is false
     growth = 1.0
     if COLS:
+        # a non-finite column norm comes from a non-finite source, whose row is poisoned, and
+        # then every column of d trg is NaN anyway: it must not rescale the other rows' G
         col_max = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        col_seen = tl.zeros((BLOCK_D,), dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
             cols = d0 + tl.arange(0, BLOCK_D)
             c = tl.load(col_l1_ptr + cols, mask=cols < D, other=0.0)
-            col_max = tl.maximum(col_max, c)
-            col_seen += c
+            col_max = tl.maximum(col_max, tl.where(c < float("inf"), c, 0.0))
         growth = tl.maximum(tl.max(col_max, axis=0), 1.0)
-        seen += tl.sum(col_seen, axis=0)
     total = tl.max(bound, axis=0) * growth
     # k = LOG2_TARGET - ceil(log2(total)), read exactly off total's float32 bits: its
     # exponent, plus one unless the mantissa is 0 (0 and subnormals give k >= 141, inf
@@ -156,9 +158,8 @@ def nce_grad_scale_kernel(
     # 2^k and 2^-k built from their exponent bits: exact, where exp2 may be approximate
     g_scale = ((k + 127) << 23).to(tl.float32, bitcast=True)
     inverse = ((127 - k) << 23).to(tl.float32, bitcast=True)
-    nan = tl.sum(seen, axis=0) != tl.sum(seen, axis=0)
-    tl.store(out_ptr, tl.where(nan, float("nan"), g_scale))
-    tl.store(out_ptr + 1, tl.where(nan, float("nan"), inverse))
+    tl.store(out_ptr, g_scale)
+    tl.store(out_ptr + 1, inverse)
 
 
 @triton.jit
@@ -200,10 +201,8 @@ def nce_grad_tile_kernel(
     )
     neg_lse = tl.load(neg_lse_ptr + rows, mask=row_ok, other=0.0)
     r = tl.load(r_ptr + rows, mask=row_ok, other=0.0)
-    # log2 exp(s - neg_lse) = log2 exp(s - shift) + bias[i], shift = tclip (SHIFT_TCLIP) or 0
-    bias = ((tclip if SHIFT_TCLIP else 0.0) - neg_lse) * 1.4426950408889634
     reg_coef = tl.load(reg_coef_ptr + rows, mask=row_ok, other=0.0)
-    g = _g_tile(a, r, bias, reg_coef, scale, tclip, CLIP, SHIFT_TCLIP)
+    g = _g_tile(a, r, neg_lse, reg_coef, scale, tclip, CLIP, SHIFT_TCLIP)
     if SCALED:  # float16 G: times a power of two that keeps it in range
         g = g * tl.load(g_scale_ptr)
     g_rows = g_ptr + rows.to(tl.int64)[:, None] * stride_gn  # G's rows, at the chunk's column 0

@@ -128,7 +128,10 @@ def _fold_tile(
         stride_sn, stride_sd, stride_tm, stride_tl, stride_td, scale,
         BLOCK_N, BLOCK_J, BLOCK_K, DOT_PRECISION, UPCAST, FROM_SCORES, EVEN_K, TMA,
     )
-    sq += tl.sum(a * a, axis=1)  # padded rows/columns score 0 and add nothing
+    # a * a, plus a - a: 0 for a finite score, NaN for a non-finite one, so that the row's sum
+    # is NaN exactly when one of its scores is not finite (the merge's poison), and +inf only
+    # where finite squares overflow; padded rows/columns score 0 and add nothing
+    sq += tl.sum(a * a + (a - a), axis=1)
     if SHIFT_TCLIP:
         log2_gap, _ = clip_pieces(a, tclip)
         x = tl.exp2(log2_gap)  # exp(s - tclip)
@@ -250,6 +253,10 @@ def nce_merge_kernel(
     # log(0) = -inf when the row has no negatives (M == 1): its loss is then exactly 0
     neg_lse = row_max + tl.log(tl.sum(neg_sum * tl.exp(shift - safe_max), axis=0))
     sq_row = tl.sum(sq, axis=0)
+    # A non-finite score (sq_row NaN, _fold_tile) must give NaN, but tanh maps +-inf to
+    # +-tclip: a NaN neg_lse makes the row's L losses NaN and, in the backward, every entry
+    # of its G, and nothing else (csrc/nce_math.h's row_lse)
+    neg_lse = tl.where(sq_row != sq_row, float("nan"), neg_lse)
 
     # The row's losses from its positives pos = soft_clip(a), BLOCK_L locations at a time
     for l0 in range(0, L, BLOCK_L):
@@ -260,9 +267,6 @@ def nce_merge_kernel(
         x = neg_lse - pos
         # stable softplus; x = -inf gives 0
         loss = tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
-        # A non-finite score must give NaN, but tanh maps +-inf to +-tclip; the row's sum of
-        # a^2 is finite exactly when all its scores are, and 0 * inf = NaN.
-        loss += 0.0 * sq_row
         tl.store(loss_ptr + off, loss, mask=l_ok)
     tl.store(neg_lse_ptr + i, neg_lse)
     tl.store(sq_ptr + i, sq_row)
@@ -288,4 +292,7 @@ def nce_totals_kernel(
     for i0 in range(0, N, BLOCK):
         idx = i0 + tl.arange(0, BLOCK)
         acc += tl.load(sq_ptr + idx, mask=idx < N, other=0.0)
-    tl.store(reg_ptr, tl.sum(acc, axis=0) * reg_c)
+    # reg_c = 0 gives 0 where the sum of squares overflowed to +inf, NaN where it is NaN (a
+    # poisoned row)
+    sq_total = tl.sum(acc, axis=0)
+    tl.store(reg_ptr, tl.where((reg_c == 0.0) & (sq_total == sq_total), 0.0, sq_total * reg_c))
