@@ -8,12 +8,13 @@ accuracy.
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from . import checkpoint
-from .data import build_datasets, test_transform
+from . import checkpoint, cli
+from .data import MissingDataset, build_datasets, test_transform
 from .model import AMDIM
 
 
@@ -41,19 +42,51 @@ def linear_probe(train_x, train_y, test_x, test_y, n_classes: int, epochs: int =
     return float((clf(test_x).argmax(1) == test_y).float().mean())
 
 
-def main(argv=None) -> float:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint")
+# What the probe reads from the training run's arguments.
+RUN_KEYS = ("dataset", "data_root", "ndf", "n_rkhs", "n_depth", "use_bn", "train_subset")
+
+
+def build_parser() -> cli.Parser:
+    p = cli.Parser(prog="amdim.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="a last.pt of amdim.train")
     p.add_argument("--random-init", action="store_true", help="probe the same architecture, untrained")
-    p.add_argument("--data-root", default=None, help="default: the training run's")
-    p.add_argument("--train-subset", type=int, default=None, help="default: the training run's")
-    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--data-root", default=None,
+                   help="an existing folder holding the dataset (default: the training run's)")
+    p.add_argument("--train-subset", type=cli.integer(0), default=None,
+                   help="probe-train on the first N training images (0: all; default: the training run's)")
+    p.add_argument("--epochs", type=cli.integer(1), default=30)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args(argv)
-    state = checkpoint.load(args.checkpoint)
+    return p
+
+
+def load_run(p: cli.Parser, path: str) -> dict:
+    """The checkpoint at `path`, or p.error naming the checkpoint argument."""
+    try:
+        state = checkpoint.load(path)
+    except checkpoint.Unreadable as e:
+        p.error(f"checkpoint {path}: {e}")
     run = state["args"]
-    _, test_set, spec = build_datasets(run["dataset"], args.data_root or run["data_root"])
-    train_set, _, _ = build_datasets(run["dataset"], args.data_root or run["data_root"])
+    missing = [k for k in RUN_KEYS if not isinstance(run, dict) or k not in run]
+    if missing:
+        p.error(f"checkpoint {path}: not a checkpoint of amdim.train (its arguments lack {', '.join(missing)})")
+    return state
+
+
+def main(argv=None) -> float:
+    p = build_parser()
+    args = p.parse_args(argv)
+    problem = cli.device_problem(args.device)
+    if problem:
+        p.error(problem)
+    if args.data_root is not None and not os.path.isdir(args.data_root):
+        p.error(f"--data-root {args.data_root}: no such folder")
+    state = load_run(p, args.checkpoint)
+    run = state["args"]
+    root = args.data_root or run["data_root"]
+    try:
+        train_set, test_set, spec = build_datasets(run["dataset"], root)
+    except MissingDataset as e:
+        p.error(f"--data-root {root}: {e}")
     train_set.transform = test_transform(spec)  # features of un-augmented images
     subset = run["train_subset"] if args.train_subset is None else args.train_subset
     if subset:
@@ -61,7 +94,11 @@ def main(argv=None) -> float:
     torch.manual_seed(0)
     model = AMDIM(spec.image_size, run["ndf"], run["n_rkhs"], run["n_depth"], run["use_bn"])
     if not args.random_init:
-        model.load_state_dict(state["model"])
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as e:
+            p.error(f"checkpoint {args.checkpoint}: its weights do not fit the model its arguments describe "
+                    f"({cli.first_complaint(e)})")
     model.to(args.device).eval()
     acc = linear_probe(*encode(model, train_set, args.device), *encode(model, test_set, args.device),
                        spec.n_classes, args.epochs)

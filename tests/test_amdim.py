@@ -1,6 +1,7 @@
 """The AMDIM trainer: model shapes, augmentation, objective, training steps, exact resume,
 multi-process semantics, errors."""
 import os
+import re
 import socket
 
 import pytest
@@ -126,7 +127,7 @@ def test_resume_reproduces_the_next_step(tmp_path):
         assert split == pytest.approx(straight, rel=1e-5)
     else:
         assert split == straight  # bitwise: the same step 4
-    state = torch.load(tmp_path / "split" / "last.pt", weights_only=False)
+    state = torch.load(tmp_path / "split" / "last.pt", weights_only=True)
     assert state["step"] == 4 and state["epoch"] == 0
 
 
@@ -182,11 +183,13 @@ def test_two_processes_match_one_on_the_concatenated_batch():
             torch.testing.assert_close(g_rank / world, leaf.grad[rank * b:(rank + 1) * b])
 
 
-def test_missing_dataset_is_a_clear_error(tmp_path):
-    with pytest.raises(SystemExit, match=r"MNIST not found under .*: get the raw IDX files"):
-        amdim_train.main(["--dataset", "mnist", "--data-root", str(tmp_path)])
-    with pytest.raises(SystemExit, match=r"cifar10.*not found.*--data-root"):
-        amdim_train.main(["--dataset", "cifar10", "--data-root", str(tmp_path)])
+@pytest.mark.parametrize("dataset, message", [("mnist", r"MNIST not found under .*: get the raw IDX files"),
+                                               ("cifar10", r"dataset .cifar10. not found.*--data-root")])
+def test_missing_dataset_is_a_clear_error(tmp_path, capsys, dataset, message):
+    with pytest.raises(SystemExit) as e:
+        amdim_train.main(["--dataset", dataset, "--data-root", str(tmp_path), "--out", str(tmp_path / "out")])
+    assert e.value.code == 2
+    assert re.fullmatch(f"amdim.train: error: {message}.*\\n", capsys.readouterr().err)
 
 
 @pytest.mark.parametrize("flags", [["--batch-size", "0"], ["--tclip", "-1"], ["--backend", "fast"], ["--dataset", "svhn"]])
@@ -230,7 +233,7 @@ def test_float16_amp_scales_the_loss_and_resumes_the_scale(tmp_path):
     run.scaler.update(1024.0)
     run.save()
     resumed = amdim_train.Run(amdim_train.parse_args(common + ["--out", str(tmp_path / "next")]))
-    resumed.load_state(torch.load(tmp_path / "last.pt", weights_only=False))
+    resumed.load_state(torch.load(tmp_path / "last.pt", weights_only=True))
     assert resumed.scaler.get_scale() == 1024.0
 
 
