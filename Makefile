@@ -39,8 +39,9 @@ demo: $(STAMP) data
 loss-demo: $(STAMP)
 	$(PY) -m benchmarks.demo
 
+# the tests in parallel, one worker per core (pytest-xdist); a test group runs on one worker
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto --dist loadgroup
 
 bench: $(STAMP)
 	$(PY) -m pytest benchmarks --benchmark-columns=median,iqr,rounds
