@@ -37,7 +37,8 @@ class DatasetSpec:
 
 SPECS = {
     "cifar10": DatasetSpec(32, 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 0.2, False, (250, 280), 300),
-    "cifar100": DatasetSpec(32, 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), 0.2, False, (250, 280), 300),
+    # CIFAR-10's statistics: the official run normalises CIFAR-100 with them (its TransformsC10)
+    "cifar100": DatasetSpec(32, 100, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 0.2, False, (250, 280), 300),
     "stl10": DatasetSpec(64, 10, (0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713), 0.2, False, (250, 280), 300),
     "imagenet": DatasetSpec(128, 1000, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 0.1, False, (30, 45), 50),
     "fashion-mnist": DatasetSpec(32, 10, (0.2860,) * 3, (0.3530,) * 3, 0.0, True, (250, 280), 300),
@@ -108,9 +109,16 @@ class SeededAugmentation(Dataset):
             return self.dataset[index]
 
 
+# The official test-time resize of 64 px (STL-10) and 128 px (ImageNet) images, before the
+# center crop to the encoder's size: the shorter side to this many pixels, bicubic.
+TEST_RESIZE = {64: 70, 128: 146}
+
+
 def test_transform(spec: DatasetSpec) -> v2.Compose:
+    """Un-augmented test images: 32 px ones as they are; larger ones resized (bicubic, the
+    official interpolation) and center-cropped to the encoder's size; then normalised."""
     resize = [] if spec.image_size == 32 else [
-        v2.Resize(spec.image_size + spec.image_size // 7 + 2 if spec.image_size == 64 else 146, antialias=True),
+        v2.Resize(TEST_RESIZE[spec.image_size], interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
         v2.CenterCrop(spec.image_size)]
     return v2.Compose(_to_image(spec) + resize + [v2.ToDtype(torch.float32, scale=True), v2.Normalize(spec.mean, spec.std)])
 

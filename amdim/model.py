@@ -112,7 +112,8 @@ class Encoder(nn.Module):
 
 class PhiHead(nn.Module):
     """AMDIM's 'fake RKHS' embedding: BN(conv_b(ReLU(BN?(conv_a(x)))) + shortcut(x)), 1x1
-    convs. conv_b starts at zero and the shortcut near the identity, so r starts as ~x."""
+    convs. conv_b starts at zero and, where n_out >= n_in, the shortcut near the identity, so
+    r starts as ~x."""
 
     def __init__(self, n_in: int, n_out: int, use_bn: bool):
         super().__init__()
@@ -123,8 +124,8 @@ class PhiHead(nn.Module):
         self.bn_out = nn.BatchNorm2d(n_out)
         nn.init.kaiming_uniform_(self.conv_a.weight, a=math.sqrt(5))
         nn.init.zeros_(self.conv_b.weight)
-        nn.init.uniform_(self.shortcut.weight, -0.01, 0.01)
-        if n_out >= n_in:
+        if n_out >= n_in:  # near the identity where it exists; else Conv2d's default, as the official code
+            nn.init.uniform_(self.shortcut.weight, -0.01, 0.01)
             with torch.no_grad():
                 idx = torch.arange(n_in)
                 self.shortcut.weight[idx, idx, 0, 0] = 1.0
@@ -145,6 +146,17 @@ class AMDIM(nn.Module):
         self.phi7 = PhiHead(width, n_rkhs, use_bn)
         self.n_rkhs = n_rkhs
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(r1, r5, r7) of one batch, in one pass."""
         f1, f5, f7 = self.encoder(x)
         return f1.flatten(1), self.phi5(f5), self.phi7(f7)
+
+    def forward(self, x: torch.Tensor, n_views: int | None = None):
+        """(r1, r5, r7) of x; with n_views, x holds that many views of one batch, one after
+        the other, and each view is encoded in its own pass, so that every BatchNorm
+        normalises over one view's images (the official model's two encoder calls: an
+        image's positive never shares its batch statistics). Returns then one (r1, r5, r7)
+        per view. One forward call, so DistributedDataParallel and torch.compile see one."""
+        if n_views is None:
+            return self.features(x)
+        return tuple(self.features(view) for view in x.chunk(n_views))

@@ -46,6 +46,7 @@ from .data import SPECS, MissingDataset, SeededAugmentation, build_datasets
 from .evaluator import Evaluator
 from .model import AMDIM
 from .objective import draw_locations, multiscale_nce
+from .warmup import WARMUP_BATCHES, batchnorm_statistics_kept, warm_up_batchnorm
 
 PRESETS = {
     # the official defaults (train.py of amdim-public)
@@ -266,17 +267,26 @@ class Run:
 
     # ---- one update ----
     def nce_losses(self, features, b: int, locations=None):
-        """The multiscale NCE of (r1, r5, r7) computed on both views at once (view 1 first,
+        """The multiscale NCE of (r1, r5, r7) given for both views at once (view 1 first,
         b images each); call it inside the run's autocast."""
         view1, view2 = tuple(f[:b] for f in features), tuple(f[b:] for f in features)
+        return self.view_losses(view1, view2, locations)
+
+    def view_losses(self, view1, view2, locations=None):
+        """The multiscale NCE between two views' (r1, r5, r7); call it inside the run's autocast."""
         return multiscale_nce(view1, view2, tclip=self.args.tclip or None, backend=self.args.backend,
                               locations=locations)
 
+    def classifier_loss(self, view1, view2, labels):
+        """The online classifiers' loss on each view's r1 apart, so that the MLP's BatchNorm
+        too sees one view's batch; the mean of the two is the loss of both views together."""
+        return 0.5 * (self.evaluator.loss(view1[0], labels) + self.evaluator.loss(view2[0], labels))
+
     def _forward_losses(self, x, labels, locations):
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.args.amp):
-            features = self.net(x)  # both views in one pass
-            losses = self.nce_losses(features, labels.shape[0], locations)
-            cls_loss = self.evaluator.loss(features[0], torch.cat([labels, labels]))
+            view1, view2 = self.net(x, n_views=2)  # each view in its own pass: per-view BatchNorm statistics
+            losses = self.view_losses(view1, view2, locations)
+            cls_loss = self.classifier_loss(view1, view2, labels)
         return losses, cls_loss
 
     def train_step(self, views, labels) -> dict[str, torch.Tensor | float]:
@@ -300,27 +310,39 @@ class Run:
         self.step += 1
         return dict(losses.as_dict(), cls=cls_loss.detach(), lr=self.scheduler.get_last_lr()[0])
 
-    @torch.no_grad()
-    def test_accuracy(self) -> dict[str, float]:
-        self.model.eval()
-        self.evaluator.eval()
-        # its own generator: evaluating must not draw from the training run's RNG
+    def test_batches(self, limit: int):
+        """The first `limit` test batches (all of them with 0), on the device, in a fixed
+        order; the loader has its own generator: testing draws nothing from the training
+        run's RNG."""
         loader = DataLoader(self.test_set, batch_size=256, num_workers=self.args.workers,
                             generator=torch.Generator().manual_seed(0),
                             worker_init_fn=_leave_signals_to_the_main_process)
+        for k, (x, y) in enumerate(loader):
+            if limit and k >= limit:
+                break
+            yield x.to(self.device).contiguous(memory_format=self.memory_format), y.to(self.device)
+
+    def _encode_and_classify(self, x):
+        return self.evaluator(self.model(x)[0])
+
+    @torch.no_grad()
+    def test_accuracy(self) -> dict[str, float]:
+        """The online classifiers' test accuracy, after the official BatchNorm warm-up on
+        the first test batches. The warm-up's running statistics serve this test only: they
+        are restored afterwards, so that testing leaves the run's state (its checkpoint, its
+        resumed twin) bitwise as training left it."""
+        limit = self.args.eval_batches
         correct = {"linear": 0, "mlp": 0}
         seen = 0
-        for k, (x, y) in enumerate(loader):
-            if self.args.eval_batches and k >= self.args.eval_batches:
-                break
-            r1 = self.model(x.to(self.device).contiguous(memory_format=self.memory_format))[0]
-            lin, mlp = self.evaluator(r1)
-            y = y.to(self.device)
-            correct["linear"] += int((lin.argmax(1) == y).sum())
-            correct["mlp"] += int((mlp.argmax(1) == y).sum())
-            seen += len(y)
-        self.model.train()
-        self.evaluator.train()
+        with batchnorm_statistics_kept(self.model, self.evaluator):
+            warm_up_batchnorm((self.model, self.evaluator),
+                              (x for x, _ in self.test_batches(min(limit or WARMUP_BATCHES, WARMUP_BATCHES))),
+                              self._encode_and_classify)
+            for x, y in self.test_batches(limit):
+                lin, mlp = self._encode_and_classify(x)
+                correct["linear"] += int((lin.argmax(1) == y).sum())
+                correct["mlp"] += int((mlp.argmax(1) == y).sum())
+                seen += len(y)
         return {f"test_acc_{k}": v / max(1, seen) for k, v in correct.items()}
 
     # ---- stopping ----

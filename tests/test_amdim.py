@@ -275,3 +275,111 @@ def test_channels_last_takes_the_same_steps(tmp_path):
         losses[channels_last] = [amdim_train.read_metrics(run.train_step((v1, v2), labels))["total"]
                                  for _ in range(3)]
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
+def _batchnorm_batches(run, views, labels) -> dict[str, set[int]]:
+    """The batch sizes every BatchNorm of the model and the online classifiers normalised over
+    during one Run.train_step."""
+    seen: dict[str, set[int]] = {}
+    hooks = [m.register_forward_hook(lambda m, inp, out, name=name: seen.setdefault(name, set()).add(inp[0].shape[0]))
+             for module in (run.model, run.evaluator) for name, m in module.named_modules()
+             if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d))]
+    try:
+        run.train_step(views, labels)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("flags", [[], ["--use-bn", "--channels-last"]])
+def test_every_batchnorm_sees_one_views_batch(tmp_path, flags):
+    """Each view is encoded in its own pass (the official model): no BatchNorm normalises an
+    image together with its positive, so each sees B images, never 2B."""
+    run = amdim_train.Run(amdim_train.parse_args(TINY + flags + ["--out", str(tmp_path)]))
+    (v1, v2), labels = next(iter(run.train_loader(0)))
+    b = labels.shape[0]
+    seen = _batchnorm_batches(run, (v1, v2), labels)
+    # the phi heads' and f1's BatchNorms and the MLP probe's, and with --use-bn the encoder's
+    assert len(seen) == (4 if not flags else 13)
+    assert all(sizes == {b} for sizes in seen.values()), seen
+
+
+def test_batchnorm_warm_up_recomputes_the_running_statistics_from_the_test_batches(tmp_path):
+    """After the warm-up every BatchNorm's running statistics are the average of its batch
+    statistics on the test batches, the weights are untouched, no RNG was drawn from, and the
+    modules are left in eval mode. Run.test_accuracy warms up on a copy of the statistics: it
+    leaves every tensor of the run, and its train mode, as training left them."""
+    import copy
+
+    from amdim.warmup import batchnorms, warm_up_batchnorm
+
+    run = amdim_train.Run(amdim_train.parse_args(TINY + ["--use-bn", "--out", str(tmp_path)]))
+    (v1, v2), labels = next(iter(run.train_loader(0)))
+    run.train_step((v1, v2), labels)  # running statistics that training left
+    before = {k: v.clone() for k, v in {**run.model.state_dict(), **run.evaluator.state_dict()}.items()}
+    accuracy = run.test_accuracy()
+    after = {**run.model.state_dict(), **run.evaluator.state_dict()}
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert run.model.training and run.evaluator.training
+    assert set(accuracy) == {"test_acc_linear", "test_acc_mlp"} and 0.0 <= accuracy["test_acc_mlp"] <= 1.0
+
+    batches = list(next(run.test_batches(1))[0].split(48))  # three batches, the last one smaller
+    # what each BatchNorm is fed in train mode with dropout off, batch by batch
+    twin = copy.deepcopy((run.model, run.evaluator))
+    inputs = {}
+    for module in twin:
+        module.eval()
+        for bn in batchnorms(module):
+            bn.train()
+            bn.register_forward_hook(lambda m, inp, out: inputs.setdefault(m, []).append(inp[0].detach()))
+    with torch.no_grad():
+        for x in batches:
+            twin[1](twin[0](x)[0])
+    weights = [p.detach().clone() for p in run.model.parameters()]
+    rng = torch.get_rng_state()
+    warm_up_batchnorm((run.model, run.evaluator), batches, run._encode_and_classify)
+    assert torch.equal(rng, torch.get_rng_state())
+    assert all(torch.equal(w, p) for w, p in zip(weights, run.model.parameters()))
+    assert not any(m.training for module in (run.model, run.evaluator) for m in module.modules())
+    norms = batchnorms(run.model, run.evaluator)
+    assert len(norms) == 13
+    for bn, twin_bn in zip(norms, batchnorms(*twin)):
+        dims = [0] + list(range(2, inputs[twin_bn][0].dim()))
+        mean = torch.stack([t.mean(dims) for t in inputs[twin_bn]]).mean(0)
+        var = torch.stack([t.var(dims, unbiased=True) for t in inputs[twin_bn]]).mean(0)
+        torch.testing.assert_close(bn.running_mean, mean)
+        torch.testing.assert_close(bn.running_var, var)
+        assert bn.momentum == 0.1
+
+
+@pytest.mark.parametrize("dataset, resize, crop", [("stl10", 70, 64), ("imagenet", 146, 128)])
+def test_test_transform_is_the_official_bicubic_resize_and_center_crop(dataset, resize, crop):
+    from torchvision.transforms import v2
+
+    from amdim.data import test_transform
+
+    steps = test_transform(SPECS[dataset]).transforms
+    resizes = [t for t in steps if isinstance(t, v2.Resize)]
+    crops = [t for t in steps if isinstance(t, v2.CenterCrop)]
+    assert len(resizes) == 1 and resizes[0].size == [resize]
+    assert resizes[0].interpolation == v2.InterpolationMode.BICUBIC
+    assert len(crops) == 1 and crops[0].size == (crop, crop)
+    image = torch.randint(0, 256, (3, 96, 120), dtype=torch.uint8)
+    assert test_transform(SPECS[dataset])(image).shape == (3, crop, crop)
+
+
+def test_phi_shortcut_starts_near_the_identity_only_where_it_widens():
+    from amdim.model import PhiHead
+
+    torch.manual_seed(0)
+    wide = PhiHead(16, 32, use_bn=False).shortcut.weight[:, :, 0, 0]
+    eye = torch.eye(32, 16, dtype=torch.bool)
+    assert torch.all(wide[eye] == 1.0) and wide[~eye].abs().max() <= 0.01
+    narrow = PhiHead(64, 32, use_bn=False).shortcut.weight
+    assert narrow.abs().max() > 0.01  # Conv2d's default init, as the official code leaves it
+
+
+def test_cifar100_is_normalised_with_cifar10_statistics():
+    """As the official run (its CIFAR-10 transforms serve CIFAR-100 too)."""
+    assert (SPECS["cifar100"].mean, SPECS["cifar100"].std) == (SPECS["cifar10"].mean, SPECS["cifar10"].std)
