@@ -1,6 +1,7 @@
 """Linear probe on frozen features: encode the train and test sets with a checkpoint's encoder
-(eval mode, test-time transform), train a fresh linear classifier on r1 and print its test
-accuracy.
+(test-time transform; eval mode after the official BatchNorm warm-up on test batches), train
+a fresh linear classifier on r1 and print its test accuracy. Unlabeled training images (label
+-1: STL-10's train+unlabeled split) are left out of the probe's training set.
 
     python -m amdim.evaluate runs/amdim/last.pt
     python -m amdim.evaluate runs/amdim/last.pt --random-init   # the same probe on an untrained encoder
@@ -8,6 +9,7 @@ accuracy.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 
 import torch
@@ -16,6 +18,7 @@ from torch.utils.data import DataLoader, Subset
 from . import checkpoint, cli
 from .data import MissingDataset, build_datasets, test_transform
 from .model import AMDIM
+from .warmup import WARMUP_BATCHES, warm_up_batchnorm
 
 
 @torch.no_grad()
@@ -25,6 +28,34 @@ def encode(model: AMDIM, dataset, device, batch_size: int = 256, workers: int = 
         feats.append(model(x.to(device))[0].float().cpu())
         labels.append(y)
     return torch.cat(feats), torch.cat(labels)
+
+
+@torch.no_grad()
+def warm_up(model: AMDIM, test_set, device, batch_size: int = 256, workers: int = 2) -> None:
+    """The official BatchNorm warm-up on the first test batches, in their fixed order; leaves
+    the model in eval mode."""
+    loader = DataLoader(test_set, batch_size=batch_size, num_workers=workers)
+    batches = (x.to(device) for x, _ in itertools.islice(loader, WARMUP_BATCHES))
+    warm_up_batchnorm([model], batches, model)
+
+
+def labeled(dataset):
+    """`dataset` without its unlabeled images (label -1: STL-10's train+unlabeled split),
+    chosen from its label list where it has one, so that they are not encoded at all."""
+    base, indices = (dataset.dataset, list(dataset.indices)) if isinstance(dataset, Subset) else (dataset, None)
+    labels = getattr(base, "labels", None)
+    if labels is None:
+        return dataset
+    labels = torch.as_tensor(labels)
+    keep = torch.nonzero(labels[indices] >= 0 if indices is not None else labels >= 0).flatten()
+    chosen = keep.tolist() if indices is None else [indices[k] for k in keep.tolist()]
+    return Subset(base, chosen)
+
+
+def drop_unlabeled(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features and labels without the label -1 rows (a probe learns nothing from them)."""
+    keep = y >= 0
+    return x[keep], y[keep]
 
 
 def linear_probe(train_x, train_y, test_x, test_y, n_classes: int, epochs: int = 30, seed: int = 0) -> float:
@@ -91,6 +122,9 @@ def main(argv=None) -> float:
     subset = run["train_subset"] if args.train_subset is None else args.train_subset
     if subset:
         train_set = Subset(train_set, range(min(subset, len(train_set))))
+    train_set = labeled(train_set)
+    if len(train_set) == 0:
+        p.error(f"no labeled training image to probe on (--train-subset {subset})")
     torch.manual_seed(0)
     model = AMDIM(spec.image_size, run["ndf"], run["n_rkhs"], run["n_depth"], run["use_bn"])
     if not args.random_init:
@@ -99,9 +133,10 @@ def main(argv=None) -> float:
         except RuntimeError as e:
             p.error(f"checkpoint {args.checkpoint}: its weights do not fit the model its arguments describe "
                     f"({cli.first_complaint(e)})")
-    model.to(args.device).eval()
-    acc = linear_probe(*encode(model, train_set, args.device), *encode(model, test_set, args.device),
-                       spec.n_classes, args.epochs)
+    model.to(args.device)
+    warm_up(model, test_set, args.device)
+    acc = linear_probe(*drop_unlabeled(*encode(model, train_set, args.device)),
+                       *encode(model, test_set, args.device), spec.n_classes, args.epochs)
     which = "randomly initialised encoder" if args.random_init else f"encoder of {args.checkpoint}"
     print(f"linear probe on frozen r1 ({which}), {run['dataset']} test accuracy: {acc:.4f}")
     return acc

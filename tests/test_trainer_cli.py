@@ -12,6 +12,7 @@ import time
 
 import pytest
 import torch
+from torch.utils.data import Subset
 
 from amdim import checkpoint
 from amdim import data as amdim_data
@@ -348,3 +349,36 @@ def test_kill_9_at_random_moments_loses_at_most_save_every_steps(straight, tmp_p
     amdim_train.main(argv + resume())
     _assert_same(checkpoint.load(path), straight)
     assert not list(tmp_path.glob("last.pt.tmp*"))
+
+
+# ---- the probe ----
+
+def test_evaluate_probes_on_labeled_images_only(tmp_path, monkeypatch):
+    """The probe's training set leaves out label -1 (STL-10's train+unlabeled split): chosen
+    from the dataset's label list where it has one, dropped after encoding where it has not.
+    Without that, cross-entropy fails on the -1 targets."""
+    amdim_train.Run(amdim_train.parse_args(RUN + ["--out", str(tmp_path)])).save()
+    real = amdim_data.build_datasets
+
+    def half_unlabeled(*args, **kwargs):
+        train, test, spec = real(*args, **kwargs)
+        train.labels[::2] = -1
+        return train, test, spec
+
+    chosen = amdim_evaluate.labeled(Subset(half_unlabeled("synthetic", "")[0], range(10)))
+    assert list(chosen.indices) == [1, 3, 5, 7, 9]
+    encode, encoded = amdim_evaluate.encode, []
+
+    def counted_encode(model, dataset, *args, **kwargs):
+        encoded.append(len(dataset))
+        return encode(model, dataset, *args, **kwargs)
+
+    monkeypatch.setattr(amdim_evaluate, "build_datasets", half_unlabeled)
+    monkeypatch.setattr(amdim_evaluate, "encode", counted_encode)
+    argv = [str(tmp_path / "last.pt"), "--epochs", "1", "--train-subset", "64", "--device", "cpu"]
+    assert 0.0 <= amdim_evaluate.main(argv) <= 1.0
+    assert encoded[0] == 32  # the labeled half of the 64
+    # a dataset without a label list: its -1 rows are dropped after encoding
+    monkeypatch.setattr(amdim_evaluate, "labeled", lambda dataset: dataset)
+    assert 0.0 <= amdim_evaluate.main(argv) <= 1.0
+    assert encoded[2] == 64
