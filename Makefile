@@ -7,7 +7,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-# Building the CUDA extension here: see ../shared/ENV.md. TORCH_CUDA_ARCH_LIST: setup.py's
+# Building the CUDA extension: CUDA_HOME must name the toolkit (torch otherwise guesses it from
+# the nvcc wrapper and the link fails, cannot find -lcudart). TORCH_CUDA_ARCH_LIST: setup.py's
 # default (8.0;9.0+PTX) unless set.
 export CUDA_HOME ?= /usr/local/cuda
 export MAX_JOBS ?= 2
@@ -24,7 +25,7 @@ $(STAMP): setup.py pyproject.toml requirements-dev.txt requirements-peers.txt $(
 	$(PY) -m pip install -e . --no-build-isolation
 	touch $(STAMP)
 
-# Fashion-MNIST from Debian's package where this machine can install it (shared/ENV.md)
+# Fashion-MNIST from Debian's package dataset-fashion-mnist, where this machine can install it
 data:
 	@if [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then :; \
 	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \

@@ -1,4 +1,4 @@
-"""Datasets and AMDIM's two-view augmentation (shared/AMDIM_NOTES.md section 3.6).
+"""Datasets and AMDIM's two-view augmentation, as in the official amdim-public code.
 
 One horizontal flip is drawn per image and shared by both views; each view then gets its own
 geometric augmentation (translate-with-reflect for 32 px, random resized crop for 64/128 px),
@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 from torchvision import datasets
 from torchvision.transforms import v2
 
-# Where the Debian package dataset-fashion-mnist puts its files (shared/ENV.md).
+# Where the Debian package dataset-fashion-mnist puts its files.
 SYSTEM_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 

@@ -1,5 +1,4 @@
-"""The AMDIM encoder and its phi heads, as in the official amdim-public code
-(shared/AMDIM_NOTES.md section 3.1-3.2).
+"""The AMDIM encoder and its phi heads, as in the official amdim-public code.
 
 The encoder maps an image to three feature maps: f1 (global, 1x1, n_rkhs channels, batch
 normed), f5 (5x5) and f7 (7x7). The phi heads turn them into r1 = f1, r5 = phi5(f5) and

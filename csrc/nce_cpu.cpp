@@ -10,8 +10,8 @@
 // copied out. Backward: per tile, g = scale * dL/da (scale folded into the rows' factors, as
 // the GPU kernels form G, so that no product is 1/scale larger than its result), then
 // d trg_tile = g^T @ src (the tile owns those rows) and d src += g @ trg_tile in float32,
-// tiles in order: three products like eager autograd, deterministic. Each step is one ATen op over the tile
-// where it can be (an op is a pass over the tile).
+// tiles in order: three products like eager autograd, deterministic. Each step is one ATen
+// op over the tile where it can be (an op is a pass over the tile).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

@@ -78,7 +78,7 @@ int64_t col_blocks(int64_t C) { return ceil_div(C, kCudaColsPerBlock); }
 // The fused WMMA kernels for this call? AMDIM_KERNELS_CUDA_SCORES is "auto" (or unset),
 // "cublas" or "mma"; float32 always takes cuBLAS, which honours torch's allow_tf32 setting.
 // "auto" takes the WMMA kernels for 16-bit inputs on sm_80+ when the scores' work N*M*L*D is
-// at most kMmaMaxWork: measured on an H100 (bf16, benchmarks/RESULTS.md, session 7), they win
+// at most kMmaMaxWork: measured on an H100 (bf16, benchmarks/RESULTS.md, 2026-11-22), they win
 // on AMDIM's per-GPU problems (N = 120-200: 1.2-1.5 ms against cuBLAS's 1.3-2.0 fwd+bwd, up
 // to 1.3e10) and lose on the single-GPU one (N = M = 1024, 1.05e11: 4.0 ms against 2.5).
 constexpr double kMmaMaxWork = 34359738368.0;  // 2^35, between the two measured classes

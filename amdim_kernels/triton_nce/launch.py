@@ -95,7 +95,7 @@ def tile_config(dtype: torch.dtype, d: int, kernel: str) -> TileConfig:
     for sm_90 (`python -m benchmarks.triton_resources`), the forward's unmasked launch and
     the G kernel fit 128 registers without spills with TMA operands (through pointers,
     Triton 3.6's G kernel spills 24 bytes outside its K-loop), so they are capped there:
-    two programs per SM. On an H100 (session 7, `python -m benchmarks.tune_triton`) it was
+    two programs per SM. On an H100 (2026-11-22, `python -m benchmarks.tune_triton`) it was
     as fast as any candidate within the run-to-run spread of the host-bound timings, so it
     stays; (128, 256) forward tiles measured 0.75 against 0.84 ms at N = M = 1024 but
     slower at N = 128, inside that spread.
@@ -110,7 +110,7 @@ def tile_config(dtype: torch.dtype, d: int, kernel: str) -> TileConfig:
         return TileConfig(64, 128, 32, 8, 3, masked_block_j=64)
     # 96 KiB of shared memory and at most 128 registers a thread: two programs per SM. The
     # masked launch copies the positives out: at (128, 64) that fits 255 registers without
-    # spills, at (128, 128) it spills (benchmarks/RESULTS.md, session 9; float32 likewise at
+    # spills, at (128, 128) it spills (benchmarks/RESULTS.md, 2026-11-23; float32 likewise at
     # (64, 64) against (64, 128))
     return TileConfig(128, 128, 64, 8, 3, plain_max_registers=128, masked_block_j=64)
 
