@@ -26,7 +26,12 @@ class Evaluator(nn.Module):
         )
         self.linear = nn.Linear(n_rkhs, n_classes)
 
-    def forward(self, r1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, r1: torch.Tensor, n_views: int | None = None):
+        """(linear logits, MLP logits) of r1, detached; with n_views, r1 holds that many views'
+        batches one after the other, each classified in its own pass (the MLP's BatchNorm
+        sees one view's batch), and one (linear, MLP) pair per view is returned."""
+        if n_views is not None:
+            return tuple(self(view) for view in r1.chunk(n_views))
         r1 = r1.detach().float()
         return self.linear(r1), self.mlp(r1)
 

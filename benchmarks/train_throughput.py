@@ -100,7 +100,7 @@ class Contender:
                     rounds=len(self.step_ms), model=f"ndf {a.ndf}, n_rkhs {a.n_rkhs}, depth {a.n_depth}",
                     amp=self.args.amp, amp_dtype=self.args.amp_dtype if self.args.amp else "",
                     compile=self.args.compile, compile_mode=self.args.compile_mode or "",
-                    channels_last=self.args.channels_last, device=versions(self.args.device)[0],
+                    channels_last=a.channels_last, device=versions(self.args.device)[0],
                     torch=torch.__version__,
                     date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
 

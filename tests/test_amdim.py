@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 
 from amdim import objective
 from amdim import train as amdim_train
-from amdim.data import SPECS, TwoViews, build_datasets
+from amdim.data import SPECS, GreyTwoViews, TwoViews, build_datasets, two_views
 from amdim.model import AMDIM, ConvResNxN
 from amdim.objective import as_targets, multiscale_nce
 from amdim_kernels import available_backends, nce_loss
@@ -59,10 +59,59 @@ def test_two_views_share_the_flip():
     assert signs == {True, False}  # and the flip does happen
 
 
-def test_grey_dataset_views_have_three_channels():
+def test_grey_dataset_views_have_three_equal_channels_and_share_the_flip():
     spec = SPECS["fashion-mnist"]
-    v1, v2 = TwoViews(spec)(torch.randint(0, 255, (1, 28, 28), dtype=torch.uint8))
-    assert v1.shape == v2.shape == (3, 32, 32)
+    assert isinstance(two_views(spec), GreyTwoViews)
+    img = torch.zeros(1, 28, 28, dtype=torch.uint8)
+    img[:, :, 14:] = 255  # dark left, bright right
+    signs = set()
+    for _ in range(40):
+        v1, v2 = two_views(spec)(img)
+        assert v1.shape == v2.shape == (3, 32, 32) and v1.dtype == torch.float32
+        assert torch.equal(v1[0], v1[1]) and torch.equal(v1[0], v1[2])
+        s1, s2 = (bool(v[:, :, :16].mean() < v[:, :, 16:].mean()) for v in (v1, v2))
+        assert s1 == s2
+        signs.add(s1)
+    assert signs == {True, False}
+
+
+@pytest.mark.parametrize("shift, jitter", [((3, -4), (1.3, 0.7, True)), ((-4, 1), (0.65, 1.35, False)),
+                                           (None, (1.1, 0.9, False)), ((2, 2), None), (None, None)])
+def test_grey_views_are_the_official_augmentation_on_one_channel(shift, jitter):
+    """A grey view is what torchvision's steps of TwoViews make of the three-channel image:
+    reflect padding by 4 and a 32 px crop, brightness and contrast in the drawn order, the
+    saturation and grayscale steps (which change nothing), normalisation."""
+    from torchvision.transforms.v2 import functional as TF
+
+    spec = SPECS["fashion-mnist"]
+    grey = GreyTwoViews(spec)
+    x = torch.nn.functional.pad(torch.rand(1, 28, 28), (2, 2, 2, 2))
+    want = x.expand(3, -1, -1)
+    if shift is not None:
+        want = TF.crop(TF.pad(want, [4], padding_mode="reflect"), 4 + shift[0], 4 + shift[1], 32, 32)
+    if jitter is not None:
+        brightness, contrast, brightness_first = jitter
+        ops = [lambda t: TF.adjust_brightness(t, brightness), lambda t: TF.adjust_contrast(t, contrast)]
+        for op in ops if brightness_first else ops[::-1]:
+            want = op(want)
+        want = TF.adjust_saturation(want, 1.4)
+    want = TF.normalize(TF.rgb_to_grayscale(want, num_output_channels=3), spec.mean, spec.std)
+    # torchvision's grey weights (0.2989, 0.587, 0.114) sum to 0.9999: its grey of a grey image,
+    # and the mean its contrast blends with, are 1e-4 darker; normalised, up to 3e-4
+    torch.testing.assert_close(grey.view(x, shift, jitter), want, atol=5e-4, rtol=0)
+
+
+def test_grey_views_draw_the_official_parameters():
+    grey = GreyTwoViews(SPECS["fashion-mnist"])
+    torch.manual_seed(0)
+    draws = [grey.draw() for _ in range(4000)]
+    shifts = [d["shift"] for d in draws if d["shift"] is not None]
+    jitters = [d["jitter"] for d in draws if d["jitter"] is not None]
+    assert abs(len(shifts) / 4000 - 0.8) < 0.03 and abs(len(jitters) / 4000 - 0.8) < 0.03
+    assert {s for shift in shifts for s in shift} == set(range(-4, 5))
+    factors = torch.tensor([j[:2] for j in jitters])
+    assert factors.min() >= 0.6 and factors.max() <= 1.4 and factors.min() < 0.62 and factors.max() > 1.38
+    assert abs(sum(j[2] for j in jitters) / len(jitters) - 0.5) < 0.04
 
 
 def _six_call_objective(v1, v2, locs, tclip):
@@ -183,6 +232,62 @@ def test_two_processes_match_one_on_the_concatenated_batch():
             torch.testing.assert_close(g_rank / world, leaf.grad[rank * b:(rank + 1) * b])
 
 
+def _global_batch(images: int):
+    """A fixed batch of two views, its labels and its 5->5 locations."""
+    gen = torch.Generator().manual_seed(7)
+    views = torch.randn(2, images, 3, 32, 32, generator=gen)
+    labels = torch.randint(0, 10, (images,), generator=gen)
+    locations = (torch.randint(0, 25, (images,), generator=gen), torch.randint(0, 25, (images,), generator=gen))
+    return views, labels, locations
+
+
+def _trainer_rank(rank: int, world: int, port: int, argv: list, steps: int, out: dict):
+    """One torchrun-like process: a Run over the gloo group, `steps` steps on its share of the
+    fixed global batch; reports the first step's objective and gradients, and the weights."""
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    run = amdim_train.Run(amdim_train.parse_args(argv))
+    views, labels, locations = _global_batch(run.args.batch_size)
+    share = slice(rank * run.rank_batch, (rank + 1) * run.rank_batch)
+    amdim_train.draw_locations = lambda b: (locations[0][share], locations[1][share])
+    first = run.train_step((views[0][share], views[1][share]), labels[share])
+    grads = {name: p.grad.clone() for name, p in run.model.named_parameters()}
+    for _ in range(steps - 1):
+        run.train_step((views[0][share], views[1][share]), labels[share])
+    weights = [{k: p.detach().clone() for k, p in module.named_parameters()} for module in (run.model, run.evaluator)]
+    out[rank] = (float(first["total"]), grads, *weights, run.rank_batch)
+    torch.distributed.destroy_process_group()
+
+
+def test_two_trainer_processes_split_the_batch_and_keep_equal_classifiers(tmp_path):
+    """--batch-size is the global batch: under two processes each takes half. After some steps
+    the encoders and the online classifiers are equal on both ranks (DDP averages both), and the
+    first step's objective and gradients are those of one process that encodes each half in its
+    own pass (each rank's BatchNorm sees its share of a view, as the official DataParallel
+    replicas did) and scores the whole batch's targets."""
+    world, argv = 2, TINY + ["--batch-size", "16", "--out", str(tmp_path)]
+    out = mp.Manager().dict()
+    mp.spawn(_trainer_rank, args=(world, _free_port(), argv, 3, out), nprocs=world, join=True)
+    assert [out[r][4] for r in range(world)] == [8, 8]
+    for state in (2, 3):  # the encoder's weights, the classifiers' weights (BatchNorm statistics are each rank's)
+        for k, v in out[0][state].items():
+            assert torch.equal(v, out[1][state][k]), k
+
+    run = amdim_train.Run(amdim_train.parse_args(argv))  # rank 0's initial weights, which DDP broadcast
+    views, _, locations = _global_batch(16)
+    halves = [run.model(torch.cat([views[0][s], views[1][s]]), n_views=2) for s in (slice(0, 8), slice(8, 16))]
+    view1, view2 = (tuple(torch.cat([h[v][k] for h in halves]) for k in range(3)) for v in (0, 1))
+    one = multiscale_nce(view1, view2, tclip=20.0, locations=locations)
+    one.total.backward()
+    torch.testing.assert_close(torch.tensor((out[0][0] + out[1][0]) / 2), one.total.detach())
+    # float32 sums in another order (each rank's half, then the all-reduce): rounding of about
+    # 1e-5 of the gradients' scale, also in the biases before a BatchNorm, whose gradient is 0
+    scale = max(float(p.grad.abs().max()) for p in run.model.parameters())
+    for name, p in run.model.named_parameters():
+        torch.testing.assert_close(out[0][1][name], p.grad, rtol=1e-4, atol=1e-4 * scale, msg=name)
+
+
 @pytest.mark.parametrize("dataset, message", [("mnist", r"MNIST not found under .*: get the raw IDX files"),
                                                ("cifar10", r"dataset .cifar10. not found.*--data-root")])
 def test_missing_dataset_is_a_clear_error(tmp_path, capsys, dataset, message):
@@ -264,7 +369,7 @@ def test_channels_last_takes_the_same_steps(tmp_path):
     features are contiguous (what the fused backends read without a copy)."""
     losses = {}
     for channels_last in (False, True):
-        args = amdim_train.parse_args(TINY + ["--out", str(tmp_path)] + (["--channels-last"] if channels_last else []))
+        args = amdim_train.parse_args(TINY + ["--out", str(tmp_path)] + ["--channels-last" if channels_last else "--no-channels-last"])
         torch.manual_seed(0)
         run = amdim_train.Run(args)
         (v1, v2), labels = next(iter(run.train_loader(0)))
