@@ -77,7 +77,7 @@ TRAIN_REFUSALS = [
     _case(["--lr", "0"], r"argument --lr: needs a finite number > 0, got 0"),
     _case(["--tclip", "nan"], r"argument --tclip: needs a finite number >= 0, got nan"),
     _case(["--tclip", "inf"], r"argument --tclip: needs a finite number >= 0, got inf"),
-    _case(["--train-subset", "4"], r"--train-subset 4 is below a batch \(8 images x 1 process\(es\)\)"),
+    _case(["--train-subset", "4"], r"--train-subset 4 is below a batch \(--batch-size 8\)"),
     _case(["--data-root", "{d}/nonexistent"], r"--data-root \S+/nonexistent: no such folder"),
     _case(["--out", "{d}/a-file/run"], r"--out \S+/a-file/run: cannot write there \(Not a directory\)"),
     _case(["--out", "/proc/amdim-run"], r"--out /proc/amdim-run: cannot write there"),
@@ -134,7 +134,15 @@ def test_trainer_refuses_a_batch_larger_than_the_dataset(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         amdim_train.main(RUN + ["--train-subset", "0", "--batch-size", "1024", "--out", str(tmp_path)])
     assert e.value.code == 2
-    _refused_line(capsys, "amdim.train", r"--batch-size 1024 x 1 process\(es\) exceeds the 512 training images")
+    _refused_line(capsys, "amdim.train", r"--batch-size 1024 exceeds the 512 training images")
+
+
+def test_trainer_refuses_a_batch_that_the_processes_cannot_share(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it
+    with pytest.raises(SystemExit) as e:
+        amdim_train.parse_args(RUN + ["--batch-size", "15", "--out", str(tmp_path)])
+    assert e.value.code == 2
+    _refused_line(capsys, "amdim.train", r"--batch-size 15 is not a multiple of the 2 processes torchrun started")
 
 
 def test_trainer_refuses_weights_that_do_not_fit(files, tmp_path, capsys):
@@ -156,6 +164,17 @@ EVALUATE_REFUSALS = [
     _case(["{d}/ndf16/last.pt", "--train-subset", "-1"], r"argument --train-subset: needs an integer >= 0, got -1"),
     _case(["{d}/ndf16/last.pt", "--device", "gpu0"], r"--device 'gpu0' is not a device"),
     _case(["{d}/ndf16/last.pt", "--data-root", "{d}/nonexistent"], r"--data-root \S+/nonexistent: no such folder"),
+    _case(["{d}/ndf16/last.pt", "--milestones", "5"], r"--milestones applies to --classifiers only"),
+    _case(["{d}/ndf16/last.pt", "--epochs", "5"], r"--epochs applies to --classifiers only"),
+    _case(["{d}/ndf16/last.pt", "--classifiers", "--l2", "0.1"], r"--l2 applies to the linear probe, not to --classifiers"),
+    _case(["{d}/ndf16/last.pt", "--l2", "-1"], r"argument --l2: needs a finite number >= 0, got -1"),
+    _case(["{d}/ndf16/last.pt", "--lr", "1e-3"], r"--lr applies to --classifiers only"),
+    _case(["{d}/ndf16/last.pt", "--classifiers", "--baselines"],
+          r"--classifiers evaluates the checkpoint's encoder: without --random-init and --baselines"),
+    _case(["{d}/ndf16/last.pt", "--classifiers", "--batch-size", "0"],
+          r"argument --batch-size: needs a positive integer, got 0"),
+    _case(["{d}/ndf16/last.pt", "--random-init", "--baselines"],
+          r"argument --baselines: not allowed with argument --random-init"),
 ]
 
 
@@ -375,10 +394,71 @@ def test_evaluate_probes_on_labeled_images_only(tmp_path, monkeypatch):
 
     monkeypatch.setattr(amdim_evaluate, "build_datasets", half_unlabeled)
     monkeypatch.setattr(amdim_evaluate, "encode", counted_encode)
-    argv = [str(tmp_path / "last.pt"), "--epochs", "1", "--train-subset", "64", "--device", "cpu"]
+    argv = [str(tmp_path / "last.pt"), "--train-subset", "64", "--device", "cpu"]
     assert 0.0 <= amdim_evaluate.main(argv) <= 1.0
     assert encoded[0] == 32  # the labeled half of the 64
     # a dataset without a label list: its -1 rows are dropped after encoding
     monkeypatch.setattr(amdim_evaluate, "labeled", lambda dataset: dataset)
     assert 0.0 <= amdim_evaluate.main(argv) <= 1.0
     assert encoded[2] == 64
+
+
+def test_evaluate_baselines_print_the_pretrained_accuracy_last(tmp_path, capsys):
+    amdim_train.Run(amdim_train.parse_args(RUN + ["--out", str(tmp_path)])).save()
+    acc = amdim_evaluate.main([str(tmp_path / "last.pt"), "--baselines", "--device", "cpu"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3
+    assert re.fullmatch(r"linear probe on frozen r1 \(randomly initialised encoder\), synthetic test accuracy: "
+                        r"[01]\.\d{4}", lines[0])
+    assert re.fullmatch(r"linear probe on the raw pixels, synthetic test accuracy: [01]\.\d{4}", lines[1])
+    assert re.fullmatch(rf"linear probe on frozen r1 \(encoder of \S+last.pt\), synthetic test accuracy: "
+                        rf"{acc:.4f}", lines[2])
+    # the synthetic classes are a pattern plus noise: raw pixels separate them
+    assert float(lines[1].rsplit(" ", 1)[1]) > 0.9
+
+
+def test_evaluate_classifiers_trains_fresh_classifiers_on_the_frozen_encoder(tmp_path, capsys, monkeypatch):
+    """The official final evaluation: every epoch tested and reported, the encoder's weights
+    untouched, the classifiers trained from a fresh start (not the checkpoint's online ones) on
+    augmented training images, with the asked schedule."""
+    run = amdim_train.Run(amdim_train.parse_args(RUN + ["--out", str(tmp_path)]))
+    run.save()
+    from amdim import classifiers
+
+    trained = {}
+    real = classifiers.train_classifiers
+
+    def spy(model, train_set, test_set, n_classes, schedule, device, **kwargs):
+        before = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "batches" not in k}
+        trained["schedule"], trained["augmented"] = schedule, train_set[0][0]
+        result = real(model, train_set, test_set, n_classes, schedule, device, **kwargs)
+        after = model.state_dict()
+        trained["frozen"] = all(torch.equal(v, after[k]) for k, v in before.items())
+        return result
+
+    monkeypatch.setattr(amdim_evaluate, "train_classifiers", spy)
+    acc = amdim_evaluate.main([str(tmp_path / "last.pt"), "--classifiers", "--epochs", "3", "--milestones", "2",
+                               "--batch-size", "16", "--device", "cpu", "--workers", "0"])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert [line.split(":")[0] for line in out[:3]] == [f"classifiers epoch {k}/3" for k in (1, 2, 3)]
+    assert re.fullmatch(rf"official classifiers on frozen r1 \(encoder of \S+\), synthetic test accuracy: "
+                        rf"linear {acc:.4f}, MLP [01]\.\d{{4}}", out[3])
+    assert trained["schedule"] == classifiers.Schedule(epochs=3, milestones=(2,), lr=run.args.lr, batch_size=16)
+    assert isinstance(trained["augmented"], tuple)  # two views: the training augmentation
+    assert trained["frozen"]
+
+
+def test_classifier_schedule_is_the_official_one_per_dataset():
+    assert (amdim_data.SPECS["cifar10"].classifier_epochs, amdim_data.SPECS["cifar10"].classifier_milestones) == \
+        (120, (80, 110))
+    assert (amdim_data.SPECS["stl10"].classifier_epochs, amdim_data.SPECS["stl10"].classifier_milestones) == \
+        (120, (80, 110))
+    assert (amdim_data.SPECS["imagenet"].classifier_epochs, amdim_data.SPECS["imagenet"].classifier_milestones) == \
+        (30, (15, 25))
+
+
+def test_a_run_draws_its_curves(tmp_path):
+    amdim_train.main(RUN + ["--max-steps", "10", "--log-every", "2", "--out", str(tmp_path)])
+    with open(tmp_path / "steps.csv") as f:
+        assert [row.split(",")[1] for row in f.read().splitlines()[1:]] == ["2", "4", "6", "8", "10"]
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
