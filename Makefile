@@ -1,5 +1,5 @@
 # Two commands set everything up on a fresh machine:
-#   make demo   the main job: AMDIM pretraining on Fashion-MNIST, then a linear probe
+#   make demo   the main job: AMDIM pretraining on Fashion-MNIST, then linear probes
 #   make test   the tests
 # Both create .venv (and build the C++/CUDA extension) on first use.
 PYTHON ?= python3
@@ -34,8 +34,7 @@ data:
 
 demo: $(STAMP) data
 	$(PY) -m amdim.train --out $(RUN)
-	$(PY) -m amdim.evaluate $(RUN)/last.pt
-	$(PY) -m amdim.evaluate $(RUN)/last.pt --random-init
+	$(PY) -m amdim.evaluate $(RUN)/last.pt --baselines
 
 loss-demo: $(STAMP)
 	$(PY) -m benchmarks.demo
