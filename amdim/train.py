@@ -46,7 +46,7 @@ from .data import SPECS, MissingDataset, SeededAugmentation, build_datasets
 from .evaluator import Evaluator
 from .evaluator import classifier_loss as probe_loss
 from .model import AMDIM
-from .objective import draw_locations, multiscale_nce
+from amdim_kernels.multiscale import draw_locations, multiscale_nce
 from .warmup import WARMUP_BATCHES, batchnorm_statistics_kept, warm_up_batchnorm
 
 # A preset's milestones that decay the rate for the run's last epoch, whatever --epochs is.

@@ -167,6 +167,15 @@ def validate(
                 raise ValueError(f"pos_idx values must lie in [0, M) = [0, {m}), got values in [{lo}, {hi}]")
         pos_idx = pos_idx.to(torch.int64).contiguous()  # the kernels read it as a packed array
 
+    tclip, reg_weight, scale = check_options(tclip, reg_weight, scale, reduction)
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    return Problem(src, trg, pos_idx, tclip, reg_weight, scale, reduction)
+
+
+def check_options(tclip: float | None, reg_weight: float, scale: float | None,
+                  reduction: str) -> tuple[float | None, float, float | None]:
+    """Check nce_loss's options, which do not depend on the tensors; return the numbers as
+    Python floats (None kept)."""
     _check_number("tclip", tclip, none_means="no clipping")
     _check_number("reg_weight", reg_weight)
     _check_number("scale", scale, none_means="1/sqrt(D)")
@@ -177,9 +186,10 @@ def validate(
     reg_weight = float(reg_weight)
     if not (reg_weight >= 0 and _finite(reg_weight)):
         raise ValueError(f"reg_weight must be a finite number >= 0, got {reg_weight}")
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    if not _finite(scale):
-        raise ValueError(f"scale must be a finite number or None, got {scale}")
+    if scale is not None:
+        scale = float(scale)
+        if not _finite(scale):
+            raise ValueError(f"scale must be a finite number or None, got {scale}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    return Problem(src, trg, pos_idx, tclip, reg_weight, scale, reduction)
+    return tclip, reg_weight, scale

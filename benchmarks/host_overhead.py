@@ -204,10 +204,10 @@ def work_ops(p: problems.Problem = problems.CIFAR) -> None:
 
 
 def _objective_step(b: int, d: int, backend: str, share_targets: bool = True, generator=None, **tensor_kw):
-    """One fwd+bwd of the trainer's objective (amdim.objective.multiscale_nce) on fresh
+    """One fwd+bwd of the trainer's objective (amdim_kernels.multiscale_nce) on fresh
     features of both views, (r1, r5, r7) each as the encoder leaves them (NCHW), with fixed
     5->5 locations: a closure, so that every call repeats the same step."""
-    from amdim.objective import multiscale_nce
+    from amdim_kernels.multiscale import multiscale_nce
 
     shapes = [(b, d), (b, d, 5, 5), (b, d, 7, 7)] * 2
     feats = [torch.randn(s, generator=generator).to(**tensor_kw).requires_grad_() for s in shapes]
@@ -222,7 +222,7 @@ def _objective_step(b: int, d: int, backend: str, share_targets: bool = True, ge
 
 
 def objective_ops(b: int = 8, d: int = 32) -> None:
-    """The ops one fwd+bwd of the trainer's objective (amdim.objective.multiscale_nce, backend
+    """The ops one fwd+bwd of the trainer's objective (amdim_kernels.multiscale_nce, backend
     cpp) dispatches that launch work on a GPU, counted as --ops counts them: the nce ops and
     the rest (gathers, concatenations, the means, the gradients' accumulation)."""
     step = _objective_step(b, d, "cpp", generator=torch.Generator().manual_seed(0))
@@ -297,7 +297,7 @@ def _graph_ms(fn) -> float:
 
 
 def objective(dtype=torch.bfloat16) -> None:
-    """The trainer's objective (amdim.objective.multiscale_nce) fwd+bwd with 1->5 and 5->5
+    """The trainer's objective (amdim_kernels.multiscale_nce) fwd+bwd with 1->5 and 5->5
     of a direction in one call (four calls a step) against SPEC's six calls one by one
     (--objective, GPU): host ms, GPU kernel ms and kernels per step, and do_bench's median,
     on one GPU's features (CIFAR's B = 200, D = 1024, and ImageNet's B = 480, D = 1536,

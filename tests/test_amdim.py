@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from amdim import objective
 from amdim import train as amdim_train
 from amdim.data import SPECS, GreyTwoViews, TwoViews, build_datasets, two_views
 from amdim.model import AMDIM, ConvResNxN
-from amdim.objective import as_targets, multiscale_nce
+from amdim_kernels import multiscale as objective
+from amdim_kernels.multiscale import as_targets, multiscale_nce
 from amdim_kernels import available_backends, nce_loss
 
 TINY = ["--dataset", "synthetic", "--ndf", "8", "--n-rkhs", "32", "--n-depth", "1", "--batch-size", "16",

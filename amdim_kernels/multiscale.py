@@ -1,4 +1,9 @@
-"""AMDIM's multiscale NCE objective through amdim_kernels.nce_loss (SPEC.md section 2).
+"""AMDIM's multiscale NCE objective through nce_loss, for any encoder that gives each view's
+global feature r1 (B, D) and feature maps r5 (B, D, 5, 5) and r7 (B, D, 7, 7):
+
+    from amdim_kernels import multiscale_nce
+    losses = multiscale_nce((r1_a, r5_a, r7_a), (r1_b, r5_b, r7_b))
+    losses.total.backward()            # losses.figures(): loss_1t5, loss_1t7, loss_5t5, reg
 
 Six losses per step: 1->5, 1->7 and 5->5, each in both directions (view 1's sources against
 view 2's targets and the reverse). A 5->5 source is one uniformly random location of r5 per
@@ -20,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from amdim_kernels import nce_loss
+from .api import nce_loss
 
 
 def as_targets(fmap: torch.Tensor) -> torch.Tensor:
@@ -116,7 +121,7 @@ def multiscale_nce(view1, view2, *, tclip: float | None = 20.0, backend: str = "
     """view1, view2: (r1 (B, D), r5 (B, D, 5, 5), r7 (B, D, 7, 7)) of the two views.
     locations: the 5->5 source location per image of each view (default: uniform draws from
     the CPU RNG, as the official code). share_targets: 1->5 and 5->5 of a direction in one
-    call (four calls a step); False makes SPEC's six calls one by one, the same objective,
+    call (four calls a step); False makes the six calls one by one, the same objective,
     for comparison (benchmarks.host_overhead --objective)."""
     (r1_a, r5_a, r7_a), (r1_b, r5_b, r7_b) = view1, view2
     t5_a, t5_b, t7_a, t7_b = as_targets(r5_a), as_targets(r5_b), as_targets(r7_a), as_targets(r7_b)
