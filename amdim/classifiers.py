@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from .data import SeededAugmentation
 from .evaluator import Evaluator
 from .model import AMDIM
-from .warmup import WARMUP_BATCHES, warm_up_batchnorm
+from .warmup import WARMUP_BATCHES, accuracy_after_warm_up
 
 
 @dataclass(frozen=True)
@@ -34,27 +34,17 @@ class Schedule:
 
 def test_accuracy(model: AMDIM, evaluator: Evaluator, test_set: Dataset, device: torch.device,
                   memory_format=torch.contiguous_format, batch_size: int = 256, workers: int = 2) -> dict[str, float]:
-    """The classifiers' test accuracy after the official BatchNorm warm-up (encoder and MLP)
-    on the first test batches; leaves both modules in eval mode."""
+    """The classifiers' test accuracy on r1 after the official BatchNorm warm-up (encoder
+    and MLP) on the first test batches; leaves the encoder and the classifiers in eval mode."""
     loader = DataLoader(test_set, batch_size=batch_size, num_workers=workers)
 
     def on_device(batches: Iterable):
         for x, y in batches:
             yield x.to(device).contiguous(memory_format=memory_format), y.to(device)
 
-    def classify(x):
-        return evaluator(model(x)[0])
-
-    with torch.no_grad():
-        warm_up_batchnorm((model, evaluator), (x for x, _ in on_device(itertools.islice(loader, WARMUP_BATCHES))),
-                          classify)
-        correct, seen = torch.zeros(2, dtype=torch.long), 0
-        for x, y in on_device(loader):
-            lin, mlp = classify(x)
-            correct += torch.stack([(lin.argmax(1) == y).sum(), (mlp.argmax(1) == y).sum()]).cpu()
-            seen += len(y)
-    lin, mlp = (correct.double() / max(1, seen)).tolist()
-    return {"test_acc_linear": lin, "test_acc_mlp": mlp}
+    return accuracy_after_warm_up((model.encoder, evaluator), lambda x: evaluator(model.global_feature(x)),
+                                  (x for x, _ in on_device(itertools.islice(loader, WARMUP_BATCHES))),
+                                  on_device(loader))
 
 
 def train_classifiers(model: AMDIM, train_set: Dataset, test_set: Dataset, n_classes: int, schedule: Schedule,
@@ -82,7 +72,7 @@ def train_classifiers(model: AMDIM, train_set: Dataset, test_set: Dataset, n_cla
         for (view1, _), labels in loader:
             x = view1.to(device).contiguous(memory_format=memory_format)
             with torch.no_grad():
-                r1 = model(x)[0]
+                r1 = model.global_feature(x)
             loss = evaluator.loss(r1, labels.to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -107,8 +107,8 @@ class GreyTwoViews:
         self.size = spec.image_size
 
     def draw(self) -> dict:
-        """One view's parameters: shift (dy, dx) or None, and jitter ((brightness, contrast),
-        brightness first?) or None."""
+        """One view's parameters: shift (dy, dx) or None, and jitter (brightness, contrast,
+        whether brightness goes first) or None."""
         r = torch.rand(6).tolist()
         shift = None
         if r[0] < 0.8:

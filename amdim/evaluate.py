@@ -37,25 +37,26 @@ from .warmup import WARMUP_BATCHES, warm_up_batchnorm
 
 
 @torch.no_grad()
-def encode(model: AMDIM, dataset, device, batch_size: int = 256, workers: int = 2,
-           memory_format=torch.contiguous_format):
-    """(r1 of every image, labels), r1 in float32 on the CPU. r1 is the encoder's f1: the
-    phi heads, a third of the forward's work, are not run."""
+def features(dataset, feature, batch_size: int, workers: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(feature(images) of every batch, labels), the features in float32 on the CPU."""
     feats, labels = [], []
     for x, y in DataLoader(dataset, batch_size=batch_size, num_workers=workers):
-        feats.append(model.encoder(x.to(device).contiguous(memory_format=memory_format))[0].flatten(1).float().cpu())
+        feats.append(feature(x).float().cpu())
         labels.append(y)
     return torch.cat(feats), torch.cat(labels)
+
+
+def encode(model: AMDIM, dataset, device, batch_size: int = 256, workers: int = 2,
+           memory_format=torch.contiguous_format):
+    """(r1 of every image, labels), r1 without the phi heads (AMDIM.global_feature)."""
+    return features(dataset, lambda x: model.global_feature(x.to(device).contiguous(memory_format=memory_format)),
+                    batch_size, workers)
 
 
 def pixels(dataset, grey: bool, batch_size: int = 1024, workers: int = 2):
     """(the encoder's input images flattened, labels): one channel of the grey datasets,
     whose three are copies."""
-    feats, labels = [], []
-    for x, y in DataLoader(dataset, batch_size=batch_size, num_workers=workers):
-        feats.append((x[:, :1] if grey else x).flatten(1))
-        labels.append(y)
-    return torch.cat(feats), torch.cat(labels)
+    return features(dataset, lambda x: (x[:, :1] if grey else x).flatten(1), batch_size, workers)
 
 
 @torch.no_grad()

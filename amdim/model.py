@@ -145,6 +145,10 @@ class AMDIM(nn.Module):
         self.phi7 = PhiHead(width, n_rkhs, use_bn)
         self.n_rkhs = n_rkhs
 
+    def global_feature(self, x: torch.Tensor) -> torch.Tensor:
+        """r1 (B, D) alone: the encoder's f1, without the phi heads (a third of the forward)."""
+        return self.encoder(x)[0].flatten(1)
+
     def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(r1, r5, r7) of one batch, in one pass."""
         f1, f5, f7 = self.encoder(x)

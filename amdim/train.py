@@ -40,14 +40,14 @@ from tqdm import tqdm
 
 from amdim_kernels import available_backends
 from amdim_kernels.backends import BACKENDS
+from amdim_kernels.multiscale import draw_locations, multiscale_nce
 
 from . import checkpoint, cli, curves
 from .data import SPECS, MissingDataset, SeededAugmentation, build_datasets
 from .evaluator import Evaluator
 from .evaluator import classifier_loss as probe_loss
 from .model import AMDIM
-from amdim_kernels.multiscale import draw_locations, multiscale_nce
-from .warmup import WARMUP_BATCHES, batchnorm_statistics_kept, warm_up_batchnorm
+from .warmup import WARMUP_BATCHES, accuracy_after_warm_up, batchnorm_statistics_kept
 
 # A preset's milestones that decay the rate for the run's last epoch, whatever --epochs is.
 LAST_EPOCH = "last epoch"
@@ -358,18 +358,11 @@ class Run:
         are restored afterwards, so that testing leaves the run's state (its checkpoint, its
         resumed twin) bitwise as training left it."""
         limit = self.args.eval_batches
-        correct = {"linear": 0, "mlp": 0}
-        seen = 0
         with batchnorm_statistics_kept(self.model, self.evaluator):
-            warm_up_batchnorm((self.model, self.evaluator),
-                              (x for x, _ in self.test_batches(min(limit or WARMUP_BATCHES, WARMUP_BATCHES))),
-                              self._encode_and_classify)
-            for x, y in self.test_batches(limit):
-                lin, mlp = self._encode_and_classify(x)
-                correct["linear"] += int((lin.argmax(1) == y).sum())
-                correct["mlp"] += int((mlp.argmax(1) == y).sum())
-                seen += len(y)
-        return {f"test_acc_{k}": v / max(1, seen) for k, v in correct.items()}
+            return accuracy_after_warm_up(
+                (self.model, self.evaluator), self._encode_and_classify,
+                (x for x, _ in self.test_batches(min(limit or WARMUP_BATCHES, WARMUP_BATCHES))),
+                self.test_batches(limit))
 
     # ---- stopping ----
     def agree_to_stop(self, requested: bool) -> bool:

@@ -48,6 +48,21 @@ def warm_up_batchnorm(modules: Iterable[nn.Module], batches: Iterable, forward: 
             bn.eval()
 
 
+@torch.no_grad()
+def accuracy_after_warm_up(modules: Iterable[nn.Module], classify: Callable, warm_up_batches: Iterable,
+                           test_batches: Iterable) -> dict[str, float]:
+    """The official test: warm_up_batchnorm(modules) on `warm_up_batches` (images), then the
+    accuracy of the linear and the MLP logits `classify(x)` gives on `test_batches` ((images,
+    labels)), as test_acc_linear and test_acc_mlp. Leaves `modules` in eval mode."""
+    warm_up_batchnorm(modules, warm_up_batches, classify)
+    correct, seen = [0, 0], 0
+    for x, y in test_batches:
+        for k, logits in enumerate(classify(x)):
+            correct[k] += int((logits.argmax(1) == y).sum())
+        seen += len(y)
+    return {"test_acc_linear": correct[0] / max(1, seen), "test_acc_mlp": correct[1] / max(1, seen)}
+
+
 @contextlib.contextmanager
 def batchnorm_statistics_kept(*modules: nn.Module):
     """Restore every BatchNorm buffer of `modules` (running mean, variance, batch count) on
