@@ -16,7 +16,7 @@ import tempfile
 import torch
 
 from amdim_kernels import available_backends
-from amdim_kernels.backends import unavailable_reason
+from amdim_kernels.registry import unavailable_reason
 
 
 class UsageError(ValueError):

@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
 from amdim_kernels import available_backends
-from amdim_kernels.backends import BACKENDS
+from amdim_kernels.registry import BACKENDS
 from amdim_kernels.multiscale import draw_locations, multiscale_nce
 
 from . import checkpoint, cli, curves

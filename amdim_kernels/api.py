@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from . import backends
+from . import registry
+from .settings import current_settings
 from .validation import validate
 
 
@@ -44,6 +45,8 @@ def nce_loss(
         reduction: "mean" returns the mean over the N*L positives; "none" returns the
             (N, L) per-positive losses.
         backend: "auto", "reference", "triton", "cuda" or "cpp" (see ``available_backends``).
+            How the fused backends compute is set by ``amdim_kernels.settings`` (read once
+            per call; the backward follows its forward's).
 
     Returns:
         ``(loss, reg)``: float32 tensors; the trainer adds them. ``loss`` is a scalar, or
@@ -53,7 +56,7 @@ def nce_loss(
     refuse torch.func transforms (grad, vjp, vmap); ``backend="reference"`` supports both.
     """
     problem = validate(src, trg, pos_idx, tclip, reg_weight, scale, reduction)
-    name = backends.resolve(backend, src.device)
+    name = registry.resolve(backend, src.device)
     if name != "reference" and _under_torch_func():
         # their autograd Functions are not functorch-aware: torch.func.grad would fail
         # inside the backward, vmap at the first kernel, each with torch's own message
@@ -61,4 +64,4 @@ def nce_loss(
             f"backend {name!r} does not support torch.func transforms (grad, vjp, vmap, ...): take "
             "gradients with torch.autograd (loss.backward(), torch.autograd.grad), or use backend='reference'"
         )
-    return backends.implementation(name)(problem)
+    return registry.implementation(name)(problem, current_settings())

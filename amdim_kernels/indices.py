@@ -21,8 +21,6 @@ import torch
 
 CACHE_ELEMENTS = 1 << 20  # 8 MiB of int64 indices over all devices and ranges
 
-_kept: dict[tuple[torch.device, tuple[tuple[int, int, int], ...]], torch.Tensor] = {}
-_kept_elements = 0
 
 
 def capturing(x: torch.Tensor) -> bool:
@@ -41,24 +39,40 @@ def _arange(ranges: tuple[range, ...], device: torch.device) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
+class IndexCache:
+    """The kept index tensors, by device and ranges, up to `capacity` indices in all."""
+
+    def __init__(self, capacity: int = CACHE_ELEMENTS):
+        self.capacity = capacity
+        self.tensors: dict[tuple[torch.device, tuple[tuple[int, int, int], ...]], torch.Tensor] = {}
+        self.elements = 0
+
+    def indices(self, ranges: tuple[range, ...], like: torch.Tensor) -> torch.Tensor:
+        """The int64 tensor of the ranges' values on like's device: a kept one, or a fresh
+        one (kept where the rules allow)."""
+        device = like.device
+        if not _may_keep(like):
+            return _arange(ranges, device)
+        key = (device, tuple((r.start, r.stop, r.step) for r in ranges))
+        kept = self.tensors.get(key)
+        if kept is not None:
+            return kept
+        with torch.inference_mode(False):
+            indices = _arange(ranges, device)
+        size = indices.numel()
+        if self.elements + size <= self.capacity:
+            if indices.is_cuda:
+                torch.cuda.current_stream(device).synchronize()
+            self.tensors[key] = indices
+            self.elements += size
+        return indices
+
+
+# the process's one cache, used by every nce_loss call
+KEPT = IndexCache()
+
+
 def range_indices(ranges: range | tuple[range, ...], like: torch.Tensor) -> torch.Tensor:
     """The int64 tensor of the values of a range, or of several ranges one after another, on
     like's device: a kept one, or a fresh one (kept where the rules allow)."""
-    global _kept_elements
-    ranges = (ranges,) if isinstance(ranges, range) else tuple(ranges)
-    device = like.device
-    if not _may_keep(like):
-        return _arange(ranges, device)
-    key = (device, tuple((r.start, r.stop, r.step) for r in ranges))
-    kept = _kept.get(key)
-    if kept is not None:
-        return kept
-    with torch.inference_mode(False):
-        indices = _arange(ranges, device)
-    size = indices.numel()
-    if _kept_elements + size <= CACHE_ELEMENTS:
-        if indices.is_cuda:
-            torch.cuda.current_stream(device).synchronize()
-        _kept[key] = indices
-        _kept_elements += size
-    return indices
+    return KEPT.indices((ranges,) if isinstance(ranges, range) else tuple(ranges), like)

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from .api import nce_loss
-from .backends import BACKENDS
+from .registry import BACKENDS
 from .validation import check_options
 
 

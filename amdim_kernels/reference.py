@@ -1,4 +1,4 @@
-"""The AMDIM NCE loss in plain PyTorch, exactly as SPEC.md section 1 writes it.
+"""The AMDIM NCE loss in plain PyTorch, exactly as docs/loss.md#definition writes it.
 
 This is the ground truth every fused backend is tested against. It materialises the
 (N, M*L) score matrix and about a dozen temporaries of that size, which is precisely

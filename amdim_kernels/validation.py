@@ -38,7 +38,7 @@ class Problem:
         return self.trg.shape[0]
 
     @property
-    def l(self) -> int:  # noqa: E743 (the SPEC's name)
+    def l(self) -> int:  # noqa: E743 (the loss's name for it, docs/loss.md)
         return self.trg.shape[1]
 
     @property

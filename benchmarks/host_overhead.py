@@ -10,7 +10,7 @@ the pos_idx range check (one device sync) cost on the GPU, and how much CUDA gra
     python -m benchmarks.host_overhead --python-path    # no GPU needed
     python -m benchmarks.host_overhead --ops    # no GPU needed; also the trainer's objective
 
---glue times launch.py's own Python per backward chunk (views, operands, tensor
+--glue times the Triton backward's own Python per chunk (views, operands, tensor
 descriptors, arguments) with the Triton launches replaced by no-ops, on CPU tensors of the
 single-GPU problem: the part of the host time per chunk that this project's code adds to
 Triton's launcher and cuBLAS's.
@@ -29,8 +29,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from triton.testing import do_bench
 
-from amdim_kernels import available_backends, nce_loss
-from amdim_kernels.triton_nce import launch
+from amdim_kernels import Settings, available_backends, environment, nce_loss, settings
+from amdim_kernels.settings import TRITON_LOADS
+from amdim_kernels.triton_nce import config, forward, grad_rows, grad_tiles
 
 from . import problems
 from .run import impl_context
@@ -83,30 +84,30 @@ class _NoLaunch:
 
 
 def glue(p: problems.Problem = problems.SINGLE_GPU, reps: int = 200) -> None:
-    """Microseconds of launch.py's Python per backward chunk (--glue), per chunk count and
+    """Microseconds of the Triton backward's Python per chunk (--glue), per chunk count and
     operand loads, with the G kernel's launches stubbed out."""
     src, trg, pos_idx = p.inputs(torch.bfloat16, "cpu")
     per_row = torch.zeros(p.n)  # stands in for neg_lse, R and reg_coef
     g_pos = torch.zeros(p.n, p.l)
-    print(f"launch.py's Python per backward chunk, launches stubbed, {p.name}, bf16 (CPU)")
+    print(f"the Triton backward's Python per chunk, launches stubbed, {p.name}, bf16 (CPU)")
     print("| chunk parts | operand loads | us per chunk |")
     print("|---|---|---|")
-    with mock.patch.object(launch, "nce_grad_tile_kernel", _NoLaunch()), \
-            mock.patch.object(launch, "triton_interpreting", lambda: False):
+    with mock.patch.object(grad_tiles, "nce_grad_tile_kernel", _NoLaunch()), \
+            mock.patch.object(environment, "TRITON_INTERPRET", False):
         for parts in (8, 16):
-            for loads in launch.LOADS:
-                with launch.pinned(chunks=parts, operands=loads):
+            for loads in TRITON_LOADS:
+                options = config.CallOptions.of(Settings(triton_chunks=parts, triton_loads=loads), torch.bfloat16)
 
-                    def backward_chunks():
-                        chunks = launch.gradient_chunks(src, trg, pos_idx, per_row, per_row, g_pos, per_row, 20.0,
-                                                        p.d ** -0.5, "fused")
-                        return sum(1 for _ in chunks)
+                def backward_chunks():
+                    chunks = grad_tiles.gradient_chunks(src, trg, pos_idx, per_row, per_row, g_pos, per_row, 20.0,
+                                                        p.d ** -0.5, options)
+                    return sum(1 for _ in chunks)
 
-                    count = backward_chunks()
-                    t0 = time.perf_counter()
-                    for _ in range(reps):
-                        backward_chunks()
-                    us = 1e6 * (time.perf_counter() - t0) / (reps * count)
+                count = backward_chunks()
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    backward_chunks()
+                us = 1e6 * (time.perf_counter() - t0) / (reps * count)
                 print(f"| {parts} | {loads} | {us:.1f} |", flush=True)
 
 
@@ -120,7 +121,7 @@ def python_path(calls: int = 3000) -> None:
     torch.set_num_threads(1)
     src, trg = torch.randn(4, 8, requires_grad=True), torch.randn(4, 2, 8, requires_grad=True)
     ops, pos_idx = torch.ops.amdim_kernels, torch.arange(4)
-    loss, pos, neg_lse, sq, _, _ = ops.nce_fwd(src.detach(), trg.detach(), pos_idx, 20.0, 8 ** -0.5, 0.05)
+    loss, pos, neg_lse, sq, _, _ = ops.nce_fwd(src.detach(), trg.detach(), pos_idx, 20.0, 8 ** -0.5, 0.05, "auto")
     # as the autograd formula passes them: the mean's and reg's gradients broadcast, with their weights
     upstream = (torch.ones(()).expand(pos.shape), 1.0 / pos.numel(), torch.ones(()).expand(neg_lse.shape),
                 0.05 / (src.shape[0] * trg.shape[0] * trg.shape[1]))
@@ -136,8 +137,8 @@ def python_path(calls: int = 3000) -> None:
     rows = {
         "nce_loss + autograd.grad, cpp": lambda: fwd_bwd(src, trg, None, "cpp"),
         "the two C++ ops called directly": lambda: (
-            ops.nce_fwd(src.detach(), trg.detach(), pos_idx, 20.0, 8 ** -0.5, 0.05),
-            ops.nce_bwd(src.detach(), trg.detach(), pos_idx, pos, neg_lse, sq, *upstream, 20.0, 8 ** -0.5, True, True)),
+            ops.nce_fwd(src.detach(), trg.detach(), pos_idx, 20.0, 8 ** -0.5, 0.05, "auto"),
+            ops.nce_bwd(src.detach(), trg.detach(), pos_idx, pos, neg_lse, sq, *upstream, 20.0, 8 ** -0.5, "auto", True, True)),
         "validate": lambda: validate(src, trg, None, 20.0, 0.05, None, "mean"),
     }
     print("CPU, float32, N = M = 4, L = 2, D = 8, one thread")
@@ -189,11 +190,13 @@ def work_ops(p: problems.Problem = problems.CIFAR) -> None:
         launches = collections.Counter()
         with contextlib.ExitStack() as stack:
             if backend == "triton":
-                for name in [name for name in vars(launch) if name.endswith("_kernel")]:  # every kernel launch.py has
-                    stack.enter_context(mock.patch.object(launch, name, _CountedLaunch(launches, name)))
-                stack.enter_context(mock.patch.object(launch, "triton_interpreting", lambda: False))
-                stack.enter_context(mock.patch.object(launch, "_num_sms", lambda device: 132))
-                stack.enter_context(mock.patch("amdim_kernels.backends.resolve", lambda name, device: name))
+                for stage in (forward, grad_rows, grad_tiles):  # every kernel of every stage
+                    for name in [name for name in vars(stage) if name.endswith("_kernel")]:
+                        stack.enter_context(mock.patch.object(stage, name, _CountedLaunch(launches, name)))
+                    if hasattr(stage, "num_sms"):
+                        stack.enter_context(mock.patch.object(stage, "num_sms", lambda device: 132))
+                stack.enter_context(mock.patch.object(environment, "TRITON_INTERPRET", False))
+                stack.enter_context(mock.patch("amdim_kernels.registry.resolve", lambda name, device: name))
             fwd_bwd(src, trg, None, backend)
             launches.clear()
             with _WorkOps() as counted:
@@ -298,7 +301,7 @@ def _graph_ms(fn) -> float:
 
 def objective(dtype=torch.bfloat16) -> None:
     """The trainer's objective (amdim_kernels.multiscale_nce) fwd+bwd with 1->5 and 5->5
-    of a direction in one call (four calls a step) against SPEC's six calls one by one
+    of a direction in one call (four calls a step) against the six losses' calls one by one
     (--objective, GPU): host ms, GPU kernel ms and kernels per step, and do_bench's median,
     on one GPU's features (CIFAR's B = 200, D = 1024, and ImageNet's B = 480, D = 1536,
     r5/r7 as the encoder leaves them, NCHW)."""
@@ -335,7 +338,7 @@ def split() -> None:
             def step(backend=impl.split(":")[0]):
                 return fwd_bwd(src, trg, pos_idx, backend)
 
-            with impl_context(impl), launch.pinned(chunks=parts):
+            with impl_context(impl), settings(triton_chunks=parts):
                 for _ in range(5):
                     step()
                 host, (kernel_ms, kernels) = _host_ms(step), _kernel_stats(step)
@@ -374,14 +377,14 @@ def main():
                 if not given and p.n != p.m:
                     continue
                 idx = pos_idx if given else None
-                with launch.pinned(chunks=parts):
+                with settings(triton_chunks=parts):
                     ms = do_bench(lambda: fwd_bwd(src, trg, idx), warmup=50, rep=300, return_mode="median")
                 print(f"| {p.name} | {parts} | {'given (1 sync)' if given else 'None'} | {ms:.3f} |", flush=True)
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--glue", action="store_true", help="only launch.py's own Python per chunk (CPU)")
+    ap.add_argument("--glue", action="store_true", help="only the Triton backward's own Python per chunk (CPU)")
     ap.add_argument("--split", action="store_true", help="host time against GPU kernel time per call (GPU)")
     ap.add_argument("--python-path", action="store_true", help="the Python path around the cpp kernels (CPU)")
     ap.add_argument("--trace", action="store_true", help="profiler table of the host time per backend (GPU)")

@@ -1,10 +1,15 @@
 """Median times and peak extra memory of a callable, on the GPU or the CPU."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import os
+import re
 import statistics
+import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -59,11 +64,9 @@ def peak_extra_bytes(fn: Callable[[], object], device: str) -> int:
 
     GPU: torch.cuda.max_memory_allocated. CPU: the same count, from the profiler's record of
     every tensor allocation and free (profile_memory=True), summed in time order: what the
-    call's tensors hold at their peak, the C++ ops' included, and nothing else. The resident
-    set, read before (until session 14), also took in what the call does not own (MKL's
-    buffers, pages the heap kept from an earlier call), so its reading depended on what ran
-    before: cpp's workspace at N = M = 256, D = 256 read 2.4 MiB alone and 7-11 MiB after
-    the reference, where this count gives 3.2 MiB either way.
+    call's tensors hold at their peak, the C++ ops' included, and nothing else. Not the resident
+    set, which also takes in what the call does not own (MKL's buffers, pages the heap kept
+    from an earlier call), so that its reading depends on what ran before.
     """
     if device == "cuda":
         torch.cuda.synchronize()
@@ -72,7 +75,7 @@ def peak_extra_bytes(fn: Callable[[], object], device: str) -> int:
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _without_profiler_log(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     # a "[memory]" event per allocation (bytes > 0) and free (bytes < 0), from the raw event
     # list: prof.events() (torch 2.14) keeps too few of them to follow the live bytes
@@ -83,3 +86,30 @@ def peak_extra_bytes(fn: Callable[[], object], device: str) -> int:
         live += nbytes
         peak = max(peak, live)
     return peak
+
+
+# A line of the profiler library's own log (kineto): "USDT:2026-12-05 15:34:11 21434:21434
+# SyncActivityProfilerHandler.cpp:39] profiler_start", or on a machine without a GPU
+# "ERROR:... DeviceProperties.cpp:56] gpuGetDeviceCount failed with code 35".
+_PROFILER_LOG = re.compile(rb"^[A-Z]+:\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \d+:\d+ \w+\.cpp:\d+\] ")
+
+
+@contextlib.contextmanager
+def _without_profiler_log() -> Iterator[None]:
+    """The process's stderr (file descriptor 2, where the C++ profiler logs) caught while the
+    block runs, and written back without the profiler's own log lines: a benchmark's table
+    then shows only what the tool means to say, and any other message still comes out."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            caught.seek(0)
+            kept = b"".join(line for line in caught if not _PROFILER_LOG.match(line))
+            if kept:
+                os.write(2, kept)

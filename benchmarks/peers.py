@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from amdim_kernels.backends import triton_interpreting
+from amdim_kernels import environment
 
 
 def covers(n_locations: int, tclip: float | None, reg_weight: float) -> bool:
@@ -84,7 +84,7 @@ PEERS = {p.name: p for p in (
     # under TRITON_INTERPRET=1 Liger's kernels run on CPU tensors; Cut Cross-Entropy's do not
     # (the interpreter rejects one of its kernels) and Inf-CL asserts CUDA tensors.
     Peer("cce", _module("cut_cross_entropy"), lambda: False, _cce),
-    Peer("liger", _module("liger_kernel"), triton_interpreting, _liger),
+    Peer("liger", _module("liger_kernel"), lambda: environment.TRITON_INTERPRET, _liger),
     Peer("torch_lce", lambda: hasattr(torch.nn, "LinearCrossEntropyOptions"), lambda: True, _torch_lce),
     Peer("infcl", _module("inf_cl"), lambda: False, _infcl),
 )}

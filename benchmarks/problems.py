@@ -1,4 +1,4 @@
-"""The loss problems AMDIM actually poses (SPEC.md section 3), and their inputs."""
+"""The loss problems AMDIM actually poses (docs/loss.md#problem-sizes), and their inputs."""
 from __future__ import annotations
 
 import dataclasses

@@ -27,8 +27,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from amdim_kernels import available_backends, nce_loss, nce_loss_reference
-from amdim_kernels.backends import cuda_scores
+from amdim_kernels import available_backends, nce_loss, nce_loss_reference, settings
 
 from . import peers, problems
 from .measure import median_ms, peak_extra_bytes
@@ -105,16 +104,13 @@ def loss_fn(impl: str, options: dict):
 
 def impl_context(impl: str):
     """Where impl names a backend's variant, pin it while the block runs: 'triton:fused' /
-    'triton:gemm' (the Triton score strategy; each forward records it for its backward),
-    'cuda:cublas' / 'cuda:mma' (the CUDA backend's score kernels, read by forward and
-    backward alike)."""
+    'triton:gemm' (the Triton score strategy), 'cuda:cublas' / 'cuda:mma' (the CUDA
+    backend's score kernels); each call's backward follows its forward."""
     backend, _, variant = impl.partition(":")
     if backend == "triton" and variant:
-        from amdim_kernels.triton_nce import launch
-
-        return launch.pinned(score=variant)
+        return settings(triton_scores=variant)
     if backend == "cuda" and variant:
-        return cuda_scores(variant)
+        return settings(cuda_scores=variant)
     return contextlib.nullcontext()
 
 

@@ -8,13 +8,14 @@
 - without clipping, reduction "none" under a transposed upstream gradient, which the
   backward's row kernels read through its strides (with clipping: the mean's, broadcast).
 
-    compute-sanitizer --tool memcheck python -m benchmarks.sanitize_case
+    compute-sanitizer --tool memcheck python -m benchmarks.sanitize_case          # every case
+    compute-sanitizer --tool memcheck python -m benchmarks.sanitize_case --one    # one case a path
 """
+import argparse
+
 import torch
 
-from amdim_kernels import nce_loss
-from amdim_kernels.backends import cuda_scores
-from amdim_kernels.triton_nce import launch
+from amdim_kernels import nce_loss, settings
 
 
 def fwd_bwd(label, dtype, d, tclip, backend):
@@ -31,12 +32,26 @@ def fwd_bwd(label, dtype, d, tclip, backend):
           bool(src.grad.isfinite().all() and trg.grad.isfinite().all()))
 
 
-for tclip in (20.0, None):
-    for scores in ("cublas", "mma"):
-        for dtype, d in ((torch.float32, 70), (torch.bfloat16, 70), (torch.bfloat16, 72), (torch.float16, 72)):
-            with cuda_scores(scores):
-                fwd_bwd(scores, dtype, d, tclip, "cuda")
-    for strategy, loads in (("fused", "tma"), ("fused", "pointers"), ("gemm", "pointers")):
-        for dtype, d in ((torch.float32, 72), (torch.bfloat16, 70), (torch.bfloat16, 72), (torch.float16, 72)):
-            with launch.pinned(score=strategy, operands=loads):
-                fwd_bwd(f"{strategy}/{loads}", dtype, d, tclip, "triton")
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="A small fwd+bwd of each GPU path, for compute-sanitizer.")
+    ap.add_argument("--one", action="store_true",
+                    help="one case per score path (bfloat16, D = 72, clipped) instead of every dtype and option")
+    args = ap.parse_args(argv)
+    tclips = (20.0,) if args.one else (20.0, None)
+    cuda_cases = ((torch.bfloat16, 72),) if args.one else (
+        (torch.float32, 70), (torch.bfloat16, 70), (torch.bfloat16, 72), (torch.float16, 72))
+    triton_cases = ((torch.bfloat16, 72),) if args.one else (
+        (torch.float32, 72), (torch.bfloat16, 70), (torch.bfloat16, 72), (torch.float16, 72))
+    for tclip in tclips:
+        for scores in ("cublas", "mma"):
+            for dtype, d in cuda_cases:
+                with settings(cuda_scores=scores):
+                    fwd_bwd(scores, dtype, d, tclip, "cuda")
+        for strategy, loads in (("fused", "tma"), ("fused", "pointers"), ("gemm", "pointers")):
+            for dtype, d in triton_cases:
+                with settings(triton_scores=strategy, triton_loads=loads):
+                    fwd_bwd(f"{strategy}/{loads}", dtype, d, tclip, "triton")
+
+
+if __name__ == "__main__":
+    main()

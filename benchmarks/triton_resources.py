@@ -6,7 +6,7 @@ timing: a kernel that spills or needs more than 255 registers per thread will no
     python -m benchmarks.triton_resources [--arch 90] [--dtype bfloat16] [--problem single]
         [--tiles 128,128,64,8,3 128,256,64,8,3] [--loads tma pointers]
 
-The arguments mirror launch.py's calls for the problem (contiguous inputs, the fused score
+The arguments mirror the launchers' calls for the problem (contiguous inputs, the fused score
 strategy) and Triton's own specialisation of them: integers equal to 1 become constants,
 integers and pointers divisible by 16 carry that hint. Run it with TRITON_INTERPRET unset.
 """
@@ -25,7 +25,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from amdim_kernels.triton_nce import backward_kernels, forward_kernels, launch
+from amdim_kernels.settings import TRITON_LOADS
+from amdim_kernels.triton_nce import config, forward, grad_rows, grad_tiles, operands
 
 from . import problems
 
@@ -120,7 +121,7 @@ def compile_resources(kernel, args: dict, num_warps: int, num_stages: int, arch:
 
 def _shape_args(p: problems.Problem) -> dict:
     """The kernels' size and stride arguments of the problem's inputs as the kernels see them (shapes only: meta
-    tensors). launch.py hands them targets whose features are contiguous (copied chunk by
+    tensors). The launchers hand them targets whose features are contiguous (copied chunk by
     chunk where they are not); a "feature-map" problem shows what its layout would compile
     to if read in place."""
     src = torch.empty(p.n, p.d, device="meta")
@@ -128,18 +129,18 @@ def _shape_args(p: problems.Problem) -> dict:
         trg = torch.empty(p.m, p.l, p.d, device="meta")
     else:
         trg = torch.empty(p.m, p.d, p.l, device="meta").transpose(1, 2)
-    return dict(launch.source_args(src), **launch.target_args(trg))
+    return dict(operands.source_args(src), **operands.target_args(trg))
 
 
 def _loss_options(p: problems.Problem, clip: bool, tile: bool = False) -> dict:
     """The kernels' scale and clip arguments: the default scale 1/sqrt(D), and the
     problem's tclip or no clipping (tile: as the tile kernels take them, with SHIFT_TCLIP)."""
-    clip_args = launch._tile_clip_args if tile else launch._clip_args
+    clip_args = config.tile_clip_args if tile else config.clip_args
     return dict(scale=p.d ** -0.5, **clip_args(p.tclip if clip else None))
 
 
-def _tile_args(p: problems.Problem, dtype: torch.dtype, cfg: launch.TileConfig, clip: bool, tma: bool) -> dict:
-    """The tile kernels' common arguments; tma: descriptors for src and trg, as launch.py
+def _tile_args(p: problems.Problem, dtype: torch.dtype, cfg: config.TileConfig, clip: bool, tma: bool) -> dict:
+    """The tile kernels' common arguments; tma: descriptors for src and trg, as the launchers
     passes them where the operands are tma_ready."""
     if tma:
         operands = dict(src=Desc(dtype, (cfg.block_n, cfg.block_k)), trg=Desc(dtype, (cfg.block_j, cfg.block_k)))
@@ -148,34 +149,34 @@ def _tile_args(p: problems.Problem, dtype: torch.dtype, cfg: launch.TileConfig, 
     return dict(
         operands, pos_idx_ptr=torch.int64, **_shape_args(p), TMA=tma, **_loss_options(p, clip, tile=True),
         BLOCK_N=Const(cfg.block_n), BLOCK_J=Const(cfg.block_j), BLOCK_K=Const(cfg.block_k),
-        DOT_PRECISION=Const(launch.dot_precision(dtype)), UPCAST=False, FROM_SCORES=False,
+        DOT_PRECISION=Const(config.dot_precision(dtype)), UPCAST=False, FROM_SCORES=False,
         EVEN_K=p.d % cfg.block_k == 0,
     )
 
 
-def forward_args(p: problems.Problem, dtype: torch.dtype, cfg: launch.TileConfig, clip: bool, tma: bool,
+def forward_args(p: problems.Problem, dtype: torch.dtype, cfg: config.TileConfig, clip: bool, tma: bool,
                  masked: bool) -> dict:
-    """nce_fwd_kernel's arguments for launch.forward's plain or masked launch (fused strategy)."""
+    """nce_fwd_kernel's arguments for forward.forward's plain or masked launch (fused strategy)."""
     row_blocks = triton.cdiv(p.n, cfg.block_n)
-    _, per_split = launch._split(p.columns, row_blocks, cfg, sms=132)
+    _, per_split = config.split_columns(p.columns, row_blocks, cfg, sms=132)
     return dict(
         _tile_args(p, dtype, cfg.masked if masked else cfg, clip, tma), MASKED=masked,
         part_sum_ptr=torch.float32, part_max_ptr=torch.float32, part_sq_ptr=torch.float32, a_pos_ptr=torch.float32,
         scores_ptr=torch.float32, stride_scores=p.n, chunk_begin=0, chunk_end=p.columns, split_base=0,
-        cols_per_split=per_split, BLOCK_L=Const(launch.SELECT_LOCATIONS), PLAIN_J=Const(cfg.block_j),
+        cols_per_split=per_split, BLOCK_L=Const(config.SELECT_LOCATIONS), PLAIN_J=Const(cfg.block_j),
     )
 
 
-def grad_args(p: problems.Problem, dtype: torch.dtype, cfg: launch.TileConfig, clip: bool, tma: bool) -> dict:
-    """nce_grad_tile_kernel's arguments for launch.gradient_chunks' first chunk."""
+def grad_args(p: problems.Problem, dtype: torch.dtype, cfg: config.TileConfig, clip: bool, tma: bool) -> dict:
+    """nce_grad_tile_kernel's arguments for grad_tiles.gradient_chunks' first chunk."""
     trg = torch.empty(p.m, p.l, p.d, dtype=dtype, device="meta")
-    per_column = launch.column_bytes(p.n, trg, False, backward=True)
-    c = launch.chunk_columns(p.n, p.m, p.l, cfg, 132, per_column, launch.MIN_CHUNK_BYTES)
+    per_column = config.column_bytes(p.n, trg, False, backward=True)
+    c = config.chunk_columns(p.n, p.m, p.l, cfg, 132, per_column, config.MIN_CHUNK_BYTES)
     return dict(
         _tile_args(p, dtype, cfg, clip, tma),
         neg_lse_ptr=torch.float32, r_ptr=torch.float32, g_pos_ptr=torch.float32, reg_coef_ptr=torch.float32,
         g_ptr=dtype, stride_gn=c, g_scale_ptr=torch.float32, scores_ptr=dtype, stride_scores=c, col_begin=0, C=c,
-        BLOCK_L=Const(launch.positives_block(p.l)), SCALED=Const(dtype == torch.float16),
+        BLOCK_L=Const(grad_tiles.positives_block(p.l)), SCALED=Const(dtype == torch.float16),
     )
 
 
@@ -183,8 +184,8 @@ def merge_args(p: problems.Problem, clip: bool) -> dict:
     return dict(
         part_sum_ptr=torch.float32, part_max_ptr=torch.float32, part_sq_ptr=torch.float32,
         a_pos_ptr=torch.float32, loss_ptr=torch.float32, neg_lse_ptr=torch.float32, sq_ptr=torch.float32,
-        N=p.n, L=p.l, SPLITS=4 * 132, **launch._clip_args(p.tclip if clip else None),
-        BLOCK_S=Const(32), BLOCK_L=Const(launch._location_block(p.l)),
+        N=p.n, L=p.l, SPLITS=4 * 132, **config.clip_args(p.tclip if clip else None),
+        BLOCK_S=Const(32), BLOCK_L=Const(config.location_block(p.l)),
     )
 
 
@@ -194,7 +195,7 @@ def totals_args(p: problems.Problem) -> dict:
 
 
 def factors_args(p: problems.Problem, clip: bool) -> dict:
-    block_n, block_l = launch.factors_blocks(p.l)
+    block_n, block_l = grad_rows.factors_blocks(p.l)
     # the mean's upstream gradient, one value broadcast (strides 0), as the autograd formula passes it
     return dict(a_pos_ptr=torch.float32, grad_loss_ptr=torch.float32, stride_wn=0, stride_wl=0,
                 neg_lse_ptr=torch.float32, grad_sq_ptr=torch.float32, stride_sq=0, g_pos_ptr=torch.float32,
@@ -210,19 +211,19 @@ def rows(p, dtype, tile_configs, arch: int, clips=(True, False), loads=("tma",))
         for tma in (way == "tma" for way in loads):
             for cfg in tile_configs:
                 for name, kernel, args, cap in (
-                    ("fwd plain", forward_kernels.nce_fwd_kernel, forward_args(p, dtype, cfg, clip, tma, False),
+                    ("fwd plain", forward.nce_fwd_kernel, forward_args(p, dtype, cfg, clip, tma, False),
                      cfg.plain_max_registers),
-                    ("fwd masked", forward_kernels.nce_fwd_kernel, forward_args(p, dtype, cfg, clip, tma, True), None),
-                    ("grad", backward_kernels.nce_grad_tile_kernel, grad_args(p, dtype, cfg, clip, tma),
+                    ("fwd masked", forward.nce_fwd_kernel, forward_args(p, dtype, cfg, clip, tma, True), None),
+                    ("grad", grad_tiles.nce_grad_tile_kernel, grad_args(p, dtype, cfg, clip, tma),
                      cfg.plain_max_registers),
                 ):
                     resources = compile_resources(kernel, args, cfg.num_warps, cfg.num_stages, arch, cap)
                     yield name, "tma" if tma else "pointers", clip, cfg, resources
-        merge = compile_resources(forward_kernels.nce_merge_kernel, merge_args(p, clip), 4, 1, arch)
+        merge = compile_resources(forward.nce_merge_kernel, merge_args(p, clip), 4, 1, arch)
         yield "merge", "-", clip, None, merge
-        factors = compile_resources(backward_kernels.nce_grad_factors_kernel, factors_args(p, clip), 4, 1, arch)
+        factors = compile_resources(grad_rows.nce_grad_factors_kernel, factors_args(p, clip), 4, 1, arch)
         yield "factors", "-", clip, None, factors
-    yield "totals", "-", None, None, compile_resources(forward_kernels.nce_totals_kernel, totals_args(p), 4, 1, arch)
+    yield "totals", "-", None, None, compile_resources(forward.nce_totals_kernel, totals_args(p), 4, 1, arch)
 
 
 def main(argv=None):
@@ -236,17 +237,17 @@ def main(argv=None):
     ap.add_argument("--clip", choices=["both", "on", "off"], default="both")
     ap.add_argument("--tclip", type=float, default=None,
                     help="the clip's tclip (default: the problem's); past 40 the tile kernels keep a running "
-                         "maximum instead of the constant shift (launch.MAX_SHIFT_TCLIP)")
+                         "maximum instead of the constant shift (config.MAX_SHIFT_TCLIP)")
     ap.add_argument("--trg-layout", choices=["contiguous", "feature-map"], default="contiguous",
                     help="feature-map: the targets' strides as the trainer passes them, read in place")
-    ap.add_argument("--loads", nargs="+", choices=launch.LOADS, default=None,
+    ap.add_argument("--loads", nargs="+", choices=TRITON_LOADS, default=None,
                     help="the tile kernels' operand loads (default: tma from sm_90 on, else pointers; "
                          "always pointers for feature-map targets, which TMA cannot read in place)")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("unset TRITON_INTERPRET: the interpreter's kernels cannot be compiled")
     dtype = getattr(torch, args.dtype)
-    configs = [launch.TileConfig(*[int(v) or None for v in t.split(",")]) for t in args.tiles]
+    configs = [config.TileConfig(*[int(v) or None for v in t.split(",")]) for t in args.tiles]
     clips = {"both": (True, False), "on": (True,), "off": (False,)}[args.clip]
     p = dataclasses.replace(PROBLEMS[args.problem], trg_layout=args.trg_layout)
     if args.tclip is not None:

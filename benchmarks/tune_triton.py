@@ -14,14 +14,16 @@ import torch
 from triton.testing import do_bench
 
 from amdim_kernels import nce_loss
-from amdim_kernels.triton_nce import launch
+from amdim_kernels import settings
+from amdim_kernels.settings import TRITON_SCORES
+from amdim_kernels.triton_nce.config import TileConfig
 
 from . import problems
 
 UNCAPPED = (128, 128, 64, 8, 3)
 DEFAULT = UNCAPPED + (128,)  # the forward's unmasked launch and the G kernel capped at 128 registers
 # (strategy, chunk parts, forward tiles, backward (G kernel) tiles, operand loads), each tiles
-# (block_n, block_j, block_k, num_warps, num_stages[, register cap as in launch.TileConfig]).
+# (block_n, block_j, block_k, num_warps, num_stages[, register cap as in TileConfig]).
 # The cap lets two programs share an SM; the (128, 256) forward tiles read 25% less per
 # FLOP than (128, 128) and fit in registers without spills in the plain launch; TMA operands
 # (the default from sm_90 on) take fewer registers and instructions than pointers (python -m
@@ -57,9 +59,9 @@ FP32_CANDIDATES = [
 ]
 
 
-def forward_tiles(tiles: tuple) -> launch.TileConfig:
+def forward_tiles(tiles: tuple) -> TileConfig:
     """A forward candidate's TileConfig, its masked launch 64 columns wide (or narrower)."""
-    cfg = launch.TileConfig(*tiles)
+    cfg = TileConfig(*tiles)
     return dataclasses.replace(cfg, masked_block_j=cfg.masked_block_j or min(64, cfg.block_j))
 
 
@@ -72,7 +74,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--dtypes", nargs="+", default=["bfloat16"])
     ap.add_argument("--profile", action="store_true")
-    ap.add_argument("--profile-strategy", default=None, choices=launch.STRATEGIES)
+    ap.add_argument("--profile-strategy", default=None, choices=TRITON_SCORES)
     args = ap.parse_args(argv)
     shapes = [problems.SINGLE_GPU, problems.ONE_GPU_SHARE]
     print("| problem | dtype | strategy/chunk parts, fwd tiles, grad tiles (BN, BJ, BK, warps, stages), loads "
@@ -89,9 +91,9 @@ def main(argv=None):
                 CANDIDATES if dtype != torch.float32 else FP32_CANDIDATES
             ):
                 label = f"{strategy}/{parts}, {fwd_tiles}, {grad_tiles}, {loads}"
-                tiles = dict(fwd=forward_tiles(fwd_tiles), grad=launch.TileConfig(*grad_tiles))
+                tiles = dict(fwd=forward_tiles(fwd_tiles), grad=TileConfig(*grad_tiles))
                 try:
-                    with launch.pinned(score=strategy, chunks=parts, tiles=tiles, operands=loads):
+                    with settings(triton_scores=strategy, triton_chunks=parts, triton_tiles=tiles, triton_loads=loads):
                         with torch.no_grad():
                             got = nce_loss(src0, trg0, pos_idx, backend="triton")[0]
                             assert torch.allclose(got, want, rtol=1e-4), (got.item(), want.item())
@@ -104,7 +106,7 @@ def main(argv=None):
             if args.profile and p in (problems.SINGLE_GPU, problems.ONE_GPU_SHARE):
                 from torch.profiler import ProfilerActivity, profile
 
-                with launch.pinned(score=args.profile_strategy):
+                with settings(triton_scores=args.profile_strategy):
                     fwd_bwd(src, trg, pos_idx)
                     torch.cuda.synchronize()
                     with profile(activities=[ProfilerActivity.CUDA]) as prof:

@@ -141,7 +141,7 @@ void gradient_tile(Tensor& a, int64_t m0, int64_t m1, int64_t L, const int64_t* 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> nce_fwd_cpu(const Tensor& src, const Tensor& trg,
                                                                        const Tensor& pos_idx,
                                                                        std::optional<double> tclip_opt, double scale,
-                                                                       double reg_weight) {
+                                                                       double reg_weight, c10::string_view /*cuda_scores*/) {
   check_inputs(src, trg, pos_idx, at::kCPU);
   const NoAutocast no_autocast;  // the op computes in float32 itself; its inner matmuls must not be autocast
   const int64_t N = src.size(0), M = trg.size(0), L = trg.size(1);
@@ -212,7 +212,7 @@ std::tuple<Tensor, Tensor> nce_bwd_cpu(const Tensor& src, const Tensor& trg, con
                                        const Tensor& /*sq: only the CUDA backward's float16 G needs it*/,
                                        const Tensor& grad_loss, double loss_weight, const Tensor& grad_sq,
                                        double sq_weight, std::optional<double> tclip_opt, double scale,
-                                       bool need_src, bool need_trg) {
+                                       c10::string_view /*cuda_scores*/, bool need_src, bool need_trg) {
   check_inputs(src, trg, pos_idx, at::kCPU);
   const NoAutocast no_autocast;  // the op computes in float32 itself; its inner matmuls must not be autocast
   const int64_t N = src.size(0), M = trg.size(0), L = trg.size(1), D = src.size(1);

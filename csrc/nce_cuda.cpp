@@ -6,7 +6,8 @@
 // - "mma" (float16 and bfloat16 inputs): the fused WMMA kernels of nce_cuda_mma.cu, whose
 //   score tiles live in shared memory only. The forward needs no chunk at all; the backward
 //   writes G chunks, as the cuBLAS path, but no score chunk.
-// AMDIM_KERNELS_CUDA_SCORES picks one; unset ("auto"), the problem's size does (use_mma).
+// The op's cuda_scores argument (Settings.cuda_scores) picks one; "auto" lets the problem's size
+// decide (use_mma).
 // Both: G chunks then go through two cuBLAS products; deterministic (no atomics, fixed merge
 // order).
 #include <ATen/ATen.h>
@@ -16,7 +17,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 #include <string>
 
 #include "nce_cuda_kernels.h"
@@ -27,33 +27,17 @@ namespace {
 
 using at::Tensor;
 
-constexpr int64_t kChunkParts = 8;
-// ... but a chunk's buffers need not be smaller than this: fewer, larger chunks cost no GPU
-// time, only memory, and each chunk costs host time that AMDIM's per-GPU problems wait on
-// (triton_nce/launch.py's MIN_CHUNK_BYTES, the same rule).
-constexpr int64_t kMinChunkBytes = int64_t{8} << 20;
-
 void check_cuda(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "amdim_kernels: ", what, " failed: ", cudaGetErrorString(err));
 }
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 int64_t sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
 
-// Images per chunk: about 1/kChunkParts of them, but no more chunks than it takes to keep each
-// chunk's buffers (bytes_per_column) within kMinChunkBytes, and at least ~16 blocks of columns
-// per SM row-sweep so that small problems still fill the GPU, but no more columns than a
-// launch's grid holds (its second axis, tiles of cols_per_tile columns, is capped at 65,535:
-// 8.4M columns at the WMMA kernels' 128, reached only where M*L passes 67M with small N);
-// then evened out over the chunks that makes, so that the last is not a sliver.
-int64_t images_per_chunk(int64_t N, int64_t M, int64_t L, int64_t bytes_per_column, int64_t cols_per_tile) {
-  constexpr int64_t kGridYMax = 65535;
-  const int64_t parts = std::clamp<int64_t>(ceil_div(M * L * bytes_per_column, kMinChunkBytes), 1, kChunkParts);
+// Images per chunk (nce_shared.h's rule, which the Triton backend applies too), with about 4
+// row-sweeps of columns per SM so that small problems still fill the GPU.
+int64_t chunk_images(int64_t N, int64_t M, int64_t L, int64_t bytes_per_column, int64_t cols_per_tile) {
   const int64_t fill_cols = std::max<int64_t>(1, 4 * sm_count() / std::max<int64_t>(N, 1)) * kCudaColsPerBlock;
-  const int64_t grid_images = std::max<int64_t>(1, kGridYMax * cols_per_tile / L);
-  const int64_t images = std::min({M, std::max(ceil_div(M, parts), ceil_div(fill_cols, L)), grid_images});
-  return ceil_div(M, ceil_div(M, images));
+  return amdim_kernels::images_per_chunk(M, L, bytes_per_column, fill_cols, cols_per_tile);
 }
 
 // Bytes a chunk holds per column: cuBLAS's float32 scores (N per column) unless the WMMA
@@ -75,26 +59,23 @@ Tensor chunk_scores(const Tensor& src, const Tensor& trg, int64_t m0, int64_t m1
 
 int64_t col_blocks(int64_t C) { return ceil_div(C, kCudaColsPerBlock); }
 
-// The fused WMMA kernels for this call? AMDIM_KERNELS_CUDA_SCORES is "auto" (or unset),
-// "cublas" or "mma"; float32 always takes cuBLAS, which honours torch's allow_tf32 setting.
-// "auto" takes the WMMA kernels for 16-bit inputs on sm_80+ when the scores' work N*M*L*D is
-// at most kMmaMaxWork: measured on an H100 (bf16, benchmarks/RESULTS.md, 2026-11-22), they win
-// on AMDIM's per-GPU problems (N = 120-200: 1.2-1.5 ms against cuBLAS's 1.3-2.0 fwd+bwd, up
-// to 1.3e10) and lose on the single-GPU one (N = M = 1024, 1.05e11: 4.0 ms against 2.5).
+// The fused WMMA kernels for this call? `scores` is Settings.cuda_scores: "auto", "cublas" or
+// "mma"; float32 always takes cuBLAS, which honours torch's allow_tf32 setting. "auto" takes
+// the WMMA kernels for 16-bit inputs on sm_80+ when the scores' work N*M*L*D is at most
+// kMmaMaxWork: measured on an H100 (bf16, benchmarks/RESULTS.md), they win on AMDIM's per-GPU
+// problems (N = 120-200, up to 1.3e10) and lose on the single-GPU one (N = M = 1024, 1.05e11).
 constexpr double kMmaMaxWork = 34359738368.0;  // 2^35, between the two measured classes
 
-bool use_mma(const Tensor& src, const Tensor& trg) {
-  const char* env = std::getenv("AMDIM_KERNELS_CUDA_SCORES");
-  const std::string choice = env ? env : "auto";
-  TORCH_CHECK(choice == "auto" || choice == "cublas" || choice == "mma",
-              "amdim_kernels: AMDIM_KERNELS_CUDA_SCORES must be 'auto', 'cublas' or 'mma', got '", choice, "'");
-  if (choice == "cublas" || src.scalar_type() == at::kFloat) return false;
+bool use_mma(const Tensor& src, const Tensor& trg, c10::string_view scores) {
+  TORCH_CHECK(scores == "auto" || scores == "cublas" || scores == "mma",
+              "amdim_kernels: cuda_scores must be 'auto', 'cublas' or 'mma', got '", scores, "'");
+  if (scores == "cublas" || src.scalar_type() == at::kFloat) return false;
   const int major = at::cuda::getCurrentDeviceProperties()->major;
-  if (choice == "auto") {
+  if (scores == "auto") {
     const double work = static_cast<double>(src.size(0)) * trg.size(0) * trg.size(1) * src.size(1);
     return major >= 8 && work <= kMmaMaxWork;
   }
-  TORCH_CHECK(major >= 8, "amdim_kernels: AMDIM_KERNELS_CUDA_SCORES=mma needs compute capability 8.0 or newer, ",
+  TORCH_CHECK(major >= 8, "amdim_kernels: cuda_scores='mma' needs compute capability 8.0 or newer, ",
               "this GPU has ", major, ".x; use 'cublas' or 'auto'");
   return true;
 }
@@ -130,7 +111,7 @@ BackwardRows backward_rows(const Tensor& pos, const Tensor& neg_lse, const Upstr
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> nce_fwd_cuda(const Tensor& src, const Tensor& trg,
                                                                         const Tensor& pos_idx,
                                                                         std::optional<double> tclip_opt, double scale,
-                                                                        double reg_weight) {
+                                                                        double reg_weight, c10::string_view cuda_scores) {
   check_inputs(src, trg, pos_idx, at::kCUDA);
   const NoAutocast no_autocast;  // the op computes in float32 itself; its inner matmuls must not be autocast
   const c10::cuda::CUDAGuard guard(src.device());
@@ -138,13 +119,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> nce_fwd_cuda(const Te
   const float tclip = kernel_tclip(tclip_opt);
   const auto f32 = src.options().dtype(at::kFloat);
   const Tensor idx = pos_idx.contiguous();
-  const bool mma = use_mma(src, trg);
+  const bool mma = use_mma(src, trg, cuda_scores);
   const Tensor src_c = mma ? src.contiguous() : src;
   // the fused kernels take the whole target at once when its features are contiguous
   // (the WMMA forward's grid is (row blocks, splits); the epilogue's, (rows, column blocks))
   const int64_t ipc = mma && trg.stride(2) == 1
                           ? M
-                          : images_per_chunk(N, M, L, column_bytes(src, trg, mma, false), kCudaColsPerBlock);
+                          : chunk_images(N, M, L, column_bytes(src, trg, mma, false), kCudaColsPerBlock);
   const int64_t sms = sm_count();
   auto splits_of = [&](int64_t C) { return mma ? mma_split(N, C, sms).splits : col_blocks(C); };
 
@@ -213,7 +194,7 @@ Tensor float16_grad_scale(const Tensor& src, const BackwardRows& rows, const Ten
 // d src's float32 sum over the chunks, in the last 4*N*D bytes of d trg's buffer where they
 // fit 16-byte aligned, else undefined. The chunks write d trg image by image in order, so
 // those bytes are free until the last chunk's product (or an earlier chunk's that reaches
-// them): until then the sum costs no memory of its own (as triton_nce/function.py's).
+// them): until then the sum costs no memory of its own (as triton_nce/backward.py's).
 Tensor src_sum_in_tail(const Tensor& dtrg, int64_t N, int64_t D) {
   const int64_t bytes = dtrg.numel() * dtrg.element_size(), need = 4 * N * D;
   if (bytes < need) return Tensor();
@@ -227,7 +208,7 @@ std::tuple<Tensor, Tensor> nce_bwd_cuda(const Tensor& src, const Tensor& trg, co
                                         const Tensor& pos, const Tensor& neg_lse, const Tensor& sq,
                                         const Tensor& grad_loss, double loss_weight, const Tensor& grad_sq,
                                         double sq_weight, std::optional<double> tclip_opt, double scale,
-                                        bool need_src, bool need_trg) {
+                                        c10::string_view cuda_scores, bool need_src, bool need_trg) {
   check_inputs(src, trg, pos_idx, at::kCUDA);
   const NoAutocast no_autocast;  // the op computes in float32 itself; its inner matmuls must not be autocast
   const c10::cuda::CUDAGuard guard(src.device());
@@ -235,7 +216,7 @@ std::tuple<Tensor, Tensor> nce_bwd_cuda(const Tensor& src, const Tensor& trg, co
   const float tclip = kernel_tclip(tclip_opt);
   const BackwardRows rows = backward_rows(pos, neg_lse, {grad_loss, loss_weight, grad_sq, sq_weight});
   const Tensor idx = pos_idx.contiguous();
-  const bool mma = use_mma(src, trg);
+  const bool mma = use_mma(src, trg, cuda_scores);
   const Tensor src_c = mma ? src.contiguous() : src;
   // G in the inputs' dtype, so that both products run on the tensor cores for 16-bit inputs:
   // bf16 has float32's range; fp16 G would flush its small entries, about 1/(N*M*L) of the
@@ -244,7 +225,7 @@ std::tuple<Tensor, Tensor> nce_bwd_cuda(const Tensor& src, const Tensor& trg, co
   const bool half = src.scalar_type() == at::kHalf;
   const Tensor g_scale = half ? float16_grad_scale(src, rows, sq, scale, need_trg) : Tensor();
   const float* g_scale_p = half ? g_scale.data_ptr<float>() : nullptr;
-  const int64_t ipc = images_per_chunk(N, M, L, column_bytes(src, trg, mma, true), mma ? kMmaCols : kCudaColsPerBlock);
+  const int64_t ipc = chunk_images(N, M, L, column_bytes(src, trg, mma, true), mma ? kMmaCols : kCudaColsPerBlock);
   Tensor g_buf = at::empty({N, ipc * L}, src.options());
   Tensor dtrg = at::empty({need_trg ? M : 0, L, D}, trg.options());
   Tensor dsrc_acc = need_src ? src_sum_in_tail(dtrg, N, D) : Tensor();

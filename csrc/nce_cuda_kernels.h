@@ -7,6 +7,8 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "nce_shared.h"
+
 namespace amdim_kernels {
 
 // Columns of a score chunk one CUDA block reduces (256 threads x 8).
@@ -62,9 +64,7 @@ enum class GradType { kFloat32, kBFloat16, kFloat16 };
 // and (col_l1 given) |G^T @ src| 2^k <= 2^kScaleLog2Target, so that neither leaves float16's
 // range (65504) whatever the upstream gradient (a loss scaler's 2^16 included), and its small
 // entries, about 1/(N * M*L) of the largest, stay in float16's normal range.
-// k is clamped to +-kScaleMaxExp. As triton_nce/launch.py's SCALE_LOG2_TARGET, SCALE_MAX_EXP.
-constexpr int kScaleLog2Target = 15;
-constexpr int kScaleMaxExp = 100;
+// k is clamped to +-kScaleMaxExp (both in nce_shared.h).
 
 // One block: from the rows' factors (nce_op.h's BackwardRows), sq (N,) and, for d trg,
 // col_l1 (D,) = sum_i |src[i, d]| (else nullptr), bound |G| <= scale * (max(|r|, max_l |gpos|)

@@ -1,4 +1,4 @@
-// Fused tensor-core kernels of the NCE loss for float16 and bfloat16 inputs (SPEC section 1).
+// Fused tensor-core kernels of the NCE loss for float16 and bfloat16 inputs (docs/loss.md).
 //
 // Each block computes one (64 x 128) tile of raw scores src_rows @ trg_cols^T on the tensor
 // cores (WMMA 16x16x16, float32 accumulators) with a K-loop over D whose operand slabs are

@@ -1,9 +1,11 @@
-// Scalar math of the AMDIM NCE loss (SPEC.md section 1), shared by the CPU and CUDA kernels.
+// Scalar math of the AMDIM NCE loss (docs/loss.md), shared by the CPU and CUDA kernels.
 // No torch headers: this file is included by .cu files compiled with nvcc alone.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
+
+#include "nce_shared.h"
 
 #if defined(__CUDACC__)
 #define NCE_HD __host__ __device__ __forceinline__
@@ -18,12 +20,8 @@ NCE_HD float soft_clip(float a, float tclip) {
   return tclip > 0.f ? tclip * tanhf(a / tclip) : a;
 }
 
-// The forward's shift of exp(s - shift). With clipping every s lies in (-tclip, tclip), so
-// the constant tclip bounds each term by 1 (no overflow) and, while tclip <= 40, from below
-// by exp(-80) = 1.8e-35, a normal float32 (GPUs flush subnormals to 0): no running maximum is
-// needed. A larger tclip could flush every term of a row to 0, its loss then 0 or infinite,
-// so it takes the running maximum, as no clipping does.
-constexpr float kMaxShiftTclip = 40.f;
+// The forward's shift of exp(s - shift): the constant tclip up to kMaxShiftTclip (nce_shared.h),
+// else a running maximum.
 NCE_HD bool shift_by_tclip(float tclip) { return tclip > 0.f && tclip <= kMaxShiftTclip; }
 
 // d soft_clip / d a, written with the clipped score s: 1 - (s / tclip)^2.

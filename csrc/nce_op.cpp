@@ -1,12 +1,14 @@
 // The op library amdim_kernels: one definition of the fused NCE loss's forward and backward,
 // implemented for CPU (nce_cpu.cpp) and CUDA (nce_cuda.cpp). Autograd and fake-tensor
-// (torch.compile) registrations are in amdim_kernels/compiled.py.
+// (torch.compile) registrations are in amdim_kernels/op_contract.py, called by
+// amdim_kernels/extension_ops.py.
 #include <Python.h>
 #include <torch/library.h>
 
 #include <exception>
 
 #include "nce_op.h"
+#include "nce_shared.h"
 
 namespace amdim_kernels {
 
@@ -29,18 +31,33 @@ TORCH_LIBRARY(amdim_kernels, m) {
   // Returns the per-positive loss (N, L), the clipped positive scores (N, L), the negatives'
   // log-sum-exp (N,), each row's sum of raw scores squared (N,), and nce_loss's two scalars:
   // the mean of the loss and reg = reg_weight * mean(a^2) over all N*M*L scores; all float32.
-  m.def("nce_fwd(Tensor src, Tensor trg, Tensor pos_idx, float? tclip, float scale, float reg_weight) "
+  // cuda_scores: how the CUDA kernels make the scores of 16-bit inputs ("auto", "cublas" or
+  // "mma", Settings.cuda_scores); the CPU kernels take no such choice and ignore it.
+  m.def("nce_fwd(Tensor src, Tensor trg, Tensor pos_idx, float? tclip, float scale, float reg_weight, "
+        "str cuda_scores) "
         "-> (Tensor loss, Tensor pos, Tensor neg_lse, Tensor sq, Tensor mean, Tensor reg)");
   // Gradients of loss_weight * sum(grad_loss * loss) + sq_weight * sum(grad_sq * sq) with
   // respect to src and trg (grad_loss and grad_sq: any strides, 0 included); an input whose
   // need_* flag is false gets an empty tensor. sq (the forward's) bounds each row's |a|, which
   // the CUDA backward's float16 G needs for its scale.
   m.def("nce_bwd(Tensor src, Tensor trg, Tensor pos_idx, Tensor pos, Tensor neg_lse, Tensor sq, Tensor grad_loss, "
-        "float loss_weight, Tensor grad_sq, float sq_weight, float? tclip, float scale, bool need_src, "
-        "bool need_trg) -> (Tensor dsrc, Tensor dtrg)");
+        "float loss_weight, Tensor grad_sq, float sq_weight, float? tclip, float scale, str cuda_scores, "
+        "bool need_src, bool need_trg) -> (Tensor dsrc, Tensor dtrg)");
 }
 
 }  // namespace amdim_kernels
+
+// _C.images_per_chunk(M, L, bytes_per_column, fill_columns, cols_per_tile, floor_bytes, parts) -> int:
+// nce_shared.h's chunking rule, for the test that Python's agrees.
+static PyObject* images_per_chunk(PyObject* /*module*/, PyObject* args) {
+  long long m, l, bytes_per_column, fill_columns, cols_per_tile, floor_bytes, parts;
+  if (!PyArg_ParseTuple(args, "LLLLLLL", &m, &l, &bytes_per_column, &fill_columns, &cols_per_tile, &floor_bytes,
+                        &parts)) {
+    return nullptr;
+  }
+  return PyLong_FromLongLong(amdim_kernels::images_per_chunk(m, l, bytes_per_column, fill_columns, cols_per_tile,
+                                                             floor_bytes, parts));
+}
 
 #ifdef AMDIM_WITH_CUDA
 // _C.kernel_image_error(device: int) -> str: amdim_kernels::cuda_kernel_image_error.
@@ -54,18 +71,21 @@ static PyObject* kernel_image_error(PyObject* /*module*/, PyObject* arg) {
     return nullptr;
   }
 }
-
-static PyMethodDef methods[] = {
-    {"kernel_image_error", kernel_image_error, METH_O,
-     "kernel_image_error(device) -> str: why that CUDA device cannot load this build's kernels, '' if it can"},
-    {nullptr, nullptr, 0, nullptr}};
-#else
-static PyMethodDef methods[] = {{nullptr, nullptr, 0, nullptr}};
 #endif
 
+static PyMethodDef methods[] = {
+    {"images_per_chunk", images_per_chunk, METH_VARARGS,
+     "images_per_chunk(M, L, bytes_per_column, fill_columns, cols_per_tile, floor_bytes, parts) -> int: the "
+     "chunking rule of the C++/CUDA kernels"},
+#ifdef AMDIM_WITH_CUDA
+    {"kernel_image_error", kernel_image_error, METH_O,
+     "kernel_image_error(device) -> str: why that CUDA device cannot load this build's kernels, '' if it can"},
+#endif
+    {nullptr, nullptr, 0, nullptr}};
+
 // A plain Python module (no pybind11): importing amdim_kernels._C loads the library above.
-// BUILT_FOR names the devices this build has kernels for; with CUDA kernels,
-// kernel_image_error says whether a GPU can load them.
+// BUILT_FOR names the devices this build has kernels for; SHARED_CONSTANTS the values of
+// nce_shared.h; with CUDA kernels, kernel_image_error says whether a GPU can load them.
 extern "C" PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   PyObject* module = PyModule_Create(&module_def);
@@ -77,6 +97,16 @@ extern "C" PyMODINIT_FUNC PyInit__C(void) {
 #endif
   if (PyModule_AddObject(module, "BUILT_FOR", built_for) < 0) {
     Py_XDECREF(built_for);
+    Py_DECREF(module);
+    return nullptr;
+  }
+  using namespace amdim_kernels;
+  PyObject* constants = Py_BuildValue("{s:L,s:L,s:L,s:d,s:i,s:i}", "CHUNK_PARTS", (long long)kChunkParts,
+                                      "MIN_CHUNK_BYTES", (long long)kMinChunkBytes, "GRID_Y_MAX",
+                                      (long long)kGridYMax, "MAX_SHIFT_TCLIP", (double)kMaxShiftTclip,
+                                      "SCALE_LOG2_TARGET", kScaleLog2Target, "SCALE_MAX_EXP", kScaleMaxExp);
+  if (PyModule_AddObject(module, "SHARED_CONSTANTS", constants) < 0) {
+    Py_XDECREF(constants);
     Py_DECREF(module);
     return nullptr;
   }

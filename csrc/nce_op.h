@@ -26,7 +26,7 @@ inline float kernel_tclip(const std::optional<double>& tclip) {
 // TORCH_CHECKs on shapes, dtypes and devices (cheap: no data is read).
 void check_inputs(const at::Tensor& src, const at::Tensor& trg, const at::Tensor& pos_idx, c10::DeviceType device);
 
-// Per-row quantities of the backward (SPEC section 1), with sig = sigmoid(neg_lse - pos) = 1 - exp(pos)/Z
+// Per-row quantities of the backward (docs/loss.md#gradients), with sig = sigmoid(neg_lse - pos) = 1 - exp(pos)/Z
 // and w the upstream gradient of each positive's loss:
 //   gpos     (N, L): dL/ds at the positives, -w * sig
 //   r        (N,)  : a negative's dL/ds is r * exp(s - neg_lse), r = sum_l w * sig
@@ -39,7 +39,7 @@ struct BackwardRows {
 // on a GPU, where ATen ops took six.
 BackwardRows empty_backward_rows(const at::Tensor& pos, const at::Tensor& neg_lse);
 
-// The bwd op's upstream gradients (amdim_kernels/registration.py): w = loss_weight * grad_loss
+// The bwd op's upstream gradients (amdim_kernels/op_contract.py): w = loss_weight * grad_loss
 // (N, L) for the per-positive losses and sq_weight * grad_sq (N,) for the rows' sums of a^2,
 // each float32 with any strides. The autograd formula passes the mean's and reg's gradients as
 // one value broadcast (strides 0) with weights 1/(N*L) and reg_weight/(N*M*L): the kernels

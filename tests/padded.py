@@ -3,7 +3,7 @@
 The first `zero_images` target images are all zeros and the last ones are random, and every
 positive lies among the random ones. A zero image's columns then all score a = 0: each is a
 negative of every row, clips to 0, adds nothing to the regulariser, and has the same
-gradient. spec_loss_f64_zero_padded states SPEC.md section 1 on such a problem with the k
+gradient. spec_loss_f64_zero_padded states docs/loss.md#definition on such a problem with the k
 zero columns folded into one column whose logit counts k times (+ log k), so its truth
 takes O(N * tail * L * D) work and memory however many zero images there are. The backends
 get the whole problem, which can be made larger than 2^31 elements to test their int64

@@ -115,7 +115,7 @@ def test_grey_views_draw_the_official_parameters():
 
 
 def _six_call_objective(v1, v2, locs, tclip):
-    """SPEC section 2 written out: six reference calls, one per loss, and the formula."""
+    """docs/loss.md#amdims-multiscale-objective written out: six reference calls, one per loss, and the formula."""
     rows = torch.arange(v1[0].shape[0])
     s5 = (as_targets(v1[1])[rows, locs[0]], as_targets(v2[1])[rows, locs[1]])
     calls = [(v1[0], v2[1]), (v2[0], v1[1]), (v1[0], v2[2]), (v2[0], v1[2]), (s5[0], v2[1]), (s5[1], v1[1])]
@@ -129,7 +129,7 @@ def _six_call_objective(v1, v2, locs, tclip):
 @pytest.mark.parametrize("tclip", [20.0, None])
 @pytest.mark.parametrize("backend", [b for b in ("reference", "cpp", "triton") if b in available_backends()])
 def test_multiscale_objective_formula(backend, tclip, share_targets):
-    """Four calls (1->5 and 5->5 of a direction in one), or six, give SPEC's six-loss
+    """Four calls (1->5 and 5->5 of a direction in one), or six, give the six-loss
     objective, its figures and its gradient with respect to every feature map."""
     b, d = 6, 16
     view = lambda: tuple(t.requires_grad_() for t in (torch.randn(b, d), torch.randn(b, d, 5, 5),  # noqa: E731

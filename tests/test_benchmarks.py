@@ -111,19 +111,20 @@ def test_triton_resources_compiles_offline():
 
 
 def test_host_glue_per_chunk(capsys):
-    """host_overhead --glue times launch.py's Python per backward chunk with the launches
+    """host_overhead --glue times the Triton backward's Python per chunk with the launches
     stubbed, for both operand loads; the real kernels stay in place afterwards."""
     pytest.importorskip("triton")
-    from amdim_kernels.triton_nce import launch
+    from amdim_kernels.settings import TRITON_LOADS
+    from amdim_kernels.triton_nce import grad_tiles
 
-    kernel = launch.nce_grad_tile_kernel
+    kernel = grad_tiles.nce_grad_tile_kernel
     host_overhead.glue(problems.Problem("tiny", 300, 300, 49, 64), reps=2)
     lines = capsys.readouterr().out.splitlines()
     rows = [line.split("|")[1:-1] for line in lines[lines.index("|---|---|---|") + 1:]]
     assert [(parts.strip(), loads.strip()) for parts, loads, _ in rows] == [
-        (parts, loads) for parts in ("8", "16") for loads in launch.LOADS]
+        (parts, loads) for parts in ("8", "16") for loads in TRITON_LOADS]
     assert all(float(us) > 0 for _, _, us in rows)
-    assert launch.nce_grad_tile_kernel is kernel
+    assert grad_tiles.nce_grad_tile_kernel is kernel
 
 
 def test_host_python_path(capsys):
@@ -145,11 +146,11 @@ def test_host_work_ops(capsys):
     may have autograd fill zero gradients for the op's non-differentiable outputs, nor copy an
     expanded upstream gradient to make it contiguous; Triton's stubbed launches are counted
     and the real kernels are back afterwards."""
-    from amdim_kernels.triton_nce import launch
+    from amdim_kernels.triton_nce import forward
 
     if "cpp" not in available_backends("cpu"):
         pytest.skip("the compiled extension is not built")
-    kernel = launch.nce_fwd_kernel
+    kernel = forward.nce_fwd_kernel
     host_overhead.work_ops(problems.Problem("tiny", 6, 6, 3, 8))
     lines = capsys.readouterr().out.splitlines()
     rows = {backend.strip(): (int(total), of_which)
@@ -161,7 +162,7 @@ def test_host_work_ops(capsys):
         assert "zeros" not in counts and "clone" not in counts
     assert "nce_fwd 1" in rows["cpp"][1] and "nce_bwd 1" in rows["cpp"][1]
     assert "nce_fwd_kernel 2" in rows["triton"][1] and "nce_merge_kernel 1" in rows["triton"][1]
-    assert launch.nce_fwd_kernel is kernel
+    assert forward.nce_fwd_kernel is kernel
 
 
 def test_objective_work_ops(capsys):
@@ -175,3 +176,19 @@ def test_objective_work_ops(capsys):
     assert int(nce) == 8 and int(nce) + int(rest) == int(total)
     counts = {name: int(k) for name, k in (item.rsplit(" ", 1) for item in by_op.strip().split(", "))}
     assert sum(counts.values()) == int(rest) and "zeros" not in counts
+
+
+def test_cpu_memory_count_prints_no_profiler_log(capfd):
+    """The CPU memory count runs the profiler, whose C++ library logs its start and stop (and,
+    without a GPU, a device-count error) on stderr: none of that reaches the tool's output,
+    while any other message written meanwhile still does."""
+    from benchmarks.measure import peak_extra_bytes
+
+    def fn():
+        os.write(2, b"a message of the call\n")
+        return torch.ones(1 << 16).sum()
+
+    assert peak_extra_bytes(fn, "cpu") >= 4 << 16
+    err = capfd.readouterr().err
+    assert "a message of the call" in err
+    assert "profiler_start" not in err and "profiler_stop" not in err and "gpuGetDeviceCount" not in err

@@ -1,39 +1,22 @@
-"""backend="cuda" with its fused WMMA kernels (AMDIM_KERNELS_CUDA_SCORES=mma, csrc/nce_cuda_mma.cu)
+"""backend="cuda" with its fused WMMA kernels (settings(cuda_scores="mma"), csrc/nce_cuda_mma.cu)
 against the float64 truth. They take float16 and bfloat16 inputs; float32 stays on cuBLAS.
 
 The shapes cover both operand loaders (16-byte cp.async when D % 8 == 0, element by element
 otherwise), N off the 64-row tile, M*L off the 128-column tile, several splits per row block,
 and the trainer's strided target (copied image chunk by image chunk)."""
-import os
-
 import pytest
 import torch
 
-from amdim_kernels import available_backends, nce_loss
-from amdim_kernels.backends import CUDA_SCORES_ENV, cuda_scores
+from amdim_kernels import available_backends, nce_loss, settings
 from truth import assert_matches_truth, float64_truth, make_case, outputs_and_grads
 
 HAS_CUDA_BACKEND = "cuda" in available_backends("cuda") if torch.cuda.is_available() else False
 needs_cuda_backend = pytest.mark.skipif(not HAS_CUDA_BACKEND, reason="backend 'cuda' is not built or no GPU")
 
 
-def test_cuda_scores_pins_and_restores_the_environment(monkeypatch):
-    monkeypatch.setenv(CUDA_SCORES_ENV, "cublas")
-    with cuda_scores("mma"):
-        assert os.environ[CUDA_SCORES_ENV] == "mma"
-    assert os.environ[CUDA_SCORES_ENV] == "cublas"
-    monkeypatch.delenv(CUDA_SCORES_ENV)
-    with cuda_scores("mma"):
-        pass
-    assert CUDA_SCORES_ENV not in os.environ
-    with pytest.raises(ValueError, match="strategy must be one of"):
-        with cuda_scores("wgmma"):
-            pass
-
-
 @pytest.fixture
 def mma():
-    with cuda_scores("mma"):
+    with settings(cuda_scores="mma"):
         yield
 
 
@@ -95,7 +78,7 @@ def test_mma_is_deterministic_and_agrees_with_cublas(mma):
     again = outputs_and_grads(nce_loss, case, backend="cuda")
     for a, b in zip(first, again):
         assert torch.equal(a, b)
-    with cuda_scores("cublas"):
+    with settings(cuda_scores="cublas"):
         other = outputs_and_grads(nce_loss, case, backend="cuda")
     torch.testing.assert_close(first[0], other[0], rtol=1e-4, atol=1e-4)  # float32 statistics either way
 
@@ -113,14 +96,13 @@ def test_mma_non_finite_input_gives_nan(tclip, mma):
 
 @pytest.mark.gpu
 @needs_cuda_backend
-def test_bad_strategy_is_refused():
+def test_bad_score_path_is_refused_by_the_op():
+    """Settings refuses a bad cuda_scores before any work (tests/test_settings.py); the op,
+    called directly, refuses it too."""
     case = make_case(4, 4, 3, 16, dtype=torch.bfloat16, device="cuda")
-    os.environ[CUDA_SCORES_ENV] = "wgmma"
-    try:
-        with pytest.raises(RuntimeError, match="AMDIM_KERNELS_CUDA_SCORES"):
-            nce_loss(case.src, case.trg, case.pos_idx, backend="cuda")
-    finally:
-        del os.environ[CUDA_SCORES_ENV]
+    pos_idx = torch.arange(4, device="cuda")
+    with pytest.raises(RuntimeError, match="cuda_scores must be 'auto', 'cublas' or 'mma', got 'wgmma'"):
+        torch.ops.amdim_kernels.nce_fwd(case.src, case.trg, pos_idx, 20.0, 0.25, 0.05, "wgmma")
 
 
 @pytest.mark.gpu
@@ -130,9 +112,9 @@ def test_auto_takes_mma_on_small_16_bit_problems_and_cublas_for_float32():
     float32 one through cuBLAS: each equals its pinned path bitwise (both are deterministic)."""
     for dtype, path in ((torch.bfloat16, "mma"), (torch.float32, "cublas")):
         case = make_case(37, 23, 25, 72, dtype=dtype, device="cuda", pos="random", reduction="none")
-        with cuda_scores("auto"):
+        with settings(cuda_scores="auto"):
             auto = outputs_and_grads(nce_loss, case, backend="cuda")
-        with cuda_scores(path):
+        with settings(cuda_scores=path):
             pinned = outputs_and_grads(nce_loss, case, backend="cuda")
         for a, b in zip(auto, pinned):
             assert torch.equal(a, b)

@@ -11,8 +11,7 @@ from amdim_kernels import available_backends, indices, nce_loss
 @pytest.fixture(autouse=True)
 def nothing_kept(monkeypatch):
     """Each test starts with no kept tensors, and leaves the module's as they were."""
-    monkeypatch.setattr(indices, "_kept", {})
-    monkeypatch.setattr(indices, "_kept_elements", 0)
+    monkeypatch.setattr(indices, "KEPT", indices.IndexCache())
 
 
 class _Aranges(TorchDispatchMode):
@@ -62,14 +61,14 @@ def test_indices_made_in_inference_mode_serve_autograd_later():
 def test_values_and_cap(monkeypatch):
     """Kept tensors hold the range's values; past CACHE_ELEMENTS in all, fresh ones are made
     and not kept."""
-    monkeypatch.setattr(indices, "CACHE_ELEMENTS", 10)
+    monkeypatch.setattr(indices, "KEPT", indices.IndexCache(capacity=10))
     like = torch.zeros(1)
     a = indices.range_indices(range(1, 9, 2), like)
     assert a.dtype == torch.int64 and a.tolist() == [1, 3, 5, 7]
     assert indices.range_indices(range(1, 9, 2), like) is a
     b = indices.range_indices(range(7), like)  # 4 + 7 > 10
     assert b.tolist() == list(range(7)) and indices.range_indices(range(7), like) is not b
-    assert indices._kept_elements == 4
+    assert indices.KEPT.elements == 4
 
 
 def test_tuples_of_ranges_are_kept_by_their_ranges():
@@ -82,7 +81,7 @@ def test_tuples_of_ranges_are_kept_by_their_ranges():
     assert indices.range_indices([range(3), range(3)], like) is pair  # a list: the same ranges
     assert indices.range_indices(range(3), like).tolist() == [0, 1, 2]
     assert indices.range_indices((range(2), range(2, 3), range(3)), like).tolist() == [0, 1, 2, 0, 1, 2]
-    assert indices._kept_elements == 6 + 3 + 6
+    assert indices.KEPT.elements == 6 + 3 + 6
 
 
 def test_fake_and_compiled_calls_keep_nothing():
@@ -92,12 +91,12 @@ def test_fake_and_compiled_calls_keep_nothing():
     with FakeTensorMode() as mode:
         fake = mode.from_tensor(torch.zeros(3))
         assert isinstance(indices.range_indices(range(3), fake), FakeTensor)
-    assert indices._kept == {}
+    assert indices.KEPT.tensors == {}
 
     src, trg = _features()
     compiled = torch.compile(lambda s, t: nce_loss(s, t, range(0, 6), backend="reference"), fullgraph=True)
     compiled(src, trg)
-    assert indices._kept == {}
+    assert indices.KEPT.tensors == {}
 
 
 @pytest.mark.gpu
@@ -107,6 +106,6 @@ def test_cuda_graph_capture_keeps_nothing_new():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):  # captures on a side stream of its own
         indices.range_indices(range(5), src)
-    assert indices._kept == {}
+    assert indices.KEPT.tensors == {}
     kept = indices.range_indices(range(5), src)
     assert indices.range_indices(range(5), src) is kept and kept.tolist() == list(range(5))

@@ -6,8 +6,7 @@ import math
 import pytest
 import torch
 
-from amdim_kernels import available_backends, nce_loss
-from amdim_kernels.backends import cuda_scores
+from amdim_kernels import available_backends, nce_loss, settings
 from padded import assert_zero_padded_matches_truth, make_zero_padded_case, zero_padded_truth
 from truth import EXTRA_TOL, KERNEL_OPTIONS, truth_of
 
@@ -92,10 +91,8 @@ def _path(impl: str):
     """Pins the score path of `impl` (backend:path) for the calls inside."""
     backend, how = impl.split(":")
     if backend == "cuda":
-        return cuda_scores(how)
-    from amdim_kernels.triton_nce import launch
-
-    return launch.pinned(score="gemm") if how == "gemm" else launch.pinned(score="fused", operands=how)
+        return settings(cuda_scores=how)
+    return settings(triton_scores="gemm") if how == "gemm" else settings(triton_scores="fused", triton_loads=how)
 
 
 @pytest.mark.gpu

@@ -1,4 +1,4 @@
-"""amdim_kernels.nce_loss_reference against the independent float64 statement of the SPEC."""
+"""amdim_kernels.nce_loss_reference against the independent float64 statement of the loss (docs/loss.md)."""
 import pytest
 import torch
 

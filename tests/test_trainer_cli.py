@@ -18,7 +18,7 @@ from amdim import checkpoint
 from amdim import data as amdim_data
 from amdim import evaluate as amdim_evaluate
 from amdim import train as amdim_train
-from amdim_kernels import backends
+from amdim_kernels import environment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 64 images of 8: 8 steps an epoch, 2 epochs
@@ -122,7 +122,7 @@ def test_trainer_refuses(argv, message, files, tmp_path, capsys, monkeypatch):
 
 
 def test_trainer_refuses_triton_on_the_cpu_without_its_interpreter(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(backends, "_TRITON_INTERPRET", False)  # as if TRITON_INTERPRET were unset at import
+    monkeypatch.setattr(environment, "TRITON_INTERPRET", False)  # as if TRITON_INTERPRET were unset at import
     with pytest.raises(SystemExit) as e:
         amdim_train.parse_args(RUN + ["--backend", "triton", "--out", str(tmp_path)])
     assert e.value.code == 2

@@ -26,9 +26,9 @@ def run_case(case, dtype, grad_of=("src", "trg"), truth=None):
 
 @pytest.fixture(params=["fused", "gemm"])
 def strategy(request):
-    from amdim_kernels.triton_nce import launch
+    import amdim_kernels
 
-    with launch.pinned(score=request.param):
+    with amdim_kernels.settings(triton_scores=request.param):
         yield request.param
 
 
@@ -75,7 +75,7 @@ def test_triton_gradients_of_each_output(reduction, used):
 @pytest.mark.parametrize("loss_scale", [2.0 ** -4, 1.0, 2.0 ** 16])
 def test_triton_float16_gradients_under_a_loss_scale(loss_scale):
     """float16 G is stored times a power of two that the device finds from the gradient's
-    own bound (launch.gradient_scale). Left unscaled, G's error on this case is 8e-3 at 2^-4
+    own bound (grad_rows.gradient_scale). Left unscaled, G's error on this case is 8e-3 at 2^-4
     (measured under the interpreter)."""
     assert_float16_loss_scale("triton", loss_scale, DEVICE)
 
@@ -87,10 +87,10 @@ def test_triton_float16_g_overflows_only_with_the_gradient():
 @pytest.mark.parametrize("need_trg", [False, True])
 def test_triton_gradient_scale_is_the_largest_power_that_fits(need_trg):
     """2^k is the largest power of two with bound * 2^k <= 2^15, the bound taken over G's
-    entries (backward_kernels.nce_grad_scale_kernel) and, with need_trg, its growth through
+    entries (grad_rows.nce_grad_scale_kernel) and, with need_trg, its growth through
     G^T @ src; a row (or a column of src) whose bound is not finite is left out of it (a
     poisoned row's G is NaN at any scale), and a zero gradient gives a finite 2^100."""
-    from amdim_kernels.triton_nce import launch
+    from amdim_kernels.triton_nce import grad_rows
 
     n, l, d, scale = 37, 25, 70, 0.3
     src = torch.randn(n, d, device=DEVICE, dtype=torch.float16)
@@ -106,7 +106,7 @@ def test_triton_gradient_scale_is_the_largest_power_that_fits(need_trg):
         return bound
 
     def assert_fits(*args):
-        g_scale, inverse = launch.gradient_scale(*args, scale, need_trg).tolist()
+        g_scale, inverse = grad_rows.gradient_scale(*args, scale, need_trg).tolist()
         assert g_scale * inverse == 1 and math.log2(g_scale).is_integer()
         bound = bound_of(*args)
         assert bound * g_scale <= 2 ** 15 < bound * g_scale * 2
@@ -119,7 +119,7 @@ def test_triton_gradient_scale_is_the_largest_power_that_fits(need_trg):
             x_bad.view(-1)[x_bad.numel() // 2] = bad
             assert_fits(*[x_bad if y is x else y for y in (src, g_pos, r, reg_coef, sq)])
     zero = torch.zeros_like(r)
-    assert launch.gradient_scale(src, g_pos * 0, zero, zero, sq, scale, need_trg)[0].item() == 2.0 ** 100
+    assert grad_rows.gradient_scale(src, g_pos * 0, zero, zero, sq, scale, need_trg)[0].item() == 2.0 ** 100
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -130,13 +130,15 @@ def test_triton_positives_are_the_raw_scores(shape, dtype, strategy):
     holds it (three bfloat16 parts through a selection product): each one is there, to
     float32's accuracy. The bound: 1e-5 (about 100 float32 ulps) of Cauchy-Schwarz's
     bound on |a|; a positive never written would be whatever the buffer held."""
-    from amdim_kernels.triton_nce import launch
+    import amdim_kernels
+    from amdim_kernels.triton_nce import config, forward
 
     n, m, l, d, pos = shape
     case = make_case(n, m, l, d, pos=pos, dtype=dtype, device=DEVICE)
     pos_idx = torch.arange(n, device=DEVICE) if case.pos_idx is None else case.pos_idx
     scale = d ** -0.5
-    stats = launch.forward(case.src, case.trg, pos_idx, 20.0, scale, 0.05, strategy)
+    options = config.CallOptions.of(amdim_kernels.current_settings(), dtype)
+    stats = forward.forward(case.src, case.trg, pos_idx, 20.0, scale, 0.05, options)
     src, own = case.src.double(), case.trg[pos_idx].double()
     truth = scale * torch.einsum("nd,nld->nl", src, own)
     bound = scale * src.norm(dim=1)[:, None] * own.norm(dim=2)
@@ -145,12 +147,12 @@ def test_triton_positives_are_the_raw_scores(shape, dtype, strategy):
 
 def test_masked_tiles_must_divide_the_sorting_tiles():
     """The masked launch's narrower tiles must not straddle two of the tiles both launches
-    sort by (forward_kernels.nce_fwd_kernel's PLAIN_J)."""
-    from amdim_kernels.triton_nce import launch
+    sort by (forward.nce_fwd_kernel's PLAIN_J)."""
+    from amdim_kernels.triton_nce import config
 
-    assert launch.TileConfig(128, 128, 64, 8, 3, masked_block_j=32).masked.block_j == 32
+    assert config.TileConfig(128, 128, 64, 8, 3, masked_block_j=32).masked.block_j == 32
     with pytest.raises(ValueError, match="masked_block_j must divide block_j = 128, got 48"):
-        launch.TileConfig(128, 128, 64, 8, 3, masked_block_j=48)
+        config.TileConfig(128, 128, 64, 8, 3, masked_block_j=48)
 
 
 @pytest.mark.parametrize("column_bytes", [0, 256, 4096])
@@ -160,16 +162,16 @@ def test_chunks_are_even_whole_images(n, m, l, column_bytes):
     many chunks as the rules give (about 1/CHUNK_PARTS of the images, no chunk's buffers
     needlessly under the floor, enough columns to fill the GPU), the last short of the
     others by fewer images than there are chunks."""
-    from amdim_kernels.triton_nce import launch
+    from amdim_kernels.triton_nce import config
 
-    cfg = launch.TileConfig(128, 128, 64, 8, 3)
-    floor = launch.MIN_CHUNK_BYTES
-    c_max = launch.chunk_columns(n, m, l, cfg, 132, column_bytes, floor)
-    chunks = list(launch._chunks(m, l, c_max))
-    fill = launch.cdiv(132, launch.cdiv(n, 128)) * 128
-    parts = min(launch.CHUNK_PARTS, max(1, launch.cdiv(m * l * column_bytes, floor)))
-    wanted = min(m, max(launch.cdiv(m, parts), launch.cdiv(fill, l)))
-    assert len(chunks) == launch.cdiv(m, wanted)
+    cfg = config.TileConfig(128, 128, 64, 8, 3)
+    floor = config.MIN_CHUNK_BYTES
+    c_max = config.chunk_columns(n, m, l, cfg, 132, column_bytes, floor)
+    chunks = list(config.chunk_ranges(m, l, c_max))
+    fill = config.cdiv(132, config.cdiv(n, 128)) * 128
+    parts = min(config.CHUNK_PARTS, max(1, config.cdiv(m * l * column_bytes, floor)))
+    wanted = min(m, max(config.cdiv(m, parts), config.cdiv(fill, l)))
+    assert len(chunks) == config.cdiv(m, wanted)
     assert [c0 for c0, _ in chunks] == [sum(c for _, c in chunks[:i]) for i in range(len(chunks))]
     assert sum(c for _, c in chunks) == m * l and all(c % l == 0 for _, c in chunks)
     assert all(c == c_max for _, c in chunks[:-1]) and c_max - chunks[-1][1] < len(chunks) * l
@@ -180,21 +182,21 @@ def test_chunks_fit_the_grid_axis(n, m, l):
     """A chunk's G launch has one program per column tile on the grid's second axis, which
     CUDA caps at 65,535: past 67M columns the plan takes more chunks than CHUNK_PARTS rather
     than a launch that fails."""
-    from amdim_kernels.triton_nce import launch
+    from amdim_kernels.triton_nce import config
 
-    cfg = launch.TileConfig(128, 128, 64, 8, 3)
-    c_max = launch.chunk_columns(n, m, l, cfg, 132, 2 * n, launch.MIN_CHUNK_BYTES)
-    assert launch.cdiv(c_max, cfg.block_j) <= launch.GRID_Y_MAX and c_max % l == 0
-    assert launch.cdiv(m * l, c_max) > launch.CHUNK_PARTS
+    cfg = config.TileConfig(128, 128, 64, 8, 3)
+    c_max = config.chunk_columns(n, m, l, cfg, 132, 2 * n, config.MIN_CHUNK_BYTES)
+    assert config.cdiv(c_max, cfg.block_j) <= config.GRID_Y_MAX and c_max % l == 0
+    assert config.cdiv(m * l, c_max) > config.CHUNK_PARTS
 
 
 @pytest.mark.parametrize("grid_y_max", [1, 3])
 def test_triton_backward_under_a_small_grid_axis_cap(grid_y_max, monkeypatch):
     """With the grid's cap lowered to 1 or 3 column tiles, the backward takes chunks of one
     or a few images each and still gives the reference's gradients."""
-    from amdim_kernels.triton_nce import launch
+    from amdim_kernels import shared_constants
 
-    monkeypatch.setattr(launch, "GRID_Y_MAX", grid_y_max)
+    monkeypatch.setattr(shared_constants, "GRID_Y_MAX", grid_y_max)
     run_case(make_case(6, 9, 70, 24, pos="random", device=DEVICE), torch.float32)
 
 
@@ -211,19 +213,19 @@ def test_backward_chunks_of_amdim_problems(problem, dtype, chunks):
     no chunk's buffers over the floor where more chunks were allowed; the single-GPU one
     keeps CHUNK_PARTS. Buffers per column: G, cuBLAS's float32 scores for float32 ("gemm"),
     a contiguous copy of the features for feature-map targets."""
-    from amdim_kernels.triton_nce import launch
+    from amdim_kernels.triton_nce import config
     from benchmarks import problems
 
     p = getattr(problems, problem)
     trg = torch.empty(p.m, p.l, p.d, dtype=dtype, device="meta")
     if p.trg_layout == "feature-map":
         trg = torch.empty(p.m, p.d, p.l, dtype=dtype, device="meta").transpose(1, 2)
-    cfg = launch.TileConfig(128, 128, 64, 8, 3)
-    per_column = launch.column_bytes(p.n, trg, launch.score_strategy(dtype) == "gemm", backward=True)
-    c_max = launch.chunk_columns(p.n, p.m, p.l, cfg, 132, per_column, launch.MIN_CHUNK_BYTES)
-    assert len(list(launch._chunks(p.m, p.l, c_max))) == chunks
-    if chunks > 1 and chunks < launch.CHUNK_PARTS:
-        assert c_max * per_column <= launch.MIN_CHUNK_BYTES + p.l * per_column
+    cfg = config.TileConfig(128, 128, 64, 8, 3)
+    per_column = config.column_bytes(p.n, trg, config.default_score_strategy(dtype) == "gemm", backward=True)
+    c_max = config.chunk_columns(p.n, p.m, p.l, cfg, 132, per_column, config.MIN_CHUNK_BYTES)
+    assert len(list(config.chunk_ranges(p.m, p.l, c_max))) == chunks
+    if chunks > 1 and chunks < config.CHUNK_PARTS:
+        assert c_max * per_column <= config.MIN_CHUNK_BYTES + p.l * per_column
 
 
 @pytest.mark.parametrize("src_layout", ["contiguous", "transposed"])
@@ -265,17 +267,18 @@ TMA_SHAPES = [(7, 7, 49, 32), (40, 40, 25, 24), (13, 6, 25, 40), (37, 37, 1, 16)
 
 @pytest.fixture
 def tma_loads(monkeypatch):
-    """Pin TMA operands (fused strategy) and count the descriptors launch.py builds."""
-    from amdim_kernels.triton_nce import launch
+    """Pin TMA operands (fused strategy) and count the descriptors the launchers build."""
+    import amdim_kernels
+    from amdim_kernels.triton_nce import operands
 
-    built, make = [], launch.TensorDescriptor
+    built, make = [], operands.TensorDescriptor
 
     def descriptor(*args):
         built.append(args)
         return make(*args)
 
-    monkeypatch.setattr(launch, "TensorDescriptor", descriptor)
-    with launch.pinned(score="fused", operands="tma"):
+    monkeypatch.setattr(operands, "TensorDescriptor", descriptor)
+    with amdim_kernels.settings(triton_scores="fused", triton_loads="tma"):
         yield built
 
 
@@ -338,14 +341,14 @@ def test_triton_tma_not_for_targets_with_gaps(tma_loads):
 def test_tma_ready_rules():
     """The copy engine takes features contiguous, 16-byte aligned base and row stride, and
     rows that are not all the same memory (stride 0 takes pointers)."""
-    from amdim_kernels.triton_nce import launch
+    from amdim_kernels.triton_nce import operands
 
     x = torch.zeros(6, 16, dtype=torch.bfloat16)
-    assert launch.tma_ready(x)
-    assert not launch.tma_ready(x[:1].expand(6, 16))  # stride 0
-    assert not launch.tma_ready(torch.zeros(6, 9, dtype=torch.bfloat16))  # 18-byte rows
-    assert not launch.tma_ready(x.view(-1)[1:81].view(5, 16))  # base 2 bytes past alignment
-    assert not launch.tma_ready(x.t())  # features strided
+    assert operands.tma_ready(x)
+    assert not operands.tma_ready(x[:1].expand(6, 16))  # stride 0
+    assert not operands.tma_ready(torch.zeros(6, 9, dtype=torch.bfloat16))  # 18-byte rows
+    assert not operands.tma_ready(x.view(-1)[1:81].view(5, 16))  # base 2 bytes past alignment
+    assert not operands.tma_ready(x.t())  # features strided
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -360,16 +363,16 @@ def test_launches_follow_the_inputs_device(monkeypatch):
     import contextlib
     from types import SimpleNamespace
 
-    from amdim_kernels.triton_nce import launch
+    from amdim_kernels.triton_nce import operands
 
     entered = []
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "device", lambda device: entered.append(device) or contextlib.nullcontext())
     for index in (1, 0):
         x = SimpleNamespace(is_cuda=True, device=torch.device("cuda", index))
-        with launch.on_device_of(x):
+        with operands.on_device_of(x):
             pass
-    with launch.on_device_of(torch.zeros(1)):
+    with operands.on_device_of(torch.zeros(1)):
         pass
     assert entered == [torch.device("cuda", 1)]
 
@@ -397,14 +400,14 @@ def _src_sum_placement(n, m, l, d):
     """Where backward keeps d src's float32 sum for float32 inputs on DEVICE, from the chunk
     plan: in d trg's tail within the last chunk's images, reaching into earlier chunks, or
     (d trg smaller than the sum) in memory of its own."""
-    from amdim_kernels.triton_nce import launch
+    from amdim_kernels.triton_nce import config
 
-    cfg = launch.tile_config(torch.float32, d, "grad")
+    cfg = config.tile_config(torch.float32, d)
     trg = torch.empty(m, l, d, device="meta")
-    per_column = launch.column_bytes(n, trg, launch.score_strategy(torch.float32) == "gemm", backward=True)
+    per_column = config.column_bytes(n, trg, config.default_score_strategy(torch.float32) == "gemm", backward=True)
     device = torch.device(DEVICE)
-    c_max = launch.chunk_columns(n, m, l, cfg, launch._num_sms(device), per_column, launch.chunk_floor_bytes(device))
-    last = list(launch._chunks(m, l, c_max))[-1][1]  # columns of the last chunk
+    c_max = config.chunk_columns(n, m, l, cfg, config.num_sms(device), per_column, config.chunk_floor_bytes(device))
+    last = list(config.chunk_ranges(m, l, c_max))[-1][1]  # columns of the last chunk
     if n > m * l:  # 4*N*D bytes against d trg's 4*M*L*D
         return "own memory"
     return "last chunk" if n <= last else "earlier chunks"
@@ -421,20 +424,20 @@ def test_triton_src_gradient_sum_in_dtrg_tail(shape, where):
     of its own where d trg is too small; the gradients are right every way."""
     from unittest import mock
 
-    from amdim_kernels.triton_nce import function
+    from amdim_kernels.triton_nce import backward
 
     n, m, l, d = shape
     if DEVICE == "cpu":  # the CPU plan is the one these shapes were picked for
         assert _src_sum_placement(n, m, l, d) == where
     placed = []
-    real = function._sum_in_tail
+    real = backward.src_sum_in_tail
 
     def spy(dtrg, n, d):
         acc = real(dtrg, n, d)
         placed.append(acc is not None)
         return acc
 
-    with mock.patch.object(function, "_sum_in_tail", spy):
+    with mock.patch.object(backward, "src_sum_in_tail", spy):
         run_case(make_case(n, m, l, d, pos="random", device=DEVICE), torch.float32)
     assert placed and all(p == (_src_sum_placement(n, m, l, d) != "own memory") for p in placed)
 
@@ -490,12 +493,12 @@ def test_triton_under_torch_compile(options, grad_of):
 def test_triton_op_registrations(tclip):
     """Schema, fake implementation and autograd formula of amdim_kernels::triton_nce_fwd agree
     with the kernels (torch.library.opcheck)."""
-    import amdim_kernels.triton_nce.function  # noqa: F401 (registers the ops)
+    import amdim_kernels.triton_nce.backend  # noqa: F401 (registers the ops)
 
     case = make_case(6, 4, 3, 8, pos="random", device=DEVICE)
     src, trg = case.src.requires_grad_(), case.trg.requires_grad_()
     torch.library.opcheck(torch.ops.amdim_kernels.triton_nce_fwd.default,
-                          (src, trg, case.pos_idx, tclip, 0.3, 0.05, "fused"))
+                          (src, trg, case.pos_idx, tclip, 0.3, 0.05, "fused", "", 8, [], []))
 
 
 # ---- GPU: realistic sizes and the tensor-core paths (skipped without a GPU) ----
@@ -525,11 +528,11 @@ def test_triton_gpu_large(shape, dtype, options):
 @pytest.mark.parametrize("shape", [(129, 67, 49, 520), (1024, 1024, 49, 2048)], ids=str)
 def test_triton_gpu_operand_loads(shape, dtype, loads):
     """The fused K-loop with either operand loads (TMA is the default from sm_90 on)."""
-    from amdim_kernels.triton_nce import launch
+    import amdim_kernels
 
     n, m, l, d = shape
     case = make_case(n, m, l, d, pos="arange" if n == m else "random", dtype=dtype, device="cuda", spread=3.0)
-    with launch.pinned(score="fused", operands=loads):
+    with amdim_kernels.settings(triton_scores="fused", triton_loads=loads):
         run_case(case, dtype, truth=float64_truth(case))
 
 
@@ -563,10 +566,10 @@ TF32_SWITCHES = [
 def test_triton_reads_every_tf32_switch(switch, tf32, tf32_settings):
     """Every way torch offers to set TF32 is read right, and none makes the float32 call
     fail: once the newer API has set TF32, reading the legacy allow_tf32 raises."""
-    from amdim_kernels.triton_nce import launch
+    from amdim_kernels.triton_nce import config
 
     exec(switch)
-    assert launch.tf32_allowed() == tf32
+    assert config.tf32_allowed() == tf32
     run_case(make_case(5, 5, 3, 17, device=DEVICE), torch.float32)
 
 

@@ -123,7 +123,7 @@ def test_gpu_without_a_kernel_image_is_not_cuda(monkeypatch):
     mocks stand in for the GPU and the extension."""
     from types import SimpleNamespace
 
-    from amdim_kernels import backends
+    from amdim_kernels import environment, registry
 
     asked = []
 
@@ -131,21 +131,22 @@ def test_gpu_without_a_kernel_image_is_not_cuda(monkeypatch):
         asked.append(index)
         return "no kernel image is available for execution on the device" if index == 1 else ""
 
-    extension = SimpleNamespace(BUILT_FOR=("cpu", "cuda"), kernel_image_error=kernel_image_error)
-    monkeypatch.setattr(backends, "_EXTENSION", extension)
-    monkeypatch.setattr(backends, "_KERNEL_IMAGE_ERRORS", {})
-    monkeypatch.setattr(backends, "_TRITON_INSTALLED", True)
+    monkeypatch.setattr(environment, "EXTENSION", SimpleNamespace())
+    monkeypatch.setattr(environment, "EXTENSION_BUILT_FOR", ("cpu", "cuda"))
+    monkeypatch.setattr(registry, "extension_ops", SimpleNamespace(kernel_image_error=kernel_image_error))
+    monkeypatch.setattr(registry, "KERNEL_IMAGE_ERRORS", {})
+    monkeypatch.setattr(environment, "TRITON_INSTALLED", True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (8, 0))
     a100, h100 = torch.device("cuda", 1), torch.device("cuda", 0)
     for _ in range(2):
-        assert backends.resolve("auto", h100) == "cuda"
-        assert backends.resolve("auto", a100) == "triton"
+        assert registry.resolve("auto", h100) == "cuda"
+        assert registry.resolve("auto", a100) == "triton"
     assert asked == [0, 1]
     with pytest.raises(ValueError, match=r"backend 'cuda' is not available: the compiled extension has no CUDA "
                                            r"kernels that this GPU \(compute capability 8.0\) can load: no kernel "
                                            r"image .* TORCH_CUDA_ARCH_LIST=8.0 pip install"):
-        backends.resolve("cuda", a100)
+        registry.resolve("cuda", a100)
 
 
 # every backend that runs here, with its device; the reference's backward only after the

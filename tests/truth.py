@@ -1,4 +1,4 @@
-"""An independent float64 statement of SPEC.md section 1, and helpers to compare with it.
+"""An independent float64 statement of the loss of docs/loss.md#definition, and helpers to compare with it.
 
 Written differently from amdim_kernels/reference.py on purpose: one row at a time, the
 denominator built by concatenating the positive with the row's negatives.

@@ -1,5 +1,5 @@
-"""What the forward and backward Triton kernels of the fused NCE loss share (SPEC.md
-section 1): a tile of raw scores, the soft clip, and which tiles hold a row block's own
+"""What the forward and backward Triton kernels of the fused NCE loss share (the loss
+in docs/loss.md): a tile of raw scores, the soft clip, and which tiles hold a row block's own
 images.
 
 Notation. Column j of the score matrix is target location (m, l) = (j // L, j % L) of
@@ -11,7 +11,7 @@ pos_idx[i]; every other column is a negative of row i.
 
 A tile of raw scores comes from `score_tile`: a K-loop of tl.dot whose operands come
 through TMA tensor descriptors where the GPU and their alignment allow
-(launch.operand_loads), else through pointers; or, with the "gemm" score strategy, read
+(config.operand_loads), else through pointers; or, with the "gemm" score strategy, read
 from the chunk of scores cuBLAS computed. Row i's own image p_i holds its positives, which
 the forward leaves out of the negatives and the backward overwrites in G: `own_images` and
 `holds_own_images` tell which tiles may hold one.

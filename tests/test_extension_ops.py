@@ -5,8 +5,7 @@ import contextlib
 import pytest
 import torch
 
-from amdim_kernels import available_backends, nce_loss
-from amdim_kernels.backends import cuda_scores
+from amdim_kernels import available_backends, nce_loss, settings
 from truth import (
     FAR_BELOW_TCLIP, KERNEL_OPTIONS, ODD_LAYOUTS, assert_captured_graph_matches_eager,
     assert_cuda_graph_replay_matches_eager, assert_float16_g_overflows_only_with_the_gradient,
@@ -71,7 +70,7 @@ def _each_score_path(backend):
     """Yields once inside each of the backend's score paths: the cuda backend's two (its
     float16 G is made by either's kernel), or the cpp backend's one."""
     for path in ("cublas", "mma") if backend == "cuda" else (None,):
-        with cuda_scores(path) if path else contextlib.nullcontext():
+        with settings(cuda_scores=path) if path else contextlib.nullcontext():
             yield
 
 
@@ -153,7 +152,7 @@ def test_op_registrations(backend, tclip):
     case = make_case(6, 4, 3, 8, pos="random", device=DEVICE[backend])
     src = case.src.requires_grad_()
     trg = case.trg.requires_grad_()
-    torch.library.opcheck(torch.ops.amdim_kernels.nce_fwd.default, (src, trg, case.pos_idx, tclip, 0.3, 0.05))
+    torch.library.opcheck(torch.ops.amdim_kernels.nce_fwd.default, (src, trg, case.pos_idx, tclip, 0.3, 0.05, "auto"))
 
 
 def test_torch_compile_has_no_graph_break(backend):
@@ -246,11 +245,11 @@ def test_no_module_lookup_per_call(backend, monkeypatch):
 def test_this_gpu_loads_the_cuda_kernels():
     """A CUDA build this GPU cannot load makes the cuda backend unavailable, which would skip
     every cuda test here: this one fails instead."""
-    from amdim_kernels import compiled
+    from amdim_kernels import environment, extension_ops
 
-    if "cuda" not in compiled.BUILT_FOR:
+    if "cuda" not in environment.EXTENSION_BUILT_FOR:
         pytest.skip("the extension was built without CUDA kernels")
-    assert compiled.kernel_image_error(torch.cuda.current_device()) == ""
+    assert extension_ops.kernel_image_error(torch.cuda.current_device()) == ""
     assert "cuda" in BACKENDS
 
 
@@ -276,7 +275,5 @@ def test_cuda_graph_capture(scores, capture):
     torch.compile(mode="reduce-overhead") or by hand with torch.cuda.graph (pos_idx given)."""
     if "cuda" not in BACKENDS:
         pytest.skip("backend 'cuda' is not built")
-    from amdim_kernels.backends import cuda_scores
-
-    with cuda_scores(scores):
+    with settings(cuda_scores=scores):
         CAPTURES[capture]("cuda")

@@ -1,5 +1,5 @@
-"""The forward Triton kernels of the fused NCE loss (SPEC.md section 1; notation in
-score_tiles.py).
+"""The forward stage of the Triton backend: its kernels and their launcher `forward` (the
+loss in docs/loss.md; notation in score_tiles.py).
 
 Forward (`nce_fwd_kernel`, then `nce_merge_kernel`): programs tile the rows, and the columns
 are split across programs so that a few hundred programs fill the GPU even when N is ~128.
@@ -23,9 +23,15 @@ losses and reg = reg_weight * mean(a^2).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import torch
 import triton
 import triton.language as tl
 
+from .config import (SELECT_LOCATIONS, CallOptions, cdiv, chunk_columns, chunk_floor_bytes, chunk_ranges, clip_args,
+                     column_bytes, location_block, num_sms, register_cap, split_columns, tile_config)
+from .operands import chunk_images, chunk_operands, chunk_scores, features_contiguous, src_descriptor, tile_constants
 from .score_tiles import clip_pieces, holds_own_images, own_images, score_tile, soft_clip
 
 
@@ -296,3 +302,75 @@ def nce_totals_kernel(
     # poisoned row)
     sq_total = tl.sum(acc, axis=0)
     tl.store(reg_ptr, tl.where((reg_c == 0.0) & (sq_total == sq_total), 0.0, sq_total * reg_c))
+
+
+@dataclass
+class ForwardStats:
+    loss: torch.Tensor  # (N, L) per-positive loss
+    a_pos: torch.Tensor  # (N, L) raw positive scores (the backward forms the clip from them)
+    neg_lse: torch.Tensor  # (N,) log-sum-exp of each row's negatives
+    sq: torch.Tensor  # (N,) sum over the row of a^2
+    mean: torch.Tensor  # () the mean of loss
+    reg: torch.Tensor  # () reg_weight * mean(a^2)
+
+
+def forward(src, trg, pos_idx, tclip: float | None, scale: float, reg_weight: float,
+            options: CallOptions) -> ForwardStats:
+    """The forward's launches: the tile kernel per chunk (unmasked tiles, then the others),
+    the merge, the totals."""
+    n, d = src.shape
+    m, l, _ = trg.shape
+    cfg = tile_config(src.dtype, d, options.fwd_tiles)
+    sms = num_sms(src.device)
+    f32 = dict(device=src.device, dtype=torch.float32)
+    from_scores = options.strategy == "gemm"
+    # one chunk of all the columns, unless cuBLAS's scores or a copy of trg (features not
+    # contiguous) must be staged: then chunks of about 1/options.chunks of them
+    chunked = from_scores or trg.stride(2) != 1
+    src = features_contiguous(src)
+    c_max = m * l
+    if chunked:
+        c_max = chunk_columns(n, m, l, cfg, sms, column_bytes(n, trg, from_scores), chunk_floor_bytes(src.device),
+                              options.chunks)
+    chunks = list(chunk_ranges(m, l, c_max))
+    row_blocks = cdiv(n, cfg.block_n)
+    splits = [split_columns(c, row_blocks, cfg, sms) for _, c in chunks]
+
+    # each chunk's tiles go to two launches (nce_fwd_kernel): the unmasked tiles, then the
+    # rest, which also store the positives' raw scores in a_pos; each launch writes a slot
+    # of partials per split
+    total = 2 * sum(s for s, _ in splits)
+    part_sum = torch.empty(total, n, **f32)
+    part_max = torch.empty(total, n, **f32)
+    part_sq = torch.empty(total, n, **f32)
+    a_pos = torch.empty(n, l, **f32)
+    src_desc = src_descriptor(src, cfg, from_scores, options.loads)
+    fixed = dict(tile_constants(src, cfg, from_scores, tclip, scale), BLOCK_L=SELECT_LOCATIONS, PLAIN_J=cfg.block_j)
+    masked_cfg = cfg.masked
+    launches = ((False, cfg, dict(fixed, **register_cap(cfg))),
+                (True, masked_cfg, dict(fixed, BLOCK_J=masked_cfg.block_j)))
+    split_base = 0
+    for (c0, c), (n_splits, per_split) in zip(chunks, splits):
+        images = chunk_images(trg, c0, c)
+        scores = chunk_scores(src, images) if from_scores else part_sum  # part_sum: unused placeholder
+        for masked, tiles, constants in launches:
+            operands, own = chunk_operands(src, src_desc, images, tiles)
+            nce_fwd_kernel[(row_blocks, n_splits)](
+                *operands, pos_idx, part_sum, part_max, part_sq, a_pos,
+                scores, scores.stride(0), c0, c0 + c, split_base,
+                cols_per_split=per_split, MASKED=masked, **own, **constants,
+            )
+            split_base += n_splits
+        del images, scores, operands
+
+    loss = torch.empty(n, l, **f32)
+    neg_lse = torch.empty(n, **f32)
+    sq = torch.empty(n, **f32)
+    nce_merge_kernel[(n,)](
+        part_sum, part_max, part_sq, a_pos, loss, neg_lse, sq, n, l, SPLITS=total, **clip_args(tclip),
+        BLOCK_S=32, BLOCK_L=location_block(l),
+    )
+    mean = torch.empty((), **f32)
+    reg = torch.empty((), **f32)
+    nce_totals_kernel[(1,)](loss, sq, mean, reg, n * l, n, 1.0 / (n * l), reg_weight / (n * m * l), BLOCK=1024)
+    return ForwardStats(loss, a_pos, neg_lse, sq, mean, reg)

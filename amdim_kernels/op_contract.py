@@ -1,6 +1,7 @@
-"""Fake (meta) and autograd implementations of the registered loss ops.
+"""The contract of the registered loss ops: their fake (meta) implementations and their
+autograd formula.
 
-Two op pairs share one contract: the C++ op library's (`amdim_kernels::nce_fwd/nce_bwd`,
+Two op pairs share it: the C++ op library's (`amdim_kernels::nce_fwd/nce_bwd`,
 backends "cpp" and "cuda") and the Triton backend's (`amdim_kernels::triton_nce_fwd/bwd`,
 which torch.compile sees):
 
@@ -10,7 +11,9 @@ which torch.compile sees):
         tclip, scale, *extra, need_src, need_trg)
         -> dsrc (N, D) or (0, D), dtrg (M, L, D) or (0, L, D)
 
-`extra` is Triton's score strategy. `loss` (the per-positive losses), `mean` (their mean)
+`extra` are the backend's settings for the call (settings.py), which the backward takes as
+the forward did: the CUDA score path for the C++ ops, the score strategy, operand loads,
+chunks and tiles for Triton's. `loss` (the per-positive losses), `mean` (their mean)
 and `reg` (reg_weight times the mean of a^2 over all N*M*L scores) are differentiable: the
 op makes nce_loss's outputs itself, so no torch op (and no GPU launch) forms them from the
 statistics, forward or backward. `pos`, `neg_lse` and `sq` (each row's sum of raw scores
@@ -23,11 +26,12 @@ sq). grad_loss (N, L) and grad_sq (N,) may have any strides, a stride of 0 inclu
 autograd formula hands it the mean's and reg's upstream gradients as broadcast views with
 their factors 1/(N*L) and reg_weight/(N*M*L), which the kernels apply as they read them. bwd
 reads `sq` only for float16 inputs on a GPU: it bounds each row's |a|, and so the range of
-the float16 G (triton_nce/launch.py's gradient_scale, csrc's launch_nce_grad_scale). With a
+the float16 G (triton_nce/grad_rows.py's gradient_scale, csrc's launch_nce_grad_scale). With a
 fake implementation torch.compile traces each op as one opaque call, without a graph break.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -78,69 +82,46 @@ class _FirstOrderOnly(torch.autograd.Function):
         )
 
 
-def autograd_formula(bwd: Callable) -> tuple[Callable, Callable]:
-    """(setup_context, backward) of a fwd op, its gradients computed by `bwd`; they serve
-    torch.library.register_autograd and a torch.autograd.Function alike."""
+def setup_context(ctx, inputs, output) -> None:
+    """What a fwd op's backward needs, saved on ctx (torch.library's setup_context)."""
+    src, trg, pos_idx, tclip, scale, reg_weight, *extra = inputs
+    _, pos, neg_lse, sq, _, _ = output
+    ctx.save_for_backward(src, trg, pos_idx, pos, neg_lse, sq)
+    ctx.options = tclip, scale, *extra
+    ctx.reg_weight = reg_weight
+    ctx.mark_non_differentiable(pos, neg_lse, sq)
+    # the statistics never get a gradient, and loss, mean or reg may get none: without
+    # this autograd would fill a zero tensor for each (a launch each on a GPU)
+    ctx.set_materialize_grads(False)
 
-    def setup_context(ctx, inputs, output):
-        src, trg, pos_idx, tclip, scale, reg_weight, *extra = inputs
-        _, pos, neg_lse, sq, _, _ = output
-        ctx.save_for_backward(src, trg, pos_idx, pos, neg_lse, sq)
-        ctx.options = tclip, scale, *extra
-        ctx.reg_weight = reg_weight
-        ctx.mark_non_differentiable(pos, neg_lse, sq)
-        # the statistics never get a gradient, and loss, mean or reg may get none: without
-        # this autograd would fill a zero tensor for each (a launch each on a GPU)
-        ctx.set_materialize_grads(False)
 
-    def backward(ctx, grad_loss, _grad_pos, _grad_neg_lse, _grad_sq, grad_mean, grad_reg):
-        src, trg, pos_idx, pos, neg_lse, sq = ctx.saved_tensors
-        n, l = pos.shape
-        need_src, need_trg = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        w, w_weight = _upstream(grad_loss, grad_mean, n, l, pos)
-        grad_reg = grad_reg if grad_reg is not None else pos.new_zeros(())
-        sq_weight = ctx.reg_weight / (n * trg.shape[0] * l)
-        with torch.no_grad():  # the kernels' gradients are not differentiable themselves
-            dsrc, dtrg = bwd(src, trg, pos_idx, pos, neg_lse, sq, w, w_weight, grad_reg.float().expand(n),
-                             sq_weight, *ctx.options, need_src, need_trg)
-        if torch.is_grad_enabled():  # backward(create_graph=True)
-            dsrc, dtrg = _FirstOrderOnly.apply(dsrc, dtrg, src, trg)
-        return (dsrc if need_src else None), (dtrg if need_trg else None), None, *([None] * (len(ctx.options) + 1))
-
-    return setup_context, backward
+def backward(bwd: Callable, ctx, grad_loss, _grad_pos, _grad_neg_lse, _grad_sq, grad_mean, grad_reg) -> tuple:
+    """The gradients of a fwd op's inputs, computed by its bwd op `bwd` from what
+    setup_context saved and the upstream gradients of loss, mean and reg."""
+    src, trg, pos_idx, pos, neg_lse, sq = ctx.saved_tensors
+    n, l = pos.shape
+    need_src, need_trg = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    w, w_weight = _upstream(grad_loss, grad_mean, n, l, pos)
+    grad_reg = grad_reg if grad_reg is not None else pos.new_zeros(())
+    sq_weight = ctx.reg_weight / (n * trg.shape[0] * l)
+    with torch.no_grad():  # the kernels' gradients are not differentiable themselves
+        dsrc, dtrg = bwd(src, trg, pos_idx, pos, neg_lse, sq, w, w_weight, grad_reg.float().expand(n),
+                         sq_weight, *ctx.options, need_src, need_trg)
+    if torch.is_grad_enabled():  # backward(create_graph=True)
+        dsrc, dtrg = _FirstOrderOnly.apply(dsrc, dtrg, src, trg)
+    return (dsrc if need_src else None), (dtrg if need_trg else None), None, *([None] * (len(ctx.options) + 1))
 
 
 def register(fwd_name: str, bwd_name: str, bwd: Callable) -> None:
-    """Fake implementations for both ops, and fwd's autograd formula through `bwd`."""
+    """Fake implementations for both ops, and fwd's autograd formula through `bwd`: what
+    torch.compile traces, each op as one opaque call. In eager mode each backend calls its
+    fwd through a torch.autograd.Function of its own built from setup_context and backward:
+    where a Function defines setup_context itself, every apply binds its arguments through
+    inspect.signature (about 30 us of host time per call on a 2-core x86 CPU), so those
+    Functions take ctx in forward instead."""
     torch.library.register_fake(fwd_name)(_fake_fwd)
     torch.library.register_fake(bwd_name)(_fake_bwd)
-    setup_context, backward = autograd_formula(bwd)
-    torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
-
-
-def fwd_call(fwd_op: Callable, eager_fwd: Callable, bwd: Callable) -> Callable:
-    """A call of the registered fwd op with its autograd formula (through `bwd`): the op
-    itself under torch.compile, which traces it as one opaque call (a Function's Python
-    would break the graph); in eager mode `eager_fwd`, the same computation without the
-    op's torch.library wrapper, through a lighter torch.autograd.Function. That Function's
-    forward takes ctx itself: where a Function defines setup_context, every apply binds its
-    arguments through inspect.signature (about 30 us of host time per call on this
-    project's CPU)."""
-    setup_context, formula = autograd_formula(bwd)
-
-    class EagerLoss(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, *args):
-            outputs = eager_fwd(*args)
-            setup_context(ctx, args, outputs)
-            return outputs
-
-        backward = staticmethod(formula)
-
-    def call(*args):
-        return fwd_op(*args) if torch.compiler.is_compiling() else EagerLoss.apply(*args)
-
-    return call
+    torch.library.register_autograd(fwd_name, functools.partial(backward, bwd), setup_context=setup_context)
 
 
 def loss_and_reg(outputs, p: Problem) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,13 +1,13 @@
-"""Which implementations of the loss exist on this machine, and which one `auto` picks."""
+"""The backend registry: which implementations of the loss exist on this machine, which one
+`auto` picks, and the function each runs."""
 from __future__ import annotations
 
-import contextlib
-import importlib.util
-import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 
+from . import environment
+from .settings import Settings
 from .validation import Problem
 
 BACKENDS = ("reference", "triton", "cuda", "cpp")
@@ -17,32 +17,16 @@ BACKENDS = ("reference", "triton", "cuda", "cpp")
 AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpp", "reference")}
 
 
-# What this install has, read once at import: nce_loss's path must not look up modules on
-# each call (torch.compile cannot trace importlib on every torch version).
-_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
-_TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _load_extension():
-    """The module that registers the compiled ops, or None when amdim_kernels._C is not built."""
-    if importlib.util.find_spec("amdim_kernels._C") is None:
-        return None
-    from . import compiled  # loads _C and registers its fake and autograd implementations
-
-    return compiled
-
-
-_EXTENSION = _load_extension()
-
-
-def triton_interpreting() -> bool:
-    """True when Triton kernels run on the CPU through its interpreter: TRITON_INTERPRET=1 set
-    before amdim_kernels (and Triton) were imported."""
-    return _TRITON_INTERPRET
+# Loading the extension's backend registers the fake and autograd implementations of its ops,
+# here at import rather than inside a call that torch.compile may be tracing.
+if environment.EXTENSION is not None:
+    from . import extension_ops
+else:
+    extension_ops = None
 
 
 def _extension_reason() -> str | None:
-    if _EXTENSION is None:
+    if environment.EXTENSION is None:
         return "the compiled extension amdim_kernels._C is not built in this install"
     return None
 
@@ -56,11 +40,11 @@ def unavailable_reason(name: str, device: torch.device) -> str | None:
     if device.type == "cuda" and not torch.cuda.is_available():
         return "no CUDA GPU is available (torch.cuda.is_available() is False)"
     if name == "triton":
-        if not _TRITON_INSTALLED:
+        if not environment.TRITON_INSTALLED:
             return "Triton is not installed (pip install triton)"
         if device.type == "cuda":
             return None
-        if device.type == "cpu" and triton_interpreting():
+        if device.type == "cpu" and environment.TRITON_INTERPRET:
             return None
         return (
             f"the Triton kernels need CUDA tensors, got tensors on {device} "
@@ -78,14 +62,14 @@ def unavailable_reason(name: str, device: torch.device) -> str | None:
 
 
 def _extension_lacks(kind: str) -> str | None:
-    if kind in _EXTENSION.BUILT_FOR:
+    if kind in environment.EXTENSION_BUILT_FOR:
         return None
     return f"the compiled extension was built without {kind} kernels"
 
 
 # Per CUDA device index: why it cannot load the extension's CUDA kernels ("" when it can),
-# asked once per device (compiled.kernel_image_error).
-_KERNEL_IMAGE_ERRORS: dict[int, str] = {}
+# asked once per device (extension_ops.kernel_image_error).
+KERNEL_IMAGE_ERRORS: dict[int, str] = {}
 
 
 def _kernel_image_reason(device: torch.device) -> str | None:
@@ -94,11 +78,11 @@ def _kernel_image_reason(device: torch.device) -> str | None:
     so `auto` moves on to Triton instead. A compiled graph takes the answer of an eager call
     on the device, or assumes it can (it cannot call into the extension while tracing)."""
     index = torch.cuda.current_device() if device.index is None else device.index
-    if index not in _KERNEL_IMAGE_ERRORS:
+    if index not in KERNEL_IMAGE_ERRORS:
         if torch.compiler.is_compiling():
             return None
-        _KERNEL_IMAGE_ERRORS[index] = _EXTENSION.kernel_image_error(index)
-    error = _KERNEL_IMAGE_ERRORS[index]
+        KERNEL_IMAGE_ERRORS[index] = extension_ops.kernel_image_error(index)
+    error = KERNEL_IMAGE_ERRORS[index]
     if not error:
         return None
     major, minor = torch.cuda.get_device_capability(index)
@@ -110,7 +94,6 @@ def _kernel_image_reason(device: torch.device) -> str | None:
 def build_info() -> dict:
     """What this install has: the compiled extension and its kernels, versions, and the
     backends that can run on each device of this machine."""
-    built_for = () if _EXTENSION is None else _EXTENSION.BUILT_FOR
     try:
         import triton
 
@@ -119,7 +102,7 @@ def build_info() -> dict:
         triton_version = None
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     return {
-        "extension_built_for": built_for,
+        "extension_built_for": environment.EXTENSION_BUILT_FOR,
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "triton": triton_version,
@@ -151,41 +134,17 @@ def resolve(name: str, device: torch.device) -> str:
     return name
 
 
-def implementation(name: str) -> Callable[[Problem], tuple[torch.Tensor, torch.Tensor]]:
-    """The function computing (loss, reg) for a validated problem with backend `name`."""
+def implementation(name: str) -> Callable[[Problem, Settings], tuple[torch.Tensor, torch.Tensor]]:
+    """The function computing (loss, reg) of a validated problem under the given settings
+    with backend `name`."""
     if name == "reference":
         from .reference import nce_loss_reference
 
-        return lambda p: nce_loss_reference(p.src, p.trg, p.pos_idx, p.tclip, p.reg_weight, p.scale, p.reduction)
+        return lambda p, s: nce_loss_reference(p.src, p.trg, p.pos_idx, p.tclip, p.reg_weight, p.scale, p.reduction)
     if name == "triton":
-        from .triton_nce.function import nce_loss_triton
+        from .triton_nce.backend import nce_loss_triton
 
         return nce_loss_triton
-    if name in ("cuda", "cpp") and _EXTENSION is not None:
-        return _EXTENSION.nce_loss_compiled
+    if name in ("cuda", "cpp") and extension_ops is not None:
+        return extension_ops.nce_loss_extension
     raise RuntimeError(f"backend {name!r} has no implementation in this build")
-
-
-CUDA_SCORES_ENV = "AMDIM_KERNELS_CUDA_SCORES"
-CUDA_SCORES = ("auto", "cublas", "mma")
-
-
-@contextlib.contextmanager
-def cuda_scores(strategy: str) -> Iterator[None]:
-    """Pin how backend="cuda" makes the scores of float16/bfloat16 inputs while the block runs
-    (forward and backward calls alike): "cublas" (cuBLAS score chunks and fused epilogue
-    kernels), "mma" (the fused WMMA kernels, scores in shared memory only) or "auto" (the
-    default: mma on sm_80+ when N*M*L*D <= 2^35, AMDIM's per-GPU problems, where it measured
-    faster on an H100; cublas above). The C++ op reads the environment variable
-    AMDIM_KERNELS_CUDA_SCORES, which this sets."""
-    if strategy not in CUDA_SCORES:
-        raise ValueError(f"strategy must be one of {CUDA_SCORES}, got {strategy!r}")
-    before = os.environ.get(CUDA_SCORES_ENV)
-    os.environ[CUDA_SCORES_ENV] = strategy
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ[CUDA_SCORES_ENV]
-        else:
-            os.environ[CUDA_SCORES_ENV] = before
