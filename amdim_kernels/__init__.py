@@ -4,8 +4,8 @@ from .module import NCELoss
 from .multiscale import Losses, multiscale_nce
 from .reference import nce_loss_reference
 from .registry import available_backends, build_info
-from .settings import Settings, current_settings, settings
+from .backend_settings import Settings, TileConfig, current_settings, settings
 
 __all__ = ["nce_loss", "NCELoss", "multiscale_nce", "Losses", "available_backends", "build_info",
-           "nce_loss_reference", "Settings", "settings", "current_settings", "__version__"]
+           "nce_loss_reference", "Settings", "TileConfig", "settings", "current_settings", "__version__"]
 __version__ = "0.1.0"

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from . import registry
-from .settings import current_settings
+from .backend_settings import current_settings
 from .validation import validate
 
 

@@ -16,7 +16,7 @@ import torch
 
 from . import op_contract
 from .environment import EXTENSION, EXTENSION_BUILT_FOR
-from .settings import Settings
+from .backend_settings import Settings
 from .validation import Problem
 
 _ops = torch.ops.amdim_kernels

@@ -11,7 +11,7 @@ which torch.compile sees):
         tclip, scale, *extra, need_src, need_trg)
         -> dsrc (N, D) or (0, D), dtrg (M, L, D) or (0, L, D)
 
-`extra` are the backend's settings for the call (settings.py), which the backward takes as
+`extra` are the backend's settings for the call (backend_settings.py), which the backward takes as
 the forward did: the CUDA score path for the C++ ops, the score strategy, operand loads,
 chunks and tiles for Triton's. `loss` (the per-positive losses), `mean` (their mean)
 and `reg` (reg_weight times the mean of a^2 over all N*M*L scores) are differentiable: the

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 
 from . import environment
-from .settings import Settings
+from .backend_settings import Settings
 from .validation import Problem
 
 BACKENDS = ("reference", "triton", "cuda", "cpp")

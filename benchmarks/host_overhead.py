@@ -30,7 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from triton.testing import do_bench
 
 from amdim_kernels import Settings, available_backends, environment, nce_loss, settings
-from amdim_kernels.settings import TRITON_LOADS
+from amdim_kernels.backend_settings import TRITON_LOADS
 from amdim_kernels.triton_nce import config, forward, grad_rows, grad_tiles
 
 from . import problems

@@ -25,7 +25,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from amdim_kernels.settings import TRITON_LOADS
+from amdim_kernels.backend_settings import TRITON_LOADS
 from amdim_kernels.triton_nce import config, forward, grad_rows, grad_tiles, operands
 
 from . import problems

@@ -15,7 +15,7 @@ from triton.testing import do_bench
 
 from amdim_kernels import nce_loss
 from amdim_kernels import settings
-from amdim_kernels.settings import TRITON_SCORES
+from amdim_kernels.backend_settings import TRITON_SCORES
 from amdim_kernels.triton_nce.config import TileConfig
 
 from . import problems

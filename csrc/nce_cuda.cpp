@@ -33,8 +33,9 @@ void check_cuda(cudaError_t err, const char* what) {
 
 int64_t sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
 
-// Images per chunk (nce_shared.h's rule, which the Triton backend applies too), with about 4
-// row-sweeps of columns per SM so that small problems still fill the GPU.
+// Images per chunk (nce_shared.h's rule, which the Triton backend applies too), with at least
+// 4 * SMs / N column blocks, about 4 blocks per SM over the N rows, so that small problems
+// still fill the GPU.
 int64_t chunk_images(int64_t N, int64_t M, int64_t L, int64_t bytes_per_column, int64_t cols_per_tile) {
   const int64_t fill_cols = std::max<int64_t>(1, 4 * sm_count() / std::max<int64_t>(N, 1)) * kCudaColsPerBlock;
   return amdim_kernels::images_per_chunk(M, L, bytes_per_column, fill_cols, cols_per_tile);

@@ -114,7 +114,7 @@ def test_host_glue_per_chunk(capsys):
     """host_overhead --glue times the Triton backward's Python per chunk with the launches
     stubbed, for both operand loads; the real kernels stay in place afterwards."""
     pytest.importorskip("triton")
-    from amdim_kernels.settings import TRITON_LOADS
+    from amdim_kernels.backend_settings import TRITON_LOADS
     from amdim_kernels.triton_nce import grad_tiles
 
     kernel = grad_tiles.nce_grad_tile_kernel

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import amdim_kernels
-from amdim_kernels import Settings, current_settings, nce_loss, settings
-from amdim_kernels.settings import CUDA_SCORES_ENV
+from amdim_kernels import Settings, TileConfig, current_settings, nce_loss, settings
+from amdim_kernels.backend_settings import CUDA_SCORES_ENV
 from truth import make_case
 
 
@@ -28,6 +28,7 @@ def test_defaults_are_the_measured_choices():
     ("triton_chunks", 2.0, "triton_chunks must be a positive int, got 2.0"),
     ("triton_chunks", True, "triton_chunks must be a positive int, got True"),
     ("triton_tiles", {"bwd": None}, r"triton_tiles takes the kernels \('fwd', 'grad'\), got \['bwd'\]"),
+    ("triton_tiles", {"fwd": (1, 2, 3, 4, 5)}, r"triton_tiles\['fwd'\] must be a TileConfig, got \(1, 2, 3, 4, 5\)"),
     ("cuda_scores", "wgmma", r"cuda_scores must be one of \('auto', 'cublas', 'mma'\), got 'wgmma'"),
 ])
 def test_bad_values_are_refused_in_one_line(field, value, message):
@@ -51,11 +52,12 @@ def test_pinned_for_the_block_and_restored_nested_and_on_error():
     base = current_settings()
     with settings(triton_scores="gemm") as outer:
         assert current_settings() is outer and outer.triton_scores == "gemm"
-        with settings(triton_chunks=3, triton_tiles={"fwd": "a"}):
+        a, b = TileConfig(32, 64, 32, 4, 1), TileConfig(16, 32, 16, 4, 1, masked_block_j=16)
+        with settings(triton_chunks=3, triton_tiles={"fwd": a}):
             inner = current_settings()
-            assert (inner.triton_scores, inner.triton_chunks, dict(inner.triton_tiles)) == ("gemm", 3, {"fwd": "a"})
-            with settings(triton_tiles={"grad": "b"}):  # tiles add up rather than replace
-                assert dict(current_settings().triton_tiles) == {"fwd": "a", "grad": "b"}
+            assert (inner.triton_scores, inner.triton_chunks, dict(inner.triton_tiles)) == ("gemm", 3, {"fwd": a})
+            with settings(triton_tiles={"grad": b}):  # tiles add up rather than replace
+                assert dict(current_settings().triton_tiles) == {"fwd": a, "grad": b}
         assert current_settings() is outer
         with pytest.raises(RuntimeError):
             with settings(cuda_scores="cublas"):

@@ -18,7 +18,7 @@ import torch
 
 from .. import op_contract
 from ..autocast_off import autocast_off
-from ..settings import Settings
+from ..backend_settings import Settings
 from ..validation import Problem
 from . import backward as backward_stage
 from .config import CallOptions

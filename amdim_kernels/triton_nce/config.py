@@ -15,7 +15,6 @@ alignment rules (operands.tma_ready); else "pointers", per-thread addresses and 
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import environment
-from ..settings import Settings
+from ..backend_settings import Settings, TileConfig
 from ..shared_constants import CHUNK_PARTS, GRID_Y_MAX, MAX_SHIFT_TCLIP, MIN_CHUNK_BYTES, cdiv, images_per_chunk
 
 # Locations a step of the forward's copy of the positives (forward._store_positives): the
@@ -34,42 +33,6 @@ __all__ = ["CHUNK_PARTS", "GRID_Y_MAX", "MAX_SHIFT_TCLIP", "MIN_CHUNK_BYTES", "S
            "CallOptions", "tile_config", "default_score_strategy", "cdiv", "next_power_of_2", "num_sms",
            "tf32_allowed", "dot_precision", "operand_loads", "clip_args", "tile_clip_args", "register_cap",
            "chunk_floor_bytes", "chunk_columns", "column_bytes", "chunk_ranges", "split_columns", "location_block"]
-
-
-@dataclass(frozen=True)
-class TileConfig:
-    block_n: int
-    block_j: int
-    block_k: int
-    num_warps: int
-    num_stages: int
-    # ptxas register cap of the forward's unmasked launch, or of the G kernel (None: ptxas
-    # decides); 128 with 256 threads lets two programs share an SM
-    plain_max_registers: int | None = None
-    # the forward's masked launch scores its tiles this many columns at a time (a divisor of
-    # block_j; None: block_j): narrower tiles leave the registers that copying the positives
-    # out of them takes (forward._store_positives)
-    masked_block_j: int | None = None
-
-    def __post_init__(self):
-        if self.masked_block_j is not None and self.block_j % self.masked_block_j:
-            raise ValueError(f"masked_block_j must divide block_j = {self.block_j}, got {self.masked_block_j}")
-
-    @property
-    def masked(self) -> TileConfig:
-        """The tiles of the forward's masked launch."""
-        return dataclasses.replace(self, block_j=self.masked_block_j or self.block_j)
-
-    def as_list(self) -> list[int]:
-        """The config as an op argument: seven ints, 0 for a field that is None."""
-        return [self.block_n, self.block_j, self.block_k, self.num_warps, self.num_stages,
-                self.plain_max_registers or 0, self.masked_block_j or 0]
-
-    @staticmethod
-    def from_list(values: Sequence[int]) -> TileConfig:
-        """The inverse of as_list."""
-        *head, cap, masked = values
-        return TileConfig(*head, plain_max_registers=cap or None, masked_block_j=masked or None)
 
 
 def tile_config(dtype: torch.dtype, d: int, pinned: TileConfig | None = None) -> TileConfig:

@@ -16,7 +16,7 @@ import contextlib
 import contextvars
 import dataclasses
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -31,6 +31,45 @@ CUDA_SCORES_ENV = "AMDIM_KERNELS_CUDA_SCORES"
 
 
 @dataclass(frozen=True)
+class TileConfig:
+    """Tiles of a Triton kernel: (BLOCK_N rows, BLOCK_J columns, BLOCK_K features) a program,
+    its warps and software-pipeline stages, for Settings.triton_tiles."""
+
+    block_n: int
+    block_j: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    # ptxas register cap of the forward's unmasked launch, or of the G kernel (None: ptxas
+    # decides); 128 with 256 threads lets two programs share an SM
+    plain_max_registers: int | None = None
+    # the forward's masked launch scores its tiles this many columns at a time (a divisor of
+    # block_j; None: block_j): narrower tiles leave the registers that copying the positives
+    # out of them takes (forward._store_positives)
+    masked_block_j: int | None = None
+
+    def __post_init__(self):
+        if self.masked_block_j is not None and self.block_j % self.masked_block_j:
+            raise ValueError(f"masked_block_j must divide block_j = {self.block_j}, got {self.masked_block_j}")
+
+    @property
+    def masked(self) -> TileConfig:
+        """The tiles of the forward's masked launch."""
+        return dataclasses.replace(self, block_j=self.masked_block_j or self.block_j)
+
+    def as_list(self) -> list[int]:
+        """The config as an op argument: seven ints, 0 for a field that is None."""
+        return [self.block_n, self.block_j, self.block_k, self.num_warps, self.num_stages,
+                self.plain_max_registers or 0, self.masked_block_j or 0]
+
+    @staticmethod
+    def from_list(values: Sequence[int]) -> TileConfig:
+        """The inverse of as_list."""
+        *head, cap, masked = values
+        return TileConfig(*head, plain_max_registers=cap or None, masked_block_j=masked or None)
+
+
+@dataclass(frozen=True)
 class Settings:
     """The fused backends' choices; every field's default is the measured fastest.
 
@@ -41,8 +80,8 @@ class Settings:
         sm_90 and newer), "pointers", or None: "tma" where the GPU and the operands allow it.
     triton_chunks: the Triton backward (and "gemm" forward) works on about 1/triton_chunks
         of the columns at a time, or on fewer, larger chunks where those would be small.
-    triton_tiles: tile configurations by kernel, "fwd" and/or "grad"
-        (``amdim_kernels.triton_nce.config.TileConfig``); absent: the defaults.
+    triton_tiles: tile configurations (TileConfig) by kernel, "fwd" and/or "grad"; absent:
+        the defaults.
     cuda_scores: how backend="cuda" makes the scores of float16/bfloat16 inputs: "cublas"
         (cuBLAS score chunks, fused epilogue kernels), "mma" (fused WMMA kernels, score
         tiles in shared memory only, compute capability 8.0+), or "auto": "mma" on 8.0+ up
@@ -65,6 +104,9 @@ class Settings:
         unknown = set(self.triton_tiles) - set(TRITON_TILE_KERNELS)
         if unknown:
             raise ValueError(f"triton_tiles takes the kernels {TRITON_TILE_KERNELS}, got {sorted(unknown)}")
+        for kernel, tiles in self.triton_tiles.items():
+            if not isinstance(tiles, TileConfig):
+                raise ValueError(f"triton_tiles[{kernel!r}] must be a TileConfig, got {tiles!r}")
         if self.cuda_scores not in CUDA_SCORES:
             raise ValueError(f"cuda_scores must be one of {CUDA_SCORES}, got {self.cuda_scores!r}")
         object.__setattr__(self, "triton_tiles", MappingProxyType(dict(self.triton_tiles)))
