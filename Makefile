@@ -17,7 +17,7 @@ export MAX_JOBS ?= 2
 
 RUN ?= runs/demo
 
-$(STAMP): setup.py pyproject.toml requirements-dev.txt requirements-peers.txt $(wildcard csrc/*)
+$(STAMP): setup.py pyproject.toml requirements-dev.txt requirements-peers.txt $(wildcard amdim_kernels/csrc/*) amdim_kernels/extension_build.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install torch==2.14.1 torchvision==0.29.1

@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from . import op_contract
-from .environment import EXTENSION, EXTENSION_BUILT_FOR
+from . import extension_loader, op_contract
 from .backend_settings import Settings
 from .validation import Problem
 
@@ -25,9 +24,10 @@ _ops = torch.ops.amdim_kernels
 def kernel_image_error(device_index: int) -> str:
     """Why CUDA device `device_index` cannot load the extension's CUDA kernels ("" when it
     can): built for other architectures (TORCH_CUDA_ARCH_LIST) with no PTX it could compile."""
-    if "cuda" not in EXTENSION_BUILT_FOR:
+    state = extension_loader.STATE
+    if state is None or "cuda" not in state.built_for:
         return "the extension has no CUDA kernels"
-    return EXTENSION.kernel_image_error(device_index)
+    return state.module.kernel_image_error(device_index)
 
 
 op_contract.register("amdim_kernels::nce_fwd", "amdim_kernels::nce_bwd", _ops.nce_bwd)

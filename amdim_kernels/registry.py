@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from . import environment
+from . import environment, extension_loader
 from .backend_settings import Settings
 from .validation import Problem
 
@@ -17,17 +17,27 @@ BACKENDS = ("reference", "triton", "cuda", "cpp")
 AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpp", "reference")}
 
 
-# Loading the extension's backend registers the fake and autograd implementations of its ops,
-# here at import rather than inside a call that torch.compile may be tracing.
-if environment.EXTENSION is not None:
-    from . import extension_ops
-else:
-    extension_ops = None
+@torch.compiler.disable
+def _load_extension() -> extension_loader.ExtensionState:
+    """The extension, found (or compiled) when a backend lookup first needs it, and its ops'
+    fake and autograd implementations registered. Run eagerly under torch.compile: the first
+    lookup may compile C++ and import modules."""
+    state = extension_loader.load()
+    if state.module is not None:
+        from . import extension_ops  # noqa: F401 (registers the ops' implementations)
+    return state
+
+
+def extension_state() -> extension_loader.ExtensionState:
+    """The compiled extension this process uses, or why there is none (loaded once)."""
+    state = extension_loader.STATE
+    return state if state is not None else _load_extension()
 
 
 def _extension_reason() -> str | None:
-    if environment.EXTENSION is None:
-        return "the compiled extension amdim_kernels._C is not built in this install"
+    state = extension_state()
+    if state.module is None:
+        return f"the compiled extension amdim_kernels._C is not available: {state.reason}"
     return None
 
 
@@ -62,14 +72,23 @@ def unavailable_reason(name: str, device: torch.device) -> str | None:
 
 
 def _extension_lacks(kind: str) -> str | None:
-    if kind in environment.EXTENSION_BUILT_FOR:
+    state = extension_state()
+    if kind in state.built_for:
         return None
-    return f"the compiled extension was built without {kind} kernels"
+    why = f" ({state.reason})" if state.reason else ""
+    return f"the compiled extension was built without {kind} kernels{why}"
 
 
 # Per CUDA device index: why it cannot load the extension's CUDA kernels ("" when it can),
 # asked once per device (extension_ops.kernel_image_error).
 KERNEL_IMAGE_ERRORS: dict[int, str] = {}
+
+
+def kernel_image_error(index: int) -> str:
+    """Why CUDA device `index` cannot load the extension's CUDA kernels ("" when it can)."""
+    from . import extension_ops
+
+    return extension_ops.kernel_image_error(index)
 
 
 def _kernel_image_reason(device: torch.device) -> str | None:
@@ -81,7 +100,7 @@ def _kernel_image_reason(device: torch.device) -> str | None:
     if index not in KERNEL_IMAGE_ERRORS:
         if torch.compiler.is_compiling():
             return None
-        KERNEL_IMAGE_ERRORS[index] = extension_ops.kernel_image_error(index)
+        KERNEL_IMAGE_ERRORS[index] = kernel_image_error(index)
     error = KERNEL_IMAGE_ERRORS[index]
     if not error:
         return None
@@ -101,8 +120,10 @@ def build_info() -> dict:
     except ImportError:
         triton_version = None
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    extension = extension_state()
     return {
-        "extension_built_for": environment.EXTENSION_BUILT_FOR,
+        "extension_built_for": extension.built_for,
+        "extension": {"origin": extension.origin, "path": extension.path, "note": extension.reason},
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "triton": triton_version,
@@ -145,6 +166,8 @@ def implementation(name: str) -> Callable[[Problem, Settings], tuple[torch.Tenso
         from .triton_nce.backend import nce_loss_triton
 
         return nce_loss_triton
-    if name in ("cuda", "cpp") and extension_ops is not None:
+    if name in ("cuda", "cpp") and extension_state().module is not None:
+        from . import extension_ops
+
         return extension_ops.nce_loss_extension
     raise RuntimeError(f"backend {name!r} has no implementation in this build")

@@ -76,7 +76,7 @@ def test_tools_use_public_names():
         for path in (ROOT / folder).rglob("*.py"):
             for node in ast.walk(ast.parse(path.read_text())):
                 if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("amdim_kernels"):
-                    private += [f"{path.name}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
+                    private += [f"{path.name}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
                 if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__") \
                         and isinstance(node.value, ast.Name) and node.value.id in _PACKAGE_MODULES:
                     private.append(f"{path.name}: {node.value.id}.{node.attr}")

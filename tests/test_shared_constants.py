@@ -4,15 +4,17 @@ import random
 
 import pytest
 
-from amdim_kernels import environment, shared_constants
+from amdim_kernels import registry, shared_constants
 
-pytestmark = pytest.mark.skipif(environment.EXTENSION is None, reason="the compiled extension is not built")
+EXTENSION = registry.extension_state().module
+
+pytestmark = pytest.mark.skipif(EXTENSION is None, reason="the compiled extension is not built")
 
 NAMES = ("CHUNK_PARTS", "MIN_CHUNK_BYTES", "GRID_Y_MAX", "MAX_SHIFT_TCLIP", "SCALE_LOG2_TARGET", "SCALE_MAX_EXP")
 
 
 def test_the_extension_has_the_same_constants():
-    assert environment.EXTENSION.SHARED_CONSTANTS == {name: getattr(shared_constants, name) for name in NAMES}
+    assert EXTENSION.SHARED_CONSTANTS == {name: getattr(shared_constants, name) for name in NAMES}
 
 
 def test_the_chunking_rule_is_the_same_on_both_sides():
@@ -23,7 +25,7 @@ def test_the_chunking_rule_is_the_same_on_both_sides():
         cases.append((rng.randint(1, 5000), rng.randint(1, 300), rng.randint(0, 1 << 14), rng.randint(1, 1 << 16),
                       rng.choice([32, 64, 128, 256]), rng.choice([0, 1 << 10, 8 << 20]), rng.randint(1, 20)))
     for case in cases:
-        assert environment.EXTENSION.images_per_chunk(*case) == shared_constants.images_per_chunk(*case), case
+        assert EXTENSION.images_per_chunk(*case) == shared_constants.images_per_chunk(*case), case
 
 
 def test_the_settings_default_chunks_is_the_shared_one():

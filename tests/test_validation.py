@@ -123,7 +123,7 @@ def test_gpu_without_a_kernel_image_is_not_cuda(monkeypatch):
     mocks stand in for the GPU and the extension."""
     from types import SimpleNamespace
 
-    from amdim_kernels import environment, registry
+    from amdim_kernels import environment, extension_loader, registry
 
     asked = []
 
@@ -131,9 +131,9 @@ def test_gpu_without_a_kernel_image_is_not_cuda(monkeypatch):
         asked.append(index)
         return "no kernel image is available for execution on the device" if index == 1 else ""
 
-    monkeypatch.setattr(environment, "EXTENSION", SimpleNamespace())
-    monkeypatch.setattr(environment, "EXTENSION_BUILT_FOR", ("cpu", "cuda"))
-    monkeypatch.setattr(registry, "extension_ops", SimpleNamespace(kernel_image_error=kernel_image_error))
+    monkeypatch.setattr(extension_loader, "STATE",
+                        extension_loader.ExtensionState(SimpleNamespace(), ("cpu", "cuda"), "installed", None, None))
+    monkeypatch.setattr(registry, "kernel_image_error", kernel_image_error)
     monkeypatch.setattr(registry, "KERNEL_IMAGE_ERRORS", {})
     monkeypatch.setattr(environment, "TRITON_INSTALLED", True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

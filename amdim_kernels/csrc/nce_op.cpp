@@ -86,8 +86,19 @@ static PyMethodDef methods[] = {
 // A plain Python module (no pybind11): importing amdim_kernels._C loads the library above.
 // BUILT_FOR names the devices this build has kernels for; SHARED_CONSTANTS the values of
 // nce_shared.h; with CUDA kernels, kernel_image_error says whether a GPU can load them.
-extern "C" PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
+// The module's name is the one the build gives it (torch's build tools define
+// TORCH_EXTENSION_NAME: _C, or _C_v1... where a process compiles the sources a second time).
+#ifndef TORCH_EXTENSION_NAME
+#define TORCH_EXTENSION_NAME _C
+#endif
+#define AMDIM_STRINGIFY_(x) #x
+#define AMDIM_STRINGIFY(x) AMDIM_STRINGIFY_(x)
+#define AMDIM_CONCAT_(a, b) a##b
+#define AMDIM_CONCAT(a, b) AMDIM_CONCAT_(a, b)
+
+extern "C" PyMODINIT_FUNC AMDIM_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, AMDIM_STRINGIFY(TORCH_EXTENSION_NAME), nullptr, -1,
+                                          methods};
   PyObject* module = PyModule_Create(&module_def);
   if (module == nullptr) return nullptr;
 #ifdef AMDIM_WITH_CUDA
