@@ -1,0 +1,137 @@
+"""The CPU backend against the floor of a fused forward+backward: three matrix products of the
+problem's shapes (the scores, d src, d trg), timed side by side in one process with the eager
+reference, quiet and with a second PyTorch process computing on the same cores; and each
+one's workspace against eager's.
+
+    python -m benchmarks.cpu_floor                 # the three sizes of the CPU floor target
+    python -m benchmarks.cpu_floor --sizes 256,256,49,256 --rounds 15
+
+Times are medians over rounds in which every implementation runs once, in turn, so that the
+machine's drift falls on all of them alike. Everything is float32 with torch's default
+thread count. Ratios: each time over the three products'; contended over quiet; cpp over eager.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from amdim_kernels import available_backends, nce_loss
+
+from .measure import peak_extra_bytes
+from .run import versions
+
+SIZES = ((256, 256, 49, 256), (200, 200, 49, 1024), (512, 512, 49, 128))
+# A second PyTorch process that computes on every core until it is stopped.
+LOAD = "import torch\na = torch.randn(768, 768)\nwhile True:\n    a = (a @ a).clamp_(-1, 1)\n"
+
+
+def _size(text: str) -> tuple[int, int, int, int]:
+    parts = text.split(",")
+    if len(parts) != 4 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"expected N,M,L,D as four positive integers, got {text!r}")
+    return tuple(int(p) for p in parts)
+
+
+def implementations(n: int, m: int, l: int, d: int) -> dict:
+    """name -> a callable running one forward+backward (or the three products)."""
+    gen = torch.Generator().manual_seed(0)
+    src = (3 * torch.randn(n, d, generator=gen)).requires_grad_()
+    trg = torch.randn(m, l, d, generator=gen).requires_grad_()
+    scores_t = torch.randn(m * l, d, generator=gen)
+    g = torch.randn(n, m * l, generator=gen)
+    src_plain = src.detach()
+
+    def three_products():
+        torch.mm(src_plain, scores_t.t())  # the scores (N x M*L)
+        torch.mm(g, scores_t)  # d src (N x D)
+        torch.mm(g.t(), src_plain)  # d trg (M*L x D)
+
+    def loss(backend):
+        def run():
+            lo, reg = nce_loss(src, trg, backend=backend)
+            torch.autograd.grad(lo + reg, (src, trg))
+        return run
+
+    impls = {"3 products": three_products, "eager": loss("reference")}
+    if "cpp" in available_backends("cpu"):
+        impls["cpp"] = loss("cpp")
+    return impls
+
+
+def interleaved_medians(impls: dict, rounds: int) -> dict:
+    for fn in impls.values():  # warm-up
+        fn()
+    times = {name: [] for name in impls}
+    for _ in range(rounds):
+        for name, fn in impls.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(1e3 * (time.perf_counter() - t0))
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", type=_size, nargs="+", default=list(SIZES), help="N,M,L,D problems")
+    ap.add_argument("--rounds", type=int, default=11, help="rounds per measurement (each impl once a round)")
+    ap.add_argument("--no-contention", action="store_true", help="skip the run beside a second process")
+    args = ap.parse_args(argv)
+    if args.rounds < 1:
+        ap.error(f"--rounds must be at least 1, got {args.rounds}")
+    device, torch_version, _ = versions("cpu")
+    print(f"CPU floor, float32, {torch.get_num_threads()} threads, {device}, torch {torch_version}")
+    rows = []
+    for n, m, l, d in args.sizes:
+        impls = implementations(n, m, l, d)
+        quiet = interleaved_medians(impls, args.rounds)
+        memory = {name: peak_extra_bytes(fn, "cpu") for name, fn in impls.items() if name != "3 products"}
+        contended = None
+        if not args.no_contention:
+            load = subprocess.Popen([sys.executable, "-c", LOAD])
+            try:
+                time.sleep(2.0)  # the load's torch import and first products
+                contended = interleaved_medians(impls, args.rounds)
+            finally:
+                load.kill()
+                load.wait()
+        rows.append(((n, m, l, d), quiet, contended, memory))
+
+    floor = "3 products"
+    print("\n| N, M, L, D | 3 products ms | eager ms (x floor) | cpp ms (x floor) | cpp / eager |")
+    print("|---|---|---|---|---|")
+    for size, quiet, _, _ in rows:
+        cpp = quiet.get("cpp")
+        print(f"| {', '.join(map(str, size))} | {quiet[floor]:.1f} | {quiet['eager']:.1f} "
+              f"({quiet['eager'] / quiet[floor]:.2f}x) | "
+              + (f"{cpp:.1f} ({cpp / quiet[floor]:.2f}x) | {cpp / quiet['eager']:.2f} |" if cpp else "- | - |"))
+    if not args.no_contention:
+        print("\nWith a second PyTorch process computing on the same cores:")
+        print("| N, M, L, D | eager ms (slowdown) | cpp ms (slowdown) | cpp / eager | cpp slowdown / eager's |")
+        print("|---|---|---|---|---|")
+        for size, quiet, busy, _ in rows:
+            se = busy["eager"] / quiet["eager"]
+            line = f"| {', '.join(map(str, size))} | {busy['eager']:.1f} ({se:.2f}x) | "
+            if "cpp" in busy:
+                sc = busy["cpp"] / quiet["cpp"]
+                line += f"{busy['cpp']:.1f} ({sc:.2f}x) | {busy['cpp'] / busy['eager']:.2f} | {sc / se:.2f} |"
+            else:
+                line += "- | - | - |"
+            print(line)
+    print("\n| N, M, L, D | eager workspace MiB | cpp workspace MiB | cpp / eager |")
+    print("|---|---|---|---|")
+    for size, _, _, memory in rows:
+        n, m, l, d = size
+        grads = 4 * (n * d + m * l * d)  # the gradients the call returns are not workspace
+        eager = (memory["eager"] - grads) / 2**20
+        cpp = (memory["cpp"] - grads) / 2**20 if "cpp" in memory else None
+        print(f"| {', '.join(map(str, size))} | {eager:.1f} | " + (f"{cpp:.1f} | {cpp / eager:.1%} |" if cpp is not None
+                                                                  else "- | - |"))
+
+
+if __name__ == "__main__":
+    main()
