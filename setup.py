@@ -45,17 +45,20 @@ def _extension():
         return [], {}
 
     with_cuda, why = build.cuda_choice(torch)
-    kwargs = dict(include_dirs=build.include_dirs(with_cuda), define_macros=build.defines(with_cuda))
+    openmp = build.openmp_flags()
+    cxx = list(build.CXX_FLAGS) + openmp
+    kwargs = dict(include_dirs=build.include_dirs(with_cuda), define_macros=build.defines(with_cuda),
+                  extra_link_args=openmp)
     sources = [os.path.relpath(p) for p in build.sources(with_cuda)]
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", build.DEFAULT_ARCHS)  # torch needs a list without a GPU
         ext = CUDAExtension("amdim_kernels._C", sources,
-                            extra_compile_args={"cxx": list(build.CXX_FLAGS), "nvcc": list(build.NVCC_FLAGS)},
+                            extra_compile_args={"cxx": cxx, "nvcc": list(build.NVCC_FLAGS)},
                             **kwargs)
         _say(f"building amdim_kernels._C with CPU and CUDA kernels ({why}; "
              f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']})")
     else:
-        ext = CppExtension("amdim_kernels._C", sources, extra_compile_args={"cxx": list(build.CXX_FLAGS)}, **kwargs)
+        ext = CppExtension("amdim_kernels._C", sources, extra_compile_args={"cxx": cxx}, **kwargs)
         _say(f"building amdim_kernels._C with CPU kernels only ({why})")
 
     class BuildWithRecord(BuildExtension):

@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 import shutil
+import sys
 from pathlib import Path
 
 CSRC = Path(__file__).resolve().parent / "csrc"
@@ -23,6 +24,15 @@ CUDA_SOURCES = ("nce_cuda.cpp", "nce_cuda_kernels.cu", "nce_cuda_mma.cu")
 DEFAULT_ARCHS = "8.0;9.0+PTX"
 CXX_FLAGS = ("-O3",)
 NVCC_FLAGS = ("-O3", "-lineinfo")
+
+
+def openmp_flags() -> list[str]:
+    """-fopenmp where torch's CPU parallelism is OpenMP (its Linux builds): at::parallel_for is
+    a header template whose `omp parallel` is compiled into the extension, and runs on one
+    thread without the flag."""
+    import torch
+
+    return ["-fopenmp"] if "OpenMP" in torch.__config__.parallel_info() and sys.platform.startswith("linux") else []
 
 
 def flag(name: str) -> bool:

@@ -71,7 +71,8 @@ def build_folder(with_cuda: bool, archs: str | None) -> str:
     """The cache folder's name for a build of these kernels under this process's torch."""
     kernels = f"cuda{torch.version.cuda}-{archs}-{extension_build.nvcc_path()}" if with_cuda else "cpu"
     key = json.dumps([torch.__version__, torch.version.cuda, sys.version_info[:2], kernels,
-                      extension_build.sources_digest(), extension_build.CXX_FLAGS, extension_build.NVCC_FLAGS])
+                      extension_build.sources_digest(), extension_build.CXX_FLAGS, extension_build.NVCC_FLAGS,
+                      extension_build.openmp_flags()])
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     torch_tag = torch.__version__.replace("+", "-")
     return f"torch{torch_tag}-py{sys.version_info[0]}{sys.version_info[1]}-{'cuda' if with_cuda else 'cpu'}-{digest}"
@@ -111,8 +112,9 @@ def compile_sources(folder: Path, with_cuda: bool, archs: str | None) -> ModuleT
     cuda_flags = list(extension_build.NVCC_FLAGS) + extension_build.gencode_flags(archs) if with_cuda else None
     defines = [f"-D{name}" if value is None else f"-D{name}={value}"
                for name, value in extension_build.defines(with_cuda)]
+    openmp = extension_build.openmp_flags()
     return load(name="_C", sources=[str(p) for p in extension_build.sources(with_cuda)],
-                extra_cflags=list(extension_build.CXX_FLAGS) + defines,
+                extra_cflags=list(extension_build.CXX_FLAGS) + openmp + defines, extra_ldflags=openmp,
                 extra_cuda_cflags=(cuda_flags + defines) if with_cuda else None,
                 extra_include_paths=extension_build.include_dirs(with_cuda), build_directory=str(folder),
                 with_cuda=with_cuda, is_python_module=True, verbose=False)

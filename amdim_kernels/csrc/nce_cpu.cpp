@@ -1,19 +1,24 @@
 // CPU implementation of amdim_kernels::nce_fwd / nce_bwd: the streaming algorithm of the GPU
 // kernels, blocked for caches. One tile = every source row against a few whole target images
-// (about kTileElems scores). Per tile, BLAS computes the float32 scores and ATen's vectorised
-// ops (parallel over the cores through at::parallel_for) reduce or transform them while they
-// are cache-resident; nothing of size N x M*L is allocated.
+// (about kTileElems scores). Each call is one parallel region over independent tiles (the
+// forward) or groups of tiles (the backward): a thread computes its tile's float32 scores with
+// BLAS and reduces or transforms them with ATen's vectorised ops while they are cache-resident,
+// all on its own core (inside the region BLAS and ATen run single-threaded), and the per-tile
+// or per-group partials are merged afterwards in tile order. So no op of a tile waits at a
+// barrier for the other cores (on a shared machine a descheduled thread held every such
+// barrier), and the result does not depend on the thread count. Nothing of size N x M*L is
+// allocated.
 //
 // The sources are scaled once per call (src_s = scale * src), so that a tile's product is its
 // scores a themselves. Forward: per-row sum of a^2 and the negatives' sum of exp(s - shift)
-// (shift = tclip with clipping up to tclip = 40; else an online maximum), the positives
+// (shift = tclip with clipping up to tclip = 40; else the tile's maximum), the positives
 // copied out. Backward: per tile, g = scale * dL/da (scale folded into the rows' factors, as
 // the GPU kernels form G, so that no product is 1/scale larger than its result), then
-// d trg_tile = g^T @ src (the tile owns those rows) and d src += g @ trg_tile in float32,
-// tiles in order: three products like eager autograd, deterministic. Each step is one ATen
-// op over the tile where it can be (an op is a pass over the tile).
+// d trg_tile = g^T @ src (the tile owns those rows) and, per group, d src += g @ trg_tile in
+// float32; the groups' sums are added in group order. Deterministic.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -23,21 +28,62 @@
 #include "nce_math.h"
 #include "nce_op.h"
 
+// MKL's per-thread thread count (its C interface), where torch's CPU library carries MKL (x86
+// builds); a weak
+// symbol, so that the extension also loads where it does not (the guard below then does
+// nothing, and the BLAS's own threading is what it is).
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+
 namespace amdim_kernels {
 namespace {
 
 using at::Tensor;
 
-// Scores per tile: 1 MiB of float32. A tile's ops split it over the cores, so each core's
-// share stays in its L2 (2 MiB here); larger products also run BLAS closer to its peak. At N =
-// M = 256, L = 49, D = 256, float32 (2 cores, benchmarks.run --preset cpu) fwd+bwd took 31.7 ms
-// with 2^18 and 30.1 with 2^19 (noise about 5%); the backward holds three tiles.
+// A worker of the call's parallel region: the caller's thread-local state (autograd below the
+// op, autocast off) and BLAS on one thread while it lives.
+struct TileWorker {
+  at::ThreadLocalStateGuard state;
+  explicit TileWorker(const at::ThreadLocalState& caller) : state(caller) {}
+};
+
+// BLAS on one thread for the calling thread while it lives. torch switches MKL's dynamic
+// adjustment off, so inside a parallel region MKL would still split a product over the
+// process's thread count, and a small product's sum in another order for each count.
+struct SingleThreadedBlas {
+  int before = 0;
+  SingleThreadedBlas() {
+    if (MKL_Set_Num_Threads_Local) before = MKL_Set_Num_Threads_Local(1);
+  }
+  ~SingleThreadedBlas() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(before);
+  }
+  SingleThreadedBlas(const SingleThreadedBlas&) = delete;
+  SingleThreadedBlas& operator=(const SingleThreadedBlas&) = delete;
+};
+
+// Scores per tile: 1 MiB of float32, which a core holds in its L2 with the backward's two
+// tile-sized temporaries close by; larger products also run BLAS closer to its peak
+// (benchmarks.cpu_floor measures the choice).
 constexpr int64_t kTileElems = 1 << 18;
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
 // Whole images per tile (so that a column's image is known from its segment), about
-// kTileElems scores for N rows.
-int64_t images_per_tile(int64_t N, int64_t L) { return std::max<int64_t>(1, kTileElems / (N * L)); }
+// kTileElems scores for N rows, and at least two tiles where there are two images, so that
+// two cores share even a small problem.
+int64_t images_per_tile(int64_t N, int64_t M, int64_t L) {
+  const int64_t ipt = std::max<int64_t>(1, kTileElems / (N * L));
+  return M >= 2 ? std::min(ipt, (M + 1) / 2) : ipt;
+}
+
+// The backward's d src partial sums: one (N x D) float32 sum per group of consecutive tiles,
+// as many groups as tiles while they fit kGroupBytes (at least two), so that the groups keep
+// the cores busy; their number depends on the problem only, so that the sums' order does not
+// depend on the thread count.
+constexpr int64_t kGroupBytes = int64_t{4} << 20;
+int64_t group_count(int64_t tiles, int64_t N, int64_t D) {
+  const int64_t fit = std::max<int64_t>(2, kGroupBytes / std::max<int64_t>(1, 4 * N * D));
+  return std::min(tiles, fit);
+}
 
 // trg[m0:m1] as a float32 (D x C) matrix, C = (m1 - m0) * L, column (j - m0) * L + l being
 // location l of image j. When trg's features are contiguous this is a transposed view (a
@@ -153,37 +199,61 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> nce_fwd_cpu(const Ten
   const Tensor idx = pos_idx.contiguous();
   const int64_t* p_idx = idx.data_ptr<int64_t>();
   float* pos_p = pos.data_ptr<float>();
-  const int64_t ipt = images_per_tile(N, L);
-  // Per-row state. Tiles are reduced in float32 (ATen's vectorised kernels, pairwise sums);
-  // their partials accumulate across tiles in float64: the shift (tclip where shift_by_tclip,
-  // nce_math.h; else a running maximum), the negatives' sum of exp(s - shift), and the sum of
-  // a^2.
+  const int64_t ipt = images_per_tile(N, M, L);
+  const int64_t tiles = (M + ipt - 1) / ipt;
+  // Per tile and row: the shift (tclip where shift_by_tclip, nce_math.h; else the tile's
+  // maximum), the negatives' sum of exp(s - shift), and the sum of a^2; tiles are reduced in
+  // float32 (ATen's vectorised kernels, pairwise sums), their partials merged in float64.
   const auto d64 = src.options().dtype(at::kDouble);
   const bool fixed_shift = shift_by_tclip(tclip);
-  Tensor shift = at::full({N, 1}, fixed_shift ? tclip : -kInf, f32);
   // With the fixed shift, exp(s) itself lies in [e^-40, e^40] (|s| < tclip <= 40): a tile sums
   // it in float32 with no overflow or underflow, and exp(-tclip) scales the sums in float64.
   const double unshift = fixed_shift ? std::exp(-static_cast<double>(tclip)) : 1.0;
-  Tensor sum = at::zeros({N, 1}, d64), sqsum = at::zeros({N}, d64);
-  for (int64_t m0 = 0; m0 < M; m0 += ipt) {
-    const int64_t m1 = std::min(M, m0 + ipt);
-    Tensor a = at::mm(src_s, target_cols(trg, m0, m1));  // the scores
-    sqsum.add_(row_squares(a));
-    if (tclip > 0.f) a.div_(tclip).tanh_().mul_(tclip);
-    // positives: store them, then set them to -inf so that exp() drops them from the sums
-    for_positive_segments(a.data_ptr<float>(), N, m0, m1, L, p_idx, [&](int64_t i, float* seg) {
-      std::copy(seg, seg + L, pos_p + i * L);
-      std::fill(seg, seg + L, -kInf);
-    });
-    if (!fixed_shift) {  // online log-sum-exp: rescale the running sums to the new maximum
-      const Tensor new_shift = at::maximum(shift, a.amax(1, true));
-      const Tensor safe = new_shift.masked_fill(new_shift == -kInf, 0.f);  // no exp(-inf - -inf)
-      sum.mul_((shift - safe).exp_()).add_(a.sub_(safe).exp_().sum(1, true));
-      shift = new_shift;
-    } else {
-      sum.add_(a.exp_().sum(1, true).to(at::kDouble).mul_(unshift));
+  Tensor tile_shift = at::empty({tiles, N}, f32), tile_sum = at::empty({tiles, N}, d64);
+  Tensor tile_sq = at::empty({tiles, N}, d64);
+  const at::ThreadLocalState caller;
+  at::parallel_for(0, tiles, 1, [&](int64_t t_begin, int64_t t_end) {
+    const TileWorker worker(caller);
+    const SingleThreadedBlas one_thread;
+    for (int64_t t = t_begin; t < t_end; ++t) {
+      const int64_t m0 = t * ipt, m1 = std::min(M, m0 + ipt);
+      Tensor a = at::mm(src_s, target_cols(trg, m0, m1));  // the scores
+      tile_sq[t].copy_(row_squares(a));
+      if (tclip > 0.f) a.div_(tclip).tanh_().mul_(tclip);
+      // positives: store them, then set them to -inf so that exp() drops them from the sums
+      for_positive_segments(a.data_ptr<float>(), N, m0, m1, L, p_idx, [&](int64_t i, float* seg) {
+        std::copy(seg, seg + L, pos_p + i * L);
+        std::fill(seg, seg + L, -kInf);
+      });
+      if (fixed_shift) {
+        tile_shift[t].fill_(tclip);
+        tile_sum[t].copy_(a.exp_().sum(1).to(at::kDouble).mul_(unshift));
+      } else {
+        const Tensor shift = a.amax(1, true);
+        tile_shift[t].copy_(shift.squeeze(1));
+        const Tensor safe = shift.masked_fill(shift == -kInf, 0.f);  // no exp(-inf - -inf)
+        tile_sum[t].copy_(a.sub_(safe).exp_().sum(1).to(at::kDouble));
+      }
+    }
+  });
+  // the rows' shift and sum over the tiles, in tile order
+  Tensor shift = fixed_shift ? at::full({N}, tclip, f32) : tile_shift.amax(0);
+  Tensor sum = at::zeros({N}, d64), sqsum = at::zeros({N}, d64);
+  {
+    const float *ts = tile_shift.data_ptr<float>(), *sh = shift.data_ptr<float>();
+    const double *tsum = tile_sum.data_ptr<double>(), *tsq = tile_sq.data_ptr<double>();
+    double *sum_p = sum.data_ptr<double>(), *sq_p = sqsum.data_ptr<double>();
+    for (int64_t t = 0; t < tiles; ++t) {
+      for (int64_t i = 0; i < N; ++i) {
+        const float tile_max = ts[t * N + i];
+        // a tile whose row holds only positives (-inf) adds nothing
+        if (tile_max != -kInf) sum_p[i] += tsum[t * N + i] * std::exp(static_cast<double>(tile_max) - sh[i]);
+        sq_p[i] += tsq[t * N + i];
+      }
     }
   }
+  shift = shift.masked_fill(shift == -kInf, 0.f).unsqueeze(1);
+  sum = sum.unsqueeze(1);
   // log(0) = -inf when the row has no negatives (M == 1): its loss is then 0
   neg_lse.copy_((shift + sum.log()).squeeze(1));
   sq.copy_(sqsum);
@@ -222,26 +292,46 @@ std::tuple<Tensor, Tensor> nce_bwd_cpu(const Tensor& src, const Tensor& trg, con
   const Tensor src_f = src.to(at::kFloat).contiguous();  // d trg's operand: a view for float32
   const Tensor idx = pos_idx.contiguous();
   const int64_t* p_idx = idx.data_ptr<int64_t>();
-  const int64_t ipt = images_per_tile(N, L);
+  const int64_t ipt = images_per_tile(N, M, L);
+  const int64_t tiles = (M + ipt - 1) / ipt;
+  const int64_t groups = need_src ? group_count(tiles, N, D) : tiles;
   Tensor dtrg = at::empty({need_trg ? M : 0, L, D}, trg.options());
-  Tensor dsrc_acc = at::zeros({need_src ? N : 0, D}, src_s.options());
-  for (int64_t m0 = 0; m0 < M; m0 += ipt) {
-    const int64_t m1 = std::min(M, m0 + ipt);
-    const Tensor cols = target_cols(trg, m0, m1);
-    Tensor g = at::mm(src_s, cols);  // the scores, overwritten with g = scale * dL/da
-    gradient_tile(g, m0, m1, L, p_idx, rows, tclip);
-    if (need_trg) {  // owned rows, g^T @ src, written in place when dtrg is float32, else
-                     // rounded once
-      Tensor rows_out = dtrg.narrow(0, m0, m1 - m0).view({-1, D});
-      if (dtrg.scalar_type() == at::kFloat) {
-        at::mm_out(rows_out, g.t(), src_f);
-      } else {
-        rows_out.copy_(at::mm(g.t(), src_f));
+  Tensor group_dsrc = at::empty({need_src ? groups : 0, N, D}, src_s.options());
+  const at::ThreadLocalState caller;
+  at::parallel_for(0, groups, 1, [&](int64_t g_begin, int64_t g_end) {
+    const TileWorker worker(caller);
+    const SingleThreadedBlas one_thread;
+    for (int64_t group = g_begin; group < g_end; ++group) {
+      // the group's tiles: consecutive, an even share of them
+      const int64_t t_begin = group * tiles / groups, t_end = (group + 1) * tiles / groups;
+      for (int64_t t = t_begin; t < t_end; ++t) {
+        const int64_t m0 = t * ipt, m1 = std::min(M, m0 + ipt);
+        const Tensor cols = target_cols(trg, m0, m1);
+        Tensor g = at::mm(src_s, cols);  // the scores, overwritten with g = scale * dL/da
+        gradient_tile(g, m0, m1, L, p_idx, rows, tclip);
+        if (need_trg) {  // owned rows, g^T @ src, written in place when dtrg is float32, else
+                         // rounded once
+          Tensor rows_out = dtrg.narrow(0, m0, m1 - m0).view({-1, D});
+          if (dtrg.scalar_type() == at::kFloat) {
+            at::mm_out(rows_out, g.t(), src_f);
+          } else {
+            rows_out.copy_(at::mm(g.t(), src_f));
+          }
+        }
+        if (need_src) {  // float32, tiles in order within the group
+          Tensor acc = group_dsrc[group];
+          if (t == t_begin) {
+            at::mm_out(acc, g, cols.t());
+          } else {
+            acc.addmm_(g, cols.t());
+          }
+        }
       }
     }
-    if (need_src) dsrc_acc.addmm_(g, cols.t());  // float32, tiles in order
-  }
-  Tensor dsrc = dsrc_acc.to(src.scalar_type());  // d src = sum_tiles g @ trg_tile
+  });
+  Tensor dsrc_acc = at::zeros({need_src ? N : 0, D}, src_s.options());
+  for (int64_t group = 0; group < (need_src ? groups : 0); ++group) dsrc_acc.add_(group_dsrc[group]);  // in order
+  Tensor dsrc = dsrc_acc.to(src.scalar_type());  // d src = sum over the groups of g @ trg_tile
   return {dsrc, dtrg};
 }
 
