@@ -1,4 +1,4 @@
-"""AMDIM training throughput with each nce_loss backend: issue 6's end-to-end figure.
+"""AMDIM training throughput with each nce_loss backend: the end-to-end figure of the loss.
 
     python -m benchmarks.train_throughput                  # the trainer's default model for this device
     python -m benchmarks.train_throughput --preset official --amp --backends reference triton cuda cuda:mma
