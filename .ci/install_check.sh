@@ -17,18 +17,19 @@ echo "install check: sdist and wheel built in $(( $(stamp) - t0 )) s: $(cd "$wor
 
 t0=$(stamp)
 python3 -m venv "$work/venv"
-"$work/venv/bin/pip" install -q torch==2.14.1 2>&1 | grep -v "^WARNING: Location" || true
+"$work/venv/bin/pip" install -q torch==2.14.1 > "$work/pip.log" 2>&1 || { cat "$work/pip.log"; exit 1; }
 echo "install check: fresh venv with torch in $(( $(stamp) - t0 )) s"
 
 export AMDIM_KERNELS_SKIP_CUDA_BUILD=1  # no GPU here: the CPU kernels are what the check can run
 for dist in "$work"/dist/*.whl "$work"/dist/*.tar.gz; do
   name=$(basename "$dist")
   t0=$(stamp)
-  "$work/venv/bin/pip" install -q "$dist" 2>&1 | grep -v "^WARNING: Location" || true
+  "$work/venv/bin/pip" install -q "$dist" > "$work/pip.log" 2>&1 || { cat "$work/pip.log"; exit 1; }
   echo "install check: pip install $name in $(( $(stamp) - t0 )) s"
   t0=$(stamp)
-  # outside the checkout, so that the installed package is the one imported
-  (cd "$work" && AMDIM_KERNELS_CACHE="$work/cache-$name" "$work/venv/bin/python" -m amdim_kernels) \
+  # outside the checkout, so that the installed package is the one imported; the venv not
+  # activated and no other ninja on PATH, as a kernel or a cron job runs it
+  (cd "$work" && PATH=/usr/bin:/bin AMDIM_KERNELS_CACHE="$work/cache-$name" "$work/venv/bin/python" -m amdim_kernels) \
     2>&1 | tee "$work/check.log"
   echo "install check: python -m amdim_kernels (first use: compile and self-check) in $(( $(stamp) - t0 )) s"
   grep -q "^  cpu  cpp       pass$" "$work/check.log" || { echo "install check: cpp did not pass after $name"; exit 1; }

@@ -23,12 +23,16 @@ off.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
 import os
+import platform
+import shlex
 import shutil
 import sys
+import sysconfig
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,38 +74,75 @@ def cache_root() -> Path:
 def build_folder(with_cuda: bool, archs: str | None) -> str:
     """The cache folder's name for a build of these kernels under this process's torch."""
     kernels = f"cuda{torch.version.cuda}-{archs}-{extension_build.nvcc_path()}" if with_cuda else "cpu"
-    key = json.dumps([torch.__version__, torch.version.cuda, sys.version_info[:2], kernels,
-                      extension_build.sources_digest(), extension_build.CXX_FLAGS, extension_build.NVCC_FLAGS,
-                      extension_build.openmp_flags()])
+    # the interpreter's ABI (EXT_SUFFIX tells 3.13 from free-threaded 3.13t), the machine, the
+    # compiler asked for, the sources and flags: any of them changed is another build
+    key = json.dumps([torch.__version__, torch.version.cuda, sysconfig.get_config_var("EXT_SUFFIX"),
+                      platform.machine(), os.environ.get("CXX", ""), kernels, extension_build.sources_digest(),
+                      extension_build.CXX_FLAGS, extension_build.NVCC_FLAGS, extension_build.openmp_flags()])
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     torch_tag = torch.__version__.replace("+", "-")
     return f"torch{torch_tag}-py{sys.version_info[0]}{sys.version_info[1]}-{'cuda' if with_cuda else 'cpu'}-{digest}"
 
 
 def installed_extension() -> tuple[ModuleType | None, str | None, str | None]:
-    """(module, path, reason): the extension installed with the package, if it is there and
-    was built against this torch."""
+    """(module, path, reason): the extension installed with the package, if it is there, was
+    built against this torch and from the sources installed beside it (an editable install's
+    sources may have changed since its build), and loads."""
     spec = importlib.util.find_spec("amdim_kernels._C")
     if spec is None or spec.origin is None:
         return None, None, "no compiled extension was installed with the package"
     record = Path(spec.origin).with_name("_C.json")
-    if record.exists():
-        built = json.loads(record.read_text()).get("torch")
-        if built != torch.__version__:
-            return None, spec.origin, (f"the installed extension was built for torch {built}, this is torch "
-                                       f"{torch.__version__}")
-    from . import _C
-
+    try:
+        built = json.loads(record.read_text()) if record.exists() else {}
+    except (OSError, ValueError) as e:
+        return None, spec.origin, f"the installed extension's record {record} is unreadable ({e})"
+    if built.get("torch", torch.__version__) != torch.__version__:
+        return None, spec.origin, (f"the installed extension was built for torch {built['torch']}, this is torch "
+                                   f"{torch.__version__}")
+    if built.get("sources") and extension_build.CSRC.is_dir() and built["sources"] != extension_build.sources_digest():
+        return None, spec.origin, "the installed extension was built from other sources than those installed"
+    try:
+        from . import _C
+    except (ImportError, OSError) as e:
+        return None, spec.origin, f"the installed extension does not load ({str(e).strip().splitlines()[0]})"
     return _C, spec.origin, None
+
+
+@contextlib.contextmanager
+def _tools_on_path():
+    """This interpreter's scripts folder first on PATH while the block runs: pip installs ninja
+    there, and torch's build looks for it on PATH, which lacks that folder when a venv's python
+    runs without the venv activated (a Jupyter kernel, cron, an IDE)."""
+    scripts = sysconfig.get_path("scripts")
+    before = os.environ.get("PATH", "")
+    os.environ["PATH"] = scripts + os.pathsep + before if scripts else before
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = before
+
+
+def first_use_archs() -> str:
+    """The arch list of a build on first use: TORCH_CUDA_ARCH_LIST where set, else this
+    machine's GPUs (the newest with PTX), else the default list."""
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return os.environ["TORCH_CUDA_ARCH_LIST"]
+    if torch.cuda.is_available():
+        caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+        return ";".join(f"{major}.{minor}" for major, minor in caps) + "+PTX"
+    return extension_build.DEFAULT_ARCHS
 
 
 def compiler_missing(with_cuda: bool) -> str | None:
     """Why the extension cannot be compiled here, or None."""
-    cxx = os.environ.get("CXX", "c++")
-    if shutil.which(cxx) is None:
-        return f"no C++ compiler found ({cxx!r} is not on PATH; install g++ or set CXX)"
-    if not extension_build.cpp_extension().is_ninja_available():
-        return "ninja is not installed (pip install ninja)"
+    cxx = os.environ.get("CXX") or ("cl" if sys.platform == "win32" else "c++")
+    words = shlex.split(cxx) or [cxx]
+    program = words[1] if words[0] == "ccache" and len(words) > 1 else words[0]
+    if shutil.which(program) is None:
+        return f"no C++ compiler found ({program!r} is not on PATH; install g++ or set CXX)"
+    with _tools_on_path():
+        if not extension_build.cpp_extension().is_ninja_available():
+            return "ninja is not installed (pip install ninja)"
     if not extension_build.CSRC.is_dir():
         return f"the extension's sources are not installed ({extension_build.CSRC} is missing)"
     return None
@@ -113,11 +154,12 @@ def compile_sources(folder: Path, with_cuda: bool, archs: str | None) -> ModuleT
     defines = [f"-D{name}" if value is None else f"-D{name}={value}"
                for name, value in extension_build.defines(with_cuda)]
     openmp = extension_build.openmp_flags()
-    return load(name="_C", sources=[str(p) for p in extension_build.sources(with_cuda)],
-                extra_cflags=list(extension_build.CXX_FLAGS) + openmp + defines, extra_ldflags=openmp,
-                extra_cuda_cflags=(cuda_flags + defines) if with_cuda else None,
-                extra_include_paths=extension_build.include_dirs(with_cuda), build_directory=str(folder),
-                with_cuda=with_cuda, is_python_module=True, verbose=False)
+    with _tools_on_path():
+        return load(name="_C", sources=[str(p) for p in extension_build.sources(with_cuda)],
+                    extra_cflags=list(extension_build.CXX_FLAGS) + openmp + defines, extra_ldflags=openmp,
+                    extra_cuda_cflags=(cuda_flags + defines) if with_cuda else None,
+                    extra_include_paths=extension_build.include_dirs(with_cuda), build_directory=str(folder),
+                    with_cuda=with_cuda, is_python_module=True, verbose=False)
 
 
 def import_built(library: Path) -> ModuleType:
@@ -140,7 +182,7 @@ def build_or_load(with_cuda: bool, archs: str | None, say=print) -> tuple[Module
     with FileLock(str(folder / "build.lock")):
         if failed.exists():  # this build failed before: not tried again at every start
             raise EarlierFailure(failed.read_text().strip())
-        built = sorted(folder.glob("_C*.so"), key=lambda p: p.stat().st_mtime)
+        built = sorted((p for p in folder.glob("_C*") if p.suffix in (".so", ".pyd")), key=lambda p: p.stat().st_mtime)
         if built:
             library = built[-1]
             try:
@@ -160,6 +202,7 @@ def build_or_load(with_cuda: bool, archs: str | None, say=print) -> tuple[Module
             module = compile_sources(folder, with_cuda, archs)
         except Exception as e:
             say(" failed", file=sys.stderr, flush=True)
+            (folder / "build.log").write_text(str(e))  # the compiler's output, whole
             failed.write_text(_first_words(e, folder))
             raise
         except BaseException:
@@ -173,7 +216,8 @@ def _first_words(error: Exception, folder: Path | None = None) -> str:
     """A failed compile in a few words: torch's message up to the compiler command it quotes,
     and where the build's files are."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return text.split(": [")[0] + (f" (the build's files: {folder}; delete the folder to try again)" if folder else "")
+    return text.split(": [")[0] + (f" (the compiler's output: {folder / 'build.log'}; delete {folder} to try "
+                                   "again)" if folder else "")
 
 
 def load(say=print) -> ExtensionState:
@@ -194,7 +238,7 @@ def load(say=print) -> ExtensionState:
     if missing is not None:
         STATE = ExtensionState(None, (), "none", None, f"{reason}, and it cannot be compiled here: {missing}")
         return STATE
-    archs = extension_build.arch_list() if with_cuda else None
+    archs = first_use_archs() if with_cuda else None
     note = None if with_cuda else f"CUDA kernels not compiled: {why_not_cuda}"
     try:
         module, origin, path = build_or_load(with_cuda, archs, say)

@@ -106,8 +106,8 @@ def _kernel_image_reason(device: torch.device) -> str | None:
         return None
     major, minor = torch.cuda.get_device_capability(index)
     return (f"the compiled extension has no CUDA kernels that this GPU (compute capability {major}.{minor}) can "
-            f"load: {error}. Rebuild it for this GPU, e.g. TORCH_CUDA_ARCH_LIST={major}.{minor} pip install -e . "
-            "--no-build-isolation")
+            f"load: {error}. Rebuild it for this GPU: TORCH_CUDA_ARCH_LIST={major}.{minor} pip install "
+            "--no-build-isolation . (a build on first use reads the same variable)")
 
 
 def build_info() -> dict:

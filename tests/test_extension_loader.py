@@ -88,7 +88,8 @@ def test_a_failed_build_is_recorded_and_not_retried_at_every_start(tmp_path):
     _, err = first.communicate(timeout=120)
     assert first.returncode != 0 and "... failed" in err and "Error building extension '_C'" in err
     (record,) = (tmp_path / "cache").glob("*/failed.txt")
-    assert "Error building extension '_C' (the build's files:" in record.read_text()
+    assert "Error building extension '_C' (the compiler's output: " in record.read_text()
+    assert "exit status 1" in (record.parent / "build.log").read_text()  # the whole message, kept
     again = _start(tmp_path)  # would build fine now, but the failure stands until the folder goes
     _, err = again.communicate(timeout=120)
     assert again.returncode != 0 and "EarlierFailure" in err and "compiling" not in err

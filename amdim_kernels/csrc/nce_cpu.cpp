@@ -32,7 +32,12 @@
 // builds); a weak
 // symbol, so that the extension also loads where it does not (the guard below then does
 // nothing, and the BLAS's own threading is what it is).
+#if defined(__GNUC__)
 extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+#define AMDIM_HAVE_MKL_LOCAL 1
+#else
+#define AMDIM_HAVE_MKL_LOCAL 0
+#endif
 
 namespace amdim_kernels {
 namespace {
@@ -51,12 +56,16 @@ struct TileWorker {
 // process's thread count, and a small product's sum in another order for each count.
 struct SingleThreadedBlas {
   int before = 0;
+#if AMDIM_HAVE_MKL_LOCAL
   SingleThreadedBlas() {
     if (MKL_Set_Num_Threads_Local) before = MKL_Set_Num_Threads_Local(1);
   }
   ~SingleThreadedBlas() {
     if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(before);
   }
+#else
+  SingleThreadedBlas() = default;
+#endif
   SingleThreadedBlas(const SingleThreadedBlas&) = delete;
   SingleThreadedBlas& operator=(const SingleThreadedBlas&) = delete;
 };
@@ -67,6 +76,26 @@ struct SingleThreadedBlas {
 constexpr int64_t kTileElems = 1 << 18;
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
+// Runs f(begin, end) over [0, n) parts of independent work. With OpenMP (torch's Linux
+// builds, the extension compiled with -fopenmp): one parallel region, each worker with the
+// caller's thread-local state and BLAS on one thread, the parts fixed by the problem, so the
+// result does not depend on the thread count. Without it at::parallel_for would run the parts
+// on one thread with every ATen op inside held to one thread too, so the parts run in turn on
+// the caller's thread instead, where each op parallelises itself.
+template <typename F>
+void for_each_part(int64_t n, const F& f) {
+#ifdef _OPENMP
+  const at::ThreadLocalState caller;
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    const TileWorker worker(caller);
+    const SingleThreadedBlas one_thread;
+    f(begin, end);
+  });
+#else
+  f(0, n);
+#endif
+}
+
 // Whole images per tile (so that a column's image is known from its segment), about
 // kTileElems scores for N rows, and at least two tiles where there are two images, so that
 // two cores share even a small problem.
@@ -76,12 +105,13 @@ int64_t images_per_tile(int64_t N, int64_t M, int64_t L) {
 }
 
 // The backward's d src partial sums: one (N x D) float32 sum per group of consecutive tiles,
-// as many groups as tiles while they fit kGroupBytes (at least two), so that the groups keep
-// the cores busy; their number depends on the problem only, so that the sums' order does not
-// depend on the thread count.
+// as many groups as tiles while they fit kGroupBytes, and at least kMinGroups (so that the
+// groups keep up to that many cores busy); their number depends on the problem only, so that
+// the sums' order does not depend on the thread count.
 constexpr int64_t kGroupBytes = int64_t{4} << 20;
+constexpr int64_t kMinGroups = 8;
 int64_t group_count(int64_t tiles, int64_t N, int64_t D) {
-  const int64_t fit = std::max<int64_t>(2, kGroupBytes / std::max<int64_t>(1, 4 * N * D));
+  const int64_t fit = std::max<int64_t>(kMinGroups, kGroupBytes / std::max<int64_t>(1, 4 * N * D));
   return std::min(tiles, fit);
 }
 
@@ -211,10 +241,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> nce_fwd_cpu(const Ten
   const double unshift = fixed_shift ? std::exp(-static_cast<double>(tclip)) : 1.0;
   Tensor tile_shift = at::empty({tiles, N}, f32), tile_sum = at::empty({tiles, N}, d64);
   Tensor tile_sq = at::empty({tiles, N}, d64);
-  const at::ThreadLocalState caller;
-  at::parallel_for(0, tiles, 1, [&](int64_t t_begin, int64_t t_end) {
-    const TileWorker worker(caller);
-    const SingleThreadedBlas one_thread;
+  for_each_part(tiles, [&](int64_t t_begin, int64_t t_end) {
     for (int64_t t = t_begin; t < t_end; ++t) {
       const int64_t m0 = t * ipt, m1 = std::min(M, m0 + ipt);
       Tensor a = at::mm(src_s, target_cols(trg, m0, m1));  // the scores
@@ -297,10 +324,7 @@ std::tuple<Tensor, Tensor> nce_bwd_cpu(const Tensor& src, const Tensor& trg, con
   const int64_t groups = need_src ? group_count(tiles, N, D) : tiles;
   Tensor dtrg = at::empty({need_trg ? M : 0, L, D}, trg.options());
   Tensor group_dsrc = at::empty({need_src ? groups : 0, N, D}, src_s.options());
-  const at::ThreadLocalState caller;
-  at::parallel_for(0, groups, 1, [&](int64_t g_begin, int64_t g_end) {
-    const TileWorker worker(caller);
-    const SingleThreadedBlas one_thread;
+  for_each_part(groups, [&](int64_t g_begin, int64_t g_end) {
     for (int64_t group = g_begin; group < g_end; ++group) {
       // the group's tiles: consecutive, an even share of them
       const int64_t t_begin = group * tiles / groups, t_end = (group + 1) * tiles / groups;
