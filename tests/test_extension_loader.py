@@ -116,6 +116,14 @@ def test_installed_extension_for_another_torch_is_not_loaded(tmp_path, monkeypat
     module, path, reason = extension_loader.installed_extension()
     assert module is None and path == str(library)
     assert reason.startswith("the installed extension was built for torch 1.0.0, this is torch ")
+    import torch
+
+    (tmp_path / "_C.json").write_text(json.dumps({"torch": torch.__version__, "sources": "0" * 64}))
+    module, _, reason = extension_loader.installed_extension()
+    assert module is None and reason == "the installed extension was built from other sources than those installed"
+    (tmp_path / "_C.json").write_text("{not json")
+    module, _, reason = extension_loader.installed_extension()
+    assert module is None and reason.startswith("the installed extension's record ") and "unreadable" in reason
 
 
 def test_no_compiler_and_no_build_are_reasons(monkeypatch):
