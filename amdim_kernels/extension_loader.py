@@ -238,23 +238,19 @@ def load(say=print) -> ExtensionState:
     if missing is not None:
         STATE = ExtensionState(None, (), "none", None, f"{reason}, and it cannot be compiled here: {missing}")
         return STATE
-    archs = first_use_archs() if with_cuda else None
     note = None if with_cuda else f"CUDA kernels not compiled: {why_not_cuda}"
-    try:
-        module, origin, path = build_or_load(with_cuda, archs, say)
-    except Exception as e:  # noqa: BLE001 (a failed compile is reported, and the CPU kernels tried)
-        first = _first_words(e)
-        if not with_cuda:
-            STATE = ExtensionState(None, (), "none", None, f"{reason}, and compiling it failed: {first}")
-            return STATE
-        note = f"compiling the CUDA kernels failed: {first}"
-        if not isinstance(e, EarlierFailure):
-            say(f"amdim_kernels: {note}; compiling the CPU kernels alone", file=sys.stderr)
+    # with CUDA, the CPU kernels alone are the fallback of a failed compile
+    attempts = [(True, first_use_archs()), (False, None)] if with_cuda else [(False, None)]
+    for cuda, archs in attempts:
         try:
-            module, origin, path = build_or_load(False, None, say)
-        except Exception as e2:  # noqa: BLE001
-            first = _first_words(e2)
-            STATE = ExtensionState(None, (), "none", None, f"{reason}, and compiling it failed: {first}")
-            return STATE
+            module, origin, path = build_or_load(cuda, archs, say)
+            break
+        except Exception as e:  # noqa: BLE001 (a failed compile is a reason, and the CPU kernels tried)
+            if not cuda:
+                STATE = ExtensionState(None, (), "none", None, f"{reason}, and compiling it failed: {_first_words(e)}")
+                return STATE
+            note = f"compiling the CUDA kernels failed: {_first_words(e)}"
+            if not isinstance(e, EarlierFailure):
+                say(f"amdim_kernels: {note}; compiling the CPU kernels alone", file=sys.stderr)
     STATE = ExtensionState(module, tuple(module.BUILT_FOR), origin, path, note)
     return STATE

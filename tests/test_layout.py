@@ -5,6 +5,7 @@ import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "amdim_kernels"
+_PACKAGE_MODULES = {p.stem for p in PACKAGE.rglob("*.py")} - {"__init__"}
 
 
 def _module_name(path: pathlib.Path) -> str:
@@ -82,5 +83,3 @@ def test_tools_use_public_names():
                     private.append(f"{path.name}: {node.value.id}.{node.attr}")
     assert not private, private
 
-
-_PACKAGE_MODULES = {p.stem for p in PACKAGE.rglob("*.py")} - {"__init__"}

@@ -264,7 +264,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> nce_fwd_cpu(const Ten
     }
   });
   // the rows' shift and sum over the tiles, in tile order
-  Tensor shift = fixed_shift ? at::full({N}, tclip, f32) : tile_shift.amax(0);
+  Tensor shift = tile_shift.amax(0);  // tclip in every tile with the fixed shift
   Tensor sum = at::zeros({N}, d64), sqsum = at::zeros({N}, d64);
   {
     const float *ts = tile_shift.data_ptr<float>(), *sh = shift.data_ptr<float>();
@@ -279,10 +279,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> nce_fwd_cpu(const Ten
       }
     }
   }
-  shift = shift.masked_fill(shift == -kInf, 0.f).unsqueeze(1);
-  sum = sum.unsqueeze(1);
   // log(0) = -inf when the row has no negatives (M == 1): its loss is then 0
-  neg_lse.copy_((shift + sum.log()).squeeze(1));
+  neg_lse.copy_(shift.masked_fill(shift == -kInf, 0.f) + sum.log());
   sq.copy_(sqsum);
   float* lse_p = neg_lse.data_ptr<float>();
   const double* sq_p = sqsum.data_ptr<double>();
