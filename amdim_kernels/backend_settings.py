@@ -28,6 +28,7 @@ TRITON_LOADS = ("tma", "pointers")
 TRITON_TILE_KERNELS = ("fwd", "grad")
 CUDA_SCORES = ("auto", "cublas", "mma")
 CUDA_SCORES_ENV = "AMDIM_KERNELS_CUDA_SCORES"
+SCHEDULES = ("auto", "three-product", "four-product")
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,13 @@ class Settings:
         (cuBLAS score chunks, fused epilogue kernels), "mma" (fused WMMA kernels, score
         tiles in shared memory only, compute capability 8.0+), or "auto": "mma" on 8.0+ up
         to N*M*L*D = 2^35, AMDIM's per-GPU sizes, "cublas" above. float32 always takes cuBLAS.
+    schedule: how backend="cpp" splits the work between forward and backward (schedule.py):
+        "four-product" (the backward makes the scores again), "three-product" (the forward
+        keeps blocks of rows' scores whole and makes the gradients of the reduced loss too;
+        eager mode, reduction "mean" or "group_means"), or "auto": "three-product" wherever
+        the call needs gradients and takes it and a useful row block fits workspace_bytes.
+    workspace_bytes: the three-product schedule's budget for one row block's float32 scores;
+        None: schedule.default_workspace_bytes (1/8 of the whole score matrix, at least 4 MiB).
     """
 
     triton_scores: str | None = None
@@ -93,6 +101,8 @@ class Settings:
     triton_chunks: int = CHUNK_PARTS
     triton_tiles: Mapping[str, Any] = field(default_factory=dict)
     cuda_scores: str = "auto"
+    schedule: str = "auto"
+    workspace_bytes: int | None = None
 
     def __post_init__(self):
         if self.triton_scores not in (None,) + TRITON_SCORES:
@@ -109,6 +119,11 @@ class Settings:
                 raise ValueError(f"triton_tiles[{kernel!r}] must be a TileConfig, got {tiles!r}")
         if self.cuda_scores not in CUDA_SCORES:
             raise ValueError(f"cuda_scores must be one of {CUDA_SCORES}, got {self.cuda_scores!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.workspace_bytes is not None and (isinstance(self.workspace_bytes, bool) or not isinstance(
+                self.workspace_bytes, int) or self.workspace_bytes < 1):
+            raise ValueError(f"workspace_bytes must be a positive int or None, got {self.workspace_bytes!r}")
         object.__setattr__(self, "triton_tiles", MappingProxyType(dict(self.triton_tiles)))
 
 

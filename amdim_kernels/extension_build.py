@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-CPU_SOURCES = ("nce_op.cpp", "nce_cpu.cpp")
+CPU_SOURCES = ("nce_op.cpp", "nce_cpu.cpp", "nce_cpu_fused.cpp")
 CUDA_SOURCES = ("nce_cuda.cpp", "nce_cuda_kernels.cu", "nce_cuda_mma.cu")
 # cubins for A100 and H100/H200 and their families, and PTX that newer GPUs compile on load
 DEFAULT_ARCHS = "8.0;9.0+PTX"

@@ -8,14 +8,16 @@ and CUDA kernels; op_contract.py gives them their fake implementations and autog
         -> loss (N, L), pos (N, L), neg_lse (N,), sq (N,), mean (), reg ()
 
 `cuda_scores` (Settings.cuda_scores) is how the CUDA kernels make the scores of 16-bit
-inputs; the CPU kernels ignore it.
+inputs; the CPU kernels ignore it. On the CPU a call that needs gradients of a reduced loss
+takes the three-product schedule where schedule.py chooses it (extension_fused.py).
 """
 from __future__ import annotations
 
 import torch
 
-from . import extension_loader, op_contract
+from . import extension_loader, op_contract, schedule
 from .backend_settings import Settings
+from .extension_fused import nce_loss_three_product
 from .validation import Problem
 
 _ops = torch.ops.amdim_kernels
@@ -53,7 +55,12 @@ class _EagerLoss(torch.autograd.Function):
 def nce_loss_extension(p: Problem, settings: Settings) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, reg) of a validated problem on the extension's kernels: under torch.compile
     the registered op itself, which the compiler traces as one opaque call (a Function's
-    Python would break the graph); in eager mode the lighter Function above."""
+    Python would break the graph); in eager mode the lighter Function above. On the CPU, the
+    schedule that schedule.choose picks (settings.schedule, settings.workspace_bytes)."""
+    if p.src.device.type == "cpu":
+        rows = schedule.choose(p, settings)
+        if rows != schedule.FOUR_PRODUCT:
+            return nce_loss_three_product(p, rows, settings.cuda_scores)
     args = (p.src, p.trg, p.pos_idx, p.tclip, p.scale, p.reg_weight, settings.cuda_scores)
     outputs = _ops.nce_fwd(*args) if torch.compiler.is_compiling() else _EagerLoss.apply(*args)
     return op_contract.loss_and_reg(outputs, p)

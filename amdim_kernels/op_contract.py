@@ -36,6 +36,7 @@ from collections.abc import Callable
 
 import torch
 
+from .reductions import reduce_losses
 from .validation import Problem
 
 
@@ -82,6 +83,12 @@ class _FirstOrderOnly(torch.autograd.Function):
         )
 
 
+def first_order_only(dsrc: torch.Tensor, dtrg: torch.Tensor, src: torch.Tensor,
+                     trg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused gradients as backward(create_graph=True) returns them (_FirstOrderOnly)."""
+    return _FirstOrderOnly.apply(dsrc, dtrg, src, trg)
+
+
 def setup_context(ctx, inputs, output) -> None:
     """What a fwd op's backward needs, saved on ctx (torch.library's setup_context)."""
     src, trg, pos_idx, tclip, scale, reg_weight, *extra = inputs
@@ -108,7 +115,7 @@ def backward(bwd: Callable, ctx, grad_loss, _grad_pos, _grad_neg_lse, _grad_sq, 
         dsrc, dtrg = bwd(src, trg, pos_idx, pos, neg_lse, sq, w, w_weight, grad_reg.float().expand(n),
                          sq_weight, *ctx.options, need_src, need_trg)
     if torch.is_grad_enabled():  # backward(create_graph=True)
-        dsrc, dtrg = _FirstOrderOnly.apply(dsrc, dtrg, src, trg)
+        dsrc, dtrg = first_order_only(dsrc, dtrg, src, trg)
     return (dsrc if need_src else None), (dtrg if need_trg else None), None, *([None] * (len(ctx.options) + 1))
 
 
@@ -125,6 +132,8 @@ def register(fwd_name: str, bwd_name: str, bwd: Callable) -> None:
 
 
 def loss_and_reg(outputs, p: Problem) -> tuple[torch.Tensor, torch.Tensor]:
-    """nce_loss's (loss, reg) from a fwd op's outputs: no launch."""
+    """nce_loss's (loss, reg) from a fwd op's outputs: no launch for "mean" and "none"."""
     loss, _, _, _, mean, reg = outputs
+    if p.reduction == "group_means":
+        return reduce_losses(loss, "group_means", p.groups), reg
     return (mean if p.reduction == "mean" else loss), reg

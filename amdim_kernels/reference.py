@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from .autocast_off import autocast_off
+from .reductions import reduce_losses
 
 
 def nce_loss_reference(
@@ -19,18 +20,20 @@ def nce_loss_reference(
     reg_weight: float,
     scale: float,
     reduction: str,
+    groups: tuple[int, ...] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference loss on validated inputs (see ``amdim_kernels.nce_loss`` for the API).
+    """Reference loss on validated inputs (see ``amdim_kernels.nce_loss`` for the API);
+    `groups`: the rows of each group for reduction "group_means" (None: one group of N).
 
     Computes in float32 (or float64 when given float64, which gradcheck uses) after the
     dot product, whatever the input dtype, and under autocast too: autocast would round the
     scores to its 16-bit dtype and keep the rest there. The features come as they are.
     """
     with autocast_off(src.device):
-        return _nce_loss(src, trg, pos_idx, tclip, reg_weight, scale, reduction)
+        return _nce_loss(src, trg, pos_idx, tclip, reg_weight, scale, reduction, groups or (src.shape[0],))
 
 
-def _nce_loss(src, trg, pos_idx, tclip, reg_weight, scale, reduction):
+def _nce_loss(src, trg, pos_idx, tclip, reg_weight, scale, reduction, groups):
     n, _ = src.shape
     m, l, _ = trg.shape
     compute = torch.promote_types(src.dtype, torch.float32)
@@ -65,5 +68,4 @@ def _nce_loss(src, trg, pos_idx, tclip, reg_weight, scale, reduction):
     nce = pos - torch.logaddexp(pos, neg_lse)
     per_positive = -nce + (poison * a.flatten(1)).sum(1, keepdim=True)
 
-    loss = per_positive.mean() if reduction == "mean" else per_positive
-    return loss, reg
+    return reduce_losses(per_positive, reduction, groups), reg

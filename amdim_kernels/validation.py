@@ -14,7 +14,7 @@ import torch
 from .indices import capturing, range_indices
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-REDUCTIONS = ("mean", "none")
+REDUCTIONS = ("mean", "group_means", "none")
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,7 @@ class Problem:
     reg_weight: float
     scale: float
     reduction: str
+    groups: tuple[int, ...]  # rows per group: one per range of a tuple of ranges, else (N,)
 
     @property
     def n(self) -> int:
@@ -136,6 +137,7 @@ def validate(
     if trg.device != src.device:
         raise ValueError(f"src and trg must be on the same device, got src on {src.device} and trg on {trg.device}")
 
+    groups = (n,)
     if pos_idx is None:
         if n != m:
             raise ValueError(
@@ -143,6 +145,8 @@ def validate(
             )
         pos_idx = range_indices(range(n), src)
     elif isinstance(pos_idx, (range, tuple, list)):
+        if isinstance(pos_idx, (tuple, list)):
+            groups = tuple(len(r) if isinstance(r, range) else 0 for r in pos_idx)
         pos_idx = _range_indices(pos_idx, n, m, src)
     else:
         if not isinstance(pos_idx, torch.Tensor):
@@ -168,8 +172,11 @@ def validate(
         pos_idx = pos_idx.to(torch.int64).contiguous()  # the kernels read it as a packed array
 
     tclip, reg_weight, scale = check_options(tclip, reg_weight, scale, reduction)
+    if reduction == "group_means" and 0 in groups:
+        raise ValueError(f"reduction='group_means' takes one mean per range of pos_idx, so each range must hold at "
+                         f"least one index, got ranges of lengths {list(groups)}")
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    return Problem(src, trg, pos_idx, tclip, reg_weight, scale, reduction)
+    return Problem(src, trg, pos_idx, tclip, reg_weight, scale, reduction, groups)
 
 
 def check_options(tclip: float | None, reg_weight: float, scale: float | None,

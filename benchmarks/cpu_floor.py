@@ -1,7 +1,8 @@
 """The CPU backend against the floor of a fused forward+backward: three matrix products of the
 problem's shapes (the scores, d src, d trg), timed side by side in one process with the eager
 reference, quiet and with a second PyTorch process computing on the same cores; and each
-one's workspace against eager's.
+one's workspace against eager's. cpp runs with each schedule: "cpp" is its default (auto,
+which takes the three-product schedule for these calls), "cpp 4-product" the other.
 
     python -m benchmarks.cpu_floor                 # the three sizes of the CPU floor target
     python -m benchmarks.cpu_floor --sizes 256,256,49,256 --rounds 15
@@ -20,7 +21,7 @@ import time
 
 import torch
 
-from amdim_kernels import available_backends, nce_loss
+from amdim_kernels import available_backends, nce_loss, settings
 
 from .measure import peak_extra_bytes
 from .run import versions
@@ -51,15 +52,17 @@ def implementations(n: int, m: int, l: int, d: int) -> dict:
         torch.mm(g, scores_t)  # d src (N x D)
         torch.mm(g.t(), src_plain)  # d trg (M*L x D)
 
-    def loss(backend):
+    def loss(backend, schedule="auto"):
         def run():
-            lo, reg = nce_loss(src, trg, backend=backend)
+            with settings(schedule=schedule):
+                lo, reg = nce_loss(src, trg, backend=backend)
             torch.autograd.grad(lo + reg, (src, trg))
         return run
 
     impls = {"3 products": three_products, "eager": loss("reference")}
     if "cpp" in available_backends("cpu"):
         impls["cpp"] = loss("cpp")
+        impls["cpp 4-product"] = loss("cpp", "four-product")
     return impls
 
 
@@ -102,36 +105,36 @@ def main(argv=None):
         rows.append(((n, m, l, d), quiet, contended, memory))
 
     floor = "3 products"
-    print("\n| N, M, L, D | 3 products ms | eager ms (x floor) | cpp ms (x floor) | cpp / eager |")
-    print("|---|---|---|---|---|")
+    fused = [name for name in rows[0][1] if name.startswith("cpp")]
+    print("\n| N, M, L, D | 3 products ms | eager ms (x floor) | "
+          + " | ".join(f"{name} ms (x floor) | {name} / eager" for name in fused) + " |")
+    print("|---|---|---|" + "---|---|" * len(fused))
     for size, quiet, _, _ in rows:
-        cpp = quiet.get("cpp")
         print(f"| {', '.join(map(str, size))} | {quiet[floor]:.1f} | {quiet['eager']:.1f} "
               f"({quiet['eager'] / quiet[floor]:.2f}x) | "
-              + (f"{cpp:.1f} ({cpp / quiet[floor]:.2f}x) | {cpp / quiet['eager']:.2f} |" if cpp else "- | - |"))
+              + " | ".join(f"{quiet[name]:.1f} ({quiet[name] / quiet[floor]:.2f}x) | {quiet[name] / quiet['eager']:.2f}"
+                           for name in fused) + " |")
     if not args.no_contention:
-        print("\nWith a second PyTorch process computing on the same cores:")
-        print("| N, M, L, D | eager ms (slowdown) | cpp ms (slowdown) | cpp / eager | cpp slowdown / eager's |")
-        print("|---|---|---|---|---|")
+        print("\nWith a second PyTorch process computing on the same cores (slowdown: busy / quiet):")
+        print("| N, M, L, D | eager ms (slowdown) | "
+              + " | ".join(f"{name} ms (slowdown) | {name} / eager | slowdown / eager's" for name in fused) + " |")
+        print("|---|---|" + "---|---|---|" * len(fused))
         for size, quiet, busy, _ in rows:
             se = busy["eager"] / quiet["eager"]
-            line = f"| {', '.join(map(str, size))} | {busy['eager']:.1f} ({se:.2f}x) | "
-            if "cpp" in busy:
-                sc = busy["cpp"] / quiet["cpp"]
-                line += f"{busy['cpp']:.1f} ({sc:.2f}x) | {busy['cpp'] / busy['eager']:.2f} | {sc / se:.2f} |"
-            else:
-                line += "- | - | - |"
-            print(line)
-    print("\n| N, M, L, D | eager workspace MiB | cpp workspace MiB | cpp / eager |")
-    print("|---|---|---|---|")
+            cells = []
+            for name in fused:
+                sc = busy[name] / quiet[name]
+                cells.append(f"{busy[name]:.1f} ({sc:.2f}x) | {busy[name] / busy['eager']:.2f} | {sc / se:.2f}")
+            print(f"| {', '.join(map(str, size))} | {busy['eager']:.1f} ({se:.2f}x) | " + " | ".join(cells) + " |")
+    print("\nWorkspace: peak memory of the call's tensors less the gradients it returns")
+    print("| N, M, L, D | eager MiB | " + " | ".join(f"{name} MiB | / eager" for name in fused) + " |")
+    print("|---|---|" + "---|---|" * len(fused))
     for size, _, _, memory in rows:
         n, m, l, d = size
         grads = 4 * (n * d + m * l * d)  # the gradients the call returns are not workspace
         eager = (memory["eager"] - grads) / 2**20
-        cpp = (memory["cpp"] - grads) / 2**20 if "cpp" in memory else None
-        print(f"| {', '.join(map(str, size))} | {eager:.1f} | " + (f"{cpp:.1f} | {cpp / eager:.1%} |" if cpp is not None
-                                                                  else "- | - |"))
-
+        cells = [f"{(memory[name] - grads) / 2**20:.1f} | {(memory[name] - grads) / 2**20 / eager:.1%}" for name in fused]
+        print(f"| {', '.join(map(str, size))} | {eager:.1f} | " + " | ".join(cells) + " |")
 
 if __name__ == "__main__":
     main()

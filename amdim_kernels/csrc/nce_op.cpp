@@ -43,6 +43,14 @@ TORCH_LIBRARY(amdim_kernels, m) {
   m.def("nce_bwd(Tensor src, Tensor trg, Tensor pos_idx, Tensor pos, Tensor neg_lse, Tensor sq, Tensor grad_loss, "
         "float loss_weight, Tensor grad_sq, float sq_weight, float? tclip, float scale, str cuda_scores, "
         "bool need_src, bool need_trg) -> (Tensor dsrc, Tensor dtrg)");
+  // The three-product schedule (CPU kernels only, nce_cpu_fused.cpp): nce_fwd's outputs, with
+  // one mean per group of consecutive source rows (group_rows: their counts, summing to N) in
+  // place of the one mean, and the float32 gradients of  sum_k (n_k / N) mean_k + reg  (the
+  // mean over all N*L positives + reg), made from blocks of block_rows source rows whose
+  // scores are kept whole; an input whose need_* flag is false gets an empty gradient.
+  m.def("nce_fwd_grad(Tensor src, Tensor trg, Tensor pos_idx, float? tclip, float scale, float reg_weight, "
+        "int[] group_rows, int block_rows, bool need_src, bool need_trg) "
+        "-> (Tensor loss, Tensor pos, Tensor neg_lse, Tensor sq, Tensor means, Tensor reg, Tensor dsrc, Tensor dtrg)");
 }
 
 }  // namespace amdim_kernels

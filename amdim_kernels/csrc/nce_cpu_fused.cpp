@@ -1,0 +1,181 @@
+// CPU implementation of amdim_kernels::nce_fwd_grad, the three-product schedule: the forward
+// also makes the gradients of the reduced objective, from row blocks of scores that it keeps
+// whole, so that no product is made twice (the four-product schedule, nce_cpu.cpp, makes the
+// scores again in its backward).
+//
+// The objective is  sum_k (n_k / N) mean_k + reg  = the mean over all N*L positives + reg,
+// mean_k being the mean loss of group k's n_k source rows: its gradients, times one upstream
+// scalar, are those of any objective weighting each group's mean by n_k/N against reg
+// (op_contract.py checks the upstream and otherwise calls the four-product backward).
+//
+// Per block of B source rows (B from the caller's workspace budget): one parallel region over
+// score tiles (the block's rows against a few whole images) makes the block's scores a, kept
+// in one B x M*L buffer, and each tile's row statistics (nce_cpu_tiles.h's row_squares and
+// negative_sums on a soft-clipped copy); the rows' totals are merged in tile order, which
+// gives the block's losses and backward factors exactly; a second region over fixed groups of
+// tiles overwrites each tile with g = scale * d(objective)/da (gradient_tile) and makes
+//   d trg[tile's images] += g^T @ src_block   (the tile owns those rows; blocks in order)
+//   d src partial[group]  = sum over its tiles of g @ trg_tile
+// and the groups' partials are added in group order. Three products in all, float32
+// throughout; tiles, groups and blocks are fixed by the problem and the budget, so the result
+// does not depend on the thread count.
+#include <torch/library.h>
+
+#include "nce_cpu_tiles.h"
+
+namespace amdim_kernels {
+
+using at::Tensor;
+using namespace cpu;
+
+namespace {
+
+// Scores per tile inside a row block: 256 KiB of float32, so that each thread's tile-sized
+// temporaries (the clipped copy, gradient_tile's two) stay small beside the block.
+constexpr int64_t kFusedTileElems = 1 << 16;
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> nce_fwd_grad_cpu(
+    const Tensor& src, const Tensor& trg, const Tensor& pos_idx, std::optional<double> tclip_opt, double scale,
+    double reg_weight, at::IntArrayRef group_rows, int64_t block_rows, bool need_src, bool need_trg) {
+  check_inputs(src, trg, pos_idx, at::kCPU);
+  const NoAutocast no_autocast;  // the op computes in float32 itself; its inner matmuls must not be autocast
+  const int64_t N = src.size(0), M = trg.size(0), L = trg.size(1), D = src.size(1);
+  int64_t grouped = 0;
+  for (const int64_t rows : group_rows) {
+    TORCH_CHECK(rows > 0, "amdim_kernels: nce_fwd_grad's group_rows must be positive, got ", group_rows);
+    grouped += rows;
+  }
+  TORCH_CHECK(!group_rows.empty() && grouped == N, "amdim_kernels: nce_fwd_grad's group_rows must sum to N = ", N,
+              ", got ", group_rows);
+  TORCH_CHECK(block_rows > 0, "amdim_kernels: nce_fwd_grad's block_rows must be positive, got ", block_rows);
+  const int64_t B = std::min(N, block_rows);
+  const float tclip = kernel_tclip(tclip_opt);
+  const auto f32 = src.options().dtype(at::kFloat);
+  const auto d64 = src.options().dtype(at::kDouble);
+  Tensor loss = at::empty({N, L}, f32), pos = at::empty({N, L}, f32);
+  Tensor neg_lse = at::empty({N}, f32), sq = at::empty({N}, f32);
+  Tensor sq64 = at::empty({N}, d64);  // the rows' sums of a^2 as reg sums them (float64's range)
+  Tensor dsrc = at::empty({need_src ? N : 0, D}, f32);
+  Tensor dtrg = at::empty({need_trg ? M : 0, L, D}, f32);
+  const Tensor src_s = scaled_sources(src, scale);
+  const Tensor src_f = src.to(at::kFloat).contiguous();  // d trg's operand: a view for float32
+  const Tensor idx = pos_idx.contiguous();
+  const int64_t* p_idx = idx.data_ptr<int64_t>();
+  const int64_t ipt = images_per_tile(B, M, L, kFusedTileElems);
+  const int64_t tiles = (M + ipt - 1) / ipt;
+  // d src's partial sums: a fixed number of groups of consecutive tiles, enough to keep up to
+  // kMinGroups cores busy (each group's partial is a B x D float32 matrix)
+  const int64_t groups = std::min(tiles, kMinGroups);
+  // the block's scores, tile t at offset t * B * ipt * L as a (rows x its columns) matrix
+  Tensor block = at::empty({B * M * L}, f32);
+  Tensor tile_shift = at::empty({tiles, B}, f32), tile_sum = at::empty({tiles, B}, d64);
+  Tensor tile_sq = at::empty({tiles, B}, d64);
+  Tensor group_dsrc = at::empty({need_src ? groups : 0, B, D}, f32);
+  // the objective's upstream: 1/(N*L) on each positive's loss, reg_weight/(N*M*L) on each a^2
+  const Tensor ones = at::ones({1}, f32);
+  const Upstream unit{ones.expand({N, L}), 1.0 / (static_cast<double>(N) * L), ones.expand({N}),
+                      reg_weight / (static_cast<double>(N) * M * L)};
+  for (int64_t i0 = 0; i0 < N; i0 += B) {
+    const int64_t R = std::min(B, N - i0);  // the block's rows
+    const Tensor src_block = src_s.narrow(0, i0, R), src_f_block = src_f.narrow(0, i0, R);
+    const int64_t* block_idx = p_idx + i0;
+    auto tile_of = [&](int64_t t, int64_t m0, int64_t m1) {
+      return block.narrow(0, t * R * ipt * L, R * (m1 - m0) * L).view({R, (m1 - m0) * L});
+    };
+    float* pos_block = pos.data_ptr<float>() + i0 * L;
+    for_each_part(tiles, [&](int64_t t_begin, int64_t t_end) {
+      for (int64_t t = t_begin; t < t_end; ++t) {
+        const int64_t m0 = t * ipt, m1 = std::min(M, m0 + ipt);
+        Tensor a = tile_of(t, m0, m1);
+        at::mm_out(a, src_block, target_cols(trg, m0, m1));  // the scores, kept
+        tile_sq[t].narrow(0, 0, R).copy_(row_squares(a));
+        Tensor s = tclip > 0.f ? at::div(a, tclip).tanh_().mul_(tclip) : a.clone();
+        negative_sums(s, m0, m1, L, block_idx, pos_block, tclip, tile_shift[t].narrow(0, 0, R),
+                      tile_sum[t].narrow(0, 0, R));
+      }
+    });
+    const RowTotals totals =
+        merge_tiles(tile_shift.narrow(1, 0, R), tile_sum.narrow(1, 0, R), tile_sq.narrow(1, 0, R));
+    {
+      float* lse_p = neg_lse.data_ptr<float>() + i0;
+      const float* merged = totals.neg_lse.data_ptr<float>();
+      const double* sq_p = totals.sq.data_ptr<double>();
+      float* loss_p = loss.data_ptr<float>() + i0 * L;
+      float* sq_out = sq.data_ptr<float>() + i0;
+      double* sq64_out = sq64.data_ptr<double>() + i0;
+      for (int64_t i = 0; i < R; ++i) {
+        lse_p[i] = row_lse(merged[i], static_cast<float>(sq_p[i]));  // NaN where a score is not finite
+        sq_out[i] = static_cast<float>(sq_p[i]);
+        sq64_out[i] = sq_p[i];
+        for (int64_t l = 0; l < L; ++l) loss_p[i * L + l] = positive_loss(pos_block[i * L + l], lse_p[i]);
+      }
+    }
+    if (!need_src && !need_trg) continue;
+    const BackwardRows rows =
+        backward_rows(pos.narrow(0, i0, R), neg_lse.narrow(0, i0, R),
+                      {unit.grad_loss.narrow(0, 0, R), unit.loss_weight, unit.grad_sq.narrow(0, 0, R), unit.sq_weight},
+                      scale);
+    for_each_part(groups, [&](int64_t g_begin, int64_t g_end) {
+      for (int64_t group = g_begin; group < g_end; ++group) {
+        const int64_t t_begin = group * tiles / groups, t_end = (group + 1) * tiles / groups;
+        for (int64_t t = t_begin; t < t_end; ++t) {
+          const int64_t m0 = t * ipt, m1 = std::min(M, m0 + ipt);
+          Tensor g = tile_of(t, m0, m1);
+          gradient_tile(g, m0, m1, L, block_idx, rows, tclip);
+          if (need_trg) {  // the tile's images' rows of d trg, blocks added in order
+            Tensor rows_out = dtrg.narrow(0, m0, m1 - m0).view({-1, D});
+            if (i0 == 0) {
+              at::mm_out(rows_out, g.t(), src_f_block);
+            } else {
+              rows_out.addmm_(g.t(), src_f_block);
+            }
+          }
+          if (need_src) {  // float32, tiles in order within the group
+            Tensor acc = group_dsrc[group].narrow(0, 0, R);
+            const Tensor cols = target_cols(trg, m0, m1);
+            if (t == t_begin) {
+              at::mm_out(acc, g, cols.t());
+            } else {
+              acc.addmm_(g, cols.t());
+            }
+          }
+        }
+      }
+    });
+    if (need_src) {  // the block's d src: the groups' sums in group order
+      Tensor out = dsrc.narrow(0, i0, R);
+      out.copy_(group_dsrc[0].narrow(0, 0, R));
+      for (int64_t group = 1; group < groups; ++group) out.add_(group_dsrc[group].narrow(0, 0, R));
+    }
+  }
+  // nce_loss's scalars, summed in float64 in row order (deterministic): each group's mean loss
+  // and reg
+  const int64_t K = static_cast<int64_t>(group_rows.size());
+  Tensor means = at::empty({K}, f32);
+  {
+    const float* loss_p = loss.data_ptr<float>();
+    float* means_p = means.data_ptr<float>();
+    int64_t row = 0;
+    for (int64_t k = 0; k < K; ++k) {
+      double sum = 0.0;
+      for (int64_t i = row; i < row + group_rows[k]; ++i) {
+        for (int64_t l = 0; l < L; ++l) sum += loss_p[i * L + l];
+      }
+      means_p[k] = static_cast<float>(sum / (static_cast<double>(group_rows[k]) * L));
+      row += group_rows[k];
+    }
+  }
+  double sq_sum = 0.0;
+  const double* sq_p = sq64.data_ptr<double>();
+  for (int64_t i = 0; i < N; ++i) sq_sum += sq_p[i];
+  // rounded to float32 here: a reg past float32's range is +inf (at::full would refuse it)
+  const auto reg_value = static_cast<float>(reg_weight * sq_sum / (static_cast<double>(N) * M * L));
+  const Tensor reg = at::full({}, reg_value, f32);
+  return {loss, pos, neg_lse, sq, means, reg, dsrc, dtrg};
+}
+
+TORCH_LIBRARY_IMPL(amdim_kernels, CPU, m) { m.impl("nce_fwd_grad", &nce_fwd_grad_cpu); }
+
+}  // namespace amdim_kernels

@@ -1,0 +1,60 @@
+"""Which schedule backend "cpp" runs a call with, and the rows of its blocks.
+
+    four-product   the forward makes the scores tile by tile and keeps per-row statistics;
+                   the backward makes them again, then d src and d trg (four products).
+    three-product  the forward keeps a block of source rows' scores whole, which gives their
+                   statistics exactly, and makes the block's G and both gradients at once
+                   (three products); the backward only scales them by the upstream gradient.
+
+The three-product forward makes the gradients of one objective, the mean loss over all N*L
+positives plus reg (op contract in extension_fused.py); it needs a reduced loss and gradients,
+and holds one row block's float32 scores, B x M*L, at a time: B is what fits the workspace
+budget. "auto" takes it wherever the call allows it and a useful block fits; it is the faster
+schedule on the CPU (benchmarks.cpu_floor).
+"""
+from __future__ import annotations
+
+import torch
+
+from .backend_settings import Settings
+from .validation import Problem
+
+FOUR_PRODUCT = 0  # choose()'s answer for the four-product schedule
+# The smallest row block "auto" takes (or all N rows, where fewer): a product with fewer rows
+# reads the targets once for too little work.
+MIN_BLOCK_ROWS = 32
+# The default budget: 1/8 of the whole score matrix, so that it stays far from the eager
+# reference's memory (several N x M*L temporaries), and at least this much, which any machine has.
+DEFAULT_WORKSPACE_FLOOR = 4 << 20
+
+
+def default_workspace_bytes(n: int, m: int, l: int) -> int:  # noqa: E741 (the loss's name for it)
+    """Settings.workspace_bytes's default: max(4 MiB, N*M*L*4 / 8)."""
+    return max(DEFAULT_WORKSPACE_FLOOR, 4 * n * m * l // 8)
+
+
+def block_rows(p: Problem, settings: Settings) -> int:
+    """The source rows whose float32 scores fit the workspace budget (at most N)."""
+    budget = settings.workspace_bytes or default_workspace_bytes(p.n, p.m, p.l)
+    return min(p.n, budget // (4 * p.m * p.l))
+
+
+def choose(p: Problem, settings: Settings) -> int:
+    """The three-product schedule's block rows for this call, or FOUR_PRODUCT. A schedule
+    forced by the settings that the call cannot take is a ValueError."""
+    needs_grad = torch.is_grad_enabled() and (p.src.requires_grad or p.trg.requires_grad)
+    if settings.schedule == "four-product" or not needs_grad:
+        return FOUR_PRODUCT
+    rows = block_rows(p, settings)
+    if settings.schedule == "auto":
+        takes = p.reduction != "none" and not torch.compiler.is_compiling()
+        return rows if takes and rows >= min(p.n, MIN_BLOCK_ROWS) else FOUR_PRODUCT
+    forced = "settings(schedule='three-product')"
+    if p.reduction == "none":
+        raise ValueError(f"{forced} needs a reduced loss (reduction 'mean' or 'group_means'), got reduction='none'")
+    if torch.compiler.is_compiling():
+        raise ValueError(f"{forced} runs in eager mode only; under torch.compile use 'auto' or 'four-product'")
+    if rows < 1:
+        raise ValueError(f"{forced}: workspace_bytes = {settings.workspace_bytes} holds no row of scores "
+                         f"(one row is M*L*4 = {4 * p.m * p.l} bytes)")
+    return rows
