@@ -44,17 +44,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> nce_fwd_cpu(const Ten
   const int64_t ipt = images_per_tile(N, M, L);
   const int64_t tiles = (M + ipt - 1) / ipt;
   // per tile and row: the shift, the negatives' sum of exp(s - shift) and the sum of a^2
-  // (negative_sums, row_squares), merged in tile order
+  // (tile_statistics), merged in tile order
   const auto d64 = src.options().dtype(at::kDouble);
   Tensor tile_shift = at::empty({tiles, N}, f32), tile_sum = at::empty({tiles, N}, d64);
   Tensor tile_sq = at::empty({tiles, N}, d64);
   for_each_part(tiles, [&](int64_t t_begin, int64_t t_end) {
     for (int64_t t = t_begin; t < t_end; ++t) {
       const int64_t m0 = t * ipt, m1 = std::min(M, m0 + ipt);
-      Tensor a = at::mm(src_s, target_cols(trg, m0, m1));  // the scores
-      tile_sq[t].copy_(row_squares(a));
-      if (tclip > 0.f) a.div_(tclip).tanh_().mul_(tclip);
-      negative_sums(a, m0, m1, L, p_idx, pos_p, tclip, tile_shift[t], tile_sum[t]);
+      const Tensor a = at::mm(src_s, target_cols(trg, m0, m1));  // the scores
+      tile_statistics(a.data_ptr<float>(), N, a.size(1), m0, m1, L, p_idx, tclip, pos_p,
+                      tile_shift[t].data_ptr<float>(), tile_sum[t].data_ptr<double>(), tile_sq[t].data_ptr<double>());
     }
   });
   const RowTotals totals = merge_tiles(tile_shift, tile_sum, tile_sq);
@@ -109,7 +108,7 @@ std::tuple<Tensor, Tensor> nce_bwd_cpu(const Tensor& src, const Tensor& trg, con
         const int64_t m0 = t * ipt, m1 = std::min(M, m0 + ipt);
         const Tensor cols = target_cols(trg, m0, m1);
         Tensor g = at::mm(src_s, cols);  // the scores, overwritten with g = scale * dL/da
-        gradient_tile(g, m0, m1, L, p_idx, rows, tclip);
+        gradient_tile(g, m0, m1, L, p_idx, rows, tclip);  // in place
         if (need_trg) {  // owned rows, g^T @ src, written in place when dtrg is float32, else
                          // rounded once
           Tensor rows_out = dtrg.narrow(0, m0, m1 - m0).view({-1, D});

@@ -10,8 +10,8 @@
 //
 // Per block of B source rows (B from the caller's workspace budget): one parallel region over
 // score tiles (the block's rows against a few whole images) makes the block's scores a, kept
-// in one B x M*L buffer, and each tile's row statistics (nce_cpu_tiles.h's row_squares and
-// negative_sums on a soft-clipped copy); the rows' totals are merged in tile order, which
+// in one B x M*L buffer, and each tile's row statistics (nce_cpu_epilogue.h's
+// tile_statistics); the rows' totals are merged in tile order, which
 // gives the block's losses and backward factors exactly; a second region over fixed groups of
 // tiles overwrites each tile with g = scale * d(objective)/da (gradient_tile) and makes
 //   d trg[tile's images] += g^T @ src_block   (the tile owns those rows; blocks in order)
@@ -30,8 +30,8 @@ using namespace cpu;
 
 namespace {
 
-// Scores per tile inside a row block: 256 KiB of float32, so that each thread's tile-sized
-// temporaries (the clipped copy, gradient_tile's two) stay small beside the block.
+// Scores per tile inside a row block: 256 KiB of float32, which stays in a core's L2 cache
+// from its product through the epilogue's pass.
 constexpr int64_t kFusedTileElems = 1 << 16;
 
 }  // namespace
@@ -90,10 +90,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> nce_f
         const int64_t m0 = t * ipt, m1 = std::min(M, m0 + ipt);
         Tensor a = tile_of(t, m0, m1);
         at::mm_out(a, src_block, target_cols(trg, m0, m1));  // the scores, kept
-        tile_sq[t].narrow(0, 0, R).copy_(row_squares(a));
-        Tensor s = tclip > 0.f ? at::div(a, tclip).tanh_().mul_(tclip) : a.clone();
-        negative_sums(s, m0, m1, L, block_idx, pos_block, tclip, tile_shift[t].narrow(0, 0, R),
-                      tile_sum[t].narrow(0, 0, R));
+        tile_statistics(a.data_ptr<float>(), R, a.size(1), m0, m1, L, block_idx, tclip, pos_block,
+                        tile_shift[t].data_ptr<float>(), tile_sum[t].data_ptr<double>(),
+                        tile_sq[t].data_ptr<double>());
       }
     });
     const RowTotals totals =

@@ -14,6 +14,7 @@
 #include <cmath>
 #include <limits>
 
+#include "nce_cpu_epilogue.h"
 #include "nce_math.h"
 #include "nce_op.h"
 
@@ -146,88 +147,15 @@ inline BackwardRows backward_rows(const Tensor& pos, const Tensor& neg_lse, cons
   return rows;
 }
 
-// Each row's sum of a^2 over the (N x C) score tile, in float64. One pass in float32, the
-// squared 2-norm (no tile-sized temporary), where it is finite; a row where it is not is
-// summed again in float64, whose range holds any sum of float32 squares: its sum is then
-// NaN exactly when one of its scores is not finite (square_or_nan, the row's poison) and
-// finite otherwise, so reg stays exact where float32's sum would overflow.
-inline Tensor row_squares(const Tensor& a) {
-  Tensor sq = at::linalg_vector_norm(a, 2, {1}, false, std::nullopt).square_().to(at::kDouble);
-  if (at::isfinite(sq).all().item<bool>()) return sq;
-  const int64_t C = a.size(1);
-  const float* a_p = a.data_ptr<float>();
-  double* sq_p = sq.data_ptr<double>();
-  for (int64_t i = 0; i < a.size(0); ++i) {
-    if (std::isfinite(sq_p[i])) continue;
-    double acc = 0.0;
-    for (int64_t j = 0; j < C; ++j) {
-      const float v = a_p[i * C + j];
-      acc += static_cast<double>(v) * v + static_cast<double>(v - v);
-    }
-    sq_p[i] = acc;
-  }
-  return sq;
+// Overwrites the (R x C) score tile `a` of images [m0, m1) with g = d(loss + reg)/da times the
+// scale the rows' factors carry (backward_rows): nce_cpu_epilogue.h's tile_gradient.
+inline void gradient_tile(Tensor& a, int64_t m0, int64_t m1, int64_t L, const int64_t* pos_idx,
+                          const BackwardRows& rows, float tclip) {
+  tile_gradient(a.data_ptr<float>(), a.size(0), a.size(1), m0, m1, L, pos_idx, tclip, rows.neg_lse.data_ptr<float>(),
+                rows.r.data_ptr<float>(), rows.reg_coef.data_ptr<float>(), rows.gpos.data_ptr<float>());
 }
 
-// Calls f(i, seg) for each row i whose positive image p lies in [m0, m1); seg points at
-// that image's L columns of row i in the (N x C) tile.
-template <typename F>
-void for_positive_segments(float* tile, int64_t N, int64_t m0, int64_t m1, int64_t L, const int64_t* pos_idx, F f) {
-  const int64_t C = (m1 - m0) * L;
-  for (int64_t i = 0; i < N; ++i) {
-    const int64_t p = pos_idx[i];
-    if (p >= m0 && p < m1) f(i, tile + i * C + (p - m0) * L);
-  }
-}
-
-// Overwrites the (N x C) score tile `a` of images [m0, m1) with g = d(loss + reg)/da times
-// the scale the rows' factors carry (backward_rows), in five ATen ops without clipping and
-// nine with it.
-inline void gradient_tile(Tensor& a, int64_t m0, int64_t m1, int64_t L, const int64_t* pos_idx, const BackwardRows& rows,
-                   float tclip) {
-  const Tensor neg_lse = rows.neg_lse.unsqueeze(1);
-  // u = s / tclip = tanh(a / tclip) with clipping, and s - neg_lse = tclip u - neg_lse
-  const Tensor u = tclip > 0.f ? at::mul(a, 1.0 / tclip).tanh_() : Tensor();
-  Tensor dl_ds = tclip > 0.f ? at::add(neg_lse.neg(), u, tclip) : at::sub(a, neg_lse);
-  // negatives: dL/ds = r * exp(s - neg_lse), <= r since neg_lse bounds every negative
-  dl_ds.exp_().mul_(rows.r.unsqueeze(1));
-  const float* gpos = rows.gpos.data_ptr<float>();
-  for_positive_segments(dl_ds.data_ptr<float>(), a.size(0), m0, m1, L, pos_idx, [&](int64_t i, float* seg) {
-    std::copy(gpos + i * L, gpos + (i + 1) * L, seg);  // positives: dL/ds = gpos
-  });
-  // g = reg_coef * a + dL/ds * ds/da, ds/da = 1 - u^2 with clipping: dL/ds - (dL/ds u) u
-  a.mul_(rows.reg_coef.unsqueeze(1)).add_(dl_ds);
-  if (tclip > 0.f) a.addcmul_(dl_ds.mul_(u), u, -1.0);
-}
-
-
-// The forward's statistics of one tile from its soft-clipped scores s (R x C, images [m0, m1),
-// overwritten): the positives copied to pos_rows (R x L, row-major), then per row the shift
-// (tclip where shift_by_tclip, nce_math.h; else the tile's maximum over the negatives) and the
-// negatives' sum of exp(s - shift), summed in float32 (ATen's vectorised pairwise sums) and
-// returned in float64. With the fixed shift exp(s) itself lies in [e^-40, e^40] (|s| < tclip <=
-// 40), so the tile sums it in float32 with no overflow or underflow and exp(-tclip) scales the
-// sums in float64.
-inline void negative_sums(Tensor& s, int64_t m0, int64_t m1, int64_t L, const int64_t* pos_idx, float* pos_rows,
-                          float tclip, Tensor shift_out, Tensor sum_out) {
-  const int64_t R = s.size(0);
-  // positives: store them, then set them to -inf so that exp() drops them from the sums
-  for_positive_segments(s.data_ptr<float>(), R, m0, m1, L, pos_idx, [&](int64_t i, float* seg) {
-    std::copy(seg, seg + L, pos_rows + i * L);
-    std::fill(seg, seg + L, -kInf);
-  });
-  if (shift_by_tclip(tclip)) {
-    shift_out.fill_(tclip);
-    sum_out.copy_(s.exp_().sum(1).to(at::kDouble).mul_(std::exp(-static_cast<double>(tclip))));
-  } else {
-    const Tensor shift = s.amax(1, true);
-    shift_out.copy_(shift.squeeze(1));
-    const Tensor safe = shift.masked_fill(shift == -kInf, 0.f);  // no exp(-inf - -inf)
-    sum_out.copy_(s.sub_(safe).exp_().sum(1).to(at::kDouble));
-  }
-}
-
-// The rows' totals over T tiles from negative_sums' and row_squares' partials (each T x R), in
+// The rows' totals over T tiles from tile_statistics' partials (each T x R), in
 // tile order: neg_lse (R,) float32 = shift + log(sum), before row_lse (-inf's log(0) where the
 // row has no negatives, M == 1, is taken as 0: its loss is then 0), and the sum of a^2 (R,)
 // float64.

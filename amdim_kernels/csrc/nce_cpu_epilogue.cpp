@@ -1,0 +1,265 @@
+// The CPU epilogue (nce_cpu_epilogue.h): each tile row in one loop of plain float arithmetic
+// that the compiler vectorises, with branch-free exp and tanh (below) in place of libm's
+// calls, which do not vectorise. On x86-64 (GCC, Clang) each entry point is compiled twice,
+// for AVX2+FMA and for the baseline, and picks one by the CPU's features on first call.
+// Sums run in 8 fixed lanes, added in lane order at the end, so that a row's result does not
+// depend on the vector width (the compiler may not reorder a float sum itself).
+#include "nce_cpu_epilogue.h"
+
+#include <cmath>
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "nce_math.h"
+
+// Everything below the entry points is inlined into each version (a function left out of
+// line would be compiled once, for the baseline).
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+#define AMDIM_AVX2_VERSION 1
+#define AMDIM_AVX2 __attribute__((target("avx2,fma")))
+#else
+#define AMDIM_AVX2_VERSION 0
+#endif
+#if defined(__GNUC__) || defined(__clang__)
+#define AMDIM_INLINE inline __attribute__((always_inline))
+#else
+#define AMDIM_INLINE inline
+#endif
+
+namespace amdim_kernels {
+namespace cpu {
+namespace {
+
+constexpr int kLanes = 8;
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+AMDIM_INLINE float from_bits(int32_t bits) {
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+AMDIM_INLINE int32_t to_bits(float f) {
+  int32_t bits;
+  std::memcpy(&bits, &f, sizeof bits);
+  return bits;
+}
+
+// exp(x) for x <= 0 (every argument here: s - shift, s - neg_lse, -2|x|), relative error
+// about 2 ulp: x = n ln2 + r with |r| <= ln2/2, e^r by Cephes' degree-7 polynomial, 2^n from
+// the exponent bits. x below -87.3 (where e^x leaves float32's normal range) gives about
+// 1e-38 instead of a subnormal or 0; NaN gives NaN.
+AMDIM_INLINE float exp_nonpositive(float x) {
+  x = x < -87.3f ? -87.3f : x;                 // NaN compares false and stays NaN
+  const float magic = 12582912.f;              // 1.5 * 2^23: adding it rounds to an integer
+  const float t = x * 1.44269504088896341f + magic;
+  const float n = t - magic;                   // round(x / ln2), in [-126, 0]
+  const int32_t ni = to_bits(t) - to_bits(magic);
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  return p * from_bits((ni + 127) << 23);
+}
+
+// tanh(x), relative error a few ulp: its Taylor series to x^13 below |x| = 0.3, else
+// (1 - e^-2|x|) / (1 + e^-2|x|) with x's sign; NaN gives NaN.
+AMDIM_INLINE float tanh_branch_free(float x) {
+  const float ax = std::fabs(x);
+  const float x2 = x * x;
+  float p = -929569.f / 638512875.f;
+  p = p * x2 + 21844.f / 6081075.f;
+  p = p * x2 - 1382.f / 155925.f;
+  p = p * x2 + 62.f / 2835.f;
+  p = p * x2 - 17.f / 315.f;
+  p = p * x2 + 2.f / 15.f;
+  p = p * x2 - 1.f / 3.f;
+  const float small = x + x * x2 * p;
+  const float e = exp_nonpositive(-2.f * ax);
+  const float large = std::copysign((1.f - e) / (1.f + e), x);
+  return ax < 0.3f ? small : large;
+}
+
+// s = soft_clip(a) with inv = 1 / tclip (kClip false: s = a).
+template <bool kClip>
+AMDIM_INLINE float clipped(float a, float tclip, float inv) {
+  return kClip ? tclip * tanh_branch_free(a * inv) : a;
+}
+
+// the larger of m and s, NaN where either is NaN (a select, without a branch)
+AMDIM_INLINE float max_or_nan(float m, float s) { return ((s > m) | (s != s)) ? s : m; }
+
+// sum over [begin, end) of exp(s - shift), in 8 lanes
+template <bool kClip>
+AMDIM_INLINE float sum_exp(const float* a, int64_t begin, int64_t end, float tclip, float inv, float shift) {
+  float acc[kLanes] = {};
+  int64_t j = begin;
+  for (; j + kLanes <= end; j += kLanes) {
+    for (int k = 0; k < kLanes; ++k) acc[k] += exp_nonpositive(clipped<kClip>(a[j + k], tclip, inv) - shift);
+  }
+  for (int k = 0; j < end; ++j, ++k) acc[k] += exp_nonpositive(clipped<kClip>(a[j], tclip, inv) - shift);
+  float total = 0.f;
+  for (int k = 0; k < kLanes; ++k) total += acc[k];
+  return total;
+}
+
+// max over [begin, end) of s, in 8 lanes; NaN where one is NaN
+template <bool kClip>
+AMDIM_INLINE float max_clipped(const float* a, int64_t begin, int64_t end, float tclip, float inv) {
+  float acc[kLanes];
+  for (int k = 0; k < kLanes; ++k) acc[k] = -kInf;
+  int64_t j = begin;
+  for (; j + kLanes <= end; j += kLanes) {
+    for (int k = 0; k < kLanes; ++k) acc[k] = max_or_nan(acc[k], clipped<kClip>(a[j + k], tclip, inv));
+  }
+  for (int k = 0; j < end; ++j, ++k) acc[k] = max_or_nan(acc[k], clipped<kClip>(a[j], tclip, inv));
+  float m = -kInf;
+  for (int k = 0; k < kLanes; ++k) m = max_or_nan(m, acc[k]);
+  return m;
+}
+
+// the row's sum of square_or_nan(a), in float64 lanes (no float32 overflow)
+AMDIM_INLINE double sum_squares(const float* a, int64_t C) {
+  double acc[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= C; j += kLanes) {
+    for (int k = 0; k < kLanes; ++k) {
+      const double v = a[j + k];
+      acc[k] += v * v + (v - v);
+    }
+  }
+  for (int k = 0; j < C; ++j, ++k) {
+    const double v = a[j];
+    acc[k] += v * v + (v - v);
+  }
+  double total = 0.0;
+  for (int k = 0; k < kLanes; ++k) total += acc[k];
+  return total;
+}
+
+// positives [p0, p1) of row i (p0 = p1 = C where its image is not in the tile)
+AMDIM_INLINE void positive_columns(int64_t p, int64_t m0, int64_t m1, int64_t L, int64_t C, int64_t& p0, int64_t& p1) {
+  p0 = (p >= m0 && p < m1) ? (p - m0) * L : C;
+  p1 = p0 < C ? p0 + L : C;
+}
+
+template <bool kClip>
+AMDIM_INLINE void statistics_rows(const float* a, int64_t R, int64_t C, int64_t m0, int64_t m1, int64_t L, const int64_t* pos_idx,
+                     float tclip, float* pos_rows, float* shift, double* sum, double* sq) {
+  const float inv = kClip ? 1.f / tclip : 1.f;
+  const bool fixed = shift_by_tclip(tclip);
+  for (int64_t i = 0; i < R; ++i) {
+    const float* row = a + i * C;
+    int64_t p0, p1;  // the negatives: [0, p0) and [p1, C)
+    positive_columns(pos_idx[i], m0, m1, L, C, p0, p1);
+    for (int64_t j = p0; j < p1; ++j) pos_rows[i * L + (j - p0)] = clipped<kClip>(row[j], tclip, inv);
+    sq[i] = sum_squares(row, C);
+    float sh = tclip;
+    if (!fixed) sh = max_or_nan(max_clipped<kClip>(row, 0, p0, tclip, inv), max_clipped<kClip>(row, p1, C, tclip, inv));
+    shift[i] = sh;
+    // no negatives here (sh = -inf): the sums are 0, and merge_tiles skips the tile's row
+    const float safe = sh == -kInf ? 0.f : sh;
+    sum[i] = static_cast<double>(sum_exp<kClip>(row, 0, p0, tclip, inv, safe)) +
+             static_cast<double>(sum_exp<kClip>(row, p1, C, tclip, inv, safe));
+  }
+}
+
+template <bool kClip>
+AMDIM_INLINE void gradient_rows(float* a, int64_t R, int64_t C, int64_t m0, int64_t m1, int64_t L, const int64_t* pos_idx,
+                   float tclip, const float* neg_lse, const float* r, const float* reg_coef, const float* gpos) {
+  const float inv = kClip ? 1.f / tclip : 1.f;
+  std::vector<float> positives(static_cast<size_t>(L));
+  for (int64_t i = 0; i < R; ++i) {
+    float* row = a + i * C;
+    const float lse = neg_lse[i], ri = r[i], reg = reg_coef[i];
+    int64_t p0, p1;
+    positive_columns(pos_idx[i], m0, m1, L, C, p0, p1);
+    std::copy(row + p0, row + p1, positives.data());  // their raw scores, which the loop overwrites
+    // every column as a negative: r exp(s - neg_lse), <= r since neg_lse bounds each negative
+    for (int64_t j = 0; j < C; ++j) {
+      const float x = row[j];
+      if (kClip) {
+        const float u = tanh_branch_free(x * inv);
+        row[j] = reg * x + ri * exp_nonpositive(tclip * u - lse) * (1.f - u * u);
+      } else {
+        row[j] = reg * x + ri * exp_nonpositive(x - lse);
+      }
+    }
+    for (int64_t j = p0; j < p1; ++j) {  // then the positives: gpos
+      const float x = positives[j - p0];
+      const float u = kClip ? tanh_branch_free(x * inv) : 0.f;
+      row[j] = reg * x + gpos[i * L + (j - p0)] * (1.f - u * u);
+    }
+  }
+}
+
+
+// Each entry point's two versions: the same code, compiled for AVX2+FMA and for the baseline.
+#define AMDIM_STATISTICS_BODY                                                                 \
+  if (tclip > 0.f) {                                                                          \
+    statistics_rows<true>(a, R, C, m0, m1, L, pos_idx, tclip, pos_rows, shift, sum, sq);      \
+  } else {                                                                                    \
+    statistics_rows<false>(a, R, C, m0, m1, L, pos_idx, tclip, pos_rows, shift, sum, sq);     \
+  }
+#define AMDIM_GRADIENT_BODY                                                                   \
+  if (tclip > 0.f) {                                                                          \
+    gradient_rows<true>(a, R, C, m0, m1, L, pos_idx, tclip, neg_lse, r, reg_coef, gpos);      \
+  } else {                                                                                    \
+    gradient_rows<false>(a, R, C, m0, m1, L, pos_idx, tclip, neg_lse, r, reg_coef, gpos);     \
+  }
+
+void statistics_baseline(const float* a, int64_t R, int64_t C, int64_t m0, int64_t m1, int64_t L,
+                         const int64_t* pos_idx, float tclip, float* pos_rows, float* shift, double* sum, double* sq) {
+  AMDIM_STATISTICS_BODY
+}
+
+void gradient_baseline(float* a, int64_t R, int64_t C, int64_t m0, int64_t m1, int64_t L, const int64_t* pos_idx,
+                       float tclip, const float* neg_lse, const float* r, const float* reg_coef, const float* gpos) {
+  AMDIM_GRADIENT_BODY
+}
+
+#if AMDIM_AVX2_VERSION
+AMDIM_AVX2 void statistics_avx2(const float* a, int64_t R, int64_t C, int64_t m0, int64_t m1, int64_t L,
+                                const int64_t* pos_idx, float tclip, float* pos_rows, float* shift, double* sum,
+                                double* sq) {
+  AMDIM_STATISTICS_BODY
+}
+
+AMDIM_AVX2 void gradient_avx2(float* a, int64_t R, int64_t C, int64_t m0, int64_t m1, int64_t L,
+                              const int64_t* pos_idx, float tclip, const float* neg_lse, const float* r,
+                              const float* reg_coef, const float* gpos) {
+  AMDIM_GRADIENT_BODY
+}
+
+bool has_avx2() {
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return yes;
+}
+#endif
+
+}  // namespace
+
+void tile_statistics(const float* a, int64_t R, int64_t C, int64_t m0, int64_t m1, int64_t L, const int64_t* pos_idx,
+                     float tclip, float* pos_rows, float* shift, double* sum, double* sq) {
+#if AMDIM_AVX2_VERSION
+  if (has_avx2()) return statistics_avx2(a, R, C, m0, m1, L, pos_idx, tclip, pos_rows, shift, sum, sq);
+#endif
+  statistics_baseline(a, R, C, m0, m1, L, pos_idx, tclip, pos_rows, shift, sum, sq);
+}
+
+void tile_gradient(float* a, int64_t R, int64_t C, int64_t m0, int64_t m1, int64_t L, const int64_t* pos_idx,
+                   float tclip, const float* neg_lse, const float* r, const float* reg_coef, const float* gpos) {
+#if AMDIM_AVX2_VERSION
+  if (has_avx2()) return gradient_avx2(a, R, C, m0, m1, L, pos_idx, tclip, neg_lse, r, reg_coef, gpos);
+#endif
+  gradient_baseline(a, R, C, m0, m1, L, pos_idx, tclip, neg_lse, r, reg_coef, gpos);
+}
+
+}  // namespace cpu
+}  // namespace amdim_kernels
