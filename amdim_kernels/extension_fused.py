@@ -38,7 +38,9 @@ def _fake_fwd_grad(src, trg, pos_idx, tclip, scale, reg_weight, group_rows, bloc
             trg.new_empty((trg.shape[0] if need_trg else 0,) + tuple(trg.shape[1:]), **f32))
 
 
-torch.library.register_fake("amdim_kernels::nce_fwd_grad")(_fake_fwd_grad)
+def register() -> None:
+    """The op's fake implementation (once the extension has defined the op)."""
+    torch.library.register_fake("amdim_kernels::nce_fwd_grad")(_fake_fwd_grad)
 
 
 def _close(a: float, b: float) -> bool:

@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from . import extension_loader, op_contract, schedule
+from . import extension_fused, extension_loader, op_contract, schedule
 from .backend_settings import Settings
-from .extension_fused import nce_loss_three_product
 from .validation import Problem
 
 _ops = torch.ops.amdim_kernels
@@ -33,6 +32,7 @@ def kernel_image_error(device_index: int) -> str:
 
 
 op_contract.register("amdim_kernels::nce_fwd", "amdim_kernels::nce_bwd", _ops.nce_bwd)
+extension_fused.register()
 
 
 class _EagerLoss(torch.autograd.Function):
@@ -60,7 +60,7 @@ def nce_loss_extension(p: Problem, settings: Settings) -> tuple[torch.Tensor, to
     if p.src.device.type == "cpu":
         rows = schedule.choose(p, settings)
         if rows != schedule.FOUR_PRODUCT:
-            return nce_loss_three_product(p, rows, settings.cuda_scores)
+            return extension_fused.nce_loss_three_product(p, rows, settings.cuda_scores)
     args = (p.src, p.trg, p.pos_idx, p.tclip, p.scale, p.reg_weight, settings.cuda_scores)
     outputs = _ops.nce_fwd(*args) if torch.compiler.is_compiling() else _EagerLoss.apply(*args)
     return op_contract.loss_and_reg(outputs, p)

@@ -145,13 +145,15 @@ def multiscale_nce(view1, view2, *, tclip: float | None = 20.0, backend: str = "
 
     # 1->5 and 5->5 of a direction score B sources each against the same targets: one call of
     # 2B sources reads the targets once, forward and backward, and makes their gradient in
-    # one product, where two calls read them twice and autograd added two gradients. Each
-    # group's mean comes from the (2B, L) per-positive losses; the regulariser, a mean over
-    # the 2B rows, is the mean of the two calls' regularisers.
+    # one product, where two calls read them twice and autograd added two gradients. The call
+    # gives each group's mean ("group_means"); its regulariser, a mean over the 2B rows, is the
+    # mean of the two calls' regularisers. The objective weights the two means 0.5 each and
+    # the regulariser 1: its mean over all 2B*L positives plus reg, which the cpp backend's
+    # three-product schedule takes as it is (its gradients made in the forward, then scaled).
     if share_targets:
-        x5_a, reg5_a = nce(torch.cat([r1_a, s5_a]), g5_b, (pos_idx, pos_idx), "none")
-        x5_b, reg5_b = nce(torch.cat([r1_b, s5_b]), g5_a, (pos_idx, pos_idx), "none")
-        means = torch.cat([x5_a, x5_b]).unflatten(0, (4, b)).mean((1, 2))  # 1->5, 5->5 per direction
+        means5_a, reg5_a = nce(torch.cat([r1_a, s5_a]), g5_b, (pos_idx, pos_idx), "group_means")
+        means5_b, reg5_b = nce(torch.cat([r1_b, s5_b]), g5_a, (pos_idx, pos_idx), "group_means")
+        means = torch.cat([means5_a, means5_b])  # 1->5, 5->5 per direction
     else:
         (l15_a, r15_a), (l55_a, r55_a), (l15_b, r15_b), (l55_b, r55_b) = (
             nce(src, trg, pos_idx) for src, trg in ((r1_a, g5_b), (s5_a, g5_b), (r1_b, g5_a), (s5_b, g5_a)))

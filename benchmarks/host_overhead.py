@@ -177,8 +177,8 @@ class _CountedLaunch:
 
 def work_ops(p: problems.Problem = problems.CIFAR) -> None:
     """The ops one fwd+bwd (nce_loss, loss + reg, autograd.grad) dispatches that launch work
-    on a GPU (--ops), counted on the CPU: backend "cpp" (its C++ op once per direction; the
-    cuda backend's dispatches the same Python path) and "triton" with its kernel launches
+    on a GPU (--ops), counted on the CPU: backend "cpp" with the four-product schedule (its
+    C++ op once per direction; the cuda backend's dispatches the same Python path) and "triton" with its kernel launches
     stubbed and counted. Views and allocations are left out. The problem's sizes set the
     Triton chunk plan as on an H100 (132 SMs, the chunk floor)."""
     src, trg, _ = p.inputs(torch.bfloat16, "cpu")
@@ -197,6 +197,8 @@ def work_ops(p: problems.Problem = problems.CIFAR) -> None:
                         stack.enter_context(mock.patch.object(stage, "num_sms", lambda device: 132))
                 stack.enter_context(mock.patch.object(environment, "TRITON_INTERPRET", False))
                 stack.enter_context(mock.patch("amdim_kernels.registry.resolve", lambda name, device: name))
+            else:  # the schedule the cuda backend runs
+                stack.enter_context(settings(schedule="four-product"))
             fwd_bwd(src, trg, None, backend)
             launches.clear()
             with _WorkOps() as counted:
@@ -226,12 +228,14 @@ def _objective_step(b: int, d: int, backend: str, share_targets: bool = True, ge
 
 def objective_ops(b: int = 8, d: int = 32) -> None:
     """The ops one fwd+bwd of the trainer's objective (amdim_kernels.multiscale_nce, backend
-    cpp) dispatches that launch work on a GPU, counted as --ops counts them: the nce ops and
-    the rest (gathers, concatenations, the means, the gradients' accumulation)."""
+    cpp with the four-product schedule, the cuda backend's) dispatches that launch work on a
+    GPU, counted as --ops counts them: the nce ops and the rest (gathers, concatenations, the
+    means, the gradients' accumulation)."""
     step = _objective_step(b, d, "cpp", generator=torch.Generator().manual_seed(0))
-    step()
-    with _WorkOps() as counted:
+    with settings(schedule="four-product"):
         step()
+        with _WorkOps() as counted:
+            step()
     nce = sum(k for name, k in counted.ops.items() if name.startswith("nce_"))
     rest = ", ".join(f"{name} {k}" for name, k in sorted(counted.ops.items()) if not name.startswith("nce_"))
     print(f"ops of one multiscale_nce fwd+bwd that launch GPU work, cpp, B = {b}, D = {d} (CPU, float32)")

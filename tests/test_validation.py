@@ -68,7 +68,7 @@ BAD = [  # (argument changes, exception, regex the message must match)
     (dict(tclip=float("inf")), ValueError, r"tclip must be a positive finite"),
     (dict(reg_weight=-0.1), ValueError, r"reg_weight must be a finite number >= 0, got -0.1"),
     (dict(scale=float("nan")), ValueError, r"scale must be a finite number"),
-    (dict(reduction="sum"), ValueError, r"reduction must be one of \('mean', 'none'\), got 'sum'"),
+    (dict(reduction="sum"), ValueError, r"reduction must be one of \('mean', 'group_means', 'none'\), got 'sum'"),
     (dict(backend="fastest"), ValueError, r"backend must be one of .*'auto'.*got 'fastest'"),
     (dict(src=torch.randn(3, 8), pos_idx=None), ValueError, r"pos_idx is required when N != M"),
 ]

@@ -1,0 +1,307 @@
+"""Backend cpp's two schedules (amdim_kernels/schedule.py): both against the float64 truth on
+problems drawn fresh each run, the three-product backward's upstream check and its fallback,
+what "auto" chooses, thread invariance and the workspace bound; reduction "group_means"."""
+from __future__ import annotations
+
+import collections
+import os
+import zlib
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from amdim_kernels import available_backends, multiscale_nce, nce_loss, schedule, settings
+from amdim_kernels.extension_fused import stored_scale
+from amdim_kernels.validation import validate
+from truth import EXTRA_TOL, rel_err, spec_loss_f64
+
+pytestmark = pytest.mark.skipif("cpp" not in available_backends("cpu"), reason="cpp is not built")
+
+SCHEDULES = ("three-product", "four-product")
+# One seed per run (conftest.py), so that each run draws other problems; the failing test's
+# id and the seed in its message draw them again (AMDIM_TEST_SEED=<seed>).
+SEED = int(os.environ["AMDIM_TEST_SEED"])
+OPTIONS = [dict(), dict(tclip=None), dict(tclip=50.0), dict(reg_weight=0.0), dict(tclip=3.0, reg_weight=0.2, scale=0.5)]
+
+
+class _CountOps(TorchDispatchMode):
+    """Counts the extension's ops as they are dispatched."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "amdim_kernels":
+            self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _draw(gen: torch.Generator, dtype=torch.float32, groups: int = 1):
+    """An odd problem: N rows in `groups` ranges (each of B rows, against the same M images),
+    M images of L locations, D features, the targets sometimes as a feature map's view."""
+    b = int(torch.randint(1, 14, (), generator=gen))
+    m = int(torch.randint(1, 23, (), generator=gen))
+    l = int(torch.randint(1, 10, (), generator=gen))  # noqa: E741
+    d = int(torch.randint(1, 40, (), generator=gen))
+    n = b * groups
+    src = (4 * torch.randn(n, d, generator=gen)).to(dtype)
+    if torch.rand((), generator=gen) < 0.5:
+        trg = torch.randn(m, l, d, generator=gen).to(dtype)
+    else:  # the trainer's layout: (M, D, H*W) seen as (M, L, D)
+        trg = torch.randn(m, d, l, generator=gen).to(dtype).transpose(1, 2)
+    start = int(torch.randint(0, m - min(b, m) + 1, (), generator=gen)) if b <= m else 0
+    if groups > 1 or b <= m:
+        ranges = tuple(range(start, start + b) for _ in range(groups)) if b <= m else None
+    else:
+        ranges = None
+    if ranges is None:  # more rows than images: a random tensor of indices
+        return src, trg, torch.randint(0, m, (n,), generator=gen), (n,)
+    return src, trg, ranges if groups > 1 else ranges[0], tuple(len(r) for r in ranges)
+
+
+def _indices(pos_idx, n):
+    if isinstance(pos_idx, torch.Tensor):
+        return pos_idx
+    ranges = pos_idx if isinstance(pos_idx, tuple) else (pos_idx,)
+    return torch.tensor([i for r in ranges for i in r], dtype=torch.int64)
+
+
+def _objective(loss, reg, reduction, groups, weights, reg_upstream):
+    """sum_k weights[k] * mean_k + reg_upstream * reg, from nce_loss's outputs."""
+    if reduction == "mean":
+        return weights[0] * loss + reg_upstream * reg
+    return (loss * torch.tensor(weights, dtype=loss.dtype)).sum() + reg_upstream * reg
+
+
+def _grads(fn, src, trg, pos_idx, reduction, groups, weights, reg_upstream, grad_of, **options):
+    s = src.detach().clone().requires_grad_("src" in grad_of)
+    t = trg.detach().clone().requires_grad_("trg" in grad_of)
+    loss, reg = fn(s, t, pos_idx, reduction, **options)
+    _objective(loss, reg, reduction, groups, weights, reg_upstream).backward()
+    return loss.detach(), reg.detach(), s.grad, t.grad
+
+
+def _truth(src, trg, pos_idx, reduction, groups, *, tclip=20.0, reg_weight=0.05, scale=None):
+    per_positive, reg = spec_loss_f64(src, trg, _indices(pos_idx, src.shape[0]), tclip, reg_weight, scale, "none")
+    means = torch.stack([part.mean() for part in per_positive.split(list(groups))])
+    return (means.sum() / len(groups) if reduction == "mean" and len(groups) > 1 else
+            per_positive.mean() if reduction == "mean" else means), reg
+
+
+def _cpp(schedule_name, workspace_bytes=None):
+    def fn(src, trg, pos_idx, reduction, **options):
+        with settings(schedule=schedule_name, workspace_bytes=workspace_bytes):
+            return nce_loss(src, trg, pos_idx, reduction=reduction, backend="cpp", **options)
+    return fn
+
+
+def _reference(src, trg, pos_idx, reduction, **options):
+    return nce_loss(src, trg, pos_idx, reduction=reduction, backend="reference", **options)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("upstream", ["matching", "other"])
+@pytest.mark.parametrize("reduction, groups", [("mean", 1), ("mean", 2), ("group_means", 2), ("group_means", 3)])
+@pytest.mark.parametrize("options", OPTIONS, ids=str)
+@pytest.mark.parametrize("blocks", ["one", "several"])
+@pytest.mark.parametrize("schedule_name", SCHEDULES)
+def test_schedules_match_truth(schedule_name, blocks, options, reduction, groups, upstream, dtype, request):
+    """Values and gradients of both schedules against the float64 truth: the error is at most
+    the reference's in the same dtype plus what float32 sums in another order add (1e-5), and
+    for 16-bit inputs the rounding of the gradients to that dtype (EXTRA_TOL). "matching": an
+    upstream the three-product backward scales (c * n_k / N on each group's mean, c on reg);
+    "other": random weights, which it meets with the four-product backward."""
+    seed = SEED + zlib.crc32(request.node.name.encode())  # each case its own problem, the same on every worker
+    gen = torch.Generator().manual_seed(seed)
+    src, trg, pos_idx, group_rows = _draw(gen, dtype, groups)
+    n = src.shape[0]
+    c = float(torch.rand((), generator=gen)) + 0.5
+    if upstream == "matching":
+        weights = [c * k / n for k in group_rows] if reduction == "group_means" else [c]
+        reg_upstream = c
+    else:
+        weights = (torch.rand(len(group_rows) if reduction == "group_means" else 1, generator=gen) + 0.5).tolist()
+        reg_upstream = float(torch.rand((), generator=gen)) * 3
+    grad_of = [("src", "trg"), ("src",), ("trg",)][int(torch.randint(0, 3, (), generator=gen))]
+    workspace = 4 * trg.shape[0] * trg.shape[1] * max(1, n // 3) if blocks == "several" else None
+    got = _grads(_cpp(schedule_name, workspace), src, trg, pos_idx, reduction, group_rows, weights, reg_upstream,
+                 grad_of, **options)
+    ref = _grads(_reference, src, trg, pos_idx, reduction, group_rows, weights, reg_upstream, grad_of, **options)
+    truth = _grads(lambda s, t, p, r, **o: _truth(s, t, p, r, group_rows, **o), src.double(), trg.double(), pos_idx,
+                   reduction, group_rows, weights, reg_upstream, grad_of, **options)
+    for k, name in enumerate(("loss", "reg", "d src", "d trg")):
+        g, r, t = got[k], ref[k], truth[k]
+        if t is None:
+            assert g is None, f"{name}: a gradient for an input that needs none"
+            continue
+        assert g.shape == t.shape and g.dtype == r.dtype, name
+        assert not torch.isnan(g).any(), name
+        if t.abs().max() == 0:
+            assert g.abs().max() == 0, name
+            continue
+        extra = 1e-5 if k < 2 else EXTRA_TOL[dtype]
+        assert rel_err(g, t) <= rel_err(r, t) + extra, (
+            f"{name}: {rel_err(g, t):.3g} vs reference {rel_err(r, t):.3g} (seed {SEED}, N x D {tuple(src.shape)}, "
+            f"trg {tuple(trg.shape)})")
+
+
+def _backward_ops(fn):
+    with _CountOps() as counted:
+        fn()
+    return counted.ops
+
+
+@pytest.mark.parametrize("reg_weight", [0.05, 0.0])
+def test_three_product_backward_scales_or_recomputes(reg_weight):
+    """The stored gradients serve an upstream that weights mean and reg alike (times any c),
+    and, with reg_weight 0, any weight of reg (reg alone: c = 0); every other upstream, and a second backward
+    through the same graph, gets nce_bwd (the four-product backward) and the same gradients
+    as the four-product schedule."""
+    src, trg = 3 * torch.randn(11, 8), torch.randn(11, 5, 8)
+    cases = {"2 (loss + reg)": (2.0, 2.0), "loss alone": (1.0, None), "loss + 3 reg": (1.0, 3.0),
+             "reg alone": (None, 1.0)}
+    for name, (w_loss, w_reg) in cases.items():
+        grads = {}
+        for sched in SCHEDULES:
+            s, t = src.clone().requires_grad_(), trg.clone().requires_grad_()
+            with settings(schedule=sched):
+                loss, reg = nce_loss(s, t, reg_weight=reg_weight, backend="cpp")
+            total = sum(w * x for w, x in ((w_loss, loss), (w_reg, reg)) if w is not None)
+            ops = _backward_ops(lambda: total.backward(retain_graph=True))
+            first = s.grad.clone(), t.grad.clone()
+            s.grad = t.grad = None
+            again = _backward_ops(lambda: total.backward())
+            torch.testing.assert_close((s.grad, t.grad), first, rtol=1e-5, atol=1e-7)
+            grads[sched] = first
+            if sched == "three-product":
+                scaled = name == "2 (loss + reg)" or reg_weight == 0.0  # reg alone: c = 0
+                assert ops["nce_bwd"] == (0 if scaled else 1), name
+                assert again["nce_bwd"] == 1, f"{name}: second backward"
+        torch.testing.assert_close(grads["three-product"], grads["four-product"], rtol=2e-5, atol=1e-7, msg=name)
+
+
+def test_stored_scale():
+    """c with upstream = c x (the stored objective's weights), else None."""
+    one = torch.tensor
+    assert stored_scale(None, one([2.0]), one(2.0), (5,), 0.05) == 2.0
+    assert stored_scale(None, one([1.0]), None, (5,), 0.05) is None  # reg unused, and weighted
+    assert stored_scale(None, one([1.0]), None, (5,), 0.0) == 1.0  # reg weighs nothing
+    assert stored_scale(None, one([0.5, 0.5]), one(1.0), (4, 4), 0.05) == 1.0  # AMDIM's 1->5 + 5->5 call
+    assert stored_scale(None, one([0.25, 0.75]), one(1.0), (2, 6), 0.05) == 1.0
+    assert stored_scale(None, one([0.5, 0.6]), one(1.0), (4, 4), 0.05) is None
+    assert stored_scale(torch.ones(8, 3), one([1.0]), one(1.0), (8,), 0.05) is None
+    assert stored_scale(None, one([1.0 + 2**-23]), one(1.0), (5,), 0.05) == pytest.approx(1.0)  # within 8 ulp
+
+
+def test_auto_takes_three_products_where_documented():
+    src, trg = torch.randn(64, 16).requires_grad_(), torch.randn(64, 7, 16)
+    auto = settings(schedule="auto")
+
+    def rows(reduction="mean", workspace=None, s=src, t=trg):
+        with settings(workspace_bytes=workspace) as now:
+            return schedule.choose(validate(s, t, None, 20.0, 0.05, None, reduction), now)
+
+    with auto:
+        assert rows() == 64  # default budget: 4 MiB holds every row
+        assert rows("group_means") == 64
+        assert rows("none") == schedule.FOUR_PRODUCT
+        assert rows(s=src.detach()) == schedule.FOUR_PRODUCT  # no gradient needed
+        assert rows(t=trg.requires_grad_()) == 64
+        with torch.no_grad():
+            assert rows() == schedule.FOUR_PRODUCT
+        assert rows(workspace=4 * 64 * 7 * 32) == 32  # the smallest block auto takes
+        assert rows(workspace=4 * 64 * 7 * 31) == schedule.FOUR_PRODUCT
+    assert schedule.default_workspace_bytes(256, 256, 49) == 4 << 20
+    assert schedule.default_workspace_bytes(4096, 4096, 49) == 4096 * 4096 * 49 // 2
+    with settings(schedule="four-product"):
+        assert rows() == schedule.FOUR_PRODUCT
+    with settings(schedule="three-product"):
+        assert rows(workspace=4 * 7 * 64 * 3) == 3
+        with pytest.raises(ValueError, match="needs a reduced loss"):
+            rows("none")
+        with pytest.raises(ValueError, match="workspace_bytes = 27 holds no row of scores"):
+            rows(workspace=27)
+
+
+@pytest.mark.parametrize("bad, message", [(dict(schedule="three"), "schedule must be one of"),
+                                          (dict(workspace_bytes=0), "workspace_bytes must be a positive int"),
+                                          (dict(workspace_bytes=1.5), "workspace_bytes must be a positive int")])
+def test_bad_schedule_settings_are_refused(bad, message):
+    with pytest.raises(ValueError, match=message):
+        with settings(**bad):
+            pass
+
+
+def test_three_product_same_bits_for_any_thread_count_and_call():
+    """Blocks, tiles and groups are fixed by the problem and the budget: the same bits for 1
+    and 2 threads and for repeated calls."""
+    src, trg = 4 * torch.randn(45, 24), torch.randn(31, 9, 24)
+    pos_idx = torch.randint(0, 31, (45,))
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2, 2):
+            torch.set_num_threads(count)
+            s, t = src.clone().requires_grad_(), trg.clone().requires_grad_()
+            with settings(schedule="three-product", workspace_bytes=4 * 31 * 9 * 10):
+                loss, reg = nce_loss(s, t, pos_idx, backend="cpp")
+            (loss + reg).backward()
+            results.append((loss, reg, s.grad, t.grad))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+def test_three_product_workspace_stays_within_its_budget():
+    """The call's own tensors beyond its outputs and gradients: one row block's scores (the
+    budget) plus what scales with N x D, N x L and the tiles, never the N x M*L matrix."""
+    from benchmarks.measure import peak_extra_bytes
+
+    n, m, l, d = 128, 128, 49, 32
+    scores = 4 * n * m * l
+    budget = scores // 16
+    src, trg = torch.randn(n, d).requires_grad_(), torch.randn(m, l, d).requires_grad_()
+
+    def call():
+        with settings(schedule="three-product", workspace_bytes=budget):
+            loss, reg = nce_loss(src, trg, backend="cpp")
+        torch.autograd.grad(loss + reg, (src, trg))
+
+    call()
+    grads = 4 * (n * d + m * l * d)
+    rows = budget // (4 * m * l)
+    small = 4 * (8 * rows * d + 4 * n * d + 6 * n * l) + (256 << 10)  # d src partials, copies, statistics
+    workspace = peak_extra_bytes(call, "cpu") - grads
+    assert workspace <= budget + small, f"{workspace} bytes for a budget of {budget}"
+    assert workspace < scores / 4
+
+
+def test_group_means_on_every_backend_and_its_checks():
+    src, trg = 3 * torch.randn(10, 6), torch.randn(7, 4, 6)
+    ranges = (range(2, 7), range(0, 5))
+    want, _ = nce_loss(src, trg, ranges, reduction="none", backend="reference")
+    means = want.view(2, -1).mean(1)
+    for backend in available_backends("cpu"):
+        for sched in SCHEDULES:
+            with settings(schedule=sched):
+                got, _ = nce_loss(src.requires_grad_(), trg, ranges, reduction="group_means", backend=backend)
+            torch.testing.assert_close(got, means, rtol=1e-5, atol=1e-6)
+    one, _ = nce_loss(src[:7], trg, reduction="group_means", backend="cpp")
+    assert one.shape == (1,)
+    with pytest.raises(ValueError, match="each range must hold at least one index"):
+        nce_loss(src[:5], trg, (range(0, 5), range(0, 0)), reduction="group_means")
+
+
+def test_trainer_objective_takes_the_stored_gradients():
+    """multiscale_nce's four calls per step weight each call's group means and regulariser
+    as the three-product schedule stores them: no call recomputes its scores."""
+    b, d = 6, 16
+    views = [(torch.randn(b, d, requires_grad=True), torch.randn(b, d, 5, 5, requires_grad=True),
+              torch.randn(b, d, 7, 7, requires_grad=True)) for _ in range(2)]
+    losses = multiscale_nce(*views, backend="cpp")
+    ops = _backward_ops(lambda: losses.total.backward())
+    assert ops["nce_bwd"] == 0
