@@ -23,20 +23,28 @@ FOUR_PRODUCT = 0  # choose()'s answer for the four-product schedule
 # The smallest row block "auto" takes (or all N rows, where fewer): a product with fewer rows
 # reads the targets once for too little work.
 MIN_BLOCK_ROWS = 32
-# The default budget: 1/8 of the whole score matrix, so that it stays far from the eager
-# reference's memory (several N x M*L temporaries), and at least this much, which any machine has.
+# The default budget: a quarter of the whole score matrix, so that it stays far from the eager
+# reference's memory (it holds several N x M*L temporaries at once), and at least 4 MiB, which
+# any machine has: fewer blocks read the targets and add to d trg fewer times
+# (benchmarks.cpu_floor).
 DEFAULT_WORKSPACE_FLOOR = 4 << 20
 
 
 def default_workspace_bytes(n: int, m: int, l: int) -> int:  # noqa: E741 (the loss's name for it)
-    """Settings.workspace_bytes's default: max(4 MiB, N*M*L*4 / 8)."""
-    return max(DEFAULT_WORKSPACE_FLOOR, 4 * n * m * l // 8)
+    """Settings.workspace_bytes's default: max(4 MiB, N*M*L*4 / 4)."""
+    return max(DEFAULT_WORKSPACE_FLOOR, n * m * l)
 
 
 def block_rows(p: Problem, settings: Settings) -> int:
-    """The source rows whose float32 scores fit the workspace budget (at most N)."""
+    """Rows per block: the fewest blocks whose float32 scores fit the workspace budget, made
+    even (so that no block is a small remainder: each block reads every target and adds to
+    all of d trg once), or 0 where one row does not fit."""
     budget = settings.workspace_bytes or default_workspace_bytes(p.n, p.m, p.l)
-    return min(p.n, budget // (4 * p.m * p.l))
+    fit = min(p.n, budget // (4 * p.m * p.l))
+    if fit < 1:
+        return 0
+    blocks = -(-p.n // fit)
+    return -(-p.n // blocks)
 
 
 def choose(p: Problem, settings: Settings) -> int:

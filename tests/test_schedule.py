@@ -212,13 +212,14 @@ def test_auto_takes_three_products_where_documented():
         with torch.no_grad():
             assert rows() == schedule.FOUR_PRODUCT
         assert rows(workspace=4 * 64 * 7 * 32) == 32  # the smallest block auto takes
+        assert rows(workspace=4 * 64 * 7 * 40) == 32  # two even blocks, not 40 + 24
         assert rows(workspace=4 * 64 * 7 * 31) == schedule.FOUR_PRODUCT
     assert schedule.default_workspace_bytes(256, 256, 49) == 4 << 20
-    assert schedule.default_workspace_bytes(4096, 4096, 49) == 4096 * 4096 * 49 // 2
+    assert schedule.default_workspace_bytes(4096, 4096, 49) == 4096 * 4096 * 49  # a quarter of the scores
     with settings(schedule="four-product"):
         assert rows() == schedule.FOUR_PRODUCT
     with settings(schedule="three-product"):
-        assert rows(workspace=4 * 7 * 64 * 3) == 3
+        assert rows(workspace=4 * 7 * 64 * 3) == 3  # 22 blocks of 3 (the last of 1)
         with pytest.raises(ValueError, match="needs a reduced loss"):
             rows("none")
         with pytest.raises(ValueError, match="workspace_bytes = 27 holds no row of scores"):
@@ -305,3 +306,12 @@ def test_trainer_objective_takes_the_stored_gradients():
     losses = multiscale_nce(*views, backend="cpp")
     ops = _backward_ops(lambda: losses.total.backward())
     assert ops["nce_bwd"] == 0
+
+
+@pytest.mark.parametrize("need", [(True, True), (True, False), (False, True)])
+def test_fwd_grad_op_registration(need):
+    """nce_fwd_grad's schema and fake implementation agree with its CPU kernel."""
+    src, trg = torch.randn(9, 8), torch.randn(6, 4, 8)
+    pos_idx = torch.randint(0, 6, (9,))
+    torch.library.opcheck(torch.ops.amdim_kernels.nce_fwd_grad.default,
+                          (src, trg, pos_idx, 20.0, 0.3, 0.05, [4, 5], 3, *need))

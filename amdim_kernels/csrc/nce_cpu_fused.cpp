@@ -28,14 +28,6 @@ namespace amdim_kernels {
 using at::Tensor;
 using namespace cpu;
 
-namespace {
-
-// Scores per tile inside a row block: 256 KiB of float32, which stays in a core's L2 cache
-// from its product through the epilogue's pass.
-constexpr int64_t kFusedTileElems = 1 << 16;
-
-}  // namespace
-
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> nce_fwd_grad_cpu(
     const Tensor& src, const Tensor& trg, const Tensor& pos_idx, std::optional<double> tclip_opt, double scale,
     double reg_weight, at::IntArrayRef group_rows, int64_t block_rows, bool need_src, bool need_trg) {
@@ -63,7 +55,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> nce_f
   const Tensor src_f = src.to(at::kFloat).contiguous();  // d trg's operand: a view for float32
   const Tensor idx = pos_idx.contiguous();
   const int64_t* p_idx = idx.data_ptr<int64_t>();
-  const int64_t ipt = images_per_tile(B, M, L, kFusedTileElems);
+  const int64_t ipt = images_per_tile(B, M, L);
   const int64_t tiles = (M + ipt - 1) / ipt;
   // d src's partial sums: a fixed number of groups of consecutive tiles, enough to keep up to
   // kMinGroups cores busy (each group's partial is a B x D float32 matrix)

@@ -85,12 +85,16 @@ void for_each_part(int64_t n, const F& f) {
 #endif
 }
 
-// Whole images per tile (so that a column's image is known from its segment), about
-// kTileElems scores for N rows, and at least two tiles where there are two images, so that
-// two cores share even a small problem.
-inline int64_t images_per_tile(int64_t N, int64_t M, int64_t L, int64_t tile_elems = kTileElems) {
-  const int64_t ipt = std::max<int64_t>(1, tile_elems / (N * L));
-  return M >= 2 ? std::min(ipt, (M + 1) / 2) : ipt;
+// Whole images per tile (so that a column's image is known from its segment): at most about
+// kTileElems scores for N rows, in a number of tiles that is a multiple of kTileMultiple
+// (or M), all of one size but the last, so that the cores get even shares (a remainder tile,
+// or 7 tiles for 2 cores, left a core idle for up to a third of the call).
+constexpr int64_t kTileMultiple = 4;
+inline int64_t images_per_tile(int64_t N, int64_t M, int64_t L) {
+  const int64_t most = std::max<int64_t>(1, kTileElems / (N * L));
+  int64_t tiles = (M + most - 1) / most;
+  tiles = std::min(M, (tiles + kTileMultiple - 1) / kTileMultiple * kTileMultiple);
+  return (M + tiles - 1) / tiles;
 }
 
 // The backward's d src partial sums: one (N x D) float32 sum per group of consecutive tiles,
