@@ -214,8 +214,9 @@ def test_auto_takes_three_products_where_documented():
         assert rows(workspace=4 * 64 * 7 * 32) == 32  # the smallest block auto takes
         assert rows(workspace=4 * 64 * 7 * 40) == 32  # two even blocks, not 40 + 24
         assert rows(workspace=4 * 64 * 7 * 31) == schedule.FOUR_PRODUCT
-    assert schedule.default_workspace_bytes(256, 256, 49) == 4 << 20
-    assert schedule.default_workspace_bytes(4096, 4096, 49) == 4096 * 4096 * 49  # a quarter of the scores
+    assert schedule.default_workspace_bytes(100, 100, 49) == 4 << 20  # the floor
+    assert schedule.default_workspace_bytes(256, 256, 49) == 2 * 256 * 256 * 49
+    assert schedule.default_workspace_bytes(4096, 4096, 49) == 2 * 4096 * 4096 * 49  # half the scores
     with settings(schedule="four-product"):
         assert rows() == schedule.FOUR_PRODUCT
     with settings(schedule="three-product"):
