@@ -1,9 +1,9 @@
 // The CPU epilogue (nce_cpu_epilogue.h): each tile row in one loop of plain float arithmetic
 // that the compiler vectorises, with branch-free exp and tanh (below) in place of libm's
-// calls, which do not vectorise. On x86-64 (GCC, Clang) each entry point is compiled twice,
-// for AVX2+FMA and for the baseline, and picks one by the CPU's features on first call.
-// Sums run in 8 fixed lanes, added in lane order at the end, so that a row's result does not
-// depend on the vector width (the compiler may not reorder a float sum itself).
+// calls, which do not vectorise. On x86-64 (GCC, Clang) each entry point is compiled three
+// times, for AVX-512, for AVX2+FMA and for the baseline, and picks one by the CPU's features
+// on first call. Sums run in 16 fixed lanes, added in lane order at the end, so that a row's
+// result does not depend on the vector width (the compiler may not reorder a float sum itself).
 #include "nce_cpu_epilogue.h"
 
 #include <cmath>
@@ -17,8 +17,9 @@
 // Everything below the entry points is inlined into each version (a function left out of
 // line would be compiled once, for the baseline).
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
-#define AMDIM_AVX2_VERSION 1
+#define AMDIM_AVX2_VERSION 1  // and AVX-512
 #define AMDIM_AVX2 __attribute__((target("avx2,fma")))
+#define AMDIM_AVX512 __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,fma,prefer-vector-width=512")))
 #else
 #define AMDIM_AVX2_VERSION 0
 #endif
@@ -32,7 +33,7 @@ namespace amdim_kernels {
 namespace cpu {
 namespace {
 
-constexpr int kLanes = 8;
+constexpr int kLanes = 16;  // two AVX2 vectors or one AVX-512 vector of float32 a step
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
 AMDIM_INLINE float from_bits(int32_t bits) {
@@ -102,7 +103,7 @@ AMDIM_INLINE float clipped(float a, float tclip, float inv) {
 // the larger of m and s, NaN where either is NaN (a select, without a branch)
 AMDIM_INLINE float max_or_nan(float m, float s) { return ((s > m) | (s != s)) ? s : m; }
 
-// sum over [begin, end) of exp(s - shift), in 8 lanes
+// sum over [begin, end) of exp(s - shift), in kLanes lanes
 template <bool kClip>
 AMDIM_INLINE float sum_exp(const float* a, int64_t begin, int64_t end, float tclip, float inv, float shift) {
   float acc[kLanes] = {};
@@ -116,7 +117,7 @@ AMDIM_INLINE float sum_exp(const float* a, int64_t begin, int64_t end, float tcl
   return total;
 }
 
-// max over [begin, end) of s, in 8 lanes; NaN where one is NaN
+// max over [begin, end) of s, in kLanes lanes; NaN where one is NaN
 template <bool kClip>
 AMDIM_INLINE float max_clipped(const float* a, int64_t begin, int64_t end, float tclip, float inv) {
   float acc[kLanes];
@@ -207,7 +208,7 @@ AMDIM_INLINE void gradient_rows(float* a, int64_t R, int64_t C, int64_t m0, int6
 }
 
 
-// Each entry point's two versions: the same code, compiled for AVX2+FMA and for the baseline.
+// Each entry point's versions: the same code, compiled for AVX-512, AVX2+FMA and the baseline.
 #define AMDIM_STATISTICS_BODY                                                                 \
   if (tclip > 0.f) {                                                                          \
     statistics_rows<true>(a, R, C, m0, m1, L, pos_idx, tclip, pos_rows, shift, sum, sq);      \
@@ -244,8 +245,26 @@ AMDIM_AVX2 void gradient_avx2(float* a, int64_t R, int64_t C, int64_t m0, int64_
   AMDIM_GRADIENT_BODY
 }
 
+AMDIM_AVX512 void statistics_avx512(const float* a, int64_t R, int64_t C, int64_t m0, int64_t m1, int64_t L,
+                                    const int64_t* pos_idx, float tclip, float* pos_rows, float* shift, double* sum,
+                                    double* sq) {
+  AMDIM_STATISTICS_BODY
+}
+
+AMDIM_AVX512 void gradient_avx512(float* a, int64_t R, int64_t C, int64_t m0, int64_t m1, int64_t L,
+                                  const int64_t* pos_idx, float tclip, const float* neg_lse, const float* r,
+                                  const float* reg_coef, const float* gpos) {
+  AMDIM_GRADIENT_BODY
+}
+
 bool has_avx2() {
   static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return yes;
+}
+
+bool has_avx512() {
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw");
   return yes;
 }
 #endif
@@ -255,6 +274,7 @@ bool has_avx2() {
 void tile_statistics(const float* a, int64_t R, int64_t C, int64_t m0, int64_t m1, int64_t L, const int64_t* pos_idx,
                      float tclip, float* pos_rows, float* shift, double* sum, double* sq) {
 #if AMDIM_AVX2_VERSION
+  if (has_avx512()) return statistics_avx512(a, R, C, m0, m1, L, pos_idx, tclip, pos_rows, shift, sum, sq);
   if (has_avx2()) return statistics_avx2(a, R, C, m0, m1, L, pos_idx, tclip, pos_rows, shift, sum, sq);
 #endif
   statistics_baseline(a, R, C, m0, m1, L, pos_idx, tclip, pos_rows, shift, sum, sq);
@@ -263,6 +283,7 @@ void tile_statistics(const float* a, int64_t R, int64_t C, int64_t m0, int64_t m
 void tile_gradient(float* a, int64_t R, int64_t C, int64_t m0, int64_t m1, int64_t L, const int64_t* pos_idx,
                    float tclip, const float* neg_lse, const float* r, const float* reg_coef, const float* gpos) {
 #if AMDIM_AVX2_VERSION
+  if (has_avx512()) return gradient_avx512(a, R, C, m0, m1, L, pos_idx, tclip, neg_lse, r, reg_coef, gpos);
   if (has_avx2()) return gradient_avx2(a, R, C, m0, m1, L, pos_idx, tclip, neg_lse, r, reg_coef, gpos);
 #endif
   gradient_baseline(a, R, C, m0, m1, L, pos_idx, tclip, neg_lse, r, reg_coef, gpos);
