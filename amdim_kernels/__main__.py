@@ -34,11 +34,17 @@ def _inputs(n, m, l, d, pos, dtype, device, generator):
 
 
 def _outputs_and_grads(backend, src, trg, pos_idx, options, generator):
-    src, trg = src.clone().requires_grad_(), trg.clone().requires_grad_()
-    loss, reg = nce_loss(src, trg, pos_idx, backend=backend, **options)
-    weights = torch.rand(loss.shape, generator=generator).to(loss.device)
-    torch.autograd.backward((loss * weights).sum() + reg)
-    return [loss.detach(), reg.detach(), src.grad.float(), trg.grad.float()]
+    """loss, reg and the gradients of two objectives: loss.sum() + reg, and loss with random
+    weights + reg (on the CPU, cpp's three-product backward scales its stored gradients for
+    the first and recomputes for the second)."""
+    out = []
+    for weighted in (False, True):
+        s, t = src.clone().requires_grad_(), trg.clone().requires_grad_()
+        loss, reg = nce_loss(s, t, pos_idx, backend=backend, **options)
+        weights = torch.rand(loss.shape, generator=generator).to(loss.device) if weighted else 1.0
+        torch.autograd.backward((loss * weights).sum() + reg)
+        out += ([loss.detach(), reg.detach()] if not weighted else []) + [s.grad.float(), t.grad.float()]
+    return out
 
 
 def _rel_err(x: torch.Tensor, truth: torch.Tensor) -> float:
@@ -56,8 +62,8 @@ def check(backend: str, device: str) -> list[str]:
             src, trg, pos_idx = _inputs(n, m, l, d, pos, dtype, device, seed)
             got = _outputs_and_grads(backend, src, trg, pos_idx, options, torch.Generator().manual_seed(1))
             want = _outputs_and_grads("reference", src, trg, pos_idx, options, torch.Generator().manual_seed(1))
-            for name, a, b, tol in zip(("loss", "reg", "d src", "d trg"), got, want,
-                                       (value_tol, value_tol, grad_tol, grad_tol)):
+            names = ("loss", "reg", "d src", "d trg", "d src (weighted)", "d trg (weighted)")
+            for name, a, b, tol in zip(names, got, want, (value_tol, value_tol) + (grad_tol,) * 4):
                 err = _rel_err(a, b)
                 if not err <= tol:
                     failures.append(f"{dtype}, N={n} M={m} L={l} D={d} {options}: {name} off by {err:.2e} "
@@ -77,6 +83,8 @@ def main(argv=None) -> int:
         else []
     print(f"devices: cpu{''.join(', ' + g for g in gpus)}")
     kernels = ", ".join(info["extension_built_for"]) or "none"
+    if info["cpu_epilogue"]:
+        kernels += f" (CPU epilogue: {info['cpu_epilogue'][0]})"
     print(f"compiled extension: {ext['origin']}, kernels for: {kernels}"
           + (f", at {ext['path']}" if ext["path"] else "") + (f" ({ext['note']})" if ext["note"] else ""))
     print(f"settings: {current_settings()}")

@@ -126,6 +126,8 @@ def build_info() -> dict:
     return {
         "extension_built_for": extension.built_for,
         "extension": {"origin": extension.origin, "path": extension.path, "note": extension.reason},
+        # the CPU epilogue's compiled versions this CPU runs, best (the one used) first
+        "cpu_epilogue": extension.module.epilogue_versions() if extension.module is not None else (),
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "triton": triton_version,

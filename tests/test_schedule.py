@@ -316,3 +316,51 @@ def test_fwd_grad_op_registration(need):
     pos_idx = torch.randint(0, 6, (9,))
     torch.library.opcheck(torch.ops.amdim_kernels.nce_fwd_grad.default,
                           (src, trg, pos_idx, 20.0, 0.3, 0.05, [4, 5], 3, *need))
+
+
+def _epilogue_truth(a, pos_idx, m0, m1, l, tclip, neg_lse, r, reg_coef, gpos):
+    """tile_statistics' and tile_gradient's outputs in float64 (nce_cpu_epilogue.h): the
+    positives' s of the rows whose image is in the tile, shift, sum, sq and g."""
+    a = a.double()
+    s = a if tclip is None else tclip * torch.tanh(a / tclip)
+    u = torch.zeros_like(a) if tclip is None else s / tclip
+    positive = (torch.arange(a.shape[1]) // l + m0)[None, :] == pos_idx[:, None]
+    inside = positive.any(1)
+    pos = s[positive].view(-1, l)  # row by row, each row's L positives in order
+    negatives = s.masked_fill(positive, float("-inf"))
+    shift = torch.full((a.shape[0],), float(tclip)) if tclip is not None and tclip <= 40.0 else negatives.amax(1)
+    total = torch.exp(negatives - shift.where(shift > float("-inf"), 0.0)[:, None]).sum(1)
+    dl_ds = r.double()[:, None] * torch.exp(s - neg_lse.double()[:, None])
+    dl_ds[positive] = gpos.double()[inside].reshape(-1)
+    g = reg_coef.double()[:, None] * a + dl_ds * (1 - u * u)
+    return pos, shift, total, a.square().sum(1), g
+
+
+@pytest.mark.parametrize("tclip", [20.0, 60.0, None])
+def test_every_epilogue_version_matches_float64(tclip):
+    """Each compiled version of the CPU epilogue this CPU runs (build_info()["cpu_epilogue"],
+    the first in use) against float64 arithmetic on one tile, positives at the edges and in
+    the middle, neg_lse the rows' own: the branch-free exp and tanh keep a few float32 ulp,
+    and the float32 rounding of s and of s - neg_lse (|s| up to about 60, ulp 4e-6) bounds
+    the norm-wise error at 1e-5."""
+    from amdim_kernels import build_info
+
+    versions = build_info()["cpu_epilogue"]
+    assert versions[-1] == "baseline"
+    rows, m0, m1, l = 37, 3, 11, 7
+    a = 6 * torch.randn(rows, (m1 - m0) * l)
+    pos_idx = torch.randint(0, 14, (rows,))  # some rows' positives lie outside the tile
+    pos_idx[:3] = torch.tensor([m0, m1 - 1, (m0 + m1) // 2])
+    r, reg_coef, gpos = torch.rand(rows), 0.01 * torch.rand(rows), -torch.rand(rows, l)
+    _, shift, total, _, _ = _epilogue_truth(a, pos_idx, m0, m1, l, tclip, torch.zeros(rows), r, reg_coef, gpos)
+    neg_lse = (shift + total.log()).float()  # the tile is the whole row here
+    want = _epilogue_truth(a, pos_idx, m0, m1, l, tclip, neg_lse, r, reg_coef, gpos)
+    for version in versions:
+        pos, shift, total, sq, g = torch.ops.amdim_kernels.epilogue_tile(a, pos_idx, m0, m1, l, tclip, neg_lse, r,
+                                                                         reg_coef, gpos, version)
+        inside = (pos_idx >= m0) & (pos_idx < m1)
+        got = (pos[inside], shift, total, sq, g)
+        for name, x, y in zip(("positives", "shift", "sum", "sq", "g"), got, want):
+            assert rel_err(x, y) <= 1e-5, f"{version}: {name} off by {rel_err(x, y):.2e}"
+    with pytest.raises(ValueError, match="epilogue version mmx does not run here"):
+        torch.ops.amdim_kernels.epilogue_tile(a, pos_idx, m0, m1, l, tclip, neg_lse, r, reg_coef, gpos, "mmx")

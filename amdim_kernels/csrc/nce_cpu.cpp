@@ -135,9 +135,35 @@ std::tuple<Tensor, Tensor> nce_bwd_cpu(const Tensor& src, const Tensor& trg, con
   return {dsrc, dtrg};
 }
 
+// One tile's epilogue with a named version of nce_cpu_epilogue.h (the test of each version
+// the CPU runs): a (R x C) float32 raw scores of images [m0, m1) -> the positives' s (R x L,
+// 0 where the row's image is not in the tile), shift, sum and sq (R,) of tile_statistics, and
+// g (R x C) of tile_gradient from the given rows' factors.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> epilogue_tile_cpu(
+    const Tensor& a, const Tensor& pos_idx, int64_t m0, int64_t m1, int64_t L, std::optional<double> tclip_opt,
+    const Tensor& neg_lse, const Tensor& r, const Tensor& reg_coef, const Tensor& gpos, c10::string_view version) {
+  TORCH_CHECK(a.dim() == 2 && a.scalar_type() == at::kFloat && a.size(1) == (m1 - m0) * L,
+              "amdim_kernels: epilogue_tile expects a float32 (R, (m1 - m0) * L) tile, got ", a.sizes());
+  const int64_t R = a.size(0), C = a.size(1);
+  const float tclip = kernel_tclip(tclip_opt);
+  const Tensor tile = a.contiguous(), idx = pos_idx.contiguous();
+  const Tensor lse = neg_lse.contiguous(), r_c = r.contiguous(), reg_c = reg_coef.contiguous();
+  const Tensor gpos_c = gpos.contiguous();
+  Tensor pos = at::zeros({R, L}, a.options()), shift = at::empty({R}, a.options());
+  Tensor sum = at::empty({R}, a.options().dtype(at::kDouble)), sq = at::empty({R}, sum.options());
+  const std::string name(version);
+  tile_statistics_version(name, tile.data_ptr<float>(), R, C, m0, m1, L, idx.data_ptr<int64_t>(), tclip,
+                          pos.data_ptr<float>(), shift.data_ptr<float>(), sum.data_ptr<double>(), sq.data_ptr<double>());
+  Tensor g = tile.clone();
+  tile_gradient_version(name, g.data_ptr<float>(), R, C, m0, m1, L, idx.data_ptr<int64_t>(), tclip,
+                        lse.data_ptr<float>(), r_c.data_ptr<float>(), reg_c.data_ptr<float>(), gpos_c.data_ptr<float>());
+  return {pos, shift, sum, sq, g};
+}
+
 TORCH_LIBRARY_IMPL(amdim_kernels, CPU, m) {
   m.impl("nce_fwd", &nce_fwd_cpu);
   m.impl("nce_bwd", &nce_bwd_cpu);
+  m.impl("epilogue_tile", &epilogue_tile_cpu);
 }
 
 }  // namespace amdim_kernels

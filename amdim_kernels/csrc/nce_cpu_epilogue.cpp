@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
+#include <stdexcept>
 #include <vector>
 
 #include "nce_math.h"
@@ -271,22 +272,54 @@ bool has_avx512() {
 
 }  // namespace
 
+std::vector<std::string> epilogue_versions() {
+  std::vector<std::string> versions;
+#if AMDIM_AVX2_VERSION
+  if (has_avx512()) versions.emplace_back("avx512");
+  if (has_avx2()) versions.emplace_back("avx2");
+#endif
+  versions.emplace_back("baseline");
+  return versions;
+}
+
+void tile_statistics_version(const std::string& version, const float* a, int64_t R, int64_t C, int64_t m0, int64_t m1,
+                             int64_t L, const int64_t* pos_idx, float tclip, float* pos_rows, float* shift,
+                             double* sum, double* sq) {
+#if AMDIM_AVX2_VERSION
+  if (version == "avx512" && has_avx512()) {
+    return statistics_avx512(a, R, C, m0, m1, L, pos_idx, tclip, pos_rows, shift, sum, sq);
+  }
+  if (version == "avx2" && has_avx2()) {
+    return statistics_avx2(a, R, C, m0, m1, L, pos_idx, tclip, pos_rows, shift, sum, sq);
+  }
+#endif
+  if (version != "baseline") throw std::invalid_argument("epilogue version " + version + " does not run here");
+  statistics_baseline(a, R, C, m0, m1, L, pos_idx, tclip, pos_rows, shift, sum, sq);
+}
+
+void tile_gradient_version(const std::string& version, float* a, int64_t R, int64_t C, int64_t m0, int64_t m1,
+                           int64_t L, const int64_t* pos_idx, float tclip, const float* neg_lse, const float* r,
+                           const float* reg_coef, const float* gpos) {
+#if AMDIM_AVX2_VERSION
+  if (version == "avx512" && has_avx512()) {
+    return gradient_avx512(a, R, C, m0, m1, L, pos_idx, tclip, neg_lse, r, reg_coef, gpos);
+  }
+  if (version == "avx2" && has_avx2()) return gradient_avx2(a, R, C, m0, m1, L, pos_idx, tclip, neg_lse, r, reg_coef, gpos);
+#endif
+  if (version != "baseline") throw std::invalid_argument("epilogue version " + version + " does not run here");
+  gradient_baseline(a, R, C, m0, m1, L, pos_idx, tclip, neg_lse, r, reg_coef, gpos);
+}
+
 void tile_statistics(const float* a, int64_t R, int64_t C, int64_t m0, int64_t m1, int64_t L, const int64_t* pos_idx,
                      float tclip, float* pos_rows, float* shift, double* sum, double* sq) {
-#if AMDIM_AVX2_VERSION
-  if (has_avx512()) return statistics_avx512(a, R, C, m0, m1, L, pos_idx, tclip, pos_rows, shift, sum, sq);
-  if (has_avx2()) return statistics_avx2(a, R, C, m0, m1, L, pos_idx, tclip, pos_rows, shift, sum, sq);
-#endif
-  statistics_baseline(a, R, C, m0, m1, L, pos_idx, tclip, pos_rows, shift, sum, sq);
+  static const std::string best = epilogue_versions().front();
+  tile_statistics_version(best, a, R, C, m0, m1, L, pos_idx, tclip, pos_rows, shift, sum, sq);
 }
 
 void tile_gradient(float* a, int64_t R, int64_t C, int64_t m0, int64_t m1, int64_t L, const int64_t* pos_idx,
                    float tclip, const float* neg_lse, const float* r, const float* reg_coef, const float* gpos) {
-#if AMDIM_AVX2_VERSION
-  if (has_avx512()) return gradient_avx512(a, R, C, m0, m1, L, pos_idx, tclip, neg_lse, r, reg_coef, gpos);
-  if (has_avx2()) return gradient_avx2(a, R, C, m0, m1, L, pos_idx, tclip, neg_lse, r, reg_coef, gpos);
-#endif
-  gradient_baseline(a, R, C, m0, m1, L, pos_idx, tclip, neg_lse, r, reg_coef, gpos);
+  static const std::string best = epilogue_versions().front();
+  tile_gradient_version(best, a, R, C, m0, m1, L, pos_idx, tclip, neg_lse, r, reg_coef, gpos);
 }
 
 }  // namespace cpu

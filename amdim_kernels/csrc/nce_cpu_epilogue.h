@@ -3,6 +3,8 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
+#include <vector>
 
 namespace amdim_kernels {
 namespace cpu {
@@ -24,6 +26,17 @@ void tile_statistics(const float* a, int64_t R, int64_t C, int64_t m0, int64_t m
 //   positive; ds/da = 1 - (s / tclip)^2 with clipping.
 void tile_gradient(float* a, int64_t R, int64_t C, int64_t m0, int64_t m1, int64_t L, const int64_t* pos_idx,
                    float tclip, const float* neg_lse, const float* r, const float* reg_coef, const float* gpos);
+
+// The entry points above run the best version compiled for this CPU: "avx512", "avx2" (with
+// FMA) or "baseline". epilogue_versions() names those this CPU can run, best first; the
+// *_version functions run a named one (a test compares each with float64 arithmetic).
+std::vector<std::string> epilogue_versions();
+void tile_statistics_version(const std::string& version, const float* a, int64_t R, int64_t C, int64_t m0, int64_t m1,
+                             int64_t L, const int64_t* pos_idx, float tclip, float* pos_rows, float* shift,
+                             double* sum, double* sq);
+void tile_gradient_version(const std::string& version, float* a, int64_t R, int64_t C, int64_t m0, int64_t m1,
+                           int64_t L, const int64_t* pos_idx, float tclip, const float* neg_lse, const float* r,
+                           const float* reg_coef, const float* gpos);
 
 }  // namespace cpu
 }  // namespace amdim_kernels

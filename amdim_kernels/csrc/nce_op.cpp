@@ -7,6 +7,7 @@
 
 #include <exception>
 
+#include "nce_cpu_epilogue.h"
 #include "nce_op.h"
 #include "nce_shared.h"
 
@@ -51,6 +52,10 @@ TORCH_LIBRARY(amdim_kernels, m) {
   m.def("nce_fwd_grad(Tensor src, Tensor trg, Tensor pos_idx, float? tclip, float scale, float reg_weight, "
         "int[] group_rows, int block_rows, bool need_src, bool need_trg) "
         "-> (Tensor loss, Tensor pos, Tensor neg_lse, Tensor sq, Tensor means, Tensor reg, Tensor dsrc, Tensor dtrg)");
+  // One tile through a named version of the CPU epilogue (nce_cpu_epilogue.h; versions:
+  // _C.epilogue_versions()), for the test of every version the CPU runs.
+  m.def("epilogue_tile(Tensor a, Tensor pos_idx, int m0, int m1, int L, float? tclip, Tensor neg_lse, Tensor r, "
+        "Tensor reg_coef, Tensor gpos, str version) -> (Tensor pos, Tensor shift, Tensor sum, Tensor sq, Tensor g)");
 }
 
 }  // namespace amdim_kernels
@@ -65,6 +70,22 @@ static PyObject* images_per_chunk(PyObject* /*module*/, PyObject* args) {
   }
   return PyLong_FromLongLong(amdim_kernels::images_per_chunk(m, l, bytes_per_column, fill_columns, cols_per_tile,
                                                              floor_bytes, parts));
+}
+
+// _C.epilogue_versions() -> tuple of str: the CPU epilogue's versions this CPU runs, best first.
+static PyObject* epilogue_versions(PyObject* /*module*/, PyObject* /*unused*/) {
+  const std::vector<std::string> versions = amdim_kernels::cpu::epilogue_versions();
+  PyObject* out = PyTuple_New(static_cast<Py_ssize_t>(versions.size()));
+  if (out == nullptr) return nullptr;
+  for (size_t i = 0; i < versions.size(); ++i) {
+    PyObject* name = PyUnicode_FromString(versions[i].c_str());
+    if (name == nullptr) {
+      Py_DECREF(out);
+      return nullptr;
+    }
+    PyTuple_SET_ITEM(out, static_cast<Py_ssize_t>(i), name);
+  }
+  return out;
 }
 
 #ifdef AMDIM_WITH_CUDA
@@ -85,6 +106,8 @@ static PyMethodDef methods[] = {
     {"images_per_chunk", images_per_chunk, METH_VARARGS,
      "images_per_chunk(M, L, bytes_per_column, fill_columns, cols_per_tile, floor_bytes, parts) -> int: the "
      "chunking rule of the C++/CUDA kernels"},
+    {"epilogue_versions", epilogue_versions, METH_NOARGS,
+     "epilogue_versions() -> tuple[str, ...]: the CPU epilogue's versions this CPU runs, best first"},
 #ifdef AMDIM_WITH_CUDA
     {"kernel_image_error", kernel_image_error, METH_O,
      "kernel_image_error(device) -> str: why that CUDA device cannot load this build's kernels, '' if it can"},
