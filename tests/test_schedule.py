@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from amdim_kernels import available_backends, multiscale_nce, nce_loss, schedule, settings
 from amdim_kernels.extension_fused import stored_scale
 from amdim_kernels.validation import validate
-from truth import EXTRA_TOL, rel_err, spec_loss_f64
+from truth import assert_outputs_match, rel_err, spec_loss_f64
 
 pytestmark = pytest.mark.skipif("cpp" not in available_backends("cpu"), reason="cpp is not built")
 
@@ -108,9 +108,9 @@ def _reference(src, trg, pos_idx, reduction, **options):
 @pytest.mark.parametrize("blocks", ["one", "several"])
 @pytest.mark.parametrize("schedule_name", SCHEDULES)
 def test_schedules_match_truth(schedule_name, blocks, options, reduction, groups, upstream, dtype, request):
-    """Values and gradients of both schedules against the float64 truth: the error is at most
-    the reference's in the same dtype plus what float32 sums in another order add (1e-5), and
-    for 16-bit inputs the rounding of the gradients to that dtype (EXTRA_TOL). "matching": an
+    """Values and gradients of both schedules against the float64 truth, by truth.py's
+    criterion: the error is at most the reference's in the same dtype plus what float32 sums
+    in another order add, and for 16-bit inputs the rounding of the gradients to that dtype. "matching": an
     upstream the three-product backward scales (c * n_k / N on each group's mean, c on reg);
     "other": random weights, which it meets with the four-product backward."""
     seed = SEED + zlib.crc32(request.node.name.encode())  # each case its own problem, the same on every worker
@@ -131,20 +131,8 @@ def test_schedules_match_truth(schedule_name, blocks, options, reduction, groups
     ref = _grads(_reference, src, trg, pos_idx, reduction, group_rows, weights, reg_upstream, grad_of, **options)
     truth = _grads(lambda s, t, p, r, **o: _truth(s, t, p, r, group_rows, **o), src.double(), trg.double(), pos_idx,
                    reduction, group_rows, weights, reg_upstream, grad_of, **options)
-    for k, name in enumerate(("loss", "reg", "d src", "d trg")):
-        g, r, t = got[k], ref[k], truth[k]
-        if t is None:
-            assert g is None, f"{name}: a gradient for an input that needs none"
-            continue
-        assert g.shape == t.shape and g.dtype == r.dtype, name
-        assert not torch.isnan(g).any(), name
-        if t.abs().max() == 0:
-            assert g.abs().max() == 0, name
-            continue
-        extra = 1e-5 if k < 2 else EXTRA_TOL[dtype]
-        assert rel_err(g, t) <= rel_err(r, t) + extra, (
-            f"{name}: {rel_err(g, t):.3g} vs reference {rel_err(r, t):.3g} (seed {SEED}, N x D {tuple(src.shape)}, "
-            f"trg {tuple(trg.shape)})")
+    assert_outputs_match(got, ref, truth, dtype, f"cpp {schedule_name}",
+                         context=f" (seed {SEED}, src {tuple(src.shape)}, trg {tuple(trg.shape)})")
 
 
 def _backward_ops(fn):

@@ -206,7 +206,13 @@ def assert_matches_truth(case: Case, dtype, backend: str | None = None, grad_of=
     truth = tuple(t if k < 2 or NAMES[k][2:] in grad_of else None for k, t in enumerate(truth))
     ref = outputs_and_grads(nce_loss, case, backend="reference", grad_of=grad_of)
     got = outputs_and_grads(fn or nce_loss, case, backend=backend, grad_of=grad_of)
-    who = backend or fn.__qualname__
+    assert_outputs_match(got, ref, truth, dtype, backend or fn.__qualname__, tol)
+
+
+def assert_outputs_match(got, ref, truth, dtype, who: str, tol: float | None = None, context: str = ""):
+    """(loss, reg, d src, d trg) of an implementation (`got`) against the float64 `truth` by
+    the criterion above, `ref` being the reference's in the same dtype; a gradient whose
+    truth is None must be None (its input needs none)."""
     for k, name in enumerate(NAMES):
         t, r, g = truth[k], ref[k], got[k]
         if t is None:
@@ -219,7 +225,7 @@ def assert_matches_truth(case: Case, dtype, backend: str | None = None, grad_of=
             continue
         extra = tol if tol is not None else LOSS_EXTRA_TOL if k < 2 else EXTRA_TOL[dtype]
         e_got, e_ref = rel_err(g, t), rel_err(r, t)
-        assert e_got <= e_ref + extra, f"{name}: {who} error {e_got:.3g} vs reference {e_ref:.3g}"
+        assert e_got <= e_ref + extra, f"{name}: {who} error {e_got:.3g} vs reference {e_ref:.3g}{context}"
 
 
 def assert_gradients_of_each_output(backend: str, device: str, reduction: str, used: str):

@@ -37,12 +37,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> nce_fwd_cpu(const Ten
   const auto f32 = src.options().dtype(at::kFloat);
   Tensor loss = at::empty({N, L}, f32), pos = at::empty({N, L}, f32);
   Tensor neg_lse = at::empty({N}, f32), sq = at::empty({N}, f32);
-  const Tensor src_s = scaled_sources(src, scale);
-  const Tensor idx = pos_idx.contiguous();
-  const int64_t* p_idx = idx.data_ptr<int64_t>();
+  const TileOperands ops(src, pos_idx, scale, N, M, L);
+  const Tensor& src_s = ops.src_s;
+  const int64_t* p_idx = ops.pos_idx;
   float* pos_p = pos.data_ptr<float>();
-  const int64_t ipt = images_per_tile(N, M, L);
-  const int64_t tiles = (M + ipt - 1) / ipt;
+  const int64_t ipt = ops.images, tiles = ops.tiles;
   // per tile and row: the shift, the negatives' sum of exp(s - shift) and the sum of a^2
   // (tile_statistics), merged in tile order
   const auto d64 = src.options().dtype(at::kDouble);
@@ -91,12 +90,10 @@ std::tuple<Tensor, Tensor> nce_bwd_cpu(const Tensor& src, const Tensor& trg, con
   const int64_t N = src.size(0), M = trg.size(0), L = trg.size(1), D = src.size(1);
   const float tclip = kernel_tclip(tclip_opt);
   const BackwardRows rows = backward_rows(pos, neg_lse, {grad_loss, loss_weight, grad_sq, sq_weight}, scale);
-  const Tensor src_s = scaled_sources(src, scale);
-  const Tensor src_f = src.to(at::kFloat).contiguous();  // d trg's operand: a view for float32
-  const Tensor idx = pos_idx.contiguous();
-  const int64_t* p_idx = idx.data_ptr<int64_t>();
-  const int64_t ipt = images_per_tile(N, M, L);
-  const int64_t tiles = (M + ipt - 1) / ipt;
+  const TileOperands ops(src, pos_idx, scale, N, M, L);
+  const Tensor &src_s = ops.src_s, &src_f = ops.src_f;
+  const int64_t* p_idx = ops.pos_idx;
+  const int64_t ipt = ops.images, tiles = ops.tiles;
   const int64_t groups = need_src ? group_count(tiles, N, D) : tiles;
   Tensor dtrg = at::empty({need_trg ? M : 0, L, D}, trg.options());
   Tensor group_dsrc = at::empty({need_src ? groups : 0, N, D}, src_s.options());

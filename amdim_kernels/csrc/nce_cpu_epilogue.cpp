@@ -223,40 +223,24 @@ AMDIM_INLINE void gradient_rows(float* a, int64_t R, int64_t C, int64_t m0, int6
     gradient_rows<false>(a, R, C, m0, m1, L, pos_idx, tclip, neg_lse, r, reg_coef, gpos);     \
   }
 
-void statistics_baseline(const float* a, int64_t R, int64_t C, int64_t m0, int64_t m1, int64_t L,
-                         const int64_t* pos_idx, float tclip, float* pos_rows, float* shift, double* sum, double* sq) {
-  AMDIM_STATISTICS_BODY
-}
+// statistics_<name> and gradient_<name>, compiled with the attributes `target` (empty: the
+// baseline).
+#define AMDIM_EPILOGUE_VERSION(name, target)                                                             \
+  target void statistics_##name(const float* a, int64_t R, int64_t C, int64_t m0, int64_t m1, int64_t L,  \
+                                const int64_t* pos_idx, float tclip, float* pos_rows, float* shift,       \
+                                double* sum, double* sq) {                                                \
+    AMDIM_STATISTICS_BODY                                                                                 \
+  }                                                                                                       \
+  target void gradient_##name(float* a, int64_t R, int64_t C, int64_t m0, int64_t m1, int64_t L,          \
+                              const int64_t* pos_idx, float tclip, const float* neg_lse, const float* r,  \
+                              const float* reg_coef, const float* gpos) {                                 \
+    AMDIM_GRADIENT_BODY                                                                                   \
+  }
 
-void gradient_baseline(float* a, int64_t R, int64_t C, int64_t m0, int64_t m1, int64_t L, const int64_t* pos_idx,
-                       float tclip, const float* neg_lse, const float* r, const float* reg_coef, const float* gpos) {
-  AMDIM_GRADIENT_BODY
-}
-
+AMDIM_EPILOGUE_VERSION(baseline, )
 #if AMDIM_AVX2_VERSION
-AMDIM_AVX2 void statistics_avx2(const float* a, int64_t R, int64_t C, int64_t m0, int64_t m1, int64_t L,
-                                const int64_t* pos_idx, float tclip, float* pos_rows, float* shift, double* sum,
-                                double* sq) {
-  AMDIM_STATISTICS_BODY
-}
-
-AMDIM_AVX2 void gradient_avx2(float* a, int64_t R, int64_t C, int64_t m0, int64_t m1, int64_t L,
-                              const int64_t* pos_idx, float tclip, const float* neg_lse, const float* r,
-                              const float* reg_coef, const float* gpos) {
-  AMDIM_GRADIENT_BODY
-}
-
-AMDIM_AVX512 void statistics_avx512(const float* a, int64_t R, int64_t C, int64_t m0, int64_t m1, int64_t L,
-                                    const int64_t* pos_idx, float tclip, float* pos_rows, float* shift, double* sum,
-                                    double* sq) {
-  AMDIM_STATISTICS_BODY
-}
-
-AMDIM_AVX512 void gradient_avx512(float* a, int64_t R, int64_t C, int64_t m0, int64_t m1, int64_t L,
-                                  const int64_t* pos_idx, float tclip, const float* neg_lse, const float* r,
-                                  const float* reg_coef, const float* gpos) {
-  AMDIM_GRADIENT_BODY
-}
+AMDIM_EPILOGUE_VERSION(avx2, AMDIM_AVX2)
+AMDIM_EPILOGUE_VERSION(avx512, AMDIM_AVX512)
 
 bool has_avx2() {
   static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");

@@ -51,12 +51,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> nce_f
   Tensor sq64 = at::empty({N}, d64);  // the rows' sums of a^2 as reg sums them (float64's range)
   Tensor dsrc = at::empty({need_src ? N : 0, D}, f32);
   Tensor dtrg = at::empty({need_trg ? M : 0, L, D}, f32);
-  const Tensor src_s = scaled_sources(src, scale);
-  const Tensor src_f = src.to(at::kFloat).contiguous();  // d trg's operand: a view for float32
-  const Tensor idx = pos_idx.contiguous();
-  const int64_t* p_idx = idx.data_ptr<int64_t>();
-  const int64_t ipt = images_per_tile(B, M, L);
-  const int64_t tiles = (M + ipt - 1) / ipt;
+  const TileOperands ops(src, pos_idx, scale, B, M, L);
+  const Tensor &src_s = ops.src_s, &src_f = ops.src_f;
+  const int64_t* p_idx = ops.pos_idx;
+  const int64_t ipt = ops.images, tiles = ops.tiles;
   // d src's partial sums: a fixed number of groups of consecutive tiles, enough to keep up to
   // kMinGroups cores busy (each group's partial is a B x D float32 matrix)
   const int64_t groups = std::min(tiles, kMinGroups);

@@ -127,6 +127,22 @@ inline Tensor target_cols(const Tensor& trg, int64_t m0, int64_t m1) {
 // src as the tiles' products take it: float32, times scale, contiguous (a copy of its own).
 inline Tensor scaled_sources(const Tensor& src, double scale) { return at::mul(src.to(at::kFloat), scale).contiguous(); }
 
+// What both schedules' tiles read: src_s = scale * src and src_f = src (d trg's operand, a view
+// for float32), both float32 and contiguous; pos_idx contiguous; `rows` source rows a tile
+// (all N, or a block's) and the images of each of `tiles` tiles.
+struct TileOperands {
+  Tensor src_s, src_f, idx;
+  const int64_t* pos_idx;
+  int64_t images, tiles;
+  TileOperands(const Tensor& src, const Tensor& pos_idx_in, double scale, int64_t rows, int64_t M, int64_t L)
+      : src_s(scaled_sources(src, scale)),
+        src_f(src.to(at::kFloat).contiguous()),
+        idx(pos_idx_in.contiguous()),
+        pos_idx(idx.data_ptr<int64_t>()),
+        images(images_per_tile(rows, M, L)),
+        tiles((M + images - 1) / images) {}
+};
+
 // The backward's per-row factors (nce_op.h's BackwardRows) times `scale`, rows spread over
 // the cores; the upstream gradients read through their strides (0 where one value is
 // broadcast).
