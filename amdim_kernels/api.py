@@ -42,15 +42,17 @@ def nce_loss(
         tclip: soft clipping ``tclip * tanh(a / tclip)`` of the scores; None disables it.
         reg_weight: weight of the regulariser ``reg_weight * mean(a**2)``.
         scale: multiplies every dot product; None means ``1 / sqrt(D)``.
-        reduction: "mean" returns the mean over the N*L positives; "none" returns the
-            (N, L) per-positive losses.
+        reduction: "mean" returns the mean over the N*L positives; "group_means" one mean
+            per range of a tuple of ranges (shape (K,); (1,) for any other pos_idx); "none"
+            the (N, L) per-positive losses.
         backend: "auto", "reference", "triton", "cuda" or "cpp" (see ``available_backends``).
             How the fused backends compute is set by ``amdim_kernels.settings`` (read once
             per call; the backward follows its forward's).
 
     Returns:
-        ``(loss, reg)``: float32 tensors; the trainer adds them. ``loss`` is a scalar, or
-        (N, L) with ``reduction="none"``; ``reg`` is always a scalar.
+        ``(loss, reg)``: float32 tensors; the trainer adds them. ``loss`` is a scalar, (K,)
+        with ``reduction="group_means"``, or (N, L) with ``reduction="none"``; ``reg`` is
+        always a scalar.
 
     Differentiate with torch.autograd: the fused backends give first derivatives, and
     refuse torch.func transforms (grad, vjp, vmap); ``backend="reference"`` supports both.

@@ -93,7 +93,8 @@ class Settings:
         eager mode, reduction "mean" or "group_means"), or "auto": "three-product" wherever
         the call needs gradients and takes it and a useful row block fits workspace_bytes.
     workspace_bytes: the three-product schedule's budget for one row block's float32 scores;
-        None: schedule.default_workspace_bytes (half the whole score matrix, at least 4 MiB).
+        None: schedule.default_workspace_bytes (half the whole score matrix, within
+        [4 MiB, 256 MiB]).
     """
 
     triton_scores: str | None = None

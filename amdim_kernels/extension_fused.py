@@ -95,9 +95,11 @@ class ThreeProductLoss(torch.autograd.Function):
         src, trg, pos_idx, pos, neg_lse, sq = ctx.saved_tensors
         tclip, scale, reg_weight, group_rows, cuda_scores = ctx.options
         need_src, need_trg = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # released whichever way this backward goes: handed out once (autograd may then take
+        # them as .grad), and not held by the graph after a recomputed backward
+        stored, ctx.stored = ctx.stored, None
         c = stored_scale(grad_loss, grad_means, grad_reg, group_rows, reg_weight)
-        if c is not None and ctx.stored is not None:
-            stored, ctx.stored = ctx.stored, None  # handed out once: autograd may then take them as .grad
+        if c is not None and stored is not None:
             dsrc, dtrg = (g if c == 1.0 else g.mul_(c) for g in stored)
             dsrc, dtrg = dsrc.to(src.dtype), dtrg.to(trg.dtype)
         else:

@@ -9,7 +9,8 @@
 The three-product forward makes the gradients of one objective, the mean loss over all N*L
 positives plus reg (op contract in extension_fused.py); it needs a reduced loss and gradients,
 and holds one row block's float32 scores, B x M*L, at a time: B is what fits the workspace
-budget. "auto" takes it wherever the call allows it and a useful block fits; it is the faster
+budget. Beside the block it holds d src's partials (up to 8 x B x D float32) and, from the
+forward to the backward, both gradients in float32 (for 16-bit inputs, twice their size). "auto" takes it wherever the call allows it and a useful block fits; it is the faster
 schedule on the CPU (benchmarks.cpu_floor).
 """
 from __future__ import annotations
@@ -27,12 +28,14 @@ MIN_BLOCK_ROWS = 32
 # memory (it holds five or more N x M*L temporaries at once), and at least 4 MiB, which any
 # machine has. Fewer, larger blocks are faster: each block reads every target and reads and
 # writes all of d trg once, its product of rank B (benchmarks.cpu_floor).
+# Capped at 256 MiB: past it blocks of hundreds of rows already make products of high rank.
 DEFAULT_WORKSPACE_FLOOR = 4 << 20
+DEFAULT_WORKSPACE_CAP = 256 << 20
 
 
 def default_workspace_bytes(n: int, m: int, l: int) -> int:  # noqa: E741 (the loss's name for it)
-    """Settings.workspace_bytes's default: max(4 MiB, N*M*L*4 / 2)."""
-    return max(DEFAULT_WORKSPACE_FLOOR, 2 * n * m * l)
+    """Settings.workspace_bytes's default: N*M*L*4 / 2, within [4 MiB, 256 MiB]."""
+    return min(DEFAULT_WORKSPACE_CAP, max(DEFAULT_WORKSPACE_FLOOR, 2 * n * m * l))
 
 
 def block_rows(p: Problem, settings: Settings) -> int:

@@ -15,6 +15,7 @@ from .indices import capturing, range_indices
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 REDUCTIONS = ("mean", "group_means", "none")
+FLOAT32_NORMAL = (torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max)
 
 
 @dataclass(frozen=True)
@@ -190,6 +191,11 @@ def check_options(tclip: float | None, reg_weight: float, scale: float | None,
         tclip = float(tclip)
         if not (tclip > 0 and _finite(tclip)):
             raise ValueError(f"tclip must be a positive finite number or None, got {tclip}")
+        if not FLOAT32_NORMAL[0] <= tclip <= FLOAT32_NORMAL[1]:
+            # the kernels clip in float32: a tclip outside its normal range rounds to 0 or
+            # inf there, or its reciprocal overflows
+            raise ValueError(f"tclip must lie in float32's normal range [{FLOAT32_NORMAL[0]:.6g}, "
+                             f"{FLOAT32_NORMAL[1]:.6g}] (or be None), got {tclip}")
     reg_weight = float(reg_weight)
     if not (reg_weight >= 0 and _finite(reg_weight)):
         raise ValueError(f"reg_weight must be a finite number >= 0, got {reg_weight}")

@@ -39,26 +39,25 @@ class _CountOps(TorchDispatchMode):
 
 
 def _draw(gen: torch.Generator, dtype=torch.float32, groups: int = 1):
-    """An odd problem: N rows in `groups` ranges (each of B rows, against the same M images),
-    M images of L locations, D features, the targets sometimes as a feature map's view."""
-    b = int(torch.randint(1, 14, (), generator=gen))
+    """An odd problem: M images of L locations, D features, the targets sometimes as a feature
+    map's view; with groups > 1, a tuple of that many ranges of unequal lengths (each at most
+    M); with one group, a range or a random index tensor (then N may exceed M)."""
     m = int(torch.randint(1, 23, (), generator=gen))
     l = int(torch.randint(1, 10, (), generator=gen))  # noqa: E741
     d = int(torch.randint(1, 40, (), generator=gen))
-    n = b * groups
+    as_tensor = groups == 1 and bool(torch.rand((), generator=gen) < 0.5)
+    rows = [int(torch.randint(1, (14 if as_tensor else min(m, 13)) + 1, (), generator=gen)) for _ in range(groups)]
+    n = sum(rows)
     src = (4 * torch.randn(n, d, generator=gen)).to(dtype)
     if torch.rand((), generator=gen) < 0.5:
         trg = torch.randn(m, l, d, generator=gen).to(dtype)
     else:  # the trainer's layout: (M, D, H*W) seen as (M, L, D)
         trg = torch.randn(m, d, l, generator=gen).to(dtype).transpose(1, 2)
-    start = int(torch.randint(0, m - min(b, m) + 1, (), generator=gen)) if b <= m else 0
-    if groups > 1 or b <= m:
-        ranges = tuple(range(start, start + b) for _ in range(groups)) if b <= m else None
-    else:
-        ranges = None
-    if ranges is None:  # more rows than images: a random tensor of indices
+    if as_tensor:
         return src, trg, torch.randint(0, m, (n,), generator=gen), (n,)
-    return src, trg, ranges if groups > 1 else ranges[0], tuple(len(r) for r in ranges)
+    starts = [int(torch.randint(0, m - b + 1, (), generator=gen)) for b in rows]
+    ranges = tuple(range(start, start + b) for start, b in zip(starts, rows))
+    return src, trg, ranges if groups > 1 else ranges[0], tuple(rows)
 
 
 def _indices(pos_idx, n):
@@ -112,7 +111,8 @@ def test_schedules_match_truth(schedule_name, blocks, options, reduction, groups
     criterion: the error is at most the reference's in the same dtype plus what float32 sums
     in another order add, and for 16-bit inputs the rounding of the gradients to that dtype. "matching": an
     upstream the three-product backward scales (c * n_k / N on each group's mean, c on reg);
-    "other": random weights, which it meets with the four-product backward."""
+    "other": random weights, which it meets with the four-product backward (each checked to be
+    the path taken)."""
     seed = SEED + zlib.crc32(request.node.name.encode())  # each case its own problem, the same on every worker
     gen = torch.Generator().manual_seed(seed)
     src, trg, pos_idx, group_rows = _draw(gen, dtype, groups)
@@ -126,8 +126,14 @@ def test_schedules_match_truth(schedule_name, blocks, options, reduction, groups
         reg_upstream = float(torch.rand((), generator=gen)) * 3
     grad_of = [("src", "trg"), ("src",), ("trg",)][int(torch.randint(0, 3, (), generator=gen))]
     workspace = 4 * trg.shape[0] * trg.shape[1] * max(1, n // 3) if blocks == "several" else None
-    got = _grads(_cpp(schedule_name, workspace), src, trg, pos_idx, reduction, group_rows, weights, reg_upstream,
-                 grad_of, **options)
+    with _CountOps() as counted:
+        got = _grads(_cpp(schedule_name, workspace), src, trg, pos_idx, reduction, group_rows, weights,
+                     reg_upstream, grad_of, **options)
+    if schedule_name == "three-product":  # the matching upstream takes the stored gradients
+        # (so does any upstream of one mean where reg weighs nothing)
+        scaled = upstream == "matching" or (options.get("reg_weight", 0.05) == 0.0 and len(weights) == 1)
+        assert counted.ops["nce_fwd_grad"] == 1
+        assert counted.ops["nce_bwd"] == (0 if scaled else 1)
     ref = _grads(_reference, src, trg, pos_idx, reduction, group_rows, weights, reg_upstream, grad_of, **options)
     truth = _grads(lambda s, t, p, r, **o: _truth(s, t, p, r, group_rows, **o), src.double(), trg.double(), pos_idx,
                    reduction, group_rows, weights, reg_upstream, grad_of, **options)
@@ -204,7 +210,8 @@ def test_auto_takes_three_products_where_documented():
         assert rows(workspace=4 * 64 * 7 * 31) == schedule.FOUR_PRODUCT
     assert schedule.default_workspace_bytes(100, 100, 49) == 4 << 20  # the floor
     assert schedule.default_workspace_bytes(256, 256, 49) == 2 * 256 * 256 * 49
-    assert schedule.default_workspace_bytes(4096, 4096, 49) == 2 * 4096 * 4096 * 49  # half the scores
+    assert schedule.default_workspace_bytes(512, 512, 49) == 2 * 512 * 512 * 49  # half the scores
+    assert schedule.default_workspace_bytes(4096, 4096, 49) == 256 << 20  # the cap
     with settings(schedule="four-product"):
         assert rows() == schedule.FOUR_PRODUCT
     with settings(schedule="three-product"):
@@ -308,20 +315,35 @@ def test_fwd_grad_op_registration(need):
 
 def _epilogue_truth(a, pos_idx, m0, m1, l, tclip, neg_lse, r, reg_coef, gpos):
     """tile_statistics' and tile_gradient's outputs in float64 (nce_cpu_epilogue.h): the
-    positives' s of the rows whose image is in the tile, shift, sum, sq and g."""
+    positives' s of the rows whose image is in the tile, shift, sum, sq (a non-finite score
+    makes its row's sq NaN) and g."""
     a = a.double()
     s = a if tclip is None else tclip * torch.tanh(a / tclip)
-    u = torch.zeros_like(a) if tclip is None else s / tclip
+    u = torch.zeros_like(a) if tclip is None else torch.tanh(a / tclip)
     positive = (torch.arange(a.shape[1]) // l + m0)[None, :] == pos_idx[:, None]
     inside = positive.any(1)
     pos = s[positive].view(-1, l)  # row by row, each row's L positives in order
     negatives = s.masked_fill(positive, float("-inf"))
-    shift = torch.full((a.shape[0],), float(tclip)) if tclip is not None and tclip <= 40.0 else negatives.amax(1)
+    if tclip is not None and tclip <= 40.0:  # the fixed shift
+        shift = torch.full((a.shape[0],), float(tclip))
+    else:  # the negatives' maximum, NaN where one is NaN
+        shift = torch.where(negatives.isnan().any(1), float("nan"), negatives.amax(1))
     total = torch.exp(negatives - shift.where(shift > float("-inf"), 0.0)[:, None]).sum(1)
+    sq = (a * a + (a - a)).sum(1)
     dl_ds = r.double()[:, None] * torch.exp(s - neg_lse.double()[:, None])
     dl_ds[positive] = gpos.double()[inside].reshape(-1)
     g = reg_coef.double()[:, None] * a + dl_ds * (1 - u * u)
-    return pos, shift, total, a.square().sum(1), g
+    return pos, shift, total, sq, g
+
+
+def _assert_close_with_nans(x, y, tol, what):
+    """Non-finite values in the same places (NaN for NaN, the same infinity), the finite ones
+    close."""
+    x = x.double()
+    finite = y.isfinite()
+    assert torch.equal(x.isnan(), y.isnan()), f"{what}: NaN in other places"
+    assert torch.equal(x[~finite & ~y.isnan()], y[~finite & ~y.isnan()]), f"{what}: other infinities"
+    assert rel_err(x[finite], y[finite]) <= tol, f"{what} off by {rel_err(x[finite], y[finite]):.2e}"
 
 
 @pytest.mark.parametrize("tclip", [20.0, 60.0, None])
@@ -337,11 +359,14 @@ def test_every_epilogue_version_matches_float64(tclip):
     assert versions[-1] == "baseline"
     rows, m0, m1, l = 37, 3, 11, 7
     a = 6 * torch.randn(rows, (m1 - m0) * l)
+    a[3] *= 40  # scores in the thousands: tanh saturated, exp at its clamp
+    a[4, 5], a[5, 9] = float("nan"), float("inf")  # poisoned rows
     pos_idx = torch.randint(0, 14, (rows,))  # some rows' positives lie outside the tile
     pos_idx[:3] = torch.tensor([m0, m1 - 1, (m0 + m1) // 2])
     r, reg_coef, gpos = torch.rand(rows), 0.01 * torch.rand(rows), -torch.rand(rows, l)
-    _, shift, total, _, _ = _epilogue_truth(a, pos_idx, m0, m1, l, tclip, torch.zeros(rows), r, reg_coef, gpos)
-    neg_lse = (shift + total.log()).float()  # the tile is the whole row here
+    _, shift, total, sq, _ = _epilogue_truth(a, pos_idx, m0, m1, l, tclip, torch.zeros(rows), r, reg_coef, gpos)
+    # the tile is the whole row here; a row with a non-finite score has neg_lse NaN (row_lse)
+    neg_lse = torch.where(sq.isnan(), float("nan"), shift + total.log()).float()
     want = _epilogue_truth(a, pos_idx, m0, m1, l, tclip, neg_lse, r, reg_coef, gpos)
     for version in versions:
         pos, shift, total, sq, g = torch.ops.amdim_kernels.epilogue_tile(a, pos_idx, m0, m1, l, tclip, neg_lse, r,
@@ -349,6 +374,24 @@ def test_every_epilogue_version_matches_float64(tclip):
         inside = (pos_idx >= m0) & (pos_idx < m1)
         got = (pos[inside], shift, total, sq, g)
         for name, x, y in zip(("positives", "shift", "sum", "sq", "g"), got, want):
-            assert rel_err(x, y) <= 1e-5, f"{version}: {name} off by {rel_err(x, y):.2e}"
+            _assert_close_with_nans(x, y, 1e-5, f"{version}: {name}")
     with pytest.raises(ValueError, match="epilogue version mmx does not run here"):
         torch.ops.amdim_kernels.epilogue_tile(a, pos_idx, m0, m1, l, tclip, neg_lse, r, reg_coef, gpos, "mmx")
+
+
+def test_stored_gradients_are_released_by_any_backward():
+    """The graph keeps no stored gradient after a backward, scaled or recomputed."""
+    src, trg = torch.randn(12, 8).requires_grad_(), torch.randn(12, 5, 8).requires_grad_()
+
+    def node(loss):
+        fn = loss.grad_fn
+        while fn is not None and not hasattr(fn, "stored"):
+            fn = fn.next_functions[0][0]
+        return fn
+
+    for objective in (lambda lo, rg: lo + rg, lambda lo, rg: lo):  # scaled, recomputed
+        with settings(schedule="three-product"):
+            loss, reg = nce_loss(src, trg, backend="cpp")
+        assert node(loss).stored is not None
+        objective(loss, reg).backward()
+        assert node(loss).stored is None

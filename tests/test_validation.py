@@ -65,6 +65,9 @@ BAD = [  # (argument changes, exception, regex the message must match)
     (dict(trg=torch.randn(4, 3, 8, dtype=torch.float16)), TypeError, r"src and trg must have the same dtype"),
     (dict(tclip=0.0), ValueError, r"tclip must be a positive finite number or None, got 0.0"),
     (dict(tclip=-1.0), ValueError, r"tclip must be a positive"),
+    (dict(tclip=1e-39), ValueError, r"tclip must lie in float32's normal range \[1.17549e-38, 3.40282e\+38\] "
+                                    r"\(or be None\), got 1e-39"),
+    (dict(tclip=1e39), ValueError, r"tclip must lie in float32's normal range"),
     (dict(tclip=float("inf")), ValueError, r"tclip must be a positive finite"),
     (dict(reg_weight=-0.1), ValueError, r"reg_weight must be a finite number >= 0, got -0.1"),
     (dict(scale=float("nan")), ValueError, r"scale must be a finite number"),

@@ -1,10 +1,11 @@
 // CPU implementation of amdim_kernels::nce_fwd / nce_bwd, the four-product schedule (the
 // backward makes the scores again; nce_cpu_fused.cpp has the three-product one): the streaming
-// algorithm of the GPU kernels, blocked for caches (nce_cpu_tiles.h). One tile = every source row against a few whole target images
-// (about kTileElems scores). Each call is one parallel region over independent tiles (the
-// forward) or groups of tiles (the backward): a thread computes its tile's float32 scores with
-// BLAS and reduces or transforms them with ATen's vectorised ops while they are cache-resident,
-// all on its own core (inside the region BLAS and ATen run single-threaded), and the per-tile
+// algorithm of the GPU kernels, blocked for caches (nce_cpu_tiles.h). One tile = every source
+// row against a few whole target images (at most about kTileElems scores). Each call is one
+// parallel region over independent tiles (the forward) or groups of tiles (the backward): a
+// thread computes its tile's float32 scores with BLAS and reduces or transforms them in one
+// vectorised pass (nce_cpu_epilogue.h) while they are cache-resident, all on its own core
+// (inside the region BLAS runs single-threaded), and the per-tile
 // or per-group partials are merged afterwards in tile order. So no op of a tile waits at a
 // barrier for the other cores (on a shared machine a descheduled thread held every such
 // barrier), and the result does not depend on the thread count. Nothing of size N x M*L is
@@ -139,9 +140,17 @@ std::tuple<Tensor, Tensor> nce_bwd_cpu(const Tensor& src, const Tensor& trg, con
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> epilogue_tile_cpu(
     const Tensor& a, const Tensor& pos_idx, int64_t m0, int64_t m1, int64_t L, std::optional<double> tclip_opt,
     const Tensor& neg_lse, const Tensor& r, const Tensor& reg_coef, const Tensor& gpos, c10::string_view version) {
-  TORCH_CHECK(a.dim() == 2 && a.scalar_type() == at::kFloat && a.size(1) == (m1 - m0) * L,
+  TORCH_CHECK(a.dim() == 2 && a.scalar_type() == at::kFloat && L > 0 && m1 > m0 && a.size(1) == (m1 - m0) * L,
               "amdim_kernels: epilogue_tile expects a float32 (R, (m1 - m0) * L) tile, got ", a.sizes());
   const int64_t R = a.size(0), C = a.size(1);
+  for (const Tensor* row : {&neg_lse, &r, &reg_coef}) {
+    TORCH_CHECK(row->dim() == 1 && row->size(0) == R && row->scalar_type() == at::kFloat,
+                "amdim_kernels: epilogue_tile expects float32 (R,) row factors, got ", row->sizes());
+  }
+  TORCH_CHECK(pos_idx.dim() == 1 && pos_idx.size(0) == R && pos_idx.scalar_type() == at::kLong,
+              "amdim_kernels: epilogue_tile expects int64 (R,) pos_idx, got ", pos_idx.sizes());
+  TORCH_CHECK(gpos.dim() == 2 && gpos.size(0) == R && gpos.size(1) == L && gpos.scalar_type() == at::kFloat,
+              "amdim_kernels: epilogue_tile expects float32 (R, L) gpos, got ", gpos.sizes());
   const float tclip = kernel_tclip(tclip_opt);
   const Tensor tile = a.contiguous(), idx = pos_idx.contiguous();
   const Tensor lse = neg_lse.contiguous(), r_c = r.contiguous(), reg_c = reg_coef.contiguous();

@@ -3,7 +3,9 @@
 // calls, which do not vectorise. On x86-64 (GCC, Clang) each entry point is compiled three
 // times, for AVX-512, for AVX2+FMA and for the baseline, and picks one by the CPU's features
 // on first call. Sums run in 16 fixed lanes, added in lane order at the end, so that a row's
-// result does not depend on the vector width (the compiler may not reorder a float sum itself).
+// result does not depend on the vector width (the compiler may not reorder a float sum itself):
+// the AVX-512 and AVX2 versions give the same bits; the baseline, without FMA, differs from
+// them in the last bits.
 #include "nce_cpu_epilogue.h"
 
 #include <cmath>
@@ -37,7 +39,7 @@ namespace {
 constexpr int kLanes = 16;  // two AVX2 vectors or one AVX-512 vector of float32 a step
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
-AMDIM_INLINE float from_bits(int32_t bits) {
+AMDIM_INLINE float from_bits(uint32_t bits) {
   float f;
   std::memcpy(&f, &bits, sizeof f);
   return f;
@@ -49,16 +51,18 @@ AMDIM_INLINE int32_t to_bits(float f) {
   return bits;
 }
 
-// exp(x) for x <= 0 (every argument here: s - shift, s - neg_lse, -2|x|), relative error
-// about 2 ulp: x = n ln2 + r with |r| <= ln2/2, e^r by Cephes' degree-7 polynomial, 2^n from
-// the exponent bits. x below -87.3 (where e^x leaves float32's normal range) gives about
-// 1e-38 instead of a subnormal or 0; NaN gives NaN.
+// exp(x) for x <= 0 (the forward's s - shift and the backward's s - neg_lse at the negatives),
+// relative error about 1 ulp: x = n ln2 + r with |r| <= ln2/2, e^r by Cephes' degree-7
+// polynomial, 2^n from the exponent bits. x below -87.3 (where e^x leaves float32's normal
+// range) gives about 1e-38 instead of a subnormal or 0; NaN gives NaN. A positive x (the
+// backward evaluates the positives' columns as negatives before overwriting them) gives a
+// value of no use but no undefined behaviour: the bits are formed as unsigned integers.
 AMDIM_INLINE float exp_nonpositive(float x) {
   x = x < -87.3f ? -87.3f : x;                 // NaN compares false and stays NaN
   const float magic = 12582912.f;              // 1.5 * 2^23: adding it rounds to an integer
   const float t = x * 1.44269504088896341f + magic;
-  const float n = t - magic;                   // round(x / ln2), in [-126, 0]
-  const int32_t ni = to_bits(t) - to_bits(magic);
+  const float n = t - magic;                   // round(x / ln2), in [-126, 0] for x in [-87.3, 0]
+  const uint32_t ni = static_cast<uint32_t>(to_bits(t)) - static_cast<uint32_t>(to_bits(magic));
   const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
@@ -67,14 +71,15 @@ AMDIM_INLINE float exp_nonpositive(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.f;
-  return p * from_bits((ni + 127) << 23);
+  return p * from_bits((ni + 127u) << 23);
 }
 
 // tanh(x) as x P(x^2) / Q(x^2): the 12th convergent of Lambert's continued fraction
 // tanh x = x / (1 + x^2 / (3 + x^2 / (5 + ...))), its degree-6 numerator and denominator
-// normalised to Q(0) = 1, on x clamped to [-9, 9] (tanh(9) rounds to 1 in float32). Error
-// below 6 ulp in float32 on the whole range; NaN gives NaN. Twelve FMAs and a division, and
-// every coefficient positive, so Horner's sums never cancel.
+// normalised to Q(0) = 1, on x clamped to [-9, 9] (1 - tanh(9) = 3e-8, below float32's
+// spacing under 1), the result clamped to [-1, 1]. Error below 6 ulp in float32 on the whole
+// range; NaN gives NaN. Twelve FMAs and a division, and every coefficient positive, so
+// Horner's sums never cancel.
 AMDIM_INLINE float tanh_branch_free(float x) {
   x = x > 9.f ? 9.f : (x < -9.f ? -9.f : x);  // NaN compares false and stays NaN
   const float y = x * x;
@@ -92,7 +97,8 @@ AMDIM_INLINE float tanh_branch_free(float x) {
   q = q * y + 0.03188405797101449f;
   q = q * y + 0.48f;
   q = q * y + 1.f;
-  return x * p / q;
+  const float u = x * p / q;
+  return u > 1.f ? 1.f : (u < -1.f ? -1.f : u);  // so that |s| <= tclip and 1 - u^2 >= 0
 }
 
 // s = soft_clip(a) with inv = 1 / tclip (kClip false: s = a).

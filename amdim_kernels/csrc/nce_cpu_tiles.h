@@ -1,8 +1,8 @@
 // The CPU kernels' shared parts (nce_cpu.cpp: the four-product schedule; nce_cpu_fused.cpp:
 // the three-product one). A score tile is a block of source rows against a few whole target
 // images; a call runs its tiles (or groups of them) in one parallel region, each thread doing
-// a tile's products with BLAS on one thread and its epilogue with ATen's vectorised ops while
-// the tile is cache-resident, and merges the partials afterwards in tile order, so that the
+// a tile's products with BLAS on one thread and its epilogue (nce_cpu_epilogue.h) while the
+// tile is cache-resident, and merges the partials afterwards in tile order, so that the
 // result does not depend on the thread count.
 #pragma once
 
@@ -59,8 +59,8 @@ struct SingleThreadedBlas {
   SingleThreadedBlas& operator=(const SingleThreadedBlas&) = delete;
 };
 
-// Scores per tile: 1 MiB of float32, which a core holds in its L2 with the backward's two
-// tile-sized temporaries close by; larger products also run BLAS closer to its peak
+// Scores per tile: at most 1 MiB of float32, which a core holds in its L2 from the tile's
+// product through its epilogue's pass; larger products also run BLAS closer to its peak
 // (benchmarks.cpu_floor measures the choice).
 constexpr int64_t kTileElems = 1 << 18;
 constexpr float kInf = std::numeric_limits<float>::infinity();
@@ -86,9 +86,10 @@ void for_each_part(int64_t n, const F& f) {
 }
 
 // Whole images per tile (so that a column's image is known from its segment): at most about
-// kTileElems scores for N rows, in a number of tiles that is a multiple of kTileMultiple
-// (or M), all of one size but the last, so that the cores get even shares (a remainder tile,
-// or 7 tiles for 2 cores, left a core idle for up to a third of the call).
+// kTileElems scores for N rows, the count of tiles rounded up to a multiple of kTileMultiple
+// (at most M) and the images shared evenly among them, so that the cores get even shares (a
+// remainder tile, or 7 tiles for 2 cores, left a core idle for up to a third of the call).
+// Where M is small the count can come out lower (M = 5: 3 tiles of 2, 2 and 1 images).
 constexpr int64_t kTileMultiple = 4;
 inline int64_t images_per_tile(int64_t N, int64_t M, int64_t L) {
   const int64_t most = std::max<int64_t>(1, kTileElems / (N * L));
