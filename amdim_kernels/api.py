@@ -40,6 +40,7 @@ def nce_loss(
             would read trg twice). The index tensors of None and of ranges are made once
             per device and kept.
         tclip: soft clipping ``tclip * tanh(a / tclip)`` of the scores; None disables it.
+            Must lie in float32's normal range (the kernels clip in float32).
         reg_weight: weight of the regulariser ``reg_weight * mean(a**2)``.
         scale: multiplies every dot product; None means ``1 / sqrt(D)``.
         reduction: "mean" returns the mean over the N*L positives; "group_means" one mean

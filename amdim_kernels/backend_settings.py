@@ -89,9 +89,10 @@ class Settings:
         to N*M*L*D = 2^35, AMDIM's per-GPU sizes, "cublas" above. float32 always takes cuBLAS.
     schedule: how backend="cpp" splits the work between forward and backward (schedule.py):
         "four-product" (the backward makes the scores again), "three-product" (the forward
-        keeps blocks of rows' scores whole and makes the gradients of the reduced loss too;
-        eager mode, reduction "mean" or "group_means"), or "auto": "three-product" wherever
-        the call needs gradients and takes it and a useful row block fits workspace_bytes.
+        keeps blocks of rows' scores whole and makes the gradients of the mean loss over all
+        N*L positives plus reg too; eager mode, reduction "mean" or "group_means"; a call
+        that needs no gradient runs four-product), or "auto": "three-product" wherever the
+        call needs gradients and takes it and a useful row block fits workspace_bytes.
     workspace_bytes: the three-product schedule's budget for one row block's float32 scores;
         None: schedule.default_workspace_bytes (half the whole score matrix, within
         [4 MiB, 256 MiB]).

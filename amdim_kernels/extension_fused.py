@@ -12,9 +12,9 @@ upstream gradients, so an upstream that weights each means[k] by c * n_k / N and
 (reg's weight is free where reg_weight is 0) gets c times the stored gradients: the
 backward checks this on the host (the CPU tensors' values, no device sync) and scales them.
 nce_loss(reduction="mean") added to its reg, and AMDIM's objective (multiscale.py), are such
-upstreams. Any other upstream, or a second backward through the same graph (after the
-stored gradients were handed out), gets the four-product backward (the C++ nce_bwd op) from
-the saved statistics: exact either way.
+upstreams. Any other upstream, or any second backward through the same graph (the first
+releases the stored gradients), gets the four-product backward (the C++ nce_bwd op) from the
+saved statistics: exact either way.
 """
 from __future__ import annotations
 

@@ -51,8 +51,9 @@ def block_rows(p: Problem, settings: Settings) -> int:
 
 
 def choose(p: Problem, settings: Settings) -> int:
-    """The three-product schedule's block rows for this call, or FOUR_PRODUCT. A schedule
-    forced by the settings that the call cannot take is a ValueError."""
+    """The three-product schedule's block rows for this call, or FOUR_PRODUCT. A call that
+    needs no gradient runs four-product under any setting (its forward is the same); a forced
+    "three-product" that a call needing gradients cannot take is a ValueError."""
     needs_grad = torch.is_grad_enabled() and (p.src.requires_grad or p.trg.requires_grad)
     if settings.schedule == "four-product" or not needs_grad:
         return FOUR_PRODUCT
