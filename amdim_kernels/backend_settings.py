@@ -87,7 +87,8 @@ class Settings:
         (cuBLAS score chunks, fused epilogue kernels), "mma" (fused WMMA kernels, score
         tiles in shared memory only, compute capability 8.0+), or "auto": "mma" on 8.0+ up
         to N*M*L*D = 2^35, AMDIM's per-GPU sizes, "cublas" above. float32 always takes cuBLAS.
-    schedule: how backend="cpp" splits the work between forward and backward (schedule.py):
+    schedule: how backend="cpp" splits the work between forward and backward (schedule.py;
+        backend="triton" takes "three-product" only where it is set, float32 and bfloat16):
         "four-product" (the backward makes the scores again), "three-product" (the forward
         keeps blocks of rows' scores whole and makes the gradients of the mean loss over all
         N*L positives plus reg too; eager mode, reduction "mean" or "group_means"; a call

@@ -2,14 +2,12 @@
 `auto` picks, and the function each runs."""
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 
 import torch
 
 from . import environment, extension_loader
 from .backend_settings import Settings
-from .reductions import reduce_losses
 from .validation import Problem
 
 BACKENDS = ("reference", "triton", "cuda", "cpp")
@@ -159,16 +157,6 @@ def resolve(name: str, device: torch.device) -> str:
     return name
 
 
-def _with_group_means(impl: Callable[[Problem, Settings], tuple]) -> Callable[[Problem, Settings], tuple]:
-    """`impl`, with reduction "group_means" formed from its per-positive losses."""
-    def run(p: Problem, s: Settings) -> tuple[torch.Tensor, torch.Tensor]:
-        if p.reduction != "group_means":
-            return impl(p, s)
-        loss, reg = impl(dataclasses.replace(p, reduction="none"), s)
-        return reduce_losses(loss, "group_means", p.groups), reg
-    return run
-
-
 def implementation(name: str) -> Callable[[Problem, Settings], tuple[torch.Tensor, torch.Tensor]]:
     """The function computing (loss, reg) of a validated problem under the given settings
     with backend `name`."""
@@ -180,7 +168,7 @@ def implementation(name: str) -> Callable[[Problem, Settings], tuple[torch.Tenso
     if name == "triton":
         from .triton_nce.backend import nce_loss_triton
 
-        return _with_group_means(nce_loss_triton)
+        return nce_loss_triton
     if name in ("cuda", "cpp") and extension_state().module is not None:
         from . import extension_ops
 

@@ -1,4 +1,6 @@
-"""Which schedule backend "cpp" runs a call with, and the rows of its blocks.
+"""Which schedule a call runs with, and the rows of its blocks: backend "cpp" under "auto"
+and when set; backend "triton" only where settings(schedule="three-product") sets it (its
+three-product schedule is not yet timed on a GPU).
 
     four-product   the forward makes the scores tile by tile and keeps per-row statistics;
                    the backward makes them again, then d src and d trg (four products).
@@ -7,7 +9,7 @@
                    (three products); the backward only scales them by the upstream gradient.
 
 The three-product forward makes the gradients of one objective, the mean loss over all N*L
-positives plus reg (op contract in extension_fused.py); it needs a reduced loss and gradients,
+positives plus reg (autograd formula in three_product.py); it needs a reduced loss and gradients,
 and holds one row block's float32 scores, B x M*L, at a time: B is what fits the workspace
 budget. Beside the block it holds d src's partials (up to 8 x B x D float32) and, from the
 forward to the backward, both gradients in float32 (for 16-bit inputs, twice their size). "auto" takes it wherever the call allows it and a useful block fits; it is the faster

@@ -1,6 +1,9 @@
 """Benchmark sweep: every backend of nce_loss, torch.compile of the reference, and the
-cuBLAS matmul of the same shape (the physical floor), over AMDIM's problem sizes; on the
-InfoNCE presets also the peer libraries of benchmarks/peers.py that are installed.
+cuBLAS matmul of the same shape (the physical floor; its forward+backward column is three
+products of the problem's shapes, the scores, d src and d trg), over AMDIM's problem sizes;
+on the InfoNCE presets also the peer libraries of benchmarks/peers.py that are installed.
+Variants: 'triton:fused', 'triton:gemm', 'triton:3p', 'cpp:3p', 'cuda:cublas', 'cuda:mma'
+(impl_context).
 
     python -m benchmarks.run                          # preset for this device
     python -m benchmarks.run --preset targets --dtypes bfloat16 --compile
@@ -104,9 +107,12 @@ def loss_fn(impl: str, options: dict):
 
 def impl_context(impl: str):
     """Where impl names a backend's variant, pin it while the block runs: 'triton:fused' /
-    'triton:gemm' (the Triton score strategy), 'cuda:cublas' / 'cuda:mma' (the CUDA
-    backend's score kernels); each call's backward follows its forward."""
+    'triton:gemm' (the Triton score strategy), 'triton:3p' / 'cpp:3p' (the three-product
+    schedule), 'cuda:cublas' / 'cuda:mma' (the CUDA backend's score kernels); each call's
+    backward follows its forward."""
     backend, _, variant = impl.partition(":")
+    if variant == "3p":
+        return settings(schedule="three-product")
     if backend == "triton" and variant:
         return settings(triton_scores=variant)
     if backend == "cuda" and variant:
@@ -119,9 +125,15 @@ def bench_one(p: problems.Problem, dtype: torch.dtype, impl: str, device: str, t
     grads_bytes = (src0.numel() + trg0.numel()) * src0.element_size()
     if impl == "matmul":
         trg_flat = trg0.reshape(-1, p.d)  # the floor: one matmul of contiguous operands
-        fwd = lambda: src0 @ trg_flat.t()  # noqa: E731
-        fwd_ms = timer(fwd)
-        return dict(fwd_ms=fwd_ms, fwd_bwd_ms=None, peak=None, workspace=None)
+        g = torch.randn(p.n, trg_flat.shape[0], device=device).to(dtype)
+
+        def three_products():  # fwd+bwd's floor: the scores, d src and d trg
+            src0 @ trg_flat.t()
+            g @ trg_flat
+            g.t() @ src0
+
+        fwd_ms = timer(lambda: src0 @ trg_flat.t())
+        return dict(fwd_ms=fwd_ms, fwd_bwd_ms=timer(three_products), peak=None, workspace=None)
     f = loss_fn(impl, p.options)
     src = src0.detach().requires_grad_()
     trg = trg0.detach().requires_grad_()

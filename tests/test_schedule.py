@@ -12,7 +12,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from amdim_kernels import available_backends, multiscale_nce, nce_loss, schedule, settings
-from amdim_kernels.extension_fused import stored_scale
+from amdim_kernels.three_product import stored_scale
 from amdim_kernels.validation import validate
 from truth import assert_outputs_match, rel_err, spec_loss_f64
 
@@ -395,3 +395,51 @@ def test_stored_gradients_are_released_by_any_backward():
         assert node(loss).stored is not None
         objective(loss, reg).backward()
         assert node(loss).stored is None
+
+
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU through Triton's interpreter
+
+
+@pytest.mark.skipif("triton" not in available_backends(TRITON_DEVICE), reason="Triton is not available here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("upstream", ["matching", "other"])
+@pytest.mark.parametrize("reduction, groups", [("mean", 1), ("group_means", 2)])
+def test_triton_three_product_matches_truth(reduction, groups, upstream, dtype, request):
+    """backend="triton" under settings(schedule="three-product"): the block's cuBLAS scores
+    read by the forward and G kernels (triton_nce/three_product.py), several blocks, against
+    the float64 truth by truth.py's criterion."""
+    seed = SEED + zlib.crc32(request.node.name.encode())
+    gen = torch.Generator().manual_seed(seed)
+    src, trg, pos_idx, group_rows = _draw(gen, dtype, groups)
+    src, trg = src.to(TRITON_DEVICE), trg.to(TRITON_DEVICE)
+    if isinstance(pos_idx, torch.Tensor):
+        pos_idx = pos_idx.to(TRITON_DEVICE)
+    n = src.shape[0]
+    if upstream == "matching":
+        weights, reg_upstream = ([k / n for k in group_rows] if reduction == "group_means" else [1.0]), 1.0
+    else:
+        weights = (torch.rand(len(group_rows) if reduction == "group_means" else 1, generator=gen) + 0.5).tolist()
+        reg_upstream = 2.5
+
+    def triton_three_product(s, t, p, r, **options):
+        with settings(schedule="three-product", workspace_bytes=4 * t.shape[0] * t.shape[1] * max(1, n // 2)):
+            return nce_loss(s, t, p, reduction=r, backend="triton", **options)
+
+    def to_cpu(outputs):
+        return tuple(None if x is None else x.cpu() for x in outputs)
+
+    got = to_cpu(_grads(triton_three_product, src, trg, pos_idx, reduction, group_rows, weights, reg_upstream,
+                        ("src", "trg")))
+    ref = to_cpu(_grads(_reference, src, trg, pos_idx, reduction, group_rows, weights, reg_upstream, ("src", "trg")))
+    cpu_idx = pos_idx.cpu() if isinstance(pos_idx, torch.Tensor) else pos_idx
+    truth = _grads(lambda s, t, p, r, **o: _truth(s, t, p, r, group_rows, **o), src.double().cpu(),
+                   trg.double().cpu(), cpu_idx, reduction, group_rows, weights, reg_upstream, ("src", "trg"))
+    assert_outputs_match(got, ref, truth, dtype, "triton three-product",
+                         context=f" (seed {SEED}, src {tuple(src.shape)}, trg {tuple(trg.shape)})")
+
+
+@pytest.mark.skipif("triton" not in available_backends(TRITON_DEVICE), reason="Triton is not available here")
+def test_triton_three_product_refuses_float16():
+    src = torch.randn(4, 8, device=TRITON_DEVICE, dtype=torch.float16).requires_grad_()
+    with settings(schedule="three-product"), pytest.raises(ValueError, match="takes float32 and bfloat16 inputs"):
+        nce_loss(src, torch.randn(4, 3, 8, device=TRITON_DEVICE, dtype=torch.float16), backend="triton")

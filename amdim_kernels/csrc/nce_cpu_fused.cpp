@@ -6,7 +6,7 @@
 // The objective is  sum_k (n_k / N) mean_k + reg  = the mean over all N*L positives + reg,
 // mean_k being the mean loss of group k's n_k source rows: its gradients, times one upstream
 // scalar, are those of any objective weighting each group's mean by n_k/N against reg
-// (extension_fused.py's backward checks the upstream, and otherwise calls the four-product
+// (three_product.py's backward checks the upstream, and otherwise calls the four-product
 // backward).
 //
 // Per block of B source rows (B from the caller's workspace budget): one parallel region over

@@ -16,14 +16,17 @@ from __future__ import annotations
 
 import torch
 
-from .. import op_contract
+from .. import op_contract, schedule
 from ..autocast_off import autocast_off
 from ..backend_settings import Settings
+from ..three_product import ThreeProductLoss
+from ..three_product import loss_and_reg as three_product_outputs
 from ..validation import Problem
 from . import backward as backward_stage
 from .config import CallOptions
 from .forward import forward as forward_stage
 from .operands import on_device_of
+from .three_product import forward_with_gradients
 
 
 def forward(src: torch.Tensor, trg: torch.Tensor, pos_idx: torch.Tensor, tclip: float | None, scale: float,
@@ -71,8 +74,20 @@ class _EagerLoss(torch.autograd.Function):
 
 
 def nce_loss_triton(p: Problem, settings: Settings) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, reg) of a validated problem on the Triton kernels under the given settings."""
-    args = (p.src, p.trg, p.pos_idx, p.tclip, p.scale, p.reg_weight,
-            *CallOptions.of(settings, p.src.dtype).op_args())
+    """(loss, reg) of a validated problem on the Triton kernels under the given settings:
+    the three-product schedule where settings.schedule asks for it (three_product.py), else
+    the four-product one."""
+    op_args = CallOptions.of(settings, p.src.dtype).op_args()
+    if settings.schedule == "three-product":
+        rows = schedule.choose(p, settings)
+        if rows != schedule.FOUR_PRODUCT:
+            if p.src.dtype == torch.float16:
+                raise ValueError("settings(schedule='three-product') on backend 'triton' takes float32 and "
+                                 "bfloat16 inputs, got float16 (its G's scale needs every row's factors)")
+            groups = p.groups if p.reduction == "group_means" else (p.n,)
+            outputs = ThreeProductLoss.apply(forward_with_gradients, backward, p.src, p.trg, p.pos_idx, p.tclip,
+                                             p.scale, p.reg_weight, groups, rows, op_args)
+            return three_product_outputs(outputs[4], outputs[5], p.reduction)
+    args = (p.src, p.trg, p.pos_idx, p.tclip, p.scale, p.reg_weight, *op_args)
     outputs = _fwd_op(*args) if torch.compiler.is_compiling() else _EagerLoss.apply(*args)
     return op_contract.loss_and_reg(outputs, p)

@@ -23,6 +23,7 @@ losses and reg = reg_weight * mean(a^2).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -315,9 +316,11 @@ class ForwardStats:
 
 
 def forward(src, trg, pos_idx, tclip: float | None, scale: float, reg_weight: float,
-            options: CallOptions) -> ForwardStats:
+            options: CallOptions, scores_of: Callable[[int, int], torch.Tensor] | None = None) -> ForwardStats:
     """The forward's launches: the tile kernel per chunk (unmasked tiles, then the others),
-    the merge, the totals."""
+    the merge, the totals. With the "gemm" strategy, scores_of(c0, c) gives the chunk's
+    float32 scores where the caller has them (the three-product schedule), else cuBLAS makes
+    them here."""
     n, d = src.shape
     m, l, _ = trg.shape
     cfg = tile_config(src.dtype, d, options.fwd_tiles)
@@ -352,7 +355,10 @@ def forward(src, trg, pos_idx, tclip: float | None, scale: float, reg_weight: fl
     split_base = 0
     for (c0, c), (n_splits, per_split) in zip(chunks, splits):
         images = chunk_images(trg, c0, c)
-        scores = chunk_scores(src, images) if from_scores else part_sum  # part_sum: unused placeholder
+        if from_scores:
+            scores = scores_of(c0, c) if scores_of is not None else chunk_scores(src, images)
+        else:
+            scores = part_sum  # unused placeholder
         for masked, tiles, constants in launches:
             operands, own = chunk_operands(src, src_desc, images, tiles)
             nce_fwd_kernel[(row_blocks, n_splits)](

@@ -125,12 +125,15 @@ def positives_block(l: int) -> int:
     return min(16, next_power_of_2(l))
 
 
-def gradient_chunks(src, trg, pos_idx, neg_lse, r, g_pos, reg_coef, tclip, scale, options: CallOptions, g_scale=None):
+def gradient_chunks(src, trg, pos_idx, neg_lse, r, g_pos, reg_coef, tclip, scale, options: CallOptions, g_scale=None,
+                    scores_of=None):
     """Yield (first image, last image + 1, G, features) for consecutive chunks of whole
     images, where G (N, C) = scale * d(loss + reg)/da on the chunk's C columns, in the
     inputs' dtype and times g_scale[0] where that is given (float16, grad_rows.gradient_scale), and
     features (C, D) are the chunk's target features (chunk_images: a view or a copy), for
-    the caller's products. G's buffer is reused."""
+    the caller's products. G's buffer is reused. With the "gemm" strategy, scores_of(c0, c)
+    gives the chunk's float32 scores where the caller has them (the three-product schedule),
+    else cuBLAS makes them here."""
     n, d = src.shape
     m, l, _ = trg.shape
     cfg = tile_config(src.dtype, d, options.grad_tiles)
@@ -147,7 +150,10 @@ def gradient_chunks(src, trg, pos_idx, neg_lse, r, g_pos, reg_coef, tclip, scale
         g = g_buf[:, :c]
         images = chunk_images(trg, c0, c)
         operands, own = chunk_operands(src, src_desc, images, cfg)
-        scores = chunk_scores(src, images) if from_scores else g  # g: unused placeholder
+        if from_scores:
+            scores = scores_of(c0, c) if scores_of is not None else chunk_scores(src, images)
+        else:
+            scores = g  # unused placeholder
         nce_grad_tile_kernel[(row_blocks, cdiv(c, cfg.block_j))](
             *operands, pos_idx, neg_lse, r, g_pos, reg_coef, g, g.stride(0), g if g_scale is None else g_scale,
             scores, scores.stride(0), col_begin=c0, C=c, SCALED=g_scale is not None, **own, **fixed,
