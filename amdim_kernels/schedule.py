@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from .backend_settings import Settings
+from .indices import capturing
 from .validation import Problem
 
 FOUR_PRODUCT = 0  # choose()'s answer for the four-product schedule
@@ -60,14 +61,18 @@ def choose(p: Problem, settings: Settings) -> int:
     if settings.schedule == "four-product" or not needs_grad:
         return FOUR_PRODUCT
     rows = block_rows(p, settings)
+    # the backward reads the upstream's values on the host: not inside a compiled graph or a
+    # CUDA graph being captured
+    traced = torch.compiler.is_compiling() or capturing(p.src)
     if settings.schedule == "auto":
-        takes = p.reduction != "none" and not torch.compiler.is_compiling()
+        takes = p.reduction != "none" and not traced
         return rows if takes and rows >= min(p.n, MIN_BLOCK_ROWS) else FOUR_PRODUCT
     forced = "settings(schedule='three-product')"
     if p.reduction == "none":
         raise ValueError(f"{forced} needs a reduced loss (reduction 'mean' or 'group_means'), got reduction='none'")
-    if torch.compiler.is_compiling():
-        raise ValueError(f"{forced} runs in eager mode only; under torch.compile use 'auto' or 'four-product'")
+    if traced:
+        raise ValueError(f"{forced} runs in eager mode only (not under torch.compile or CUDA graph capture); "
+                         "use 'auto' or 'four-product' there")
     if rows < 1:
         raise ValueError(f"{forced}: workspace_bytes = {settings.workspace_bytes} holds no row of scores "
                          f"(one row is M*L*4 = {4 * p.m * p.l} bytes)")
