@@ -57,27 +57,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> nce_fwd_cpu(const Ten
     }
   });
   const RowTotals totals = merge_tiles(tile_shift, tile_sum, tile_sq);
-  neg_lse.copy_(totals.neg_lse);
-  const Tensor& sqsum = totals.sq;
-  sq.copy_(sqsum);
-  float* lse_p = neg_lse.data_ptr<float>();
-  const double* sq_p = sqsum.data_ptr<double>();
-  float* loss_p = loss.data_ptr<float>();
-  // nce_loss's two scalars, summed in float64 in row order (deterministic)
-  double loss_sum = 0.0, sq_sum = 0.0;
-  for (int64_t i = 0; i < N; ++i) {
-    lse_p[i] = row_lse(lse_p[i], static_cast<float>(sq_p[i]));  // NaN where a score is not finite
-    for (int64_t l = 0; l < L; ++l) {
-      loss_p[i * L + l] = positive_loss(pos_p[i * L + l], lse_p[i]);
-      loss_sum += loss_p[i * L + l];
-    }
-    sq_sum += sq_p[i];
-  }
-  const Tensor mean = at::full({}, loss_sum / static_cast<double>(N * L), f32);
-  // rounded to float32 here: a reg past float32's range is +inf (at::full would refuse it)
-  const auto reg_value = static_cast<float>(reg_weight * sq_sum / (static_cast<double>(N) * M * L));
-  const Tensor reg = at::full({}, reg_value, f32);
-  return {loss, pos, neg_lse, sq, mean, reg};
+  finish_rows(totals, pos_p, N, L, neg_lse.data_ptr<float>(), loss.data_ptr<float>());
+  sq.copy_(totals.sq);
+  const int64_t one_group[] = {N};
+  const Tensor mean = group_means(loss, one_group).squeeze(0);
+  return {loss, pos, neg_lse, sq, mean, regulariser(totals.sq, M, L, reg_weight, f32)};
 }
 
 std::tuple<Tensor, Tensor> nce_bwd_cpu(const Tensor& src, const Tensor& trg, const Tensor& pos_idx,

@@ -8,8 +8,8 @@
 // them in the last bits.
 #include "nce_cpu_epilogue.h"
 
-#include <cmath>
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <limits>
 #include <stdexcept>
@@ -165,8 +165,9 @@ AMDIM_INLINE void positive_columns(int64_t p, int64_t m0, int64_t m1, int64_t L,
 }
 
 template <bool kClip>
-AMDIM_INLINE void statistics_rows(const float* a, int64_t R, int64_t C, int64_t m0, int64_t m1, int64_t L, const int64_t* pos_idx,
-                     float tclip, float* pos_rows, float* shift, double* sum, double* sq) {
+AMDIM_INLINE void statistics_rows(const float* a, int64_t R, int64_t C, int64_t m0, int64_t m1, int64_t L,
+                                  const int64_t* pos_idx, float tclip, float* pos_rows, float* shift, double* sum,
+                                  double* sq) {
   const float inv = kClip ? 1.f / tclip : 1.f;
   const bool fixed = shift_by_tclip(tclip);
   for (int64_t i = 0; i < R; ++i) {
@@ -186,8 +187,9 @@ AMDIM_INLINE void statistics_rows(const float* a, int64_t R, int64_t C, int64_t 
 }
 
 template <bool kClip>
-AMDIM_INLINE void gradient_rows(float* a, int64_t R, int64_t C, int64_t m0, int64_t m1, int64_t L, const int64_t* pos_idx,
-                   float tclip, const float* neg_lse, const float* r, const float* reg_coef, const float* gpos) {
+AMDIM_INLINE void gradient_rows(float* a, int64_t R, int64_t C, int64_t m0, int64_t m1, int64_t L,
+                                const int64_t* pos_idx, float tclip, const float* neg_lse, const float* r,
+                                const float* reg_coef, const float* gpos) {
   const float inv = kClip ? 1.f / tclip : 1.f;
   std::vector<float> positives(static_cast<size_t>(L));
   for (int64_t i = 0; i < R; ++i) {
@@ -213,7 +215,6 @@ AMDIM_INLINE void gradient_rows(float* a, int64_t R, int64_t C, int64_t m0, int6
     }
   }
 }
-
 
 // Each entry point's versions: the same code, compiled for AVX-512, AVX2+FMA and the baseline.
 #define AMDIM_STATISTICS_BODY                                                                 \
@@ -247,69 +248,79 @@ AMDIM_EPILOGUE_VERSION(baseline, )
 #if AMDIM_AVX2_VERSION
 AMDIM_EPILOGUE_VERSION(avx2, AMDIM_AVX2)
 AMDIM_EPILOGUE_VERSION(avx512, AMDIM_AVX512)
-
-bool has_avx2() {
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return yes;
-}
-
-bool has_avx512() {
-  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw");
-  return yes;
-}
 #endif
+
+using StatisticsFn = void (*)(const float*, int64_t, int64_t, int64_t, int64_t, int64_t, const int64_t*, float, float*,
+                              float*, double*, double*);
+using GradientFn = void (*)(float*, int64_t, int64_t, int64_t, int64_t, int64_t, const int64_t*, float, const float*,
+                            const float*, const float*, const float*);
+
+struct Version {
+  const char* name;
+  bool runs;  // this CPU has its instructions
+  StatisticsFn statistics;
+  GradientFn gradient;
+};
+
+// Every version compiled here, best first, with whether this CPU runs it (found once).
+const std::vector<Version>& compiled_versions() {
+  static const std::vector<Version> versions = {
+#if AMDIM_AVX2_VERSION
+      {"avx512",
+       __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw"),
+       statistics_avx512, gradient_avx512},
+      {"avx2", __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"), statistics_avx2, gradient_avx2},
+#endif
+      {"baseline", true, statistics_baseline, gradient_baseline},
+  };
+  return versions;
+}
+
+// The named version, where this CPU runs it.
+const Version& version_named(const std::string& name) {
+  for (const Version& v : compiled_versions()) {
+    if (v.runs && name == v.name) return v;
+  }
+  throw std::invalid_argument("epilogue version " + name + " does not run here");
+}
+
+// The version the entry points run: the best this CPU has.
+const Version& best_version() {
+  static const Version& best = version_named(epilogue_versions().front());
+  return best;
+}
 
 }  // namespace
 
 std::vector<std::string> epilogue_versions() {
-  std::vector<std::string> versions;
-#if AMDIM_AVX2_VERSION
-  if (has_avx512()) versions.emplace_back("avx512");
-  if (has_avx2()) versions.emplace_back("avx2");
-#endif
-  versions.emplace_back("baseline");
-  return versions;
+  std::vector<std::string> names;
+  for (const Version& v : compiled_versions()) {
+    if (v.runs) names.emplace_back(v.name);
+  }
+  return names;
 }
 
 void tile_statistics_version(const std::string& version, const float* a, int64_t R, int64_t C, int64_t m0, int64_t m1,
                              int64_t L, const int64_t* pos_idx, float tclip, float* pos_rows, float* shift,
                              double* sum, double* sq) {
-#if AMDIM_AVX2_VERSION
-  if (version == "avx512" && has_avx512()) {
-    return statistics_avx512(a, R, C, m0, m1, L, pos_idx, tclip, pos_rows, shift, sum, sq);
-  }
-  if (version == "avx2" && has_avx2()) {
-    return statistics_avx2(a, R, C, m0, m1, L, pos_idx, tclip, pos_rows, shift, sum, sq);
-  }
-#endif
-  if (version != "baseline") throw std::invalid_argument("epilogue version " + version + " does not run here");
-  statistics_baseline(a, R, C, m0, m1, L, pos_idx, tclip, pos_rows, shift, sum, sq);
+  version_named(version).statistics(a, R, C, m0, m1, L, pos_idx, tclip, pos_rows, shift, sum, sq);
 }
 
 void tile_gradient_version(const std::string& version, float* a, int64_t R, int64_t C, int64_t m0, int64_t m1,
                            int64_t L, const int64_t* pos_idx, float tclip, const float* neg_lse, const float* r,
                            const float* reg_coef, const float* gpos) {
-#if AMDIM_AVX2_VERSION
-  if (version == "avx512" && has_avx512()) {
-    return gradient_avx512(a, R, C, m0, m1, L, pos_idx, tclip, neg_lse, r, reg_coef, gpos);
-  }
-  if (version == "avx2" && has_avx2()) return gradient_avx2(a, R, C, m0, m1, L, pos_idx, tclip, neg_lse, r, reg_coef, gpos);
-#endif
-  if (version != "baseline") throw std::invalid_argument("epilogue version " + version + " does not run here");
-  gradient_baseline(a, R, C, m0, m1, L, pos_idx, tclip, neg_lse, r, reg_coef, gpos);
+  version_named(version).gradient(a, R, C, m0, m1, L, pos_idx, tclip, neg_lse, r, reg_coef, gpos);
 }
 
 void tile_statistics(const float* a, int64_t R, int64_t C, int64_t m0, int64_t m1, int64_t L, const int64_t* pos_idx,
                      float tclip, float* pos_rows, float* shift, double* sum, double* sq) {
-  static const std::string best = epilogue_versions().front();
-  tile_statistics_version(best, a, R, C, m0, m1, L, pos_idx, tclip, pos_rows, shift, sum, sq);
+  best_version().statistics(a, R, C, m0, m1, L, pos_idx, tclip, pos_rows, shift, sum, sq);
 }
 
 void tile_gradient(float* a, int64_t R, int64_t C, int64_t m0, int64_t m1, int64_t L, const int64_t* pos_idx,
                    float tclip, const float* neg_lse, const float* r, const float* reg_coef, const float* gpos) {
-  static const std::string best = epilogue_versions().front();
-  tile_gradient_version(best, a, R, C, m0, m1, L, pos_idx, tclip, neg_lse, r, reg_coef, gpos);
+  best_version().gradient(a, R, C, m0, m1, L, pos_idx, tclip, neg_lse, r, reg_coef, gpos);
 }
 
 }  // namespace cpu

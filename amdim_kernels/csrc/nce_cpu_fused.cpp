@@ -49,7 +49,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> nce_f
   const auto d64 = src.options().dtype(at::kDouble);
   Tensor loss = at::empty({N, L}, f32), pos = at::empty({N, L}, f32);
   Tensor neg_lse = at::empty({N}, f32), sq = at::empty({N}, f32);
-  Tensor sq64 = at::empty({N}, d64);  // the rows' sums of a^2 as reg sums them (float64's range)
+  Tensor sq64 = at::empty({N}, d64);  // the rows' sums of a^2 in float64 (reg's range)
   Tensor dsrc = at::empty({need_src ? N : 0, D}, f32);
   Tensor dtrg = at::empty({need_trg ? M : 0, L, D}, f32);
   const TileOperands ops(src, pos_idx, scale, B, M, L);
@@ -88,20 +88,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> nce_f
     });
     const RowTotals totals =
         merge_tiles(tile_shift.narrow(1, 0, R), tile_sum.narrow(1, 0, R), tile_sq.narrow(1, 0, R));
-    {
-      float* lse_p = neg_lse.data_ptr<float>() + i0;
-      const float* merged = totals.neg_lse.data_ptr<float>();
-      const double* sq_p = totals.sq.data_ptr<double>();
-      float* loss_p = loss.data_ptr<float>() + i0 * L;
-      float* sq_out = sq.data_ptr<float>() + i0;
-      double* sq64_out = sq64.data_ptr<double>() + i0;
-      for (int64_t i = 0; i < R; ++i) {
-        lse_p[i] = row_lse(merged[i], static_cast<float>(sq_p[i]));  // NaN where a score is not finite
-        sq_out[i] = static_cast<float>(sq_p[i]);
-        sq64_out[i] = sq_p[i];
-        for (int64_t l = 0; l < L; ++l) loss_p[i * L + l] = positive_loss(pos_block[i * L + l], lse_p[i]);
-      }
-    }
+    finish_rows(totals, pos_block, R, L, neg_lse.data_ptr<float>() + i0, loss.data_ptr<float>() + i0 * L);
+    sq64.narrow(0, i0, R).copy_(totals.sq);
     if (!need_src && !need_trg) continue;
     const BackwardRows rows =
         backward_rows(pos.narrow(0, i0, R), neg_lse.narrow(0, i0, R),
@@ -140,30 +128,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> nce_f
       for (int64_t group = 1; group < groups; ++group) out.add_(group_dsrc[group].narrow(0, 0, R));
     }
   }
-  // nce_loss's scalars, summed in float64 in row order (deterministic): each group's mean loss
-  // and reg
-  const int64_t K = static_cast<int64_t>(group_rows.size());
-  Tensor means = at::empty({K}, f32);
-  {
-    const float* loss_p = loss.data_ptr<float>();
-    float* means_p = means.data_ptr<float>();
-    int64_t row = 0;
-    for (int64_t k = 0; k < K; ++k) {
-      double sum = 0.0;
-      for (int64_t i = row; i < row + group_rows[k]; ++i) {
-        for (int64_t l = 0; l < L; ++l) sum += loss_p[i * L + l];
-      }
-      means_p[k] = static_cast<float>(sum / (static_cast<double>(group_rows[k]) * L));
-      row += group_rows[k];
-    }
-  }
-  double sq_sum = 0.0;
-  const double* sq_p = sq64.data_ptr<double>();
-  for (int64_t i = 0; i < N; ++i) sq_sum += sq_p[i];
-  // rounded to float32 here: a reg past float32's range is +inf (at::full would refuse it)
-  const auto reg_value = static_cast<float>(reg_weight * sq_sum / (static_cast<double>(N) * M * L));
-  const Tensor reg = at::full({}, reg_value, f32);
-  return {loss, pos, neg_lse, sq, means, reg, dsrc, dtrg};
+  sq.copy_(sq64);
+  return {loss, pos, neg_lse, sq, group_means(loss, group_rows), regulariser(sq64, M, L, reg_weight, f32), dsrc, dtrg};
 }
 
 TORCH_LIBRARY_IMPL(amdim_kernels, CPU, m) { m.impl("nce_fwd_grad", &nce_fwd_grad_cpu); }

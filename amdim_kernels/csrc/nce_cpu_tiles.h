@@ -203,5 +203,45 @@ inline RowTotals merge_tiles(const Tensor& tile_shift_in, const Tensor& tile_sum
   return {(shift.masked_fill(shift == -kInf, 0.f) + sum.log()).to(at::kFloat), sqsum};
 }
 
+// R rows' neg_lse (row_lse: NaN where one of the row's scores is not finite) and their L
+// losses each, from merge_tiles' totals and the positives' clipped scores pos (R x L).
+inline void finish_rows(const RowTotals& totals, const float* pos, int64_t R, int64_t L, float* neg_lse,
+                        float* loss) {
+  const float* merged = totals.neg_lse.data_ptr<float>();
+  const double* sq = totals.sq.data_ptr<double>();
+  for (int64_t i = 0; i < R; ++i) {
+    neg_lse[i] = row_lse(merged[i], static_cast<float>(sq[i]));
+    for (int64_t l = 0; l < L; ++l) loss[i * L + l] = positive_loss(pos[i * L + l], neg_lse[i]);
+  }
+}
+
+// nce_loss's means: one per group of consecutive rows of the (N x L) losses (group_rows: their
+// counts), each summed in float64 in row order (deterministic).
+inline Tensor group_means(const Tensor& loss, at::IntArrayRef group_rows) {
+  const int64_t L = loss.size(1), K = static_cast<int64_t>(group_rows.size());
+  Tensor means = at::empty({K}, loss.options());
+  const float* loss_p = loss.data_ptr<float>();
+  float* means_p = means.data_ptr<float>();
+  int64_t row = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    double sum = 0.0;
+    for (int64_t j = row * L; j < (row + group_rows[k]) * L; ++j) sum += loss_p[j];
+    means_p[k] = static_cast<float>(sum / (static_cast<double>(group_rows[k]) * L));
+    row += group_rows[k];
+  }
+  return means;
+}
+
+// nce_loss's reg = reg_weight * mean(a^2) over the N*M*L scores, from the rows' float64 sums
+// sq (N,), summed in row order; rounded to float32 at the end (a reg past float32's range is
+// +inf, which at::full would refuse as a double).
+inline Tensor regulariser(const Tensor& sq, int64_t M, int64_t L, double reg_weight, at::TensorOptions f32) {
+  const int64_t N = sq.size(0);
+  const double* sq_p = sq.data_ptr<double>();
+  double total = 0.0;
+  for (int64_t i = 0; i < N; ++i) total += sq_p[i];
+  return at::full({}, static_cast<float>(reg_weight * total / (static_cast<double>(N) * M * L)), f32);
+}
+
 }  // namespace cpu
 }  // namespace amdim_kernels
