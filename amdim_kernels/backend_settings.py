@@ -88,15 +88,17 @@ class Settings:
         tiles in shared memory only, compute capability 8.0+), or "auto": "mma" on 8.0+ up
         to N*M*L*D = 2^35, AMDIM's per-GPU sizes, "cublas" above. float32 always takes cuBLAS.
     schedule: how backend="cpp" splits the work between forward and backward (schedule.py;
-        backend="triton" takes "three-product" only where it is set, float32 and bfloat16):
+        backends "triton" and "cuda" take "three-product" only where it is set, float32 and
+        bfloat16):
         "four-product" (the backward makes the scores again), "three-product" (the forward
         keeps blocks of rows' scores whole and makes the gradients of the mean loss over all
         N*L positives plus reg too; eager mode, reduction "mean" or "group_means"; a call
         that needs no gradient runs four-product), or "auto": "three-product" wherever the
         call needs gradients and takes it and a useful row block fits workspace_bytes.
-    workspace_bytes: the three-product schedule's budget for one row block's float32 scores;
-        None: schedule.default_workspace_bytes (half the whole score matrix, within
-        [4 MiB, 256 MiB]).
+    workspace_bytes: the three-product schedule's budget for one row block's float32 scores
+        (on a GPU, and its G);
+        None: schedule.default_workspace_bytes (for cpp half the whole score matrix, within
+        [4 MiB, 256 MiB]; for the GPU backends all N rows at once, within [4 MiB, 1 GiB]).
     """
 
     triton_scores: str | None = None

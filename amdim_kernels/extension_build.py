@@ -19,7 +19,7 @@ from pathlib import Path
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 CPU_SOURCES = ("nce_op.cpp", "nce_cpu.cpp", "nce_cpu_fused.cpp", "nce_cpu_epilogue.cpp")
-CUDA_SOURCES = ("nce_cuda.cpp", "nce_cuda_kernels.cu", "nce_cuda_mma.cu")
+CUDA_SOURCES = ("nce_cuda.cpp", "nce_cuda_fused.cpp", "nce_cuda_kernels.cu", "nce_cuda_mma.cu")
 # cubins for A100 and H100/H200 and their families, and PTX that newer GPUs compile on load
 DEFAULT_ARCHS = "8.0;9.0+PTX"
 # -fno-trapping-math: no code here reads floating-point exception flags, and without it GCC

@@ -1,6 +1,7 @@
-"""Backend "cpp"'s three-product schedule (schedule.py): the op `amdim_kernels::nce_fwd_grad`
-(csrc/nce_cpu_fused.cpp), its fake implementation, and the call through three_product.py's
-autograd formula, whose recomputing backward is the C++ nce_bwd op.
+"""Backends "cpp" and "cuda"'s three-product schedule (schedule.py): the op
+`amdim_kernels::nce_fwd_grad` (csrc/nce_cpu_fused.cpp, csrc/nce_cuda_fused.cpp), its fake
+implementation, and the call through three_product.py's autograd formula, whose recomputing
+backward is the nce_bwd op.
 
     nce_fwd_grad(src, trg, pos_idx, tclip, scale, reg_weight, group_rows, block_rows,
                  need_src, need_trg)

@@ -8,8 +8,9 @@ and CUDA kernels; op_contract.py gives them their fake implementations and autog
         -> loss (N, L), pos (N, L), neg_lse (N,), sq (N,), mean (), reg ()
 
 `cuda_scores` (Settings.cuda_scores) is how the CUDA kernels make the scores of 16-bit
-inputs; the CPU kernels ignore it. On the CPU a call that needs gradients of a reduced loss
-takes the three-product schedule where schedule.py chooses it (extension_fused.py).
+inputs; the CPU kernels ignore it. A call that needs gradients of a reduced loss takes the
+three-product schedule where schedule.py chooses it (extension_fused.py): on the CPU under
+"auto", on a GPU where settings(schedule="three-product") sets it.
 """
 from __future__ import annotations
 
@@ -55,10 +56,11 @@ class _EagerLoss(torch.autograd.Function):
 def nce_loss_extension(p: Problem, settings: Settings) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, reg) of a validated problem on the extension's kernels: under torch.compile
     the registered op itself, which the compiler traces as one opaque call (a Function's
-    Python would break the graph); in eager mode the lighter Function above. On the CPU, the
-    schedule that schedule.choose picks (settings.schedule, settings.workspace_bytes)."""
-    if p.src.device.type == "cpu":
-        rows = schedule.choose(p, settings)
+    Python would break the graph); in eager mode the lighter Function above. The schedule
+    that schedule.choose picks (settings.schedule, settings.workspace_bytes): on the CPU under
+    any setting, on a GPU only where settings(schedule="three-product") asks for it."""
+    if p.src.device.type == "cpu" or settings.schedule == "three-product":
+        rows = schedule.choose(p, settings, "cpp" if p.src.device.type == "cpu" else "cuda")
         if rows != schedule.FOUR_PRODUCT:
             return extension_fused.nce_loss_three_product(p, rows, settings.cuda_scores)
     args = (p.src, p.trg, p.pos_idx, p.tclip, p.scale, p.reg_weight, settings.cuda_scores)

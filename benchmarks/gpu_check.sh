@@ -24,7 +24,7 @@ python3 -c "import amdim_kernels; print(amdim_kernels.build_info())"
 # the peer libraries (make peer-wheels here, then carry wheels/ to the machine)
 if ls wheels/*.whl >/dev/null 2>&1; then python3 -m pip install --no-deps --no-index -q wheels/*.whl; fi
 STEPS=${STEPS-"gpu_tests sanitize run"}
-IMPLS=${IMPLS:-"reference triton:fused triton:gemm triton:3p cuda:cublas cuda:mma"}
+IMPLS=${IMPLS:-"reference triton:fused triton:gemm triton:3p cuda:cublas cuda:mma cuda:3p"}
 for step in $STEPS; do
   case $step in
     # pytest-xdist, where installed (the GPU machine's image has it), spreads Triton's JIT compiles over the cores;

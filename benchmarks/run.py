@@ -2,7 +2,7 @@
 cuBLAS matmul of the same shape (the physical floor; its forward+backward column is three
 products of the problem's shapes, the scores, d src and d trg), over AMDIM's problem sizes;
 on the InfoNCE presets also the peer libraries of benchmarks/peers.py that are installed.
-Variants: 'triton:fused', 'triton:gemm', 'triton:3p', 'cpp:3p', 'cuda:cublas', 'cuda:mma'
+Variants: 'triton:fused', 'triton:gemm', 'triton:3p', 'cpp:3p', 'cuda:cublas', 'cuda:mma', 'cuda:3p'
 (impl_context).
 
     python -m benchmarks.run                          # preset for this device
@@ -105,10 +105,27 @@ def loss_fn(impl: str, options: dict):
     return lambda s, t, p: nce_loss(s, t, p, backend=impl.split(":")[0], **options)
 
 
+# The variants impl_context pins, per backend
+VARIANTS = {"triton": ("fused", "gemm", "3p"), "cpp": ("3p",), "cuda": ("cublas", "mma", "3p"), "reference": ()}
+
+
+def impl_error(impl: str) -> str | None:
+    """Why --impls cannot take impl (None where it can)."""
+    if impl == "compiled" or impl in peers.PEERS:
+        return None
+    backend, colon, variant = impl.partition(":")
+    if backend not in VARIANTS:
+        return (f"--impls: unknown implementation {impl!r}; expected a backend ({', '.join(VARIANTS)}), "
+                f"backend:variant, compiled or a peer ({', '.join(peers.PEERS)})")
+    if colon and variant not in VARIANTS[backend]:
+        return f"--impls: backend {backend!r} has no variant {variant!r}; expected one of {VARIANTS[backend]}"
+    return None
+
+
 def impl_context(impl: str):
     """Where impl names a backend's variant, pin it while the block runs: 'triton:fused' /
-    'triton:gemm' (the Triton score strategy), 'triton:3p' / 'cpp:3p' (the three-product
-    schedule), 'cuda:cublas' / 'cuda:mma' (the CUDA backend's score kernels); each call's
+    'triton:gemm' (the Triton score strategy), 'triton:3p' / 'cpp:3p' / 'cuda:3p' (the
+    three-product schedule), 'cuda:cublas' / 'cuda:mma' (the CUDA backend's score kernels); each call's
     backward follows its forward."""
     backend, _, variant = impl.partition(":")
     if variant == "3p":
@@ -233,12 +250,16 @@ def main(argv=None):
     ap.add_argument("--preset", choices=sorted(PRESETS), default=None)
     ap.add_argument("--dtypes", nargs="+", default=None, choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--impls", nargs="+", default=None,
-                    help="backends to time (default: all available); also compiled, triton:fused, triton:gemm, "
-                         "cuda:cublas, cuda:mma and the peers " + ", ".join(peers.PEERS))
+                    help="backends to time (default: all available); also compiled, backend:variant ("
+                         + ", ".join(f"{b}:{v}" for b, vs in VARIANTS.items() for v in vs)
+                         + ") and the peers " + ", ".join(peers.PEERS))
     ap.add_argument("--compile", action="store_true", help="also time torch.compile of the reference")
     ap.add_argument("--out", default=None, help="folder for the CSV and JSON files")
     ap.add_argument("--suffix", default="", help="added to the output files' names")
     args = ap.parse_args(argv)
+    for impl in args.impls or ():
+        if (why := impl_error(impl)) is not None:
+            ap.error(why)
     device = args.device
     preset = args.preset or ("targets" if device == "cuda" else "cpu")
     dtypes = [getattr(torch, d) for d in (args.dtypes or (["bfloat16"] if device == "cuda" else ["float32"]))]

@@ -192,3 +192,17 @@ def test_cpu_memory_count_prints_no_profiler_log(capfd):
     err = capfd.readouterr().err
     assert "a message of the call" in err
     assert "profiler_start" not in err and "profiler_stop" not in err and "gpuGetDeviceCount" not in err
+
+
+@pytest.mark.parametrize("impl, message", [
+    ("bogus", "--impls: unknown implementation 'bogus'"),
+    ("cuda:foo", "--impls: backend 'cuda' has no variant 'foo'"),
+    ("cpp:gemm", "--impls: backend 'cpp' has no variant 'gemm'"),
+])
+def test_run_refuses_unknown_implementations(impl, message, capsys):
+    """benchmarks.run names the bad --impls entry in one line, before any timing."""
+    with pytest.raises(SystemExit) as exit_info:
+        run.main(["--impls", "cpp", impl])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1]

@@ -208,18 +208,40 @@ def test_auto_takes_three_products_where_documented():
         assert rows(workspace=4 * 64 * 7 * 32) == 32  # the smallest block auto takes
         assert rows(workspace=4 * 64 * 7 * 40) == 32  # two even blocks, not 40 + 24
         assert rows(workspace=4 * 64 * 7 * 31) == schedule.FOUR_PRODUCT
-    assert schedule.default_workspace_bytes(100, 100, 49) == 4 << 20  # the floor
-    assert schedule.default_workspace_bytes(256, 256, 49) == 2 * 256 * 256 * 49
-    assert schedule.default_workspace_bytes(512, 512, 49) == 2 * 512 * 512 * 49  # half the scores
-    assert schedule.default_workspace_bytes(4096, 4096, 49) == 256 << 20  # the cap
+
+    def default(n, m, backend, dtype=torch.float32):
+        p = validate(torch.zeros(n, 1, dtype=dtype), torch.zeros(m, 49, 1, dtype=dtype), None, 20.0, 0.05, None, "mean")
+        return schedule.default_workspace_bytes(p, backend)
+
+    assert default(100, 100, "cpp") == 4 << 20  # the floor
+    assert default(256, 256, "cpp") == 2 * 256 * 256 * 49
+    assert default(512, 512, "cpp") == 2 * 512 * 512 * 49  # half the scores
+    assert default(4096, 4096, "cpp") == 256 << 20  # the cap
+    # the GPU backends: all rows in one block, their float32 scores and G in the inputs' dtype
+    assert default(512, 512, "cuda") == 512 * 512 * 49 * 8
+    assert default(1024, 1024, "triton", torch.bfloat16) == 1024 * 1024 * 49 * 6
+    assert default(4096, 4096, "cuda") == 1 << 30  # the cap
     with settings(schedule="four-product"):
         assert rows() == schedule.FOUR_PRODUCT
     with settings(schedule="three-product"):
         assert rows(workspace=4 * 7 * 64 * 3) == 3  # 22 blocks of 3 (the last of 1)
         with pytest.raises(ValueError, match="needs a reduced loss"):
             rows("none")
-        with pytest.raises(ValueError, match="workspace_bytes = 27 holds no row of scores"):
+        with pytest.raises(ValueError, match="workspace_bytes = 27 holds no row of the block"):
             rows(workspace=27)
+        # the GPU backends keep G beside the scores (8 bytes a column for float32) and take
+        # no float16
+        p = validate(src, trg, None, 20.0, 0.05, None, "mean")
+        with settings(workspace_bytes=8 * 7 * 64 * 3) as now:
+            assert schedule.choose(p, now, "triton") == 3
+            assert schedule.choose(p, now, "cuda") == 3
+            assert schedule.choose(p, now, "cpp") == 6
+        half = validate(src.half(), trg.half(), None, 20.0, 0.05, None, "mean")
+        with settings() as now:
+            for backend in ("triton", "cuda"):
+                with pytest.raises(ValueError, match=f"on backend '{backend}' takes float32 and bfloat16 inputs"):
+                    schedule.choose(half, now, backend)
+            assert schedule.choose(half, now, "cpp") == 64
 
 
 @pytest.mark.parametrize("bad, message", [(dict(schedule="three"), "schedule must be one of"),
@@ -398,22 +420,33 @@ def test_stored_gradients_are_released_by_any_backward():
 
 
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU through Triton's interpreter
+# The GPU backends' three-product schedules: Triton's (under the interpreter without a GPU;
+# on a GPU among the tests marked gpu) and the CUDA op's (a GPU only)
+GPU_SCHEDULES = [pytest.param("triton", TRITON_DEVICE, id="triton", marks=[pytest.mark.gpu] * (TRITON_DEVICE == "cuda")),
+                 pytest.param("cuda", "cuda", id="cuda", marks=pytest.mark.gpu)]
 
 
-@pytest.mark.skipif("triton" not in available_backends(TRITON_DEVICE), reason="Triton is not available here")
+def _skip_unless(backend, device):
+    if backend not in available_backends(device):
+        pytest.skip(f"backend {backend!r} does not run on {device} here")
+
+
+@pytest.mark.parametrize("backend, device", GPU_SCHEDULES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("upstream", ["matching", "other"])
 @pytest.mark.parametrize("reduction, groups", [("mean", 1), ("group_means", 2)])
-def test_triton_three_product_matches_truth(reduction, groups, upstream, dtype, request):
-    """backend="triton" under settings(schedule="three-product"): the block's cuBLAS scores
-    read by the forward and G kernels (triton_nce/three_product.py), several blocks, against
-    the float64 truth by truth.py's criterion."""
+def test_gpu_three_product_matches_truth(reduction, groups, upstream, dtype, backend, device, request):
+    """backends "triton" and "cuda" under settings(schedule="three-product"): the block's
+    cuBLAS scores read by the forward and G kernels (triton_nce/three_product.py,
+    csrc/nce_cuda_fused.cpp), several blocks, against the float64 truth by truth.py's
+    criterion; the matching upstream takes the stored gradients."""
+    _skip_unless(backend, device)
     seed = SEED + zlib.crc32(request.node.name.encode())
     gen = torch.Generator().manual_seed(seed)
     src, trg, pos_idx, group_rows = _draw(gen, dtype, groups)
-    src, trg = src.to(TRITON_DEVICE), trg.to(TRITON_DEVICE)
+    src, trg = src.to(device), trg.to(device)
     if isinstance(pos_idx, torch.Tensor):
-        pos_idx = pos_idx.to(TRITON_DEVICE)
+        pos_idx = pos_idx.to(device)
     n = src.shape[0]
     if upstream == "matching":
         weights, reg_upstream = ([k / n for k in group_rows] if reduction == "group_means" else [1.0]), 1.0
@@ -421,25 +454,31 @@ def test_triton_three_product_matches_truth(reduction, groups, upstream, dtype, 
         weights = (torch.rand(len(group_rows) if reduction == "group_means" else 1, generator=gen) + 0.5).tolist()
         reg_upstream = 2.5
 
-    def triton_three_product(s, t, p, r, **options):
-        with settings(schedule="three-product", workspace_bytes=4 * t.shape[0] * t.shape[1] * max(1, n // 2)):
-            return nce_loss(s, t, p, reduction=r, backend="triton", **options)
+    def three_product(s, t, p, r, **options):  # blocks of about n / 2 rows: G beside the scores
+        budget = (4 + s.element_size()) * t.shape[0] * t.shape[1] * max(1, n // 2)
+        with settings(schedule="three-product", workspace_bytes=budget):
+            return nce_loss(s, t, p, reduction=r, backend=backend, **options)
 
     def to_cpu(outputs):
         return tuple(None if x is None else x.cpu() for x in outputs)
 
-    got = to_cpu(_grads(triton_three_product, src, trg, pos_idx, reduction, group_rows, weights, reg_upstream,
-                        ("src", "trg")))
+    with _CountOps() as counted:
+        got = to_cpu(_grads(three_product, src, trg, pos_idx, reduction, group_rows, weights, reg_upstream,
+                            ("src", "trg")))
+    if backend == "cuda":
+        assert counted.ops["nce_fwd_grad"] == 1
+        assert counted.ops["nce_bwd"] == (0 if upstream == "matching" else 1)
     ref = to_cpu(_grads(_reference, src, trg, pos_idx, reduction, group_rows, weights, reg_upstream, ("src", "trg")))
     cpu_idx = pos_idx.cpu() if isinstance(pos_idx, torch.Tensor) else pos_idx
     truth = _grads(lambda s, t, p, r, **o: _truth(s, t, p, r, group_rows, **o), src.double().cpu(),
                    trg.double().cpu(), cpu_idx, reduction, group_rows, weights, reg_upstream, ("src", "trg"))
-    assert_outputs_match(got, ref, truth, dtype, "triton three-product",
+    assert_outputs_match(got, ref, truth, dtype, f"{backend} three-product",
                          context=f" (seed {SEED}, src {tuple(src.shape)}, trg {tuple(trg.shape)})")
 
 
-@pytest.mark.skipif("triton" not in available_backends(TRITON_DEVICE), reason="Triton is not available here")
-def test_triton_three_product_refuses_float16():
-    src = torch.randn(4, 8, device=TRITON_DEVICE, dtype=torch.float16).requires_grad_()
+@pytest.mark.parametrize("backend, device", GPU_SCHEDULES)
+def test_gpu_three_product_refuses_float16(backend, device):
+    _skip_unless(backend, device)
+    src = torch.randn(4, 8, device=device, dtype=torch.float16).requires_grad_()
     with settings(schedule="three-product"), pytest.raises(ValueError, match="takes float32 and bfloat16 inputs"):
-        nce_loss(src, torch.randn(4, 3, 8, device=TRITON_DEVICE, dtype=torch.float16), backend="triton")
+        nce_loss(src, torch.randn(4, 3, 8, device=device, dtype=torch.float16), backend=backend)

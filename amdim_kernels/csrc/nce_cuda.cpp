@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <string>
 
+#include "nce_cuda_host.h"
 #include "nce_cuda_kernels.h"
 #include "nce_op.h"
 
@@ -26,10 +27,6 @@ namespace amdim_kernels {
 namespace {
 
 using at::Tensor;
-
-void check_cuda(cudaError_t err, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, "amdim_kernels: ", what, " failed: ", cudaGetErrorString(err));
-}
 
 int64_t sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
 
@@ -57,8 +54,6 @@ Tensor chunk_scores(const Tensor& src, const Tensor& trg, int64_t m0, int64_t m1
   const Tensor tile = trg.narrow(0, m0, m1 - m0).reshape({-1, trg.size(2)});
   return src.scalar_type() == at::kFloat ? at::mm(src, tile.t()) : at::mm(src, tile.t(), at::kFloat);
 }
-
-int64_t col_blocks(int64_t C) { return ceil_div(C, kCudaColsPerBlock); }
 
 // The fused WMMA kernels for this call? `scores` is Settings.cuda_scores: "auto", "cublas" or
 // "mma"; float32 always takes cuBLAS, which honours torch's allow_tf32 setting. "auto" takes
@@ -90,21 +85,6 @@ Tensor feature_contiguous(const Tensor& trg, int64_t m0, int64_t m1) {
 
 TargetView view_of(const Tensor& images, int64_t m0) {
   return {images.data_ptr(), images.stride(0), images.stride(1), images.size(0) * images.size(1), images.size(1), m0};
-}
-
-// The backward's per-row factors (nce_op.h's BackwardRows) in one launch, the upstream
-// gradients read through their strides.
-BackwardRows backward_rows(const Tensor& pos, const Tensor& neg_lse, const Upstream& up) {
-  const BackwardRows rows = empty_backward_rows(pos, neg_lse);
-  const Tensor pos_c = pos.contiguous();
-  const UpstreamGrads grads{up.grad_loss.data_ptr<float>(), up.grad_loss.stride(0), up.grad_loss.stride(1),
-                            static_cast<float>(up.loss_weight), up.grad_sq.data_ptr<float>(), up.grad_sq.stride(0),
-                            static_cast<float>(up.sq_weight)};
-  check_cuda(launch_nce_grad_rows(pos_c.data_ptr<float>(), grads, rows.neg_lse.data_ptr<float>(), pos.size(0),
-                                  pos.size(1), rows.gpos.data_ptr<float>(), rows.r.data_ptr<float>(),
-                                  rows.reg_coef.data_ptr<float>(), at::cuda::getCurrentCUDAStream()),
-             "nce_grad_rows");
-  return rows;
 }
 
 }  // namespace
@@ -171,10 +151,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> nce_fwd_cuda(const Te
 }
 
 namespace {
-GradType grad_type(at::ScalarType dtype) {
-  return dtype == at::kBFloat16 ? GradType::kBFloat16 : dtype == at::kHalf ? GradType::kFloat16 : GradType::kFloat32;
-}
-
 // (2^k, 2^-k) float32 on the device: the power of two float16 G is stored times
 // (nce_cuda_kernels.h), from the rows' factors, sq, and for d trg src's column L1 norms.
 Tensor float16_grad_scale(const Tensor& src, const BackwardRows& rows, const Tensor& sq, double scale,

@@ -44,7 +44,7 @@ TORCH_LIBRARY(amdim_kernels, m) {
   m.def("nce_bwd(Tensor src, Tensor trg, Tensor pos_idx, Tensor pos, Tensor neg_lse, Tensor sq, Tensor grad_loss, "
         "float loss_weight, Tensor grad_sq, float sq_weight, float? tclip, float scale, str cuda_scores, "
         "bool need_src, bool need_trg) -> (Tensor dsrc, Tensor dtrg)");
-  // The three-product schedule (CPU kernels only, nce_cpu_fused.cpp): nce_fwd's outputs, with
+  // The three-product schedule (nce_cpu_fused.cpp, nce_cuda_fused.cpp): nce_fwd's outputs, with
   // one mean per group of consecutive source rows (group_rows: their counts, summing to N) in
   // place of the one mean, and the float32 gradients of  sum_k (n_k / N) mean_k + reg  (the
   // mean over all N*L positives + reg), made from blocks of block_rows source rows whose

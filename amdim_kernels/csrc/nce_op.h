@@ -1,5 +1,6 @@
-// The amdim_kernels op library: schemas in nce_op.cpp, CPU kernels in nce_cpu.cpp, CUDA
-// kernels in nce_cuda.cpp (+ nce_cuda_kernels.cu). Python validates arguments first
+// The amdim_kernels op library: schemas in nce_op.cpp, CPU kernels in nce_cpu.cpp and
+// nce_cpu_fused.cpp, CUDA kernels in nce_cuda.cpp and nce_cuda_fused.cpp (+ the .cu files,
+// their host helpers in nce_cuda_host.h). Python validates arguments first
 // (amdim_kernels/validation.py); check_inputs only guards the C++ entry points.
 #pragma once
 

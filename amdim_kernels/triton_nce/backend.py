@@ -79,11 +79,8 @@ def nce_loss_triton(p: Problem, settings: Settings) -> tuple[torch.Tensor, torch
     the four-product one."""
     op_args = CallOptions.of(settings, p.src.dtype).op_args()
     if settings.schedule == "three-product":
-        rows = schedule.choose(p, settings)
+        rows = schedule.choose(p, settings, "triton")
         if rows != schedule.FOUR_PRODUCT:
-            if p.src.dtype == torch.float16:
-                raise ValueError("settings(schedule='three-product') on backend 'triton' takes float32 and "
-                                 "bfloat16 inputs, got float16 (its G's scale needs every row's factors)")
             groups = p.groups if p.reduction == "group_means" else (p.n,)
             outputs = ThreeProductLoss.apply(forward_with_gradients, backward, p.src, p.trg, p.pos_idx, p.tclip,
                                              p.scale, p.reg_weight, groups, rows, op_args)
