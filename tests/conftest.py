@@ -16,6 +16,12 @@ def pytest_configure(config):
     collect the same problems."""
     if not hasattr(config, "workerinput"):  # the main process, not an xdist worker
         os.environ.setdefault("AMDIM_TEST_SEED", str(random.SystemRandom().randrange(2 ** 31)))
+    else:
+        # the workers share the cores: each takes its share of torch's threads, so that two
+        # workers' parallel regions do not oversubscribe the cores and wait on each other's
+        # descheduled threads (tests that compare thread counts set them themselves)
+        workers = int(config.workerinput["workercount"])
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
 def pytest_collection_modifyitems(config, items):

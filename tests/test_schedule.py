@@ -422,7 +422,8 @@ def test_stored_gradients_are_released_by_any_backward():
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU through Triton's interpreter
 # The GPU backends' three-product schedules: Triton's (under the interpreter without a GPU;
 # on a GPU among the tests marked gpu) and the CUDA op's (a GPU only)
-GPU_SCHEDULES = [pytest.param("triton", TRITON_DEVICE, id="triton", marks=[pytest.mark.gpu] * (TRITON_DEVICE == "cuda")),
+GPU_SCHEDULES = [pytest.param("triton", TRITON_DEVICE, id="triton",
+                              marks=[pytest.mark.gpu] * (TRITON_DEVICE == "cuda")),
                  pytest.param("cuda", "cuda", id="cuda", marks=pytest.mark.gpu)]
 
 

@@ -293,7 +293,9 @@ class Trainer:
     (tqdm redrawn at every step)."""
 
     def __init__(self, argv):
-        env = dict(os.environ, TQDM_MININTERVAL="0", PYTHONPATH=ROOT)
+        # the thread count of this process, whose uninterrupted run the checkpoints must equal
+        # bit for bit (CPU reductions split by thread)
+        env = dict(os.environ, TQDM_MININTERVAL="0", PYTHONPATH=ROOT, OMP_NUM_THREADS=str(torch.get_num_threads()))
         self.proc = subprocess.Popen([sys.executable, "-m", "amdim.train"] + argv, cwd=ROOT, env=env,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
         self.err = b""
