@@ -206,3 +206,19 @@ def test_run_refuses_unknown_implementations(impl, message, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert message in err[-1]
+
+
+def test_cpu_floor_prints_its_ratios(capsys):
+    """benchmarks.cpu_floor end to end on one small size: the floor table, and the workspace
+    against eager's workspace and whole peak."""
+    from benchmarks import cpu_floor
+
+    cpu_floor.main(["--sizes", "24,20,9,16", "--rounds", "1", "--no-contention"])
+    out = capsys.readouterr().out
+    assert "| 24, 20, 9, 16 |" in out
+    assert "/ eager's workspace | / eager's peak" in out
+    for bad, message in ((["--rounds", "0"], "--rounds must be at least 1"),
+                         (["--sizes", "4,4,4"], "expected N,M,L,D as four positive integers")):
+        with pytest.raises(SystemExit):
+            cpu_floor.main(bad)
+        assert message in capsys.readouterr().err

@@ -11,8 +11,8 @@
 // barrier), and the result does not depend on the thread count. Nothing of size N x M*L is
 // allocated.
 //
-// The sources are scaled once per call (src_s = scale * src), so that a tile's product is its
-// scores a themselves. Forward: per-row sum of a^2 and the negatives' sum of exp(s - shift)
+// A tile's product is its scores a themselves: the scale is the product's alpha
+// (scores_out). Forward: per-row sum of a^2 and the negatives' sum of exp(s - shift)
 // (shift = tclip with clipping up to tclip = 40; else the tile's maximum), the positives
 // copied out. Backward: per tile, g = scale * dL/da (scale folded into the rows' factors, as
 // the GPU kernels form G, so that no product is 1/scale larger than its result), then
@@ -38,8 +38,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> nce_fwd_cpu(const Ten
   const auto f32 = src.options().dtype(at::kFloat);
   Tensor loss = at::empty({N, L}, f32), pos = at::empty({N, L}, f32);
   Tensor neg_lse = at::empty({N}, f32), sq = at::empty({N}, f32);
-  const TileOperands ops(src, pos_idx, scale, N, M, L);
-  const Tensor& src_s = ops.src_s;
+  const TileOperands ops(src, pos_idx, N, M, L);
+  const Tensor& src_f = ops.src_f;
   const int64_t* p_idx = ops.pos_idx;
   float* pos_p = pos.data_ptr<float>();
   const int64_t ipt = ops.images, tiles = ops.tiles;
@@ -51,7 +51,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> nce_fwd_cpu(const Ten
   for_each_part(tiles, [&](int64_t t_begin, int64_t t_end) {
     for (int64_t t = t_begin; t < t_end; ++t) {
       const int64_t m0 = t * ipt, m1 = std::min(M, m0 + ipt);
-      const Tensor a = at::mm(src_s, target_cols(trg, m0, m1));  // the scores
+      const Tensor a = scores(src_f, target_cols(trg, m0, m1), scale);
       tile_statistics(a.data_ptr<float>(), N, a.size(1), m0, m1, L, p_idx, tclip, pos_p,
                       tile_shift[t].data_ptr<float>(), tile_sum[t].data_ptr<double>(), tile_sq[t].data_ptr<double>());
     }
@@ -75,13 +75,13 @@ std::tuple<Tensor, Tensor> nce_bwd_cpu(const Tensor& src, const Tensor& trg, con
   const int64_t N = src.size(0), M = trg.size(0), L = trg.size(1), D = src.size(1);
   const float tclip = kernel_tclip(tclip_opt);
   const BackwardRows rows = backward_rows(pos, neg_lse, {grad_loss, loss_weight, grad_sq, sq_weight}, scale);
-  const TileOperands ops(src, pos_idx, scale, N, M, L);
-  const Tensor &src_s = ops.src_s, &src_f = ops.src_f;
+  const TileOperands ops(src, pos_idx, N, M, L);
+  const Tensor& src_f = ops.src_f;
   const int64_t* p_idx = ops.pos_idx;
   const int64_t ipt = ops.images, tiles = ops.tiles;
   const int64_t groups = need_src ? group_count(tiles, N, D) : tiles;
   Tensor dtrg = at::empty({need_trg ? M : 0, L, D}, trg.options());
-  Tensor group_dsrc = at::empty({need_src ? groups : 0, N, D}, src_s.options());
+  Tensor group_dsrc = at::empty({need_src ? groups : 0, N, D}, src_f.options());
   for_each_part(groups, [&](int64_t g_begin, int64_t g_end) {
     for (int64_t group = g_begin; group < g_end; ++group) {
       // the group's tiles: consecutive, an even share of them
@@ -89,7 +89,7 @@ std::tuple<Tensor, Tensor> nce_bwd_cpu(const Tensor& src, const Tensor& trg, con
       for (int64_t t = t_begin; t < t_end; ++t) {
         const int64_t m0 = t * ipt, m1 = std::min(M, m0 + ipt);
         const Tensor cols = target_cols(trg, m0, m1);
-        Tensor g = at::mm(src_s, cols);  // the scores, overwritten with g = scale * dL/da
+        Tensor g = scores(src_f, cols, scale);  // overwritten with g = scale * dL/da
         gradient_tile(g, m0, m1, L, p_idx, rows, tclip);  // in place
         if (need_trg) {  // owned rows, g^T @ src, written in place when dtrg is float32, else
                          // rounded once
@@ -111,7 +111,7 @@ std::tuple<Tensor, Tensor> nce_bwd_cpu(const Tensor& src, const Tensor& trg, con
       }
     }
   });
-  Tensor dsrc_acc = at::zeros({need_src ? N : 0, D}, src_s.options());
+  Tensor dsrc_acc = at::zeros({need_src ? N : 0, D}, src_f.options());
   for (int64_t group = 0; group < (need_src ? groups : 0); ++group) dsrc_acc.add_(group_dsrc[group]);  // in order
   Tensor dsrc = dsrc_acc.to(src.scalar_type());  // d src = sum over the groups of g @ trg_tile
   return {dsrc, dtrg};

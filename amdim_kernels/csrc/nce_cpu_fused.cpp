@@ -17,7 +17,10 @@
 // tiles overwrites each tile with g = scale * d(objective)/da (gradient_tile) and makes
 //   d trg[tile's images] += g^T @ src_block   (the tile owns those rows; blocks in order)
 //   d src partial[group]  = sum over its tiles of g @ trg_tile
-// and the groups' partials are added in group order. Three products in all, float32
+// and the groups' partials are added in group order. A partial is summed in a B x D scratch of
+// the thread that runs its group, then kept in the group's own tiles, whose G it has used,
+// until that sum (in a buffer of its own where a group spans fewer than D columns): the
+// workspace is the block, a scratch per thread and the tiles' row statistics. Three products in all, float32
 // throughout; tiles, groups and blocks are fixed by the problem and the budget, so the result
 // does not depend on the thread count.
 #include <torch/library.h>
@@ -52,35 +55,48 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> nce_f
   Tensor sq64 = at::empty({N}, d64);  // the rows' sums of a^2 in float64 (reg's range)
   Tensor dsrc = at::empty({need_src ? N : 0, D}, f32);
   Tensor dtrg = at::empty({need_trg ? M : 0, L, D}, f32);
-  const TileOperands ops(src, pos_idx, scale, B, M, L);
-  const Tensor &src_s = ops.src_s, &src_f = ops.src_f;
+  const TileOperands ops(src, pos_idx, B, M, L);
+  const Tensor& src_f = ops.src_f;
   const int64_t* p_idx = ops.pos_idx;
   const int64_t ipt = ops.images, tiles = ops.tiles;
   // d src's partial sums: a fixed number of groups of consecutive tiles, enough to keep up to
   // kMinGroups cores busy (each group's partial is a B x D float32 matrix)
   const int64_t groups = std::min(tiles, kMinGroups);
+  auto group_tiles = [&](int64_t group) {
+    return std::make_pair(group * tiles / groups, (group + 1) * tiles / groups);
+  };
+  // the partials in the groups' own tiles where each group spans at least D columns
+  bool in_tiles = true;
+  for (int64_t group = 0; group < groups; ++group) {
+    const auto [t_begin, t_end] = group_tiles(group);
+    in_tiles = in_tiles && (std::min(M, t_end * ipt) - t_begin * ipt) * L >= D;
+  }
   // the block's scores, tile t at offset t * B * ipt * L as a (rows x its columns) matrix
   Tensor block = at::empty({B * M * L}, f32);
   Tensor tile_shift = at::empty({tiles, B}, f32), tile_sum = at::empty({tiles, B}, d64);
   Tensor tile_sq = at::empty({tiles, B}, d64);
-  Tensor group_dsrc = at::empty({need_src ? groups : 0, B, D}, f32);
+  Tensor group_dsrc = at::empty({need_src && !in_tiles ? groups : 0, B, D}, f32);
   // the objective's upstream: 1/(N*L) on each positive's loss, reg_weight/(N*M*L) on each a^2
   const Tensor ones = at::ones({1}, f32);
   const Upstream unit{ones.expand({N, L}), 1.0 / (static_cast<double>(N) * L), ones.expand({N}),
                       reg_weight / (static_cast<double>(N) * M * L)};
   for (int64_t i0 = 0; i0 < N; i0 += B) {
     const int64_t R = std::min(B, N - i0);  // the block's rows
-    const Tensor src_block = src_s.narrow(0, i0, R), src_f_block = src_f.narrow(0, i0, R);
+    const Tensor src_block = src_f.narrow(0, i0, R);
     const int64_t* block_idx = p_idx + i0;
     auto tile_of = [&](int64_t t, int64_t m0, int64_t m1) {
       return block.narrow(0, t * R * ipt * L, R * (m1 - m0) * L).view({R, (m1 - m0) * L});
     };
     float* pos_block = pos.data_ptr<float>() + i0 * L;
+    auto partial_of = [&](int64_t group) {  // the group's d src partial, R x D
+      return in_tiles ? block.narrow(0, group_tiles(group).first * R * ipt * L, R * D).view({R, D})
+                      : group_dsrc[group].narrow(0, 0, R);
+    };
     for_each_part(tiles, [&](int64_t t_begin, int64_t t_end) {
       for (int64_t t = t_begin; t < t_end; ++t) {
         const int64_t m0 = t * ipt, m1 = std::min(M, m0 + ipt);
         Tensor a = tile_of(t, m0, m1);
-        at::mm_out(a, src_block, target_cols(trg, m0, m1));  // the scores, kept
+        scores_out(a, src_block, target_cols(trg, m0, m1), scale);  // kept
         tile_statistics(a.data_ptr<float>(), R, a.size(1), m0, m1, L, block_idx, tclip, pos_block,
                         tile_shift[t].data_ptr<float>(), tile_sum[t].data_ptr<double>(),
                         tile_sq[t].data_ptr<double>());
@@ -96,8 +112,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> nce_f
                       {unit.grad_loss.narrow(0, 0, R), unit.loss_weight, unit.grad_sq.narrow(0, 0, R), unit.sq_weight},
                       scale);
     for_each_part(groups, [&](int64_t g_begin, int64_t g_end) {
+      const Tensor scratch = need_src && in_tiles ? at::empty({R, D}, f32) : Tensor();
       for (int64_t group = g_begin; group < g_end; ++group) {
-        const int64_t t_begin = group * tiles / groups, t_end = (group + 1) * tiles / groups;
+        const auto [t_begin, t_end] = group_tiles(group);
+        Tensor acc = !need_src ? Tensor() : in_tiles ? scratch : partial_of(group);
         for (int64_t t = t_begin; t < t_end; ++t) {
           const int64_t m0 = t * ipt, m1 = std::min(M, m0 + ipt);
           Tensor g = tile_of(t, m0, m1);
@@ -105,13 +123,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> nce_f
           if (need_trg) {  // the tile's images' rows of d trg, blocks added in order
             Tensor rows_out = dtrg.narrow(0, m0, m1 - m0).view({-1, D});
             if (i0 == 0) {
-              at::mm_out(rows_out, g.t(), src_f_block);
+              at::mm_out(rows_out, g.t(), src_block);
             } else {
-              rows_out.addmm_(g.t(), src_f_block);
+              rows_out.addmm_(g.t(), src_block);
             }
           }
           if (need_src) {  // float32, tiles in order within the group
-            Tensor acc = group_dsrc[group].narrow(0, 0, R);
             const Tensor cols = target_cols(trg, m0, m1);
             if (t == t_begin) {
               at::mm_out(acc, g, cols.t());
@@ -120,12 +137,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> nce_f
             }
           }
         }
+        if (need_src && in_tiles) partial_of(group).copy_(scratch);  // its tiles are used
       }
     });
     if (need_src) {  // the block's d src: the groups' sums in group order
       Tensor out = dsrc.narrow(0, i0, R);
-      out.copy_(group_dsrc[0].narrow(0, 0, R));
-      for (int64_t group = 1; group < groups; ++group) out.add_(group_dsrc[group].narrow(0, 0, R));
+      out.copy_(partial_of(0));
+      for (int64_t group = 1; group < groups; ++group) out.add_(partial_of(group));
     }
   }
   sq.copy_(sq64);

@@ -125,19 +125,27 @@ inline Tensor target_cols(const Tensor& trg, int64_t m0, int64_t m1) {
   return images.reshape({-1, D}).to(at::kFloat).t();
 }
 
-// src as the tiles' products take it: float32, times scale, contiguous (a copy of its own).
-inline Tensor scaled_sources(const Tensor& src, double scale) { return at::mul(src.to(at::kFloat), scale).contiguous(); }
+// The scores a = scale * (src_rows @ cols) of a tile into out (R x C float32): the scale is
+// the product's alpha, so that no scaled copy of the sources is made (beta 0: out's values
+// are not read).
+inline void scores_out(Tensor& out, const Tensor& src_rows, const Tensor& cols, double scale) {
+  at::addmm_out(out, out, src_rows, cols, /*beta=*/0, /*alpha=*/scale);
+}
+inline Tensor scores(const Tensor& src_rows, const Tensor& cols, double scale) {
+  Tensor out = at::empty({src_rows.size(0), cols.size(1)}, src_rows.options());
+  scores_out(out, src_rows, cols, scale);
+  return out;
+}
 
-// What both schedules' tiles read: src_s = scale * src and src_f = src (d trg's operand, a view
-// for float32), both float32 and contiguous; pos_idx contiguous; `rows` source rows a tile
-// (all N, or a block's) and the images of each of `tiles` tiles.
+// What both schedules' tiles read: src_f = src as float32 and contiguous (a view for float32
+// inputs), the operand of the scores and of d trg; pos_idx contiguous; `rows` source rows a
+// tile (all N, or a block's) and the images of each of `tiles` tiles.
 struct TileOperands {
-  Tensor src_s, src_f, idx;
+  Tensor src_f, idx;
   const int64_t* pos_idx;
   int64_t images, tiles;
-  TileOperands(const Tensor& src, const Tensor& pos_idx_in, double scale, int64_t rows, int64_t M, int64_t L)
-      : src_s(scaled_sources(src, scale)),
-        src_f(src.to(at::kFloat).contiguous()),
+  TileOperands(const Tensor& src, const Tensor& pos_idx_in, int64_t rows, int64_t M, int64_t L)
+      : src_f(src.to(at::kFloat).contiguous()),
         idx(pos_idx_in.contiguous()),
         pos_idx(idx.data_ptr<int64_t>()),
         images(images_per_tile(rows, M, L)),
