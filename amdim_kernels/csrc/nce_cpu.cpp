@@ -38,7 +38,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> nce_fwd_cpu(const Ten
   const auto f32 = src.options().dtype(at::kFloat);
   Tensor loss = at::empty({N, L}, f32), pos = at::empty({N, L}, f32);
   Tensor neg_lse = at::empty({N}, f32), sq = at::empty({N}, f32);
-  const TileOperands ops(src, pos_idx, N, M, L);
+  const TileOperands ops(src, pos_idx, N, M, L, kTileElems);
   const Tensor& src_f = ops.src_f;
   const int64_t* p_idx = ops.pos_idx;
   float* pos_p = pos.data_ptr<float>();
@@ -75,7 +75,7 @@ std::tuple<Tensor, Tensor> nce_bwd_cpu(const Tensor& src, const Tensor& trg, con
   const int64_t N = src.size(0), M = trg.size(0), L = trg.size(1), D = src.size(1);
   const float tclip = kernel_tclip(tclip_opt);
   const BackwardRows rows = backward_rows(pos, neg_lse, {grad_loss, loss_weight, grad_sq, sq_weight}, scale);
-  const TileOperands ops(src, pos_idx, N, M, L);
+  const TileOperands ops(src, pos_idx, N, M, L, kTileElems);
   const Tensor& src_f = ops.src_f;
   const int64_t* p_idx = ops.pos_idx;
   const int64_t ipt = ops.images, tiles = ops.tiles;

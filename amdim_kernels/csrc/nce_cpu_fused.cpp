@@ -55,7 +55,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> nce_f
   Tensor sq64 = at::empty({N}, d64);  // the rows' sums of a^2 in float64 (reg's range)
   Tensor dsrc = at::empty({need_src ? N : 0, D}, f32);
   Tensor dtrg = at::empty({need_trg ? M : 0, L, D}, f32);
-  const TileOperands ops(src, pos_idx, B, M, L);
+  const TileOperands ops(src, pos_idx, B, M, L, kBlockTileElems);
   const Tensor& src_f = ops.src_f;
   const int64_t* p_idx = ops.pos_idx;
   const int64_t ipt = ops.images, tiles = ops.tiles;

@@ -59,10 +59,13 @@ struct SingleThreadedBlas {
   SingleThreadedBlas& operator=(const SingleThreadedBlas&) = delete;
 };
 
-// Scores per tile: at most 1 MiB of float32, which a core holds in its L2 from the tile's
-// product through its epilogue's pass; larger products also run BLAS closer to its peak
-// (benchmarks.cpu_floor measures the choice).
+// Scores per tile: at most 1 MiB of float32 in the four-product schedule, which a core holds
+// in its L2 from the tile's product through its epilogue's pass; 4 MiB in the three-product
+// one, whose tiles stay in the block's buffer from the forward's region to the gradients',
+// where the fewer, larger products run BLAS closer to its peak (benchmarks.cpu_floor measures
+// both choices).
 constexpr int64_t kTileElems = 1 << 18;
+constexpr int64_t kBlockTileElems = 1 << 20;
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
 // Runs f(begin, end) over [0, n) parts of independent work. With OpenMP (torch's Linux
@@ -86,13 +89,13 @@ void for_each_part(int64_t n, const F& f) {
 }
 
 // Whole images per tile (so that a column's image is known from its segment): at most about
-// kTileElems scores for N rows, the count of tiles rounded up to a multiple of kTileMultiple
+// tile_elems scores for N rows, the count of tiles rounded up to a multiple of kTileMultiple
 // (at most M) and the images shared evenly among them, so that the cores get even shares (a
 // remainder tile, or 7 tiles for 2 cores, left a core idle for up to a third of the call).
 // Where M is small the count can come out lower (M = 5: 3 tiles of 2, 2 and 1 images).
 constexpr int64_t kTileMultiple = 4;
-inline int64_t images_per_tile(int64_t N, int64_t M, int64_t L) {
-  const int64_t most = std::max<int64_t>(1, kTileElems / (N * L));
+inline int64_t images_per_tile(int64_t N, int64_t M, int64_t L, int64_t tile_elems) {
+  const int64_t most = std::max<int64_t>(1, tile_elems / (N * L));
   int64_t tiles = (M + most - 1) / most;
   tiles = std::min(M, (tiles + kTileMultiple - 1) / kTileMultiple * kTileMultiple);
   return (M + tiles - 1) / tiles;
@@ -139,16 +142,16 @@ inline Tensor scores(const Tensor& src_rows, const Tensor& cols, double scale) {
 
 // What both schedules' tiles read: src_f = src as float32 and contiguous (a view for float32
 // inputs), the operand of the scores and of d trg; pos_idx contiguous; `rows` source rows a
-// tile (all N, or a block's) and the images of each of `tiles` tiles.
+// tile (all N, or a block's) and the images of each of `tiles` tiles of about tile_elems scores.
 struct TileOperands {
   Tensor src_f, idx;
   const int64_t* pos_idx;
   int64_t images, tiles;
-  TileOperands(const Tensor& src, const Tensor& pos_idx_in, int64_t rows, int64_t M, int64_t L)
+  TileOperands(const Tensor& src, const Tensor& pos_idx_in, int64_t rows, int64_t M, int64_t L, int64_t tile_elems)
       : src_f(src.to(at::kFloat).contiguous()),
         idx(pos_idx_in.contiguous()),
         pos_idx(idx.data_ptr<int64_t>()),
-        images(images_per_tile(rows, M, L)),
+        images(images_per_tile(rows, M, L, tile_elems)),
         tiles((M + images - 1) / images) {}
 };
 
