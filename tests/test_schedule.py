@@ -253,10 +253,13 @@ def test_bad_schedule_settings_are_refused(bad, message):
             pass
 
 
-def test_three_product_same_bits_for_any_thread_count_and_call():
+# (L, D): 4 tiles of 8 images, each tile its own group of d src; a group's partial kept in its
+# tiles (8 * 9 columns >= D) or, where they are narrower than D (8 * 1 < 40), in a buffer
+@pytest.mark.parametrize("l, d", [(9, 24), (1, 40)], ids=["partials in tiles", "partials apart"])
+def test_three_product_same_bits_for_any_thread_count_and_call(l, d):  # noqa: E741 (the loss's name)
     """Blocks, tiles and groups are fixed by the problem and the budget: the same bits for 1
-    and 2 threads and for repeated calls."""
-    src, trg = 4 * torch.randn(45, 24), torch.randn(31, 9, 24)
+    and 2 threads and for repeated calls, and the four-product schedule's values."""
+    src, trg = 4 * torch.randn(45, d), torch.randn(31, l, d)
     pos_idx = torch.randint(0, 31, (45,))
     threads = torch.get_num_threads()
     results = []
@@ -264,7 +267,7 @@ def test_three_product_same_bits_for_any_thread_count_and_call():
         for count in (1, 2, 2):
             torch.set_num_threads(count)
             s, t = src.clone().requires_grad_(), trg.clone().requires_grad_()
-            with settings(schedule="three-product", workspace_bytes=4 * 31 * 9 * 10):
+            with settings(schedule="three-product", workspace_bytes=4 * 31 * l * 10):
                 loss, reg = nce_loss(s, t, pos_idx, backend="cpp")
             (loss + reg).backward()
             results.append((loss, reg, s.grad, t.grad))
@@ -273,6 +276,12 @@ def test_three_product_same_bits_for_any_thread_count_and_call():
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a, b)
+    s, t = src.clone().requires_grad_(), trg.clone().requires_grad_()
+    with settings(schedule="four-product"):
+        loss, reg = nce_loss(s, t, pos_idx, backend="cpp")
+    (loss + reg).backward()
+    for a, b in zip(results[0], (loss, reg, s.grad, t.grad)):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6 * float(b.detach().abs().max()))
 
 
 def test_three_product_workspace_stays_within_its_budget():
