@@ -15,7 +15,8 @@ the inputs' dtype): B is what fits the workspace budget. Beside the block it hol
 CPU, d src's partials (up to 8 x B x D float32) and, from the forward to the backward, both
 gradients in float32 (for 16-bit inputs, twice their size). "auto" takes it wherever the call
 allows it and a useful block fits; it is the faster schedule on the CPU
-(benchmarks.cpu_floor). The GPU backends refuse float16 inputs: their four-product backward
+(benchmarks.cpu_floor). On a GPU, where trg's features are not contiguous (the trainer's
+feature maps), the schedule also holds one copy of trg. The GPU backends refuse float16 inputs: their four-product backward
 stores its G times a power of two found from every row's factors, which a block does not
 have.
 """
@@ -25,6 +26,7 @@ import torch
 
 from .backend_settings import Settings
 from .indices import capturing
+from .shared_constants import CUDA_COLS_PER_BLOCK, GRID_Y_MAX
 from .validation import Problem
 
 FOUR_PRODUCT = 0  # choose()'s answer for the four-product schedule
@@ -47,6 +49,9 @@ DEFAULT_GPU_WORKSPACE_CAP = 1 << 30
 # The backends whose three-product schedule keeps the block's G beside its scores, in the
 # inputs' dtype, and takes no float16 (the GPU backends: Triton's under the interpreter too)
 G_BESIDE_SCORES = ("triton", "cuda")
+# cuda's three-product epilogue launches take all M*L columns at once, in at most GRID_Y_MAX
+# blocks of CUDA_COLS_PER_BLOCK columns along the grid's y
+CUDA_MAX_COLUMNS = GRID_Y_MAX * CUDA_COLS_PER_BLOCK
 
 
 def default_workspace_bytes(p: Problem, backend: str) -> int:
@@ -97,6 +102,9 @@ def choose(p: Problem, settings: Settings, backend: str = "cpp") -> int:
     if traced:
         raise ValueError(f"{forced} runs in eager mode only (not under torch.compile or CUDA graph capture); "
                          "use 'auto' or 'four-product' there")
+    if backend == "cuda" and p.m * p.l > CUDA_MAX_COLUMNS:
+        raise ValueError(f"{forced} on backend 'cuda' takes at most {CUDA_MAX_COLUMNS} target columns M*L "
+                         f"(its epilogue kernels' grid), got {p.m * p.l}; use 'four-product' there")
     if backend in G_BESIDE_SCORES and p.src.dtype == torch.float16:
         raise ValueError(f"{forced} on backend {backend!r} takes float32 and bfloat16 inputs, got float16 (its "
                          "G's scale needs every row's factors); use 'four-product' there")

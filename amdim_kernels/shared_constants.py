@@ -15,6 +15,9 @@ MIN_CHUNK_BYTES = 8 << 20
 # CUDA's cap on a grid's second axis, which counts a chunk's column tiles: a chunk holds at
 # most this many (8.4M columns at 128 a tile; reached only where M*L passes 67M with small N).
 GRID_Y_MAX = 65535
+# Columns one block of the CUDA epilogue kernels reduces: the cuda three-product schedule's
+# launches over all M*L columns take at most GRID_Y_MAX of them.
+CUDA_COLS_PER_BLOCK = 2048
 # The largest tclip whose constant shift the tile kernels take: exp(s - tclip) >= exp(-80)
 # stays a normal float32. A larger tclip takes a running maximum instead.
 MAX_SHIFT_TCLIP = 40.0

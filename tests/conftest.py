@@ -21,7 +21,7 @@ def pytest_configure(config):
         # workers' parallel regions do not oversubscribe the cores and wait on each other's
         # descheduled threads (tests that compare thread counts set them themselves)
         workers = int(config.workerinput["workercount"])
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+        torch.set_num_threads(max(1, torch.get_num_threads() // workers))
 
 
 def pytest_collection_modifyitems(config, items):

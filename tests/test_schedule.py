@@ -242,6 +242,11 @@ def test_auto_takes_three_products_where_documented():
                 with pytest.raises(ValueError, match=f"on backend '{backend}' takes float32 and bfloat16 inputs"):
                     schedule.choose(half, now, backend)
             assert schedule.choose(half, now, "cpp") == 64
+            # cuda's epilogue launches take all M*L columns at once, up to the grid's cap
+            wide = torch.zeros(()).expand(65536, 2049, 1)  # M*L = 134283264 columns, no memory
+            p_wide = validate(src[:2, :1], wide, torch.tensor([0, 1]), 20.0, 0.05, None, "mean")
+            with pytest.raises(ValueError, match="on backend 'cuda' takes at most 134215680 target columns"):
+                schedule.choose(p_wide, now, "cuda")
 
 
 @pytest.mark.parametrize("bad, message", [(dict(schedule="three"), "schedule must be one of"),
@@ -253,21 +258,28 @@ def test_bad_schedule_settings_are_refused(bad, message):
             pass
 
 
-# (L, D): 4 tiles of 8 images, each tile its own group of d src; a group's partial kept in its
-# tiles (8 * 9 columns >= D) or, where they are narrower than D (8 * 1 < 40), in a buffer
-@pytest.mark.parametrize("l, d", [(9, 24), (1, 40)], ids=["partials in tiles", "partials apart"])
-def test_three_product_same_bits_for_any_thread_count_and_call(l, d):  # noqa: E741 (the loss's name)
+# (N, M, L, D, block rows), tiles of about 2^20 scores (nce_cpu_tiles.h): 4 tiles of 8 images,
+# each its own group of d src, whose partial is kept in its tiles (8 * 9 columns >= D) or,
+# where they are narrower than D (8 * 1 < 40), in a buffer; blocks of 7 rows, the last of 3.
+# Then 12 tiles of 609 images in 8 groups, some of two tiles.
+THREE_PRODUCT_LAYOUTS = {"partials in tiles": (45, 31, 9, 24, 7), "partials apart": (45, 31, 1, 40, 7),
+                         "groups of several tiles": (48, 7300, 49, 4, 24)}
+
+
+@pytest.mark.parametrize("layout", THREE_PRODUCT_LAYOUTS)
+def test_three_product_same_bits_for_any_thread_count_and_call(layout):
     """Blocks, tiles and groups are fixed by the problem and the budget: the same bits for 1
     and 2 threads and for repeated calls, and the four-product schedule's values."""
-    src, trg = 4 * torch.randn(45, d), torch.randn(31, l, d)
-    pos_idx = torch.randint(0, 31, (45,))
+    n, m, l, d, rows = THREE_PRODUCT_LAYOUTS[layout]  # noqa: E741 (the loss's name)
+    src, trg = 4 * torch.randn(n, d), torch.randn(m, l, d)
+    pos_idx = torch.randint(0, m, (n,))
     threads = torch.get_num_threads()
     results = []
     try:
         for count in (1, 2, 2):
             torch.set_num_threads(count)
             s, t = src.clone().requires_grad_(), trg.clone().requires_grad_()
-            with settings(schedule="three-product", workspace_bytes=4 * 31 * l * 10):
+            with settings(schedule="three-product", workspace_bytes=4 * m * l * rows):
                 loss, reg = nce_loss(s, t, pos_idx, backend="cpp")
             (loss + reg).backward()
             results.append((loss, reg, s.grad, t.grad))
@@ -337,11 +349,13 @@ def test_trainer_objective_takes_the_stored_gradients():
     assert ops["nce_bwd"] == 0
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("need", [(True, True), (True, False), (False, True)])
-def test_fwd_grad_op_registration(need):
-    """nce_fwd_grad's schema and fake implementation agree with its CPU kernel."""
-    src, trg = torch.randn(9, 8), torch.randn(6, 4, 8)
-    pos_idx = torch.randint(0, 6, (9,))
+def test_fwd_grad_op_registration(need, device):
+    """nce_fwd_grad's schema and fake implementation agree with its CPU and CUDA kernels."""
+    _skip_unless("cpp" if device == "cpu" else "cuda", device)
+    src, trg = torch.randn(9, 8, device=device), torch.randn(6, 4, 8, device=device)
+    pos_idx = torch.randint(0, 6, (9,), device=device)
     torch.library.opcheck(torch.ops.amdim_kernels.nce_fwd_grad.default,
                           (src, trg, pos_idx, 20.0, 0.3, 0.05, [4, 5], 3, *need))
 

@@ -10,7 +10,8 @@ EXTENSION = registry.extension_state().module
 
 pytestmark = pytest.mark.skipif(EXTENSION is None, reason="the compiled extension is not built")
 
-NAMES = ("CHUNK_PARTS", "MIN_CHUNK_BYTES", "GRID_Y_MAX", "MAX_SHIFT_TCLIP", "SCALE_LOG2_TARGET", "SCALE_MAX_EXP")
+NAMES = ("CHUNK_PARTS", "MIN_CHUNK_BYTES", "GRID_Y_MAX", "CUDA_COLS_PER_BLOCK", "MAX_SHIFT_TCLIP", "SCALE_LOG2_TARGET",
+         "SCALE_MAX_EXP")
 
 
 def test_the_extension_has_the_same_constants():

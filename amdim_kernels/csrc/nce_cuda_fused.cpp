@@ -82,7 +82,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> nce_f
   Tensor scores = at::empty({B, C}, f32);
   Tensor g_buf = at::empty({grads ? B : 0, C}, src.options());
   const int64_t splits = col_blocks(C);
-  TORCH_CHECK(splits <= 65535, "amdim_kernels: nce_fwd_grad on CUDA takes at most 65535 * ", kCudaColsPerBlock,
+  TORCH_CHECK(splits <= kGridYMax, "amdim_kernels: nce_fwd_grad on CUDA takes at most ", kGridYMax, " * ", kCudaColsPerBlock,
               " target columns M*L, got ", C, " (the epilogue's grid); use the four-product schedule");
   Tensor part_sum = at::empty({splits * B}, f32), part_max = at::empty({splits * B}, f32);
   Tensor part_sq = at::empty({splits * B}, f32);
@@ -125,7 +125,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> nce_f
       addmm_f32_(out, g.t(), src_block, i0 == 0 ? 0.0 : 1.0);
     }
   }
-  Tensor reg = (sq.sum(at::kDouble) * (reg_weight / (static_cast<double>(N) * M * L))).to(at::kFloat);
+  // reg as the four-product forward makes it (nce_totals: 0 where reg_weight is 0, whatever sq)
+  Tensor mean = at::empty({}, f32), reg = at::empty({}, f32);
+  check_cuda(launch_nce_totals(loss.data_ptr<float>(), sq.data_ptr<float>(), N, L, static_cast<float>(sq_weight),
+                               mean.data_ptr<float>(), reg.data_ptr<float>(), stream),
+             "nce_totals");
   return {loss, pos, neg_lse, sq, group_means(loss, group_rows), reg, dsrc, dtrg};
 }
 

@@ -11,9 +11,6 @@
 
 namespace amdim_kernels {
 
-// Columns of a score chunk one CUDA block reduces (256 threads x 8).
-constexpr int64_t kCudaColsPerBlock = 2048;
-
 // Forward epilogue over one chunk of unscaled float32 scores (N x C, row stride ld) whose
 // columns are images [m0, m0 + C/L): per (row, block of columns) partials of sum a^2 and the
 // negatives' sum of exp(s - shift), written at partial index split_base + blockIdx.y; the

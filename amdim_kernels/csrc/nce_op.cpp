@@ -143,10 +143,11 @@ extern "C" PyMODINIT_FUNC AMDIM_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
     return nullptr;
   }
   using namespace amdim_kernels;
-  PyObject* constants = Py_BuildValue("{s:L,s:L,s:L,s:d,s:i,s:i}", "CHUNK_PARTS", (long long)kChunkParts,
+  PyObject* constants = Py_BuildValue("{s:L,s:L,s:L,s:L,s:d,s:i,s:i}", "CHUNK_PARTS", (long long)kChunkParts,
                                       "MIN_CHUNK_BYTES", (long long)kMinChunkBytes, "GRID_Y_MAX",
-                                      (long long)kGridYMax, "MAX_SHIFT_TCLIP", (double)kMaxShiftTclip,
-                                      "SCALE_LOG2_TARGET", kScaleLog2Target, "SCALE_MAX_EXP", kScaleMaxExp);
+                                      (long long)kGridYMax, "CUDA_COLS_PER_BLOCK", (long long)kCudaColsPerBlock,
+                                      "MAX_SHIFT_TCLIP", (double)kMaxShiftTclip, "SCALE_LOG2_TARGET",
+                                      kScaleLog2Target, "SCALE_MAX_EXP", kScaleMaxExp);
   if (PyModule_AddObject(module, "SHARED_CONSTANTS", constants) < 0) {
     Py_XDECREF(constants);
     Py_DECREF(module);

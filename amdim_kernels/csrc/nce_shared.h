@@ -17,6 +17,9 @@ constexpr int64_t kChunkParts = 8;
 constexpr int64_t kMinChunkBytes = int64_t{8} << 20;
 // CUDA's cap on a grid's second axis, which counts a chunk's column tiles.
 constexpr int64_t kGridYMax = 65535;
+// Columns of a score chunk one block of the CUDA epilogue kernels reduces (256 threads x 8):
+// the three-product schedule's launches over all M*L columns take at most kGridYMax of them.
+constexpr int64_t kCudaColsPerBlock = 2048;
 // The largest tclip whose constant shift the kernels take: with clipping every s lies in
 // (-tclip, tclip), so exp(s - tclip) <= 1 never overflows and, while tclip <= 40, stays above
 // exp(-80) = 1.8e-35, a normal float32 (GPUs flush subnormals to 0). A larger tclip could flush
