@@ -6,7 +6,9 @@
   whose rows are not 16-byte multiples), and its cuBLAS-scores strategy;
 - float16 in each, whose backward adds the kernel that finds G's scale;
 - without clipping, reduction "none" under a transposed upstream gradient, which the
-  backward's row kernels read through its strides (with clipping: the mean's, broadcast).
+  backward's row kernels read through its strides (with clipping: the mean's, broadcast);
+- with clipping, both backends' three-product schedules (float32 and bfloat16), in two row
+  blocks.
 
     compute-sanitizer --tool memcheck python -m benchmarks.sanitize_case          # every case
     compute-sanitizer --tool memcheck python -m benchmarks.sanitize_case --one    # one case a path
@@ -51,6 +53,15 @@ def main(argv=None):
             for dtype, d in triton_cases:
                 with settings(triton_scores=strategy, triton_loads=loads):
                     fwd_bwd(f"{strategy}/{loads}", dtype, d, tclip, "triton")
+        if tclip is not None:  # the three-product schedule needs the reduced loss
+            for backend, cases in (("cuda", cuda_cases), ("triton", triton_cases)):
+                for dtype, d in cases:
+                    if dtype == torch.float16:  # refused: its G's scale needs every row
+                        continue
+                    # a budget of 20 of the 37 rows: two blocks, of 19 and 18
+                    row_bytes = (4 + torch.tensor([], dtype=dtype).element_size()) * 23 * 25
+                    with settings(schedule="three-product", workspace_bytes=20 * row_bytes):
+                        fwd_bwd("three-product", dtype, d, tclip, backend)
 
 
 if __name__ == "__main__":
