@@ -38,14 +38,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> nce_f
   check_inputs(src, trg, pos_idx, at::kCPU);
   const NoAutocast no_autocast;  // the op computes in float32 itself; its inner matmuls must not be autocast
   const int64_t N = src.size(0), M = trg.size(0), L = trg.size(1), D = src.size(1);
-  int64_t grouped = 0;
-  for (const int64_t rows : group_rows) {
-    TORCH_CHECK(rows > 0, "amdim_kernels: nce_fwd_grad's group_rows must be positive, got ", group_rows);
-    grouped += rows;
-  }
-  TORCH_CHECK(!group_rows.empty() && grouped == N, "amdim_kernels: nce_fwd_grad's group_rows must sum to N = ", N,
-              ", got ", group_rows);
-  TORCH_CHECK(block_rows > 0, "amdim_kernels: nce_fwd_grad's block_rows must be positive, got ", block_rows);
+  check_fwd_grad_args(N, group_rows, block_rows);
   const int64_t B = std::min(N, block_rows);
   const float tclip = kernel_tclip(tclip_opt);
   const auto f32 = src.options().dtype(at::kFloat);

@@ -23,6 +23,17 @@ void check_inputs(const at::Tensor& src, const at::Tensor& trg, const at::Tensor
               "amdim_kernels: src, trg and pos_idx must be on one ", c10::DeviceTypeName(device), " device");
 }
 
+void check_fwd_grad_args(int64_t N, at::IntArrayRef group_rows, int64_t block_rows) {
+  int64_t grouped = 0;
+  for (const int64_t rows : group_rows) {
+    TORCH_CHECK(rows > 0, "amdim_kernels: nce_fwd_grad's group_rows must be positive, got ", group_rows);
+    grouped += rows;
+  }
+  TORCH_CHECK(!group_rows.empty() && grouped == N, "amdim_kernels: nce_fwd_grad's group_rows must sum to N = ", N,
+              ", got ", group_rows);
+  TORCH_CHECK(block_rows > 0, "amdim_kernels: nce_fwd_grad's block_rows must be positive, got ", block_rows);
+}
+
 BackwardRows empty_backward_rows(const at::Tensor& pos, const at::Tensor& neg_lse) {
   return {at::empty_like(pos, at::MemoryFormat::Contiguous), at::empty_like(neg_lse, at::MemoryFormat::Contiguous),
           at::empty_like(neg_lse, at::MemoryFormat::Contiguous), neg_lse.contiguous()};

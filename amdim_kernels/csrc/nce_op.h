@@ -26,6 +26,8 @@ inline float kernel_tclip(const std::optional<double>& tclip) {
 
 // TORCH_CHECKs on shapes, dtypes and devices (cheap: no data is read).
 void check_inputs(const at::Tensor& src, const at::Tensor& trg, const at::Tensor& pos_idx, c10::DeviceType device);
+// nce_fwd_grad's own arguments: positive group row counts summing to N, positive block rows.
+void check_fwd_grad_args(int64_t N, at::IntArrayRef group_rows, int64_t block_rows);
 
 // Per-row quantities of the backward (docs/loss.md#gradients), with sig = sigmoid(neg_lse - pos) = 1 - exp(pos)/Z
 // and w the upstream gradient of each positive's loss:
