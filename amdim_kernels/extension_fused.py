@@ -8,13 +8,15 @@ backward is the nce_bwd op.
         -> loss (N, L), pos (N, L), neg_lse (N,), sq (N,), means (K,), reg (), dsrc, dtrg
 
 `means` holds one mean loss per group of consecutive source rows (group_rows: their counts);
-`dsrc` and `dtrg` are the float32 gradients of  sum_k (n_k / N) means[k] + reg.
+`dsrc` and `dtrg` are the gradients of  sum_k (n_k / N) means[k] + reg, each element rounded
+once from float32: float32 on the CPU; on a GPU in the inputs' dtype where one product makes
+it (three_product.gradient_dtypes).
 """
 from __future__ import annotations
 
 import torch
 
-from .three_product import ThreeProductLoss, loss_and_reg
+from .three_product import ThreeProductLoss, gradient_dtypes, loss_and_reg
 from .validation import Problem
 
 _ops = torch.ops.amdim_kernels
@@ -23,10 +25,11 @@ _ops = torch.ops.amdim_kernels
 def _fake_fwd_grad(src, trg, pos_idx, tclip, scale, reg_weight, group_rows, block_rows, need_src, need_trg):
     n, l = src.shape[0], trg.shape[1]
     f32 = dict(dtype=torch.float32, device=src.device)
+    dsrc_dtype, dtrg_dtype = gradient_dtypes(src, block_rows, src.device.type == "cuda")
     return (src.new_empty(n, l, **f32), src.new_empty(n, l, **f32), src.new_empty(n, **f32),
             src.new_empty(n, **f32), src.new_empty(len(group_rows), **f32), src.new_empty((), **f32),
-            src.new_empty(n if need_src else 0, src.shape[1], **f32),
-            trg.new_empty((trg.shape[0] if need_trg else 0,) + tuple(trg.shape[1:]), **f32))
+            src.new_empty(n if need_src else 0, src.shape[1], dtype=dsrc_dtype),
+            trg.new_empty((trg.shape[0] if need_trg else 0,) + tuple(trg.shape[1:]), dtype=dtrg_dtype))
 
 
 def register() -> None:

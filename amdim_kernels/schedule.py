@@ -12,8 +12,10 @@ The three-product forward makes the gradients of one objective, the mean loss ov
 positives plus reg (autograd formula in three_product.py); it needs a reduced loss and gradients,
 and holds one row block's float32 scores, B x M*L, at a time (on a GPU also the block's G in
 the inputs' dtype): B is what fits the workspace budget. Beside the block it holds, on the
-CPU, d src's partials (up to 8 x B x D float32) and, from the forward to the backward, both
-gradients in float32 (for 16-bit inputs, twice their size). "auto" takes it wherever the call
+CPU, one B x D float32 scratch per thread for d src's partials (8 x B x D where a group of
+tiles spans fewer than D columns) and, from the forward to the backward, both gradients
+(three_product.gradient_dtypes: float32 on the CPU; on a GPU in the inputs' dtype, but d trg
+in float32 where there are several blocks). "auto" takes it wherever the call
 allows it and a useful block fits; it is the faster schedule on the CPU
 (benchmarks.cpu_floor). On a GPU, where trg's features are not contiguous (the trainer's
 feature maps), the schedule also holds one copy of trg. The GPU backends refuse float16 inputs: their four-product backward

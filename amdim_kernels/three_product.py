@@ -46,6 +46,16 @@ def stored_scale(grad_loss, grad_means, grad_reg, group_rows: tuple[int, ...], r
     return c
 
 
+def gradient_dtypes(src: torch.Tensor, block_rows: int, gpu_backend: bool) -> tuple[torch.dtype, torch.dtype]:
+    """The dtypes of the stored d src and d trg. Each element is rounded once from float32:
+    cpp keeps both in float32 (its d src sums the groups' partials); a GPU backend stores d
+    src in the inputs' dtype (one product, or one float32 sum, a block) and d trg too where
+    one block holds every row (one product; else float32, the blocks' sum)."""
+    if not gpu_backend:
+        return torch.float32, torch.float32
+    return src.dtype, (src.dtype if block_rows >= src.shape[0] else torch.float32)
+
+
 def per_positive_upstream(grad_means, group_rows: tuple[int, ...], l: int, like: torch.Tensor) -> torch.Tensor:  # noqa: E741
     """The (N, L) upstream gradient of the per-positive losses that the group means' upstream
     gives: grad_means[k] / (n_k * L) on each of group k's rows."""
@@ -58,6 +68,7 @@ def per_positive_upstream(grad_means, group_rows: tuple[int, ...], l: int, like:
 
 # fwd(src, trg, pos_idx, tclip, scale, reg_weight, group_rows, block_rows, need_src, need_trg, *extra)
 #   -> loss (N, L), pos (N, L), neg_lse (N,), sq (N,), means (K,), reg (), dsrc, dtrg
+#   (dsrc and dtrg of gradient_dtypes)
 # bwd: op_contract.py's bwd, with `pos` as this backend's fwd saves it
 Forward = Callable[..., tuple]
 Backward = Callable[..., tuple]
@@ -89,6 +100,8 @@ class ThreeProductLoss(torch.autograd.Function):
         stored, ctx.stored = ctx.stored, None
         c = stored_scale(grad_loss, grad_means, grad_reg, group_rows, reg_weight)
         if c is not None and stored is not None:
+            # a 16-bit stored gradient times c != 1 is rounded twice (at most one unit in its
+            # last place; a power of two, a loss scaler's, is exact)
             dsrc, dtrg = (g if c == 1.0 else g.mul_(c) for g in stored)
             dsrc, dtrg = dsrc.to(src.dtype), dtrg.to(trg.dtype)
         else:

@@ -354,10 +354,12 @@ def test_trainer_objective_takes_the_stored_gradients():
 def test_fwd_grad_op_registration(need, device):
     """nce_fwd_grad's schema and fake implementation agree with its CPU and CUDA kernels."""
     _skip_unless("cpp" if device == "cpu" else "cuda", device)
-    src, trg = torch.randn(9, 8, device=device), torch.randn(6, 4, 8, device=device)
     pos_idx = torch.randint(0, 6, (9,), device=device)
-    torch.library.opcheck(torch.ops.amdim_kernels.nce_fwd_grad.default,
-                          (src, trg, pos_idx, 20.0, 0.3, 0.05, [4, 5], 3, *need))
+    # blocks of 3 rows, and on a GPU one block of all 9 in bfloat16 (gradients in its dtype)
+    for dtype, block_rows in [(torch.float32, 3)] + [(torch.bfloat16, 9)] * (device == "cuda"):
+        src, trg = torch.randn(9, 8, device=device, dtype=dtype), torch.randn(6, 4, 8, device=device, dtype=dtype)
+        torch.library.opcheck(torch.ops.amdim_kernels.nce_fwd_grad.default,
+                              (src, trg, pos_idx, 20.0, 0.3, 0.05, [4, 5], block_rows, *need))
 
 
 def _epilogue_truth(a, pos_idx, m0, m1, l, tclip, neg_lse, r, reg_coef, gpos):
@@ -458,14 +460,16 @@ def _skip_unless(backend, device):
 
 
 @pytest.mark.parametrize("backend, device", GPU_SCHEDULES)
+@pytest.mark.parametrize("blocks", ["one", "several"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("upstream", ["matching", "other"])
 @pytest.mark.parametrize("reduction, groups", [("mean", 1), ("group_means", 2)])
-def test_gpu_three_product_matches_truth(reduction, groups, upstream, dtype, backend, device, request):
+def test_gpu_three_product_matches_truth(reduction, groups, upstream, dtype, blocks, backend, device, request):
     """backends "triton" and "cuda" under settings(schedule="three-product"): the block's
     cuBLAS scores read by the forward and G kernels (triton_nce/three_product.py,
-    csrc/nce_cuda_fused.cpp), several blocks, against the float64 truth by truth.py's
-    criterion; the matching upstream takes the stored gradients."""
+    csrc/nce_cuda_fused.cpp), in one block (the default budget: d trg from one product in the
+    inputs' dtype) or several (d trg summed in float32), against the float64 truth by
+    truth.py's criterion; the matching upstream takes the stored gradients."""
     _skip_unless(backend, device)
     seed = SEED + zlib.crc32(request.node.name.encode())
     gen = torch.Generator().manual_seed(seed)
@@ -481,7 +485,7 @@ def test_gpu_three_product_matches_truth(reduction, groups, upstream, dtype, bac
         reg_upstream = 2.5
 
     def three_product(s, t, p, r, **options):  # blocks of about n / 2 rows: G beside the scores
-        budget = (4 + s.element_size()) * t.shape[0] * t.shape[1] * max(1, n // 2)
+        budget = (4 + s.element_size()) * t.shape[0] * t.shape[1] * max(1, n // 2) if blocks == "several" else None
         with settings(schedule="three-product", workspace_bytes=budget):
             return nce_loss(s, t, p, reduction=r, backend=backend, **options)
 

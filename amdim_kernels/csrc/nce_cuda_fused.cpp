@@ -11,9 +11,11 @@
 //   the factors of the objective's upstream (1/(N*L) per positive, reg_weight/(N*M*L) per a^2)
 //   g  = scale * d(objective)/da           (the G epilogue, in the inputs' dtype, as the
 //                                            four-product backward's: the tensor cores' type)
-//   d src_block  = g @ trg                  (float32 out)
-//   d trg       += g^T @ src_block          (float32, blocks added in order)
-// Three products of the problem's size in all; no atomics, fixed orders: deterministic.
+//   d src_block  = g @ trg                  (one product: in the inputs' dtype)
+//   d trg       += g^T @ src_block          (blocks added in order in float32; with one block,
+//                                            the default, one product in the inputs' dtype)
+// cuBLAS accumulates each product in float32 and rounds its output once. Three products of
+// the problem's size in all; no atomics, fixed orders: deterministic.
 // float16 inputs are refused: the four-product backward stores their G times a power of two
 // found from every row's factors (launch_nce_grad_scale), which one block does not have.
 #include <ATen/ATen.h>
@@ -69,8 +71,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> nce_f
   const Tensor cols = trg.reshape({C, D});
   Tensor loss = at::empty({N, L}, f32), pos = at::empty({N, L}, f32);
   Tensor neg_lse = at::empty({N}, f32), sq = at::empty({N}, f32);
-  Tensor dsrc = at::empty({need_src ? N : 0, D}, f32);
-  Tensor dtrg = at::empty({need_trg ? M : 0, L, D}, f32);
+  const bool one_block = B == N;
+  Tensor dsrc = at::empty({need_src ? N : 0, D}, src.options());
+  Tensor dtrg = at::empty({need_trg ? M : 0, L, D}, one_block ? trg.options() : f32);
   const bool grads = need_src || need_trg;
   Tensor scores = at::empty({B, C}, f32);
   Tensor g_buf = at::empty({grads ? B : 0, C}, src.options());
@@ -111,11 +114,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> nce_f
                "nce_grad_epilogue");
     if (need_src) {
       Tensor out = dsrc.narrow(0, i0, R);
-      addmm_f32_(out, g, cols, 0.0);
+      at::mm_out(out, g, cols);
     }
-    if (need_trg) {  // blocks added in order, in float32
+    if (need_trg) {
       Tensor out = dtrg.view({C, D});
-      addmm_f32_(out, g.t(), src_block, i0 == 0 ? 0.0 : 1.0);
+      if (one_block) {
+        at::mm_out(out, g.t(), src_block);
+      } else {  // blocks added in order, in float32
+        addmm_f32_(out, g.t(), src_block, i0 == 0 ? 0.0 : 1.0);
+      }
     }
   }
   // reg as the four-product forward makes it (nce_totals: 0 where reg_weight is 0, whatever sq)

@@ -17,6 +17,7 @@ import torch
 
 from ..autocast_off import autocast_off
 from ..reductions import reduce_losses
+from ..three_product import gradient_dtypes
 from .config import CallOptions
 from .forward import forward as forward_stage
 from .grad_rows import gradient_factors
@@ -27,8 +28,10 @@ from .operands import addmm_f32_, features_contiguous, mm_f32, on_device_of
 def forward_with_gradients(src, trg, pos_idx, tclip, scale, reg_weight, group_rows, block_rows, need_src, need_trg,
                            strategy, loads, chunks, fwd_tiles, grad_tiles) -> tuple:
     """three_product.py's fwd: loss (N, L), pos (N, L, raw a as the Triton backward takes
-    it), neg_lse (N,), sq (N,), the group means (K,), reg (), and the float32 gradients of
-    the mean loss over all N*L positives plus reg (empty where not needed)."""
+    it), neg_lse (N,), sq (N,), the group means (K,), reg (), and the gradients of the mean
+    loss over all N*L positives plus reg (empty where not needed), of the dtypes of
+    three_product.gradient_dtypes: d src in the inputs' dtype from each block's float32 sum
+    over the chunks; d trg in it too with one block, else summed over the blocks in float32."""
     options = CallOptions.from_op_args("gemm", loads, chunks, fwd_tiles, grad_tiles)
     n, d = src.shape
     m, l, _ = trg.shape
@@ -37,8 +40,11 @@ def forward_with_gradients(src, trg, pos_idx, tclip, scale, reg_weight, group_ro
         columns = features_contiguous(trg).reshape(m * l, d)  # a view, or one copy of trg
         loss, a_pos = torch.empty(n, l, **f32), torch.empty(n, l, **f32)
         neg_lse, sq = torch.empty(n, **f32), torch.empty(n, **f32)
-        dsrc = torch.empty(n if need_src else 0, d, **f32)
-        dtrg = torch.empty(m * l if need_trg else 0, d, **f32)
+        dsrc_dtype, dtrg_dtype = gradient_dtypes(src, block_rows, gpu_backend=True)
+        one_block = block_rows >= n
+        dsrc = torch.empty(n if need_src else 0, d, device=src.device, dtype=dsrc_dtype)
+        dtrg = torch.empty(m * l if need_trg else 0, d, device=src.device, dtype=dtrg_dtype)
+        dsrc_block = torch.empty(min(n, block_rows) if need_src else 0, d, **f32)  # a block's sum
         ones = torch.ones((), **f32)
         for i0 in range(0, n, block_rows):
             i1 = min(n, i0 + block_rows)
@@ -59,9 +65,13 @@ def forward_with_gradients(src, trg, pos_idx, tclip, scale, reg_weight, group_ro
             for m0, m1, g, features in gradient_chunks(src_block, trg, pos_block, stats.neg_lse, r, g_pos, reg_coef,
                                                        tclip, scale, options, None, scores_of):
                 if need_src:
-                    addmm_f32_(dsrc[i0:i1], g, features, beta=0.0 if m0 == 0 else 1.0)
-                if need_trg:  # blocks added in order, in float32
+                    addmm_f32_(dsrc_block[:rows], g, features, beta=0.0 if m0 == 0 else 1.0)
+                if need_trg and one_block:  # one product, rounded once to the inputs' dtype
+                    torch.mm(g.t(), src_block, out=dtrg[m0 * l:m1 * l])
+                elif need_trg:  # blocks added in order, in float32
                     addmm_f32_(dtrg[m0 * l:m1 * l], g.t(), src_block, beta=0.0 if i0 == 0 else 1.0)
+            if need_src:
+                dsrc[i0:i1] = dsrc_block[:rows]
             del scores
         means = reduce_losses(loss, "group_means", tuple(group_rows))
         reg = (sq.sum(dtype=torch.float64) * (reg_weight / (n * m * l))).float()
