@@ -47,10 +47,10 @@ def stored_scale(grad_loss, grad_means, grad_reg, group_rows: tuple[int, ...], r
 
 
 def gradient_dtypes(src: torch.Tensor, block_rows: int, gpu_backend: bool) -> tuple[torch.dtype, torch.dtype]:
-    """The dtypes of the stored d src and d trg. Each element is rounded once from float32:
-    cpp keeps both in float32 (its d src sums the groups' partials); a GPU backend stores d
-    src in the inputs' dtype (one product, or one float32 sum, a block) and d trg too where
-    one block holds every row (one product; else float32, the blocks' sum)."""
+    """The dtypes of the stored d src and d trg: cpp keeps both in float32 (its d src sums
+    the groups' partials); a GPU backend stores d src in the inputs' dtype (rounded from its
+    float32 sum a block) and d trg too where one block holds every row (one product, as the
+    four-product backward's d trg; else float32, the blocks' sum)."""
     if not gpu_backend:
         return torch.float32, torch.float32
     return src.dtype, (src.dtype if block_rows >= src.shape[0] else torch.float32)

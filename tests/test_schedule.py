@@ -355,8 +355,10 @@ def test_fwd_grad_op_registration(need, device):
     """nce_fwd_grad's schema and fake implementation agree with its CPU and CUDA kernels."""
     _skip_unless("cpp" if device == "cpu" else "cuda", device)
     pos_idx = torch.randint(0, 6, (9,), device=device)
-    # blocks of 3 rows, and on a GPU one block of all 9 in bfloat16 (gradients in its dtype)
-    for dtype, block_rows in [(torch.float32, 3)] + [(torch.bfloat16, 9)] * (device == "cuda"):
+    # blocks of 3 rows; on a GPU also bfloat16 in blocks of 3 (d trg in float32) and in one
+    # block, of all 9 rows or more (both gradients in bfloat16)
+    cuda_cases = [(torch.bfloat16, 3), (torch.bfloat16, 9), (torch.bfloat16, 16)]
+    for dtype, block_rows in [(torch.float32, 3)] + cuda_cases * (device == "cuda"):
         src, trg = torch.randn(9, 8, device=device, dtype=dtype), torch.randn(6, 4, 8, device=device, dtype=dtype)
         torch.library.opcheck(torch.ops.amdim_kernels.nce_fwd_grad.default,
                               (src, trg, pos_idx, 20.0, 0.3, 0.05, [4, 5], block_rows, *need))
@@ -428,15 +430,18 @@ def test_every_epilogue_version_matches_float64(tclip):
         torch.ops.amdim_kernels.epilogue_tile(a, pos_idx, m0, m1, l, tclip, neg_lse, r, reg_coef, gpos, "mmx")
 
 
+def _three_product_node(loss):
+    """The ThreeProductLoss node behind nce_loss's output, which holds the stored gradients."""
+    fn = loss.grad_fn
+    while fn is not None and not hasattr(fn, "stored"):
+        fn = fn.next_functions[0][0]
+    return fn
+
+
 def test_stored_gradients_are_released_by_any_backward():
     """The graph keeps no stored gradient after a backward, scaled or recomputed."""
     src, trg = torch.randn(12, 8).requires_grad_(), torch.randn(12, 5, 8).requires_grad_()
-
-    def node(loss):
-        fn = loss.grad_fn
-        while fn is not None and not hasattr(fn, "stored"):
-            fn = fn.next_functions[0][0]
-        return fn
+    node = _three_product_node
 
     for objective in (lambda lo, rg: lo + rg, lambda lo, rg: lo):  # scaled, recomputed
         with settings(schedule="three-product"):
@@ -492,6 +497,10 @@ def test_gpu_three_product_matches_truth(reduction, groups, upstream, dtype, blo
     def to_cpu(outputs):
         return tuple(None if x is None else x.cpu() for x in outputs)
 
+    # the stored gradients' dtypes: the inputs', but d trg in float32 summed over several blocks
+    loss, _ = three_product(src.clone().requires_grad_(), trg.clone().requires_grad_(), pos_idx, reduction)
+    several = blocks == "several" and n > 1
+    assert [g.dtype for g in _three_product_node(loss).stored] == [dtype, torch.float32 if several else dtype]
     with _CountOps() as counted:
         got = to_cpu(_grads(three_product, src, trg, pos_idx, reduction, group_rows, weights, reg_upstream,
                             ("src", "trg")))

@@ -11,11 +11,14 @@
 //   the factors of the objective's upstream (1/(N*L) per positive, reg_weight/(N*M*L) per a^2)
 //   g  = scale * d(objective)/da           (the G epilogue, in the inputs' dtype, as the
 //                                            four-product backward's: the tensor cores' type)
-//   d src_block  = g @ trg                  (one product: in the inputs' dtype)
+//   d src_block  = g @ trg                  (float32, then rounded to the inputs' dtype)
 //   d trg       += g^T @ src_block          (blocks added in order in float32; with one block,
-//                                            the default, one product in the inputs' dtype)
-// cuBLAS accumulates each product in float32 and rounds its output once. Three products of
-// the problem's size in all; no atomics, fixed orders: deterministic.
+//                                            the default, one product in the inputs' dtype,
+//                                            as the four-product backward's d trg)
+// cuBLAS accumulates in float32 (a 16-bit output's split-K partials may be reduced in its
+// dtype where torch's allow_bf16/fp16_reduced_precision_reduction allows it, as in the
+// four-product backward; d src's long sum over M*L is therefore made in float32). Three
+// products of the problem's size in all; no atomics, fixed orders: deterministic.
 // float16 inputs are refused: the four-product backward stores their G times a power of two
 // found from every row's factors (launch_nce_grad_scale), which one block does not have.
 #include <ATen/ATen.h>
@@ -76,6 +79,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> nce_f
   Tensor dtrg = at::empty({need_trg ? M : 0, L, D}, one_block ? trg.options() : f32);
   const bool grads = need_src || need_trg;
   Tensor scores = at::empty({B, C}, f32);
+  // d src of a block in float32 before its one rounding (16-bit inputs; float32 writes in place)
+  Tensor dsrc_f32 = at::empty({need_src && src.scalar_type() != at::kFloat ? B : 0, D}, f32);
   Tensor g_buf = at::empty({grads ? B : 0, C}, src.options());
   const int64_t splits = col_blocks(C);
   TORCH_CHECK(splits <= kGridYMax, "amdim_kernels: nce_fwd_grad on CUDA takes at most ", kGridYMax, " * ", kCudaColsPerBlock,
@@ -114,7 +119,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> nce_f
                "nce_grad_epilogue");
     if (need_src) {
       Tensor out = dsrc.narrow(0, i0, R);
-      at::mm_out(out, g, cols);
+      if (src.scalar_type() == at::kFloat) {
+        at::mm_out(out, g, cols);
+      } else {
+        Tensor acc = dsrc_f32.narrow(0, 0, R);
+        addmm_f32_(acc, g, cols, 0.0);
+        out.copy_(acc);
+      }
     }
     if (need_trg) {
       Tensor out = dtrg.view({C, D});

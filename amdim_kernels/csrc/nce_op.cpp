@@ -57,9 +57,11 @@ TORCH_LIBRARY(amdim_kernels, m) {
         "bool need_src, bool need_trg) -> (Tensor dsrc, Tensor dtrg)");
   // The three-product schedule (nce_cpu_fused.cpp, nce_cuda_fused.cpp): nce_fwd's outputs, with
   // one mean per group of consecutive source rows (group_rows: their counts, summing to N) in
-  // place of the one mean, and the float32 gradients of  sum_k (n_k / N) mean_k + reg  (the
-  // mean over all N*L positives + reg), made from blocks of block_rows source rows whose
-  // scores are kept whole; an input whose need_* flag is false gets an empty gradient.
+  // place of the one mean, and the gradients of  sum_k (n_k / N) mean_k + reg  (the mean over
+  // all N*L positives + reg), made from blocks of block_rows source rows whose scores are kept
+  // whole: float32 on the CPU; on CUDA in the inputs' dtype, d trg in float32 where there are
+  // several blocks (amdim_kernels/three_product.py's gradient_dtypes); an input whose need_*
+  // flag is false gets an empty gradient.
   m.def("nce_fwd_grad(Tensor src, Tensor trg, Tensor pos_idx, float? tclip, float scale, float reg_weight, "
         "int[] group_rows, int block_rows, bool need_src, bool need_trg) "
         "-> (Tensor loss, Tensor pos, Tensor neg_lse, Tensor sq, Tensor means, Tensor reg, Tensor dsrc, Tensor dtrg)");

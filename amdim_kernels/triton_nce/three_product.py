@@ -5,8 +5,9 @@ reads cuBLAS score chunks), and G's two products follow on cuBLAS: three product
 problem's size in all, where the four-product schedule's backward makes the scores again.
 
 Made only of parts that run in the four-product schedule: forward.forward, grad_rows'
-factor kernel and grad_tiles' G kernel, each given the block's scores, and the float32
-products of operands.py. float16 is left to the four-product schedule: its G is stored
+factor kernel and grad_tiles' G kernel, each given the block's scores, the float32
+products of operands.py and, for d trg in one block, a product in the inputs' dtype (as the
+four-product backward's d trg). float16 is left to the four-product schedule: its G is stored
 times a power of two found from all rows' factors (grad_rows.gradient_scale), which a block
 does not have. Not chosen by "auto" until timed on a GPU: settings(schedule="three-product")
 takes it.
@@ -66,7 +67,7 @@ def forward_with_gradients(src, trg, pos_idx, tclip, scale, reg_weight, group_ro
                                                        tclip, scale, options, None, scores_of):
                 if need_src:
                     addmm_f32_(dsrc_block[:rows], g, features, beta=0.0 if m0 == 0 else 1.0)
-                if need_trg and one_block:  # one product, rounded once to the inputs' dtype
+                if need_trg and one_block:  # one product in the inputs' dtype, as backward.py's
                     torch.mm(g.t(), src_block, out=dtrg[m0 * l:m1 * l])
                 elif need_trg:  # blocks added in order, in float32
                     addmm_f32_(dtrg[m0 * l:m1 * l], g.t(), src_block, beta=0.0 if i0 == 0 else 1.0)
