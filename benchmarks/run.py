@@ -13,7 +13,8 @@ Variants: 'triton:fused', 'triton:gemm', 'triton:3p', 'cpp:3p', 'cuda:cublas', '
 Each row: median times (triton.testing.do_bench on a GPU, warm-up excluded; wall clock on
 the CPU) of the forward and of forward+backward, achieved TFLOP/s with the FLOP model
 2*N*M*L*D forward and 3x that for the backward (recompute + two gradient products), the
-ratio to one matmul of the forward's shape, and the peak memory beyond the inputs
+ratio to one matmul of the forward's shape, forward+backward's ratio to the three products
+(the matmul row's forward+backward), and the peak memory beyond the inputs
 (workspace = peak - the gradients the call returns). Out of memory is a row saying OOM.
 Writes a markdown table to stdout and CSV/JSON (device, versions, date per row) to --out.
 """
@@ -62,6 +63,7 @@ class Row:
     fwd_tflops: float | None
     fwd_bwd_tflops: float | None
     fwd_over_matmul: float | None
+    fwd_bwd_over_3mm: float | None  # forward+backward over the three products of its shapes
     peak_extra_mib: float | None
     workspace_mib: float | None
     status: str
@@ -175,7 +177,7 @@ def run(problem_list, dtypes, impls, device, out_dir=None, suffix="") -> list[Ro
     rows: list[Row] = []
     for p in problem_list:
         for dtype in dtypes:
-            matmul_ms = None
+            matmul_ms = three_mm_ms = None
             for impl in ["matmul"] + impls:
                 if impl in peers.PEERS and not peers.covers(p.l, p.tclip, p.reg_weight):
                     continue  # the peers compute InfoNCE only
@@ -191,7 +193,7 @@ def run(problem_list, dtypes, impls, device, out_dir=None, suffix="") -> list[Ro
                     if device == "cuda":
                         torch.cuda.empty_cache()
                 if impl == "matmul":
-                    matmul_ms = res["fwd_ms"]
+                    matmul_ms, three_mm_ms = res["fwd_ms"], res["fwd_bwd_ms"]
 
                 def tflops(ms, backward):
                     return None if ms is None else p.flops(backward) / ms / 1e9
@@ -201,6 +203,7 @@ def run(problem_list, dtypes, impls, device, out_dir=None, suffix="") -> list[Ro
                     p.name, p.n, p.m, p.l, p.d, str(dtype).replace("torch.", ""), impl, fwd, fb,
                     tflops(fwd, False), None if fb is None else (p.flops(False) + p.flops(True)) / fb / 1e9,
                     None if fwd is None or not matmul_ms else fwd / matmul_ms,
+                    None if fb is None or not three_mm_ms else fb / three_mm_ms,
                     None if res["peak"] is None else res["peak"] / 2**20,
                     None if res["workspace"] is None else res["workspace"] / 2**20,
                     status, dev_name, torch_v, triton_v, date,
@@ -212,7 +215,8 @@ def run(problem_list, dtypes, impls, device, out_dir=None, suffix="") -> list[Ro
 
 
 COLUMNS = [("problem", 46), ("dtype", 8), ("impl", 12), ("fwd_ms", 8), ("fwd_bwd_ms", 10), ("fwd_tflops", 10),
-           ("fwd_bwd_tflops", 14), ("fwd_over_matmul", 15), ("peak_extra_mib", 14), ("workspace_mib", 13), ("status", 6)]
+           ("fwd_bwd_tflops", 14), ("fwd_over_matmul", 15),
+           ("fwd_bwd_over_3mm", 16), ("peak_extra_mib", 14), ("workspace_mib", 13), ("status", 6)]
 
 
 def _fmt(v, width):

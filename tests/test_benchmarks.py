@@ -53,6 +53,7 @@ def test_sweep_rows_and_files(tmp_path):
         for b in CPU_BACKENDS:
             r = row(p, b)
             assert r.status == "ok" and r.fwd_ms > 0 and r.fwd_bwd_ms > 0 and r.peak_extra_mib >= 0
+            assert r.fwd_bwd_over_3mm == pytest.approx(r.fwd_bwd_ms / row(p, "matmul").fwd_bwd_ms)
         assert row(p, "cuda").status.startswith("error: ValueError")
     for peer in available_peers("cpu"):  # InfoNCE only
         assert row(infonce_case, peer).status == "ok"
@@ -62,7 +63,7 @@ def test_sweep_rows_and_files(tmp_path):
     with open(csv_path) as f:
         written = list(csv.DictReader(f))
     assert len(written) == len(rows)
-    assert {"device", "torch", "triton", "date", "status", "workspace_mib"} <= set(written[0])
+    assert {"device", "torch", "triton", "date", "status", "workspace_mib", "fwd_bwd_over_3mm"} <= set(written[0])
     (json_path,) = tmp_path.glob("results_*_t.json")
     assert len(json.loads(json_path.read_text())) == len(rows)
 
