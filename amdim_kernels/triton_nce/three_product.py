@@ -27,13 +27,16 @@ from .operands import addmm_f32_, features_contiguous, mm_f32, on_device_of
 
 
 def forward_with_gradients(src, trg, pos_idx, tclip, scale, reg_weight, group_rows, block_rows, need_src, need_trg,
-                           strategy, loads, chunks, fwd_tiles, grad_tiles) -> tuple:
+                           strategy, loads, _chunks, fwd_tiles, grad_tiles) -> tuple:
     """three_product.py's fwd: loss (N, L), pos (N, L, raw a as the Triton backward takes
     it), neg_lse (N,), sq (N,), the group means (K,), reg (), and the gradients of the mean
     loss over all N*L positives plus reg (empty where not needed), of the dtypes of
     three_product.gradient_dtypes: d src in the inputs' dtype from each block's float32 sum
     over the chunks; d trg in it too with one block, else summed over the blocks in float32."""
-    options = CallOptions.from_op_args("gemm", loads, chunks, fwd_tiles, grad_tiles)
+    # one chunk of all the columns (settings' triton_chunks does not apply): the budget holds
+    # the block's G over every column beside its scores (schedule.row_bytes), and each of G's
+    # two products is then one product of the block's full size, not eight smaller ones
+    options = CallOptions.from_op_args("gemm", loads, 1, fwd_tiles, grad_tiles)
     n, d = src.shape
     m, l, _ = trg.shape
     f32 = dict(device=src.device, dtype=torch.float32)
