@@ -52,7 +52,7 @@ int64_t column_bytes(const Tensor& src, const Tensor& trg, bool mma, bool backwa
 // Unscaled scores of every source with images [m0, m1): (N, C) float32 from cuBLAS.
 Tensor chunk_scores(const Tensor& src, const Tensor& trg, int64_t m0, int64_t m1) {
   const Tensor tile = trg.narrow(0, m0, m1 - m0).reshape({-1, trg.size(2)});
-  return src.scalar_type() == at::kFloat ? at::mm(src, tile.t()) : at::mm(src, tile.t(), at::kFloat);
+  return mm_f32(src, tile.t());
 }
 
 // The fused WMMA kernels for this call? `scores` is Settings.cuda_scores: "auto", "cublas" or
@@ -241,11 +241,7 @@ std::tuple<Tensor, Tensor> nce_bwd_cuda(const Tensor& src, const Tensor& trg, co
     if (need_src) {  // d src += G @ trg_chunk in float32, no temporary; the first chunk's
                      // product writes the sum (beta 0 ignores what the memory held)
       const double beta = m0 == 0 ? 0.0 : 1.0;
-      if (src.scalar_type() != at::kFloat) {
-        at::addmm_out(dsrc_acc, dsrc_acc, g, tile, at::kFloat, beta);
-      } else {
-        dsrc_acc.addmm_(g, tile, beta);
-      }
+      addmm_f32_(dsrc_acc, g, tile, beta);
     }
     if (need_trg) {  // d trg_chunk = G^T @ src
       if (in_tail && m1 * L * D * dtrg.element_size() > tail_begin) {

@@ -78,9 +78,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> nce_f
   Tensor dsrc = at::empty({need_src ? N : 0, D}, src.options());
   Tensor dtrg = at::empty({need_trg ? M : 0, L, D}, one_block ? trg.options() : f32);
   const bool grads = need_src || need_trg;
-  Tensor scores = at::empty({B, C}, f32);
-  // d src of a block in float32 before its one rounding (16-bit inputs; float32 writes in place)
-  Tensor dsrc_f32 = at::empty({need_src && src.scalar_type() != at::kFloat ? B : 0, D}, f32);
   Tensor g_buf = at::empty({grads ? B : 0, C}, src.options());
   const int64_t splits = col_blocks(C);
   TORCH_CHECK(splits <= kGridYMax, "amdim_kernels: nce_fwd_grad on CUDA takes at most ", kGridYMax, " * ", kCudaColsPerBlock,
@@ -95,8 +92,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> nce_f
     const int64_t R = std::min(B, N - i0);  // the block's rows
     const Tensor src_block = src.narrow(0, i0, R);
     const int64_t* block_idx = idx.data_ptr<int64_t>() + i0;
-    Tensor a = scores.narrow(0, 0, R);
-    addmm_f32_(a, src_block, cols.t(), 0.0);  // unscaled, as chunk_scores's
+    const Tensor a = mm_f32(src_block, cols.t());  // unscaled, as chunk_scores's (the workspace)
     // partials (split, row) of the block's R rows at the buffers' start
     check_cuda(launch_nce_fwd_epilogue(a.data_ptr<float>(), a.stride(0), R, C, L, 0, block_idx,
                                        static_cast<float>(scale), tclip, pos.data_ptr<float>() + i0 * L,
@@ -122,9 +118,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> nce_f
       if (src.scalar_type() == at::kFloat) {
         at::mm_out(out, g, cols);
       } else {
-        Tensor acc = dsrc_f32.narrow(0, 0, R);
-        addmm_f32_(acc, g, cols, 0.0);
-        out.copy_(acc);
+        out.copy_(mm_f32(g, cols));
       }
     }
     if (need_trg) {

@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <torch/version.h>
 
 #include "nce_cuda_kernels.h"
 #include "nce_op.h"
@@ -37,14 +38,39 @@ inline BackwardRows backward_rows(const at::Tensor& pos, const at::Tensor& neg_l
   return rows;
 }
 
+// a @ b in float32: float32 operands, or both 16-bit with cuBLAS's float32 output (aten's
+// mm.dtype, which these kernels have run with since torch 2.11).
+inline at::Tensor mm_f32(const at::Tensor& a, const at::Tensor& b) {
+  return a.scalar_type() == at::kFloat ? at::mm(a, b) : at::mm(a, b, at::kFloat);
+}
+
+// aten's addmm.dtype_out with out aliasing self (a float32 sum of 16-bit products, no
+// temporary) is taken from torch 2.12 on, where other libraries rely on it; with older
+// releases, which these kernels have not run it with, the product is a float32 temporary.
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 12)
+#define AMDIM_ADDMM_F32_IN_PLACE 1
+#else
+#define AMDIM_ADDMM_F32_IN_PLACE 0
+#endif
+
 // out = a @ b + beta * out, out float32, a and b float32 or both 16-bit (cuBLAS accumulates
-// in float32 and rounds once); beta 0 ignores what out held.
+// in float32); beta 0 ignores what out held.
 inline void addmm_f32_(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double beta) {
   if (a.scalar_type() == at::kFloat) {
     out.addmm_(a, b, beta);
-  } else {
-    at::addmm_out(out, out, a, b, at::kFloat, beta);
+    return;
   }
+#if AMDIM_ADDMM_F32_IN_PLACE
+  at::addmm_out(out, out, a, b, at::kFloat, beta);
+#else
+  const at::Tensor product = at::mm(a, b, at::kFloat);
+  if (beta == 0.0) {
+    out.copy_(product);
+  } else {
+    if (beta != 1.0) out.mul_(beta);
+    out.add_(product);
+  }
+#endif
 }
 
 }  // namespace amdim_kernels
