@@ -238,8 +238,9 @@ std::tuple<Tensor, Tensor> nce_bwd_cuda(const Tensor& src, const Tensor& trg, co
                  "nce_grad_epilogue");
     }  // the score chunk is freed before the two products
     const Tensor tile = images.reshape({C, D});
-    if (need_src) {  // d src += G @ trg_chunk in float32, no temporary; the first chunk's
-                     // product writes the sum (beta 0 ignores what the memory held)
+    if (need_src) {  // d src += G @ trg_chunk in float32 (no temporary from torch 2.12 on:
+                     // addmm_f32_); the first chunk's product writes the sum (beta 0
+                     // ignores what the memory held)
       const double beta = m0 == 0 ? 0.0 : 1.0;
       addmm_f32_(dsrc_acc, g, tile, beta);
     }
