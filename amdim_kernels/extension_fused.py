@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .three_product import ThreeProductLoss, gradient_dtypes, loss_and_reg
+from .three_product import ThreeProductLoss, gradient_dtypes, loss_and_reg, objective_groups
 from .validation import Problem
 
 _ops = torch.ops.amdim_kernels
@@ -46,7 +46,6 @@ def _fwd(src, trg, pos_idx, tclip, scale, reg_weight, group_rows, block_rows, ne
 
 def nce_loss_three_product(p: Problem, block_rows: int, cuda_scores: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, reg) of a validated problem with reduction "mean" or "group_means"."""
-    groups = p.groups if p.reduction == "group_means" else (p.n,)
     outputs = ThreeProductLoss.apply(_fwd, _ops.nce_bwd, p.src, p.trg, p.pos_idx, p.tclip, p.scale, p.reg_weight,
-                                     groups, block_rows, (cuda_scores,))
+                                     objective_groups(p), block_rows, (cuda_scores,))
     return loss_and_reg(outputs[4], outputs[5], p.reduction)

@@ -58,11 +58,10 @@ def nce_loss_extension(p: Problem, settings: Settings) -> tuple[torch.Tensor, to
     the registered op itself, which the compiler traces as one opaque call (a Function's
     Python would break the graph); in eager mode the lighter Function above. The schedule
     that schedule.choose picks (settings.schedule, settings.workspace_bytes): on the CPU under
-    any setting, on a GPU only where settings(schedule="three-product") asks for it."""
-    if p.src.device.type == "cpu" or settings.schedule == "three-product":
-        rows = schedule.choose(p, settings, "cpp" if p.src.device.type == "cpu" else "cuda")
-        if rows != schedule.FOUR_PRODUCT:
-            return extension_fused.nce_loss_three_product(p, rows, settings.cuda_scores)
+    "auto" too, on a GPU only where settings(schedule="three-product") asks for it."""
+    rows = schedule.choose(p, settings, "cpp" if p.src.device.type == "cpu" else "cuda")
+    if rows != schedule.FOUR_PRODUCT:
+        return extension_fused.nce_loss_three_product(p, rows, settings.cuda_scores)
     args = (p.src, p.trg, p.pos_idx, p.tclip, p.scale, p.reg_weight, settings.cuda_scores)
     outputs = _ops.nce_fwd(*args) if torch.compiler.is_compiling() else _EagerLoss.apply(*args)
     return op_contract.loss_and_reg(outputs, p)

@@ -18,9 +18,9 @@ tiles spans fewer than D columns) and, from the forward to the backward, both gr
 in float32 where there are several blocks). "auto" takes it wherever the call
 allows it and a useful block fits; it is the faster schedule on the CPU
 (benchmarks.cpu_floor). On a GPU, where trg's features are not contiguous (the trainer's
-feature maps), the schedule also holds one copy of trg. The GPU backends refuse float16 inputs: their four-product backward
-stores its G times a power of two found from every row's factors, which a block does not
-have.
+feature maps), the schedule also holds one copy of trg. The GPU backends refuse float16
+inputs: their four-product backward stores its G times a power of two found from every row's
+factors, which a block does not have.
 """
 from __future__ import annotations
 
@@ -85,11 +85,14 @@ def block_rows(p: Problem, settings: Settings, backend: str = "cpp") -> int:
 
 
 def choose(p: Problem, settings: Settings, backend: str = "cpp") -> int:
-    """The three-product schedule's block rows for this call, or FOUR_PRODUCT. A call that
+    """The three-product schedule's block rows for this call on `backend`, or FOUR_PRODUCT.
+    "auto" takes it on cpp only (the GPU backends' is not yet timed on a GPU). A call that
     needs no gradient runs four-product under any setting (its forward is the same); a forced
     "three-product" that a call needing gradients cannot take is a ValueError."""
+    if settings.schedule == "four-product" or (settings.schedule == "auto" and backend in G_BESIDE_SCORES):
+        return FOUR_PRODUCT
     needs_grad = torch.is_grad_enabled() and (p.src.requires_grad or p.trg.requires_grad)
-    if settings.schedule == "four-product" or not needs_grad:
+    if not needs_grad:
         return FOUR_PRODUCT
     rows = block_rows(p, settings, backend)
     # the backward reads the upstream's values on the host: not inside a compiled graph or a

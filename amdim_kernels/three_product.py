@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 
 from . import op_contract
+from .validation import Problem
 
 # The upstream matches the stored objective when its weights agree to this relative
 # difference: 8 float32 ulps, far below the error of the float32 gradients themselves.
@@ -116,6 +117,12 @@ class ThreeProductLoss(torch.autograd.Function):
         if torch.is_grad_enabled():  # backward(create_graph=True)
             dsrc, dtrg = op_contract.first_order_only(dsrc, dtrg, src, trg)
         return None, None, (dsrc if need_src else None), (dtrg if need_trg else None), *([None] * 7)
+
+
+def objective_groups(p: Problem) -> tuple[int, ...]:
+    """The row counts of the groups whose means the forward returns, for a validated problem
+    p: each range of a tuple for reduction "group_means", else all N rows as one group."""
+    return p.groups if p.reduction == "group_means" else (p.n,)
 
 
 def loss_and_reg(means: torch.Tensor, reg: torch.Tensor, reduction: str) -> tuple[torch.Tensor, torch.Tensor]:

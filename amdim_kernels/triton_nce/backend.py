@@ -19,7 +19,7 @@ import torch
 from .. import op_contract, schedule
 from ..autocast_off import autocast_off
 from ..backend_settings import Settings
-from ..three_product import ThreeProductLoss
+from ..three_product import ThreeProductLoss, objective_groups
 from ..three_product import loss_and_reg as three_product_outputs
 from ..validation import Problem
 from . import backward as backward_stage
@@ -78,13 +78,11 @@ def nce_loss_triton(p: Problem, settings: Settings) -> tuple[torch.Tensor, torch
     the three-product schedule where settings.schedule asks for it (three_product.py), else
     the four-product one."""
     op_args = CallOptions.of(settings, p.src.dtype).op_args()
-    if settings.schedule == "three-product":
-        rows = schedule.choose(p, settings, "triton")
-        if rows != schedule.FOUR_PRODUCT:
-            groups = p.groups if p.reduction == "group_means" else (p.n,)
-            outputs = ThreeProductLoss.apply(forward_with_gradients, backward, p.src, p.trg, p.pos_idx, p.tclip,
-                                             p.scale, p.reg_weight, groups, rows, op_args)
-            return three_product_outputs(outputs[4], outputs[5], p.reduction)
+    rows = schedule.choose(p, settings, "triton")
+    if rows != schedule.FOUR_PRODUCT:
+        outputs = ThreeProductLoss.apply(forward_with_gradients, backward, p.src, p.trg, p.pos_idx, p.tclip,
+                                         p.scale, p.reg_weight, objective_groups(p), rows, op_args)
+        return three_product_outputs(outputs[4], outputs[5], p.reduction)
     args = (p.src, p.trg, p.pos_idx, p.tclip, p.scale, p.reg_weight, *op_args)
     outputs = _fwd_op(*args) if torch.compiler.is_compiling() else _EagerLoss.apply(*args)
     return op_contract.loss_and_reg(outputs, p)
