@@ -209,8 +209,9 @@ def test_auto_takes_three_products_where_documented():
         assert rows(workspace=4 * 64 * 7 * 40) == 32  # two even blocks, not 40 + 24
         assert rows(workspace=4 * 64 * 7 * 31) == schedule.FOUR_PRODUCT
         with settings() as now:  # the GPU backends' schedule is taken only where set
+            problem = validate(src, trg, None, 20.0, 0.05, None, "mean")
             for backend in ("triton", "cuda"):
-                assert schedule.choose(validate(src, trg, None, 20.0, 0.05, None, "mean"), now, backend) == schedule.FOUR_PRODUCT
+                assert schedule.choose(problem, now, backend) == schedule.FOUR_PRODUCT
 
     def default(n, m, backend, dtype=torch.float32):
         p = validate(torch.zeros(n, 1, dtype=dtype), torch.zeros(m, 49, 1, dtype=dtype), None, 20.0, 0.05, None, "mean")
