@@ -1,8 +1,9 @@
 """The CPU backend against the floor of a fused forward+backward: three matrix products of the
-problem's shapes (the scores, d src, d trg, into outputs allocated once), timed side by side in one process with the eager
-reference, quiet and with a second PyTorch process computing on the same cores; and each
-one's workspace against eager's workspace and whole peak. cpp runs with each schedule: "cpp" is its default (auto,
-which takes the three-product schedule for these calls), "cpp 4-product" the other.
+problem's shapes (the scores, d src, d trg, into outputs allocated once), timed side by side
+in one process with the eager reference, quiet and with a second PyTorch process computing on
+the same cores; and each one's workspace against eager's workspace and whole peak. cpp runs
+with each schedule: "cpp" is its default (auto, which takes the three-product schedule for
+these calls), "cpp 4-product" the other.
 
     python -m benchmarks.cpu_floor                 # the three sizes of the CPU floor target
     python -m benchmarks.cpu_floor --sizes 256,256,49,256 --rounds 15
