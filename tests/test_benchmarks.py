@@ -217,6 +217,7 @@ def test_cpu_floor_prints_its_ratios(capsys):
     cpu_floor.main(["--sizes", "24,20,9,16", "--rounds", "1", "--no-contention"])
     out = capsys.readouterr().out
     assert "| 24, 20, 9, 16 |" in out
+    assert "| 3 products ms | fresh gradients ms |" in out
     assert "/ eager's workspace | / eager's peak" in out
     for bad, message in ((["--rounds", "0"], "--rounds must be at least 1"),
                          (["--sizes", "4,4,4"], "expected N,M,L,D as four positive integers")):
