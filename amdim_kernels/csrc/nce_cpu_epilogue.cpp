@@ -52,11 +52,12 @@ AMDIM_INLINE int32_t to_bits(float f) {
 }
 
 // exp(x) for x <= 0 (the forward's s - shift and the backward's s - neg_lse at the negatives),
-// relative error about 1 ulp: x = n ln2 + r with |r| <= ln2/2, e^r by Cephes' degree-7
-// polynomial, 2^n from the exponent bits. x below -87.3 (where e^x leaves float32's normal
-// range) gives about 1e-38 instead of a subnormal or 0; NaN gives NaN. A positive x (the
-// backward evaluates the positives' columns as negatives before overwriting them) gives a
-// value of no use but no undefined behaviour: the bits are formed as unsigned integers.
+// relative error about 1 ulp: x = n ln2 + r with |r| <= ln2/2, e^r = 1 + r + r^2 p(r) with p
+// of degree 4 fitted for least maximum relative error on that interval (3e-9, far below
+// float32's rounding), 2^n from the exponent bits. x below -87.3 (where e^x leaves float32's
+// normal range) gives about 1e-38 instead of a subnormal or 0; NaN gives NaN. A positive x
+// (the backward evaluates the positives' columns as negatives before overwriting them) gives
+// a value of no use but no undefined behaviour: the bits are formed as unsigned integers.
 AMDIM_INLINE float exp_nonpositive(float x) {
   x = x < -87.3f ? -87.3f : x;                 // NaN compares false and stays NaN
   const float magic = 12582912.f;              // 1.5 * 2^23: adding it rounds to an integer
@@ -64,38 +65,32 @@ AMDIM_INLINE float exp_nonpositive(float x) {
   const float n = t - magic;                   // round(x / ln2), in [-126, 0] for x in [-87.3, 0]
   const uint32_t ni = static_cast<uint32_t>(to_bits(t)) - static_cast<uint32_t>(to_bits(magic));
   const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
+  float p = 1.3814610045e-3f;
+  p = p * r + 8.3687101274e-3f;
+  p = p * r + 4.1668387429e-2f;
+  p = p * r + 1.6666520687e-1f;
+  p = p * r + 4.9999993451e-1f;
   p = p * r * r + r + 1.f;
   return p * from_bits((ni + 127u) << 23);
 }
 
-// tanh(x) as x P(x^2) / Q(x^2): the 12th convergent of Lambert's continued fraction
-// tanh x = x / (1 + x^2 / (3 + x^2 / (5 + ...))), its degree-6 numerator and denominator
-// normalised to Q(0) = 1, on x clamped to [-9, 9] (1 - tanh(9) = 3e-8, below float32's
-// spacing under 1), the result clamped to [-1, 1]. Error below 6 ulp in float32 on the whole
-// range; NaN gives NaN. Twelve FMAs and a division, and every coefficient positive, so
-// Horner's sums never cancel.
+// tanh(x) as x P(x^2) / Q(x^2), P and Q of degree 4 fitted for least maximum relative error on
+// [0, 9] (2e-8), on x clamped to [-9, 9] (1 - tanh(9) = 3e-8, below float32's spacing under 1),
+// the result clamped to [-1, 1]. Error below 6 ulp in float32 on the whole range (the rounding
+// of the float32 Horner sums dominates it); NaN gives NaN. Eight FMAs and a division (the
+// epilogue's time is its FMAs); every coefficient positive, so Horner's sums never cancel.
 AMDIM_INLINE float tanh_branch_free(float x) {
   x = x > 9.f ? 9.f : (x < -9.f ? -9.f : x);  // NaN compares false and stays NaN
   const float y = x * x;
-  float p = 1.264885555749117e-13f;
-  p = p * y + 5.179706350792634e-10f;
-  p = p * y + 3.2286836253274086e-07f;
-  p = p * y + 6.625258799171843e-05f;
-  p = p * y + 0.0052173913043478265f;
-  p = p * y + 0.14666666666666667f;
-  p = p * y + 1.f;
-  float q = 1.1510458557316966e-11f;
-  q = q * y + 1.5193805295658393e-08f;
-  q = q * y + 5.230467473030402e-06f;
-  q = q * y + 0.0006625258799171842f;
-  q = q * y + 0.03188405797101449f;
-  q = q * y + 0.48f;
+  float p = 1.3352969087e-08f;
+  p = p * y + 2.0607864690e-05f;
+  p = p * y + 3.4955152624e-03f;
+  p = p * y + 1.3380965041e-01f;
+  p = p * y + 9.9999997964e-01f;
+  float q = 7.7758652766e-07f;
+  q = q * y + 3.2855146426e-04f;
+  q = q * y + 2.5876707093e-02f;
+  q = q * y + 4.6714280706e-01f;
   q = q * y + 1.f;
   const float u = x * p / q;
   return u > 1.f ? 1.f : (u < -1.f ? -1.f : u);  // so that |s| <= tclip and 1 - u^2 >= 0
