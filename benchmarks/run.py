@@ -38,7 +38,8 @@ from .measure import median_ms, peak_extra_bytes
 
 PRESETS = {
     "cpu": [problems.Problem("CIFAR-like, D=256", 256, 256, 49, 256), problems.CIFAR],
-    "targets": [problems.CIFAR, problems.IMAGENET_4GPU, problems.ONE_GPU_SHARE, problems.SINGLE_GPU],
+    # the single-GPU size first: the GPU targets are stated at it
+    "targets": [problems.SINGLE_GPU, problems.CIFAR, problems.IMAGENET_4GPU, problems.ONE_GPU_SHARE],
     "sweep": [problems.Problem(f"N=M={b}, L=49, D=2048", b, b, 49, 2048) for b in (32, 128, 512, 1024, 2048, 4096)]
     + [problems.Problem(f"N=128, M={b}, L=49, D=2048", 128, b, 49, 2048) for b in (1024, 4096, 8192, 16384)],
     # 10^3 to 10^6 negatives, 4096 sources (a large contrastive batch), D = 256
@@ -209,8 +210,8 @@ def run(problem_list, dtypes, impls, device, out_dir=None, suffix="") -> list[Ro
                     status, dev_name, torch_v, triton_v, date,
                 ))
                 print(format_row(rows[-1]), flush=True)
-    if out_dir:
-        write(rows, out_dir, suffix)
+                if out_dir:  # after every row, so that a run cut short keeps what it measured
+                    write(rows, out_dir, suffix)
     return rows
 
 

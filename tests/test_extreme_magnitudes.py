@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from amdim_kernels import nce_loss
+from amdim_kernels import settings as settings_of
 from truth import EXTRA_TOL, NAMES, Case, backends_here, outputs_and_grads, rel_err, truth_of
 
 FLT_MAX = torch.finfo(torch.float32).max
@@ -72,7 +73,11 @@ def test_finite_scores_of_any_magnitude_give_finite_exact_answers(backend, devic
     # the truth's loss and gradients within float32's range, with room for rounding; reg may
     # pass it (mean(a^2) of scores past 1e19), and is checked apart
     assume(_all_finite_below((truth[0], truth[2], truth[3]), FLT_MAX / 16))
-    got = outputs_and_grads(nce_loss, case, backend=backend)
+    # a reduced loss runs each backend's three-product schedule too (the GPU backends take it
+    # only where set)
+    schedule = data.draw(st.sampled_from(["auto", "three-product"] if case.reduction == "mean" else ["auto"]))
+    with settings_of(schedule=schedule):
+        got = outputs_and_grads(nce_loss, case, backend=backend)
     ref = outputs_and_grads(nce_loss, case, backend="reference")
     # Absolute floors where an output is about 0 (a saturated softmax or clip: the float64
     # truth itself may round it to 0): for the losses float32's rounding of a log-sum-exp of
@@ -96,6 +101,24 @@ def test_finite_scores_of_any_magnitude_give_finite_exact_answers(backend, devic
     # past that, reg itself, or the sum of squares before the mean, passes FLT_MAX: +inf is
     # then the float32 answer, and a backend summing in float64 may give the finite one
     assert reg == math.inf or rel_err(got[1], truth[1]) <= 1e-4
+
+
+@pytest.mark.parametrize("backend, device", backends_here(fused_only=True))
+@pytest.mark.parametrize("schedule", ["four-product", "three-product"])
+def test_reg_weight_0_gives_reg_0_where_sums_of_squares_overflow(backend, device, schedule):
+    """Scores of about 1e20: their squares pass float32's range, their soft-clipped losses do
+    not. reg_weight 0 must then give reg 0 (not 0 * inf = NaN) and finite gradients, in
+    each schedule."""
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    src = (1e10 * torch.randn(4, 8, generator=gen)).to(device).requires_grad_()
+    trg = (1e10 * torch.randn(5, 3, 8, generator=gen)).to(device).requires_grad_()
+    pos_idx = torch.tensor([0, 4, 2, 2], device=device)
+    with settings_of(schedule=schedule):
+        loss, reg = nce_loss(src, trg, pos_idx, tclip=20.0, reg_weight=0.0, backend=backend)
+    assert reg.item() == 0.0, f"{backend}, {schedule}: reg {reg.item()}"
+    assert torch.isfinite(loss).all()
+    dsrc, dtrg = torch.autograd.grad(loss + reg, (src, trg))
+    assert torch.isfinite(dsrc).all() and torch.isfinite(dtrg).all()
 
 
 # (label, dtypes, how one problem is poisoned): `rows` lists the poisoned rows

@@ -78,5 +78,9 @@ def forward_with_gradients(src, trg, pos_idx, tclip, scale, reg_weight, group_ro
                 dsrc[i0:i1] = dsrc_block[:rows]
             del scores
         means = reduce_losses(loss, "group_means", tuple(group_rows))
-        reg = (sq.sum(dtype=torch.float64) * (reg_weight / (n * m * l))).float()
+        total = sq.sum(dtype=torch.float64)
+        # reg_weight 0 gives 0 where the sum of squares overflowed to +inf, NaN where it is NaN
+        # (a poisoned input), as the four-product forward's totals kernel does
+        reg = (torch.where(total.isnan(), total, 0.0) if reg_weight == 0.0 else total * (reg_weight / (n * m * l)))
+        reg = reg.float()
     return loss, a_pos, neg_lse, sq, means, reg, dsrc, dtrg.view(-1, l, d)
