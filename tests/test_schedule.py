@@ -434,6 +434,37 @@ def test_every_epilogue_version_matches_float64(tclip):
         torch.ops.amdim_kernels.epilogue_tile(a, pos_idx, m0, m1, l, tclip, neg_lse, r, reg_coef, gpos, "mmx")
 
 
+def _ulps(x, truth):
+    """|x - truth| in units of float32's spacing at truth (float64)."""
+    t = truth.float().abs()
+    return (x.double() - truth).abs() / (torch.nextafter(t, torch.tensor(float("inf"))) - t).double()
+
+
+def test_epilogue_tanh_and_exp_keep_their_float32_accuracy():
+    """The epilogue's branch-free tanh and exp, read one value at a time through epilogue_tile,
+    for every version the CPU runs, against float64 on fresh random arguments. tanh: tclip 1
+    and every column a positive, so the positives' s is tanh(a) itself; below 6 ulp with FMA
+    (avx2, avx512), 7 without (baseline: each Horner step rounds twice). exp: no clip, every
+    column a negative, neg_lse 0, r 1 and reg_coef 0, so g is exp(a); about 1 ulp on [-87, 0],
+    where e^a is a normal float32."""
+    from amdim_kernels import build_info
+
+    rows, l = 512, 2048
+    a = torch.empty(rows, l).uniform_(-10, 10)
+    a[:64] = torch.randn(64, l).sign() * 10 ** torch.empty(64, l).uniform_(-30, 0)  # relative accuracy near 0
+    b = torch.empty(rows, l).uniform_(-87, 0)
+    zeros, ones = torch.zeros(rows), torch.ones(rows)
+    for version in build_info()["cpu_epilogue"]:
+        s, *_ = torch.ops.amdim_kernels.epilogue_tile(a, torch.zeros(rows, dtype=torch.long), 0, 1, l, 1.0, zeros, ones,
+                                                      zeros, torch.zeros(rows, l), version)
+        worst = _ulps(s, torch.tanh(a.double())).max().item()
+        assert worst <= (7.0 if version == "baseline" else 6.0), f"{version}: tanh off by {worst:.2f} ulp"
+        *_, g = torch.ops.amdim_kernels.epilogue_tile(b, torch.ones(rows, dtype=torch.long), 0, 1, l, None, zeros, ones,
+                                                      zeros, torch.zeros(rows, l), version)
+        worst = _ulps(g, torch.exp(b.double())).max().item()
+        assert worst <= 1.5, f"{version}: exp off by {worst:.2f} ulp"
+
+
 def _three_product_node(loss):
     """The ThreeProductLoss node behind nce_loss's output, which holds the stored gradients."""
     fn = loss.grad_fn

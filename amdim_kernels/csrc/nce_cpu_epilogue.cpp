@@ -76,8 +76,8 @@ AMDIM_INLINE float exp_nonpositive(float x) {
 
 // tanh(x) as x P(x^2) / Q(x^2), P and Q of degree 4 fitted for least maximum relative error on
 // [0, 9] (2e-8), on x clamped to [-9, 9] (1 - tanh(9) = 3e-8, below float32's spacing under 1),
-// the result clamped to [-1, 1]. Error below 6 ulp in float32 on the whole range (the rounding
-// of the float32 Horner sums dominates it); NaN gives NaN. Eight FMAs and a division (the
+// the result clamped to [-1, 1]. Error below 6 ulp in float32 on the whole range with FMA, 7
+// without (the rounding of the float32 Horner sums dominates it); NaN gives NaN. Eight FMAs and a division (the
 // epilogue's time is its FMAs); every coefficient positive, so Horner's sums never cancel.
 AMDIM_INLINE float tanh_branch_free(float x) {
   x = x > 9.f ? 9.f : (x < -9.f ? -9.f : x);  // NaN compares false and stays NaN
