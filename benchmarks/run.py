@@ -240,13 +240,18 @@ def format_row(r: Row) -> str:
 def write(rows: list[Row], out_dir: str, suffix: str = "") -> None:
     os.makedirs(out_dir, exist_ok=True)
     tag = (rows[0].device.replace(" ", "_") if rows else "none") + (f"_{suffix}" if suffix else "")
-    with open(os.path.join(out_dir, f"results_{tag}.csv"), "w", newline="") as f:
+    path = os.path.join(out_dir, f"results_{tag}")
+    # each file written beside its place, then moved there: a run stopped mid-write leaves
+    # the previous rows' file whole
+    with open(path + ".csv.part", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(asdict(rows[0]).keys()))
         w.writeheader()
         for r in rows:
             w.writerow(asdict(r))
-    with open(os.path.join(out_dir, f"results_{tag}.json"), "w") as f:
+    os.replace(path + ".csv.part", path + ".csv")
+    with open(path + ".json.part", "w") as f:
         json.dump([asdict(r) for r in rows], f, indent=1)
+    os.replace(path + ".json.part", path + ".json")
 
 
 def main(argv=None):

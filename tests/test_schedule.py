@@ -435,9 +435,10 @@ def test_every_epilogue_version_matches_float64(tclip):
 
 
 def _ulps(x, truth):
-    """|x - truth| in units of float32's spacing at truth (float64)."""
-    t = truth.float().abs()
-    return (x.double() - truth).abs() / (torch.nextafter(t, torch.tensor(float("inf"))) - t).double()
+    """|x - truth| in units of float32's spacing at truth (float64): 2^(e - 24) for truth in
+    [2^(e-1), 2^e), 2^-149 among the subnormals."""
+    _, e = torch.frexp(truth.abs())
+    return (x.double() - truth).abs() / torch.ldexp(torch.ones_like(truth), (e - 24).clamp(min=-149))
 
 
 def test_epilogue_tanh_and_exp_keep_their_float32_accuracy():

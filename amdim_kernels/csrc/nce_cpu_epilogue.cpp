@@ -53,7 +53,7 @@ AMDIM_INLINE int32_t to_bits(float f) {
 
 // exp(x) for x <= 0 (the forward's s - shift and the backward's s - neg_lse at the negatives),
 // relative error about 1 ulp: x = n ln2 + r with |r| <= ln2/2, e^r = 1 + r + r^2 p(r) with p
-// of degree 4 fitted for least maximum relative error on that interval (3e-9, far below
+// of degree 4 fitted for least maximum relative error on that interval (4e-9, far below
 // float32's rounding), 2^n from the exponent bits. x below -87.3 (where e^x leaves float32's
 // normal range) gives about 1e-38 instead of a subnormal or 0; NaN gives NaN. A positive x
 // (the backward evaluates the positives' columns as negatives before overwriting them) gives
@@ -75,8 +75,8 @@ AMDIM_INLINE float exp_nonpositive(float x) {
 }
 
 // tanh(x) as x P(x^2) / Q(x^2), P and Q of degree 4 fitted for least maximum relative error on
-// [0, 9] (2e-8), on x clamped to [-9, 9] (1 - tanh(9) = 3e-8, below float32's spacing under 1),
-// the result clamped to [-1, 1]. Error below 6 ulp in float32 on the whole range with FMA, 7
+// [0, 9] (5e-8 with the coefficients rounded to float32), on x clamped to [-9, 9] (1 - tanh(9)
+// = 3e-8, below float32's spacing under 1), the result clamped to [-1, 1]. Error below 6 ulp in float32 on the whole range with FMA, 7
 // without (the rounding of the float32 Horner sums dominates it); NaN gives NaN. Eight FMAs and a division (the
 // epilogue's time is its FMAs); every coefficient positive, so Horner's sums never cancel.
 AMDIM_INLINE float tanh_branch_free(float x) {
