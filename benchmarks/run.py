@@ -16,7 +16,9 @@ the CPU) of the forward and of forward+backward, achieved TFLOP/s with the FLOP 
 ratio to one matmul of the forward's shape, forward+backward's ratio to the three products
 (the matmul row's forward+backward), and the peak memory beyond the inputs
 (workspace = peak - the gradients the call returns). Out of memory is a row saying OOM.
-Writes a markdown table to stdout and CSV/JSON (device, versions, date per row) to --out.
+Writes a markdown table to stdout and CSV/JSON (device, versions, date per row) to --out,
+then each implementation's forward+backward against the eager reference's, against
+torch.compile of it (with --compile) and against the three products.
 """
 from __future__ import annotations
 
@@ -237,6 +239,26 @@ def format_row(r: Row) -> str:
     return "| " + " | ".join(_fmt(getattr(r, name), w) for name, w in COLUMNS) + " |"
 
 
+def format_speedups(rows: list[Row]) -> str:
+    """Each measured implementation's forward+backward against the eager reference's, against
+    torch.compile of it and against the three products, per problem and dtype: the ratios
+    the targets are stated in, side by side from one run ('-' where a row is missing)."""
+    lines = ["| problem | dtype | impl | fwd+bwd ms | x eager | x compile | / 3 products |", "|---|---|---|---|---|---|---|"]
+    by_key = {(r.problem, r.dtype, r.impl): r for r in rows}
+    for r in rows:
+        if r.fwd_bwd_ms is None or r.impl in ("matmul", "reference", "compiled"):
+            continue
+
+        def speedup(base):
+            b = by_key.get((r.problem, r.dtype, base))
+            return "-" if b is None or b.fwd_bwd_ms is None else f"{b.fwd_bwd_ms / r.fwd_bwd_ms:.2f}x"
+
+        over = "-" if r.fwd_bwd_over_3mm is None else f"{r.fwd_bwd_over_3mm:.2f}x"
+        lines.append(f"| {r.problem} | {r.dtype} | {r.impl} | {r.fwd_bwd_ms:.3f} | {speedup('reference')} | "
+                     f"{speedup('compiled')} | {over} |")
+    return "\n".join(lines)
+
+
 def write(rows: list[Row], out_dir: str, suffix: str = "") -> None:
     os.makedirs(out_dir, exist_ok=True)
     tag = (rows[0].device.replace(" ", "_") if rows else "none") + (f"_{suffix}" if suffix else "")
@@ -279,7 +301,9 @@ def main(argv=None):
     if args.compile:
         impls = impls + ["compiled"]
     print(format_header())
-    run(PRESETS[preset], dtypes, impls, device, args.out, args.suffix)
+    rows = run(PRESETS[preset], dtypes, impls, device, args.out, args.suffix)
+    print("\nForward+backward against the eager reference, torch.compile of it and three products:")
+    print(format_speedups(rows))
 
 
 if __name__ == "__main__":

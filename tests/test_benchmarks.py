@@ -66,6 +66,15 @@ def test_sweep_rows_and_files(tmp_path):
     assert {"device", "torch", "triton", "date", "status", "workspace_mib", "fwd_bwd_over_3mm"} <= set(written[0])
     (json_path,) = tmp_path.glob("results_*_t.json")
     assert len(json.loads(json_path.read_text())) == len(rows)
+    # the speed-up table: each measured fused backend against the reference of its problem
+    summary = run.format_speedups(rows)
+    for p in (amdim_case, feature_map_case, infonce_case):
+        for b in CPU_BACKENDS:
+            if b != "reference":
+                r = row(p, b)
+                speedup = row(p, "reference").fwd_bwd_ms / r.fwd_bwd_ms
+                assert f"| {p.name} | float32 | {b} | {r.fwd_bwd_ms:.3f} | {speedup:.2f}x | - | " in summary
+    assert "| cuda |" not in summary  # an error row has nothing to compare
 
 
 @pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="the compiled extension is not built")
