@@ -72,7 +72,7 @@ def device_problem(text: str) -> str | None:
     if device.type == "cpu":
         return None
     if device.type != "cuda":
-        return f"--device {text}: the trainer runs on cpu or cuda"
+        return f"--device {text}: expected a cpu or cuda device"
     if not torch.cuda.is_available():
         return f"--device {text}: no CUDA GPU is available here (use --device cpu)"
     if device.index is not None and device.index >= torch.cuda.device_count():

@@ -26,6 +26,7 @@ import torch
 
 from amdim_kernels import available_backends, nce_loss, settings
 
+from . import arguments
 from .measure import peak_extra_bytes
 from .run import versions
 
@@ -97,13 +98,12 @@ def interleaved_medians(impls: dict, rounds: int) -> dict:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = arguments.Parser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", type=_size, nargs="+", default=list(SIZES), help="N,M,L,D problems")
-    ap.add_argument("--rounds", type=int, default=11, help="rounds per measurement (each impl once a round)")
+    ap.add_argument("--rounds", type=arguments.integer(1), default=11,
+                    help="rounds per measurement (each impl once a round)")
     ap.add_argument("--no-contention", action="store_true", help="skip the run beside a second process")
     args = ap.parse_args(argv)
-    if args.rounds < 1:
-        ap.error(f"--rounds must be at least 1, got {args.rounds}")
     device, torch_version, _ = versions("cpu")
     print(f"CPU floor, float32, {torch.get_num_threads()} threads, {device}, torch {torch_version}")
     rows = []

@@ -14,7 +14,7 @@ import torch
 
 from amdim_kernels import available_backends, nce_loss
 
-from . import problems
+from . import arguments, problems
 from .measure import median_ms, peak_extra_bytes
 
 
@@ -27,12 +27,13 @@ def fwd_bwd(src, trg, pos_idx, backend):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser = arguments.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                         help="default: bfloat16 on a GPU, float32 on the CPU")
     args = parser.parse_args(argv)
     device = args.device
+    arguments.check_device(parser, device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
     sizes = [problems.CIFAR] if device == "cpu" else [
         problems.CIFAR, problems.IMAGENET_4GPU, problems.ONE_GPU_SHARE, problems.SINGLE_GPU]

@@ -33,7 +33,7 @@ from amdim_kernels import Settings, available_backends, environment, nce_loss, s
 from amdim_kernels.backend_settings import TRITON_LOADS
 from amdim_kernels.triton_nce import config, forward, grad_rows, grad_tiles
 
-from . import problems
+from . import arguments, problems
 from .run import impl_context
 
 
@@ -387,7 +387,7 @@ def main():
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = arguments.Parser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--glue", action="store_true", help="only the Triton backward's own Python per chunk (CPU)")
     ap.add_argument("--split", action="store_true", help="host time against GPU kernel time per call (GPU)")
     ap.add_argument("--python-path", action="store_true", help="the Python path around the cpp kernels (CPU)")
@@ -396,6 +396,8 @@ if __name__ == "__main__":
     ap.add_argument("--objective", action="store_true",
                     help="the trainer's objective, four calls (shared targets) against six (GPU)")
     args = ap.parse_args()
+    if not (args.glue or args.python_path or args.ops):  # the modes that time GPU kernels
+        arguments.require_gpu(ap, "benchmarks.host_overhead without --glue, --python-path or --ops")
     if args.glue:
         glue()
     elif args.python_path:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 from collections import defaultdict
 
 import matplotlib
@@ -14,12 +15,18 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from . import arguments  # noqa: E402
+
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = arguments.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("csv", nargs="+")
     ap.add_argument("--out", required=True, help="PNG file")
     args = ap.parse_args(argv)
+    for path in args.csv:
+        if not os.path.isfile(path):
+            ap.error(f"csv {path}: no such file")
+    arguments.check_folder(ap, "--out's folder", os.path.dirname(os.path.abspath(args.out)))
     series = defaultdict(list)
     device = ""
     for path in args.csv:

@@ -35,7 +35,7 @@ import torch
 
 from amdim_kernels import available_backends, nce_loss, nce_loss_reference, settings
 
-from . import peers, problems
+from . import arguments, peers, problems
 from .measure import median_ms, peak_extra_bytes
 
 PRESETS = {
@@ -277,8 +277,8 @@ def write(rows: list[Row], out_dir: str, suffix: str = "") -> None:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap = arguments.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     ap.add_argument("--preset", choices=sorted(PRESETS), default=None)
     ap.add_argument("--dtypes", nargs="+", default=None, choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--impls", nargs="+", default=None,
@@ -293,6 +293,9 @@ def main(argv=None):
         if (why := impl_error(impl)) is not None:
             ap.error(why)
     device = args.device
+    arguments.check_device(ap, device)
+    if args.out is not None:
+        arguments.check_folder(ap, "--out", args.out)
     preset = args.preset or ("targets" if device == "cuda" else "cpu")
     dtypes = [getattr(torch, d) for d in (args.dtypes or (["bfloat16"] if device == "cuda" else ["float32"]))]
     impls = args.impls or available_backends(device)

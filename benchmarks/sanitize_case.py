@@ -19,6 +19,8 @@ import torch
 
 from amdim_kernels import nce_loss, settings
 
+from . import arguments
+
 
 def fwd_bwd(label, dtype, d, tclip, backend):
     src = (3 * torch.randn(37, d, device="cuda")).to(dtype).requires_grad_()
@@ -35,10 +37,11 @@ def fwd_bwd(label, dtype, d, tclip, backend):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="A small fwd+bwd of each GPU path, for compute-sanitizer.")
+    ap = arguments.Parser(description="A small fwd+bwd of each GPU path, for compute-sanitizer.")
     ap.add_argument("--one", action="store_true",
                     help="one case per score path (bfloat16, D = 72, clipped) instead of every dtype and option")
     args = ap.parse_args(argv)
+    arguments.require_gpu(ap, "benchmarks.sanitize_case")
     tclips = (20.0,) if args.one else (20.0, None)
     cuda_cases = ((torch.bfloat16, 72),) if args.one else (
         (torch.float32, 70), (torch.bfloat16, 70), (torch.bfloat16, 72), (torch.float16, 72))

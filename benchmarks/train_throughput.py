@@ -26,9 +26,11 @@ import torch
 
 from amdim import train
 from amdim_kernels import available_backends
+from amdim_kernels.registry import unavailable_reason
 
+from . import arguments
 from .measure import median_ms, peak_extra_bytes
-from .run import impl_context, versions
+from .run import VARIANTS, impl_context, versions
 
 
 def make_run(backend: str, args: argparse.Namespace) -> train.Run:
@@ -36,7 +38,7 @@ def make_run(backend: str, args: argparse.Namespace) -> train.Run:
             "--seed", "0", "--out", "/nonexistent"]  # nothing is written
     if args.preset:
         argv += ["--preset", args.preset]
-    if args.batch_size:
+    if args.batch_size is not None:
         argv += ["--batch-size", str(args.batch_size)]
     if args.amp:
         argv += ["--amp", "--amp-dtype", args.amp_dtype]
@@ -105,12 +107,28 @@ class Contender:
                     date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
 
 
+def backends_problem(backends: list[str], device: str) -> str | None:
+    """Why --backends cannot all run on --device (a valid one), or None: each "auto", a backend
+    that runs there, or backend:variant (benchmarks.run's variants)."""
+    for impl in backends:
+        backend, _, variant = impl.partition(":")
+        if impl == "auto":
+            continue
+        if backend not in VARIANTS or (variant and variant not in VARIANTS[backend]):
+            known = ["auto", *VARIANTS] + [f"{b}:{v}" for b, vs in VARIANTS.items() for v in vs]
+            return f"--backends: {impl!r} is not a backend, expected some of {', '.join(known)}"
+        if backend not in available_backends(device):
+            return f"--backends: {backend} cannot run on --device {device}: " \
+                   f"{unavailable_reason(backend, torch.device(device))}"
+    return None
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = arguments.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--preset", choices=sorted(train.PRESETS), default=None,
                     help="model size (default: the trainer's for the device)")
-    ap.add_argument("--batch-size", type=int, default=None, help="images per step (default: the preset's)")
+    ap.add_argument("--batch-size", type=arguments.integer(1), default=None, help="images per step (default: the preset's)")
     ap.add_argument("--amp", action="store_true", help="autocast to --amp-dtype, as the trainer's --amp")
     ap.add_argument("--amp-dtype", default="bfloat16", choices=["bfloat16", "float16"],
                     help="as the trainer's: float16 also scales the loss (a GradScaler, one sync a step)")
@@ -118,12 +136,17 @@ def main(argv=None):
     ap.add_argument("--compile-mode", default=None, help="the trainer's --compile-mode (e.g. reduce-overhead)")
     ap.add_argument("--channels-last", action="store_true", help="the trainer's --channels-last")
     ap.add_argument("--backends", nargs="+", default=None, help="default: reference and every fused backend here")
-    ap.add_argument("--reps", type=int, default=None, help="timed steps per backend and round (default 20 GPU, 5 CPU)")
-    ap.add_argument("--rounds", type=int, default=3,
+    ap.add_argument("--reps", type=arguments.integer(1), default=None,
+                    help="timed steps per backend and round (default 20 GPU, 5 CPU)")
+    ap.add_argument("--rounds", type=arguments.integer(1), default=3,
                     help="rounds of timing, the backends interleaved in each (order effects cancel); medians over rounds")
     ap.add_argument("--out", default=None, help="CSV file to write")
     args = ap.parse_args(argv)
-    args.reps = args.reps or (20 if args.device == "cuda" else 5)
+    arguments.check_device(ap, args.device)
+    if args.backends and (why := backends_problem(args.backends, args.device)) is not None:
+        ap.error(why)
+    if args.reps is None:
+        args.reps = 20 if torch.device(args.device).type == "cuda" else 5
     # Triton on the CPU runs in its interpreter: correct, far too slow to time a model with
     backends = args.backends or [b for b in available_backends(args.device)
                                  if not (b == "triton" and args.device == "cpu")]

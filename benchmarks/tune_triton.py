@@ -18,7 +18,7 @@ from amdim_kernels import settings
 from amdim_kernels.backend_settings import TRITON_SCORES
 from amdim_kernels.triton_nce.config import TileConfig
 
-from . import problems
+from . import arguments, problems
 
 UNCAPPED = (128, 128, 64, 8, 3)
 DEFAULT = UNCAPPED + (128,)  # the forward's unmasked launch and the G kernel capped at 128 registers
@@ -71,11 +71,12 @@ def fwd_bwd(src, trg, pos_idx):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--dtypes", nargs="+", default=["bfloat16"])
+    ap = arguments.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dtypes", nargs="+", default=["bfloat16"], choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--profile-strategy", default=None, choices=TRITON_SCORES)
     args = ap.parse_args(argv)
+    arguments.require_gpu(ap, "benchmarks.tune_triton")
     shapes = [problems.SINGLE_GPU, problems.ONE_GPU_SHARE]
     print("| problem | dtype | strategy/chunk parts, fwd tiles, grad tiles (BN, BJ, BK, warps, stages), loads "
           "| fwd ms | fwd+bwd ms | fwd TFLOP/s | fwd+bwd TFLOP/s |")

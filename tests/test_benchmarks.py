@@ -3,6 +3,7 @@ handling of failing implementations, the peers' restriction to InfoNCE, and the 
 throughput script, the offline compile report. (They measure; nothing here asserts a time.)"""
 import csv
 import dataclasses
+import importlib
 import json
 import os
 import subprocess
@@ -89,6 +90,47 @@ def test_train_throughput_runs(tmp_path, capsys):
     # the same weights and batch: the first step's loss agrees across backends
     assert float(rows[0]["first_loss"]) == pytest.approx(float(rows[1]["first_loss"]), rel=1e-4)
     assert "| reference | 8 |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--reps", "0"], "argument --reps: needs a positive integer, got 0"),
+    (["--rounds", "-1"], "argument --rounds: needs a positive integer, got -1"),
+    (["--batch-size", "0"], "argument --batch-size: needs a positive integer, got 0"),
+    (["--device", "tpu:x"], "--device 'tpu:x' is not a device"),
+    (["--device", "cpu", "--backends", "cpp", "foo"], "--backends: 'foo' is not a backend, expected some of auto,"),
+    (["--device", "cpu", "--backends", "cpp:fused"], "--backends: 'cpp:fused' is not a backend"),
+    (["--device", "cpu", "--backends", "cuda"], "--backends: cuda cannot run on --device cpu: "),
+])
+def test_train_throughput_refuses_bad_arguments(bad, message, capsys):
+    """Each bad value is refused in one line naming its flag, before any model is built."""
+    with pytest.raises(SystemExit) as exit_info:
+        train_throughput.main(bad)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for a machine without a GPU")
+
+
+@pytest.mark.parametrize("program, argv, message", [
+    ("run", ["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+    ("run", ["--device", "cpu", "--out", "/proc/amdim-results"], "--out /proc/amdim-results: cannot write there"),
+    ("plot", ["/nonexistent/results.csv", "--out", "plot.png"], "csv /nonexistent/results.csv: no such file"),
+    ("tune_triton", ["--dtypes", "float64"], "argument --dtypes: invalid choice: 'float64'"),
+    pytest.param("run", ["--device", "cuda"], "--device cuda: no CUDA GPU is available here", marks=NO_GPU),
+    pytest.param("demo", ["--device", "cuda"], "--device cuda: no CUDA GPU is available here", marks=NO_GPU),
+    pytest.param("tune_triton", [], "benchmarks.tune_triton needs a CUDA GPU", marks=NO_GPU),
+    pytest.param("sanitize_case", ["--one"], "benchmarks.sanitize_case needs a CUDA GPU", marks=NO_GPU),
+])
+def test_benchmark_programs_refuse_bad_arguments(program, argv, message, capsys):
+    """A bad value or a missing GPU is refused in one line naming it, before any work."""
+    module = importlib.import_module(f"benchmarks.{program}")
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
 
 
 COLUMNS = ("kernel", "loads", "clip", "tiles", "registers", "spill bytes", "spill instr", "shared", "instr",
@@ -228,7 +270,7 @@ def test_cpu_floor_prints_its_ratios(capsys):
     assert "| 24, 20, 9, 16 |" in out
     assert "| 3 products ms | fresh gradients ms |" in out
     assert "/ eager's workspace | / eager's peak" in out
-    for bad, message in ((["--rounds", "0"], "--rounds must be at least 1"),
+    for bad, message in ((["--rounds", "0"], "argument --rounds: needs a positive integer, got 0"),
                          (["--sizes", "4,4,4"], "expected N,M,L,D as four positive integers")):
         with pytest.raises(SystemExit):
             cpu_floor.main(bad)

@@ -82,7 +82,7 @@ TRAIN_REFUSALS = [
     _case(["--out", "{d}/a-file/run"], r"--out \S+/a-file/run: cannot write there \(Not a directory\)"),
     _case(["--out", "/proc/amdim-run"], r"--out /proc/amdim-run: cannot write there"),
     _case(["--device", "gpu0"], r"--device 'gpu0' is not a device: expected cpu, cuda or cuda:INDEX"),
-    _case(["--device", "meta"], r"--device meta: the trainer runs on cpu or cuda"),
+    _case(["--device", "meta"], r"--device meta: expected a cpu or cuda device"),
     _case(["--device", "cuda"], r"--device cuda: no CUDA GPU is available here", marks=NO_CUDA),
     _case(["--backend", "cuda"], r"--backend cuda cannot run on --device cpu: the 'cuda' backend needs CUDA tensors"),
     _case(["--resume", "{d}/missing.pt"], r"--resume \S+/missing.pt: no such file"),
