@@ -273,7 +273,10 @@ THREE_PRODUCT_LAYOUTS = {"partials in tiles": (45, 31, 9, 24, 7), "partials apar
 @pytest.mark.parametrize("layout", THREE_PRODUCT_LAYOUTS)
 def test_three_product_same_bits_for_any_thread_count_and_call(layout):
     """Blocks, tiles and groups are fixed by the problem and the budget: the same bits for 1
-    and 2 threads and for repeated calls, and the four-product schedule's values."""
+    and 2 threads and for repeated calls, and the four-product schedule's values. Those are
+    float32 sums over up to M*L = 357,700 columns in another order, compared norm-wise: an
+    entry of d src that cancels (small against its terms) can differ by more than 1e-5 of
+    itself (2e-5 seen in 40 draws)."""
     n, m, l, d, rows = THREE_PRODUCT_LAYOUTS[layout]  # noqa: E741 (the loss's name)
     src, trg = 4 * torch.randn(n, d), torch.randn(m, l, d)
     pos_idx = torch.randint(0, m, (n,))
@@ -296,8 +299,8 @@ def test_three_product_same_bits_for_any_thread_count_and_call(layout):
     with settings(schedule="four-product"):
         loss, reg = nce_loss(s, t, pos_idx, backend="cpp")
     (loss + reg).backward()
-    for a, b in zip(results[0], (loss, reg, s.grad, t.grad)):
-        torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6 * float(b.detach().abs().max()))
+    for name, a, b in zip(("loss", "reg", "d src", "d trg"), results[0], (loss, reg, s.grad, t.grad)):
+        assert rel_err(a, b.detach()) <= 1e-5, f"{name}: {rel_err(a, b.detach()):.2e} from the four-product schedule's"
 
 
 def test_three_product_workspace_stays_within_its_budget():
