@@ -376,7 +376,14 @@ def forward(src, trg, pos_idx, tclip: float | None, scale: float, reg_weight: fl
         part_sum, part_max, part_sq, a_pos, loss, neg_lse, sq, n, l, SPLITS=total, **clip_args(tclip),
         BLOCK_S=32, BLOCK_L=location_block(l),
     )
-    mean = torch.empty((), **f32)
-    reg = torch.empty((), **f32)
-    nce_totals_kernel[(1,)](loss, sq, mean, reg, n * l, n, 1.0 / (n * l), reg_weight / (n * m * l), BLOCK=1024)
+    mean, reg = totals(loss, sq, m, reg_weight)
     return ForwardStats(loss, a_pos, neg_lse, sq, mean, reg)
+
+
+def totals(loss: torch.Tensor, sq: torch.Tensor, m: int, reg_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """nce_loss's two scalars from the (N, L) losses and the rows' sums of a^2 (N,) against M
+    images: the mean loss and reg = reg_weight * mean(a^2), in one launch (nce_totals_kernel)."""
+    n, l = loss.shape
+    mean, reg = loss.new_empty(()), loss.new_empty(())
+    nce_totals_kernel[(1,)](loss, sq, mean, reg, n * l, n, 1.0 / (n * l), reg_weight / (n * m * l), BLOCK=1024)
+    return mean, reg

@@ -21,6 +21,7 @@ from ..reductions import reduce_losses
 from ..three_product import gradient_dtypes
 from .config import CallOptions
 from .forward import forward as forward_stage
+from .forward import totals
 from .grad_rows import gradient_factors
 from .grad_tiles import gradient_chunks
 from .operands import addmm_f32_, features_contiguous, mm_f32, on_device_of
@@ -78,9 +79,5 @@ def forward_with_gradients(src, trg, pos_idx, tclip, scale, reg_weight, group_ro
                 dsrc[i0:i1] = dsrc_block[:rows]
             del scores
         means = reduce_losses(loss, "group_means", tuple(group_rows))
-        total = sq.sum(dtype=torch.float64)
-        # reg_weight 0 gives 0 where the sum of squares overflowed to +inf, NaN where it is NaN
-        # (a poisoned input), as the four-product forward's totals kernel does
-        reg = (torch.where(total.isnan(), total, 0.0) if reg_weight == 0.0 else total * (reg_weight / (n * m * l)))
-        reg = reg.float()
+        _, reg = totals(loss, sq, m, reg_weight)  # as the four-product forward makes it
     return loss, a_pos, neg_lse, sq, means, reg, dsrc, dtrg.view(-1, l, d)
