@@ -58,18 +58,15 @@ def implementations(n: int, m: int, l: int, d: int) -> dict:
     # and varied from call to call, which is no part of the products' work
     outs = torch.empty(n, m * l), torch.empty(n, d), torch.empty(m * l, d)
 
-    def three_products():
-        torch.mm(src_plain, scores_t.t(), out=outs[0])  # the scores (N x M*L)
-        torch.mm(g, scores_t, out=outs[1])  # d src (N x D)
-        torch.mm(g.t(), src_plain, out=outs[2])  # d trg (M*L x D)
-
-    # the same, the gradients in fresh tensors, as every backward returns them: where one
-    # passes the allocator's mmap threshold (32 MiB with glibc; d trg at (200, 200, 49, 1024)
-    # is 38 MiB), its first touch is new pages on every call, in any implementation
-    def fresh_gradients():
-        torch.mm(src_plain, scores_t.t(), out=outs[0])
-        torch.mm(g, scores_t)
-        torch.mm(g.t(), src_plain)
+    # fresh: the gradients in fresh tensors, as every backward returns them: where one passes
+    # the allocator's mmap threshold (32 MiB with glibc; d trg at (200, 200, 49, 1024) is
+    # 38 MiB), its first touch is new pages on every call, in any implementation
+    def three_products(fresh: bool):
+        def run():
+            torch.mm(src_plain, scores_t.t(), out=outs[0])  # the scores (N x M*L)
+            torch.mm(g, scores_t, out=None if fresh else outs[1])  # d src (N x D)
+            torch.mm(g.t(), src_plain, out=None if fresh else outs[2])  # d trg (M*L x D)
+        return run
 
     def loss(backend, schedule="auto"):
         def run():
@@ -78,7 +75,7 @@ def implementations(n: int, m: int, l: int, d: int) -> dict:
             torch.autograd.grad(lo + reg, (src, trg))
         return run
 
-    impls = {"3 products": three_products, "fresh gradients": fresh_gradients, "eager": loss("reference")}
+    impls = {"3 products": three_products(False), "fresh gradients": three_products(True), "eager": loss("reference")}
     if "cpp" in available_backends("cpu"):
         impls["cpp"] = loss("cpp")
         impls["cpp 4-product"] = loss("cpp", "four-product")
@@ -116,7 +113,8 @@ def main(argv=None):
             load = subprocess.Popen([sys.executable, "-c", LOAD])
             try:
                 time.sleep(2.0)  # the load's torch import and first products
-                contended = interleaved_medians(impls, args.rounds)
+                # the floors' times beside the load are not reported
+                contended = interleaved_medians({k: fn for k, fn in impls.items() if k not in FLOORS}, args.rounds)
             finally:
                 load.kill()
                 load.wait()

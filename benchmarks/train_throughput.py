@@ -111,10 +111,10 @@ def backends_problem(backends: list[str], device: str) -> str | None:
     """Why --backends cannot all run on --device (a valid one), or None: each "auto", a backend
     that runs there, or backend:variant (benchmarks.run's variants)."""
     for impl in backends:
-        backend, _, variant = impl.partition(":")
+        backend, colon, variant = impl.partition(":")
         if impl == "auto":
             continue
-        if backend not in VARIANTS or (variant and variant not in VARIANTS[backend]):
+        if backend not in VARIANTS or (colon and variant not in VARIANTS[backend]):
             known = ["auto", *VARIANTS] + [f"{b}:{v}" for b, vs in VARIANTS.items() for v in vs]
             return f"--backends: {impl!r} is not a backend, expected some of {', '.join(known)}"
         if backend not in available_backends(device):

@@ -99,6 +99,7 @@ def test_train_throughput_runs(tmp_path, capsys):
     (["--device", "tpu:x"], "--device 'tpu:x' is not a device"),
     (["--device", "cpu", "--backends", "cpp", "foo"], "--backends: 'foo' is not a backend, expected some of auto,"),
     (["--device", "cpu", "--backends", "cpp:fused"], "--backends: 'cpp:fused' is not a backend"),
+    (["--device", "cpu", "--backends", "cpp:"], "--backends: 'cpp:' is not a backend"),
     (["--device", "cpu", "--backends", "cuda"], "--backends: cuda cannot run on --device cpu: "),
 ])
 def test_train_throughput_refuses_bad_arguments(bad, message, capsys):
